@@ -1,0 +1,138 @@
+"""The IncLoRA adapter stack (and the SeqLoRA baseline) on a frozen base model.
+
+IncLoRA (as in O-LoRA's baseline): task t gets a new rank-r LoRA adapter on the target
+modules; the adapters of tasks 1..t-1 stay active in every forward pass, frozen. SeqLoRA:
+one adapter trained through all tasks. After every change the trainable set is asserted to
+be exactly the current adapter (peft has had bugs flipping `requires_grad` of the wrong
+adapter). A new adapter's A is drawn from a generator keyed by (seed, task index), so a task's
+initial state never depends on RNG state left over by earlier work.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cl_flat.config import LoraSection
+
+SEQLORA_ADAPTER = "seqlora"
+
+
+def lora_config(section: LoraSection):
+    from peft import LoraConfig
+
+    return LoraConfig(r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
+                      target_modules=list(section.target_modules), bias="none")
+
+
+def adapter_parameters(model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
+    """Parameters that belong to one adapter (peft names them `...lora_A.<adapter>.weight`)."""
+    marker = f".{adapter}."
+    return {n: p for n, p in model.named_parameters() if marker in n and ".lora_" in n}
+
+
+def _init_adapter(model: nn.Module, adapter: str, seed: int) -> None:
+    """A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (peft's kaiming-uniform default), B = 0."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(adapter_parameters(model, adapter).items()):
+            if ".lora_A." in name:
+                bound = 1.0 / math.sqrt(param.shape[1])
+                param.copy_(torch.rand(param.shape, generator=generator, dtype=torch.float32) * 2 * bound - bound)
+            else:
+                param.zero_()
+
+
+class AdapterStack:
+    """Owns the peft model; adds one adapter per task and keeps the invariants."""
+
+    def __init__(self, base: nn.Module, section: LoraSection, seed: int):
+        self.base = base
+        self.section = section
+        self.seed = seed
+        self.model = None  # PeftModel once the first adapter exists
+        self.adapters: list[str] = []
+
+    @property
+    def current(self) -> str:
+        return self.adapters[-1]
+
+    def add_task(self, task_index: int, task_name: str) -> None:
+        """Prepare training of task `task_index` (0-based): new adapter (IncLoRA) or the
+        shared one (SeqLoRA); everything else frozen."""
+        from peft import get_peft_model
+
+        name = SEQLORA_ADAPTER if self.section.strategy == "seqlora" else task_name
+        if name in self.adapters:
+            self._activate()
+            return
+        adapter_seed = self.seed * 1_000_003 + task_index
+        if self.model is None:
+            for param in self.base.parameters():
+                param.requires_grad_(False)
+            self.model = get_peft_model(self.base, lora_config(self.section), adapter_name=name)
+        else:
+            self.model.add_adapter(name, lora_config(self.section))
+        self.adapters.append(name)
+        _init_adapter(self.model, name, adapter_seed)
+        self._activate()
+
+    def _activate(self) -> None:
+        self.model.base_model.set_adapter(list(self.adapters))  # all active (this makes all trainable)
+        if len(self.adapters) > 1:
+            self.model.set_requires_grad(self.adapters[:-1], requires_grad=False)
+        self.check_trainable()
+
+    def check_trainable(self) -> None:
+        expected = set(adapter_parameters(self.model, self.current))
+        actual = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        if actual != expected:
+            extra, missing = sorted(actual - expected)[:3], sorted(expected - actual)[:3]
+            raise AssertionError(f"trainable set is not exactly adapter {self.current!r}: "
+                                 f"unexpected {extra}, missing {missing}")
+        active = self.model.base_model.active_adapters
+        if list(active) != self.adapters:
+            raise AssertionError(f"active adapters {active} != stack {self.adapters}")
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def freeze_all(self) -> None:
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+
+    def save_current(self, destination: Path) -> None:
+        """Write the current adapter (peft safetensors) to `destination`, atomically."""
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".tmp-adapter-") as tmp:
+            self.model.save_pretrained(tmp, selected_adapters=[self.current])
+            written = Path(tmp) / self.current
+            source = written if written.is_dir() else Path(tmp)
+            staged = Path(tmp) / "__staged__"
+            shutil.copytree(source, staged, ignore=shutil.ignore_patterns("__staged__", "README.md"))
+            if destination.exists():
+                shutil.rmtree(destination)
+            staged.rename(destination)
+
+    @classmethod
+    def load(cls, base: nn.Module, section: LoraSection, adapter_dirs: list[tuple[str, Path]]) -> AdapterStack:
+        """Rebuild a trained stack: adapters loaded in order, all active, all frozen."""
+        from peft import PeftModel
+
+        stack = cls(base, section, seed=0)
+        for param in base.parameters():
+            param.requires_grad_(False)
+        for name, folder in adapter_dirs:
+            if stack.model is None:
+                stack.model = PeftModel.from_pretrained(base, str(folder), adapter_name=name, is_trainable=False)
+            else:
+                stack.model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+            stack.adapters.append(name)
+        stack.model.base_model.set_adapter(list(stack.adapters))
+        stack.freeze_all()
+        return stack

@@ -1,0 +1,180 @@
+"""The `cl-flat` command line. Parses arguments and overrides; no training logic here.
+
+User errors (bad config, bad data, unknown method, ...) print one clear message and exit
+non-zero without a traceback (2 for an invalid config, 1 otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Continual LoRA learning with flatness methods: train, evaluate, measure.")
+
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="override a config value: a.b=v (repeatable)")]
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _print_matrix(names: list[str], rows: list[tuple[str, list[float]]], metrics: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="accuracy matrix (%)")
+    table.add_column("after_task")
+    for name in names:
+        table.add_column(name, justify="right")
+    for after, scores in rows:
+        table.add_row(after, *("" if s is None else f"{s:.1f}" for s in scores))
+    console = Console()
+    console.print(table)
+    console.print(_format_metrics(metrics))
+
+
+def _format_metrics(metrics: dict) -> str:
+    def fmt(v):
+        return "null" if v is None else f"{v:.2f}"
+
+    line = "  ".join(f"{k}={fmt(metrics[k])}" for k in ("AA", "BWT", "FWT", "F", "AIA"))
+    return line + "  OP=[" + ", ".join(fmt(v) for v in metrics["OP"]) + "]"
+
+
+@app.command()
+def train(config: Path, set_: SetOption = None,
+          resume: Annotated[bool, typer.Option("--resume", help="continue a started run")] = False) -> None:
+    """Run the task sequence and write results/<run.name>/."""
+    from cl_flat import engine
+    from cl_flat.config import UserError, load_config
+    from cl_flat.run import run_sequence
+
+    cfg = load_config(config, set_ or [])
+    if resume:
+        raise UserError("--resume: resuming a started run is not available yet; start a new run.name")
+    result = run_sequence(cfg)
+    if engine.rank() == 0:
+        _print_matrix(result["tasks"], result["rows"], result["metrics"])
+        typer.echo(f"results: {result['run_dir']}")
+
+
+@app.command()
+def validate(config: Path, set_: SetOption = None) -> None:
+    """Check the config and every local data file (never downloads); print the resolved config."""
+    import yaml
+
+    from cl_flat.config import ConfigError, config_to_dict, load_config
+    from cl_flat.data import check_local_data
+    from cl_flat.flatness import build_method
+    from cl_flat.models import check_target_modules, module_names
+
+    cfg = load_config(config, set_ or [])
+    problems = build_method(cfg.flatness).check(cfg)
+    if problems:
+        raise ConfigError(str(config), problems)
+    notes = check_local_data(cfg)
+    names = module_names(cfg.model.name_or_path)
+    if names is not None:
+        check_target_modules(cfg.lora.target_modules, names)
+    else:
+        notes.append(f"model {cfg.model.name_or_path!r}: target modules checked when training starts")
+    typer.echo(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), nl=False)
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(f"{config}: valid", err=True)
+
+
+@app.command()
+def methods() -> None:
+    """List the flatness methods, their parameters, defaults and formulas."""
+    from cl_flat.flatness import REGISTRY
+
+    for name, cls in REGISTRY.items():
+        typer.echo(f"{name}: {cls.formula}")
+        for field, info in cls.config_class.model_fields.items():
+            if field == "method":
+                continue
+            default = info.get_default(call_default_factory=True)
+            annotation = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
+            typer.echo(f"    {field}: {annotation} = {default!r}")
+
+
+@app.command()
+def metrics(matrix: Path, as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """Forgetting metrics (AA, BWT, FWT, F, AIA, OP) of an acc_matrix.csv."""
+    from cl_flat.config import UserError
+    from cl_flat.metrics import MatrixFormatError, compute_metrics, read_acc_matrix
+
+    if not matrix.is_file():
+        raise UserError(f"{matrix}: file not found")
+    try:
+        names, rows, zero_shot = read_acc_matrix(matrix)
+    except MatrixFormatError as exc:
+        raise UserError(str(exc)) from None
+    result = compute_metrics(rows, zero_shot)
+    typer.echo(json.dumps(result, indent=2) if as_json else _format_metrics(result))
+
+
+@app.command(name="eval")
+def eval_(run_dir: Path) -> None:
+    """Reload the saved adapters in order and re-evaluate every task."""
+    from cl_flat import engine
+    from cl_flat.run import reevaluate
+
+    result = reevaluate(run_dir)
+    if engine.rank() == 0:
+        rows = [("saved", result["saved"]), ("reloaded", result["scores"])]
+        from cl_flat.metrics import compute_metrics  # noqa: F401  (keeps import errors early)
+
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{run_dir}: last row")
+        table.add_column("")
+        for name in result["tasks"]:
+            table.add_column(name, justify="right")
+        for label, scores in rows:
+            table.add_row(label, *(f"{s:.2f}" for s in scores))
+        Console().print(table)
+        same = all(abs(a - b) < 1e-9 for a, b in zip(result["saved"], result["scores"]))
+        typer.echo("reproduced exactly" if same else "DIFFERS from the saved matrix")
+        if not same:
+            raise typer.Exit(1)
+
+
+def main() -> None:
+    _quiet_libraries()
+    from cl_flat.config import UserError
+
+    try:
+        app()
+    except UserError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; results of completed tasks are kept", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

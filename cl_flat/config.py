@@ -1,0 +1,316 @@
+"""Typed run configuration: the YAML schema of DESIGN.md as pydantic models.
+
+Every default lives here and nowhere else. `load_config(path, overrides)` reads the YAML,
+applies `--set a.b=v` overrides to the raw dict *before* validation, validates everything
+at once and raises `ConfigError` listing each problem with its dotted path.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one clear message, never a traceback."""
+
+    exit_code = 1
+
+
+class ConfigError(UserError):
+    """The configuration is invalid; `problems` holds one line per error."""
+
+    exit_code = 2
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"invalid config {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=False)
+
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]*$"
+
+
+class RunSection(Strict):
+    name: str = Field(default="run", pattern=NAME_PATTERN)
+    output_dir: Path = Path("results")
+    seed: int = Field(default=42, ge=0)
+
+
+class ModelSection(Strict):
+    name_or_path: str = Field(
+        description="HF id, local folder, builtin:smollm2-135m, tiny-random:llama or tiny-random:gpt2"
+    )
+    dtype: Literal["fp32", "bf16"] = "fp32"
+
+
+class LoraSection(Strict):
+    strategy: Literal["inclora", "seqlora"] = "inclora"
+    r: int = Field(default=8, ge=1)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+
+DEFAULT_TEMPLATE = "{instruction}\nOptions: {options}\nInput: {input}\nAnswer:"
+TEMPLATE_FIELDS = {"instruction", "options", "input"}
+
+
+class TaskBase(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    instruction: str | None = None
+    prompt_template: str = DEFAULT_TEMPLATE
+    metric: Literal["accuracy", "exact_match"] | None = None  # None: evaluation.metric
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_fields(cls, value: str) -> str:
+        used = set(re.findall(r"{(\w*)}", value))
+        unknown = used - TEMPLATE_FIELDS
+        if unknown:
+            raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; allowed: {sorted(TEMPLATE_FIELDS)}")
+        if "input" not in used:
+            raise ValueError("the template must contain {input}")
+        return value
+
+
+class BuiltinTaskConfig(TaskBase):
+    source: Literal["builtin"]
+    task: str | None = None  # builtin task to generate; defaults to `name`
+    n_train: int = Field(default=256, ge=1)
+    n_test: int = Field(default=200, ge=1)
+
+
+class JsonlTaskConfig(TaskBase):
+    source: Literal["jsonl"]
+    train: Path
+    test: Path
+    labels: list[str] | None = Field(default=None, min_length=2)
+
+
+class HfTaskConfig(TaskBase):
+    source: Literal["hf"]
+    dataset: str
+    subset: str | None = None
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    text_field: str = "text"
+    label_field: str = "label"
+    labels: list[str] | None = Field(default=None, min_length=2)  # names for integer labels
+
+
+TaskConfig = Annotated[
+    Union[BuiltinTaskConfig, JsonlTaskConfig, HfTaskConfig], Field(discriminator="source")
+]
+
+
+class TrainingSection(Strict):
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1, description="updates per task; overrides epochs")
+    micro_batch_size: int = Field(default=8, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=1.0e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    optimizer: Literal["adamw"] = "adamw"
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    max_seq_length: int = Field(default=256, ge=8)
+
+
+# ---- flatness method blocks (contract: names as users write them) ----
+
+
+class NoneMethod(Strict):
+    method: Literal["none"]
+
+
+class SamMethod(Strict):
+    method: Literal["sam"]
+    rho: float = Field(default=0.05, ge=0)
+    adaptive: bool = False
+    norm: Literal["global", "per_tensor"] = "global"
+
+
+FLATNESS_METHODS = (NoneMethod, SamMethod)
+FlatnessConfig = Annotated[Union[FLATNESS_METHODS], Field(discriminator="method")]
+FlatnessAdapter: TypeAdapter = TypeAdapter(FlatnessConfig)
+
+
+class EvaluationSection(Strict):
+    metric: Literal["accuracy", "exact_match"] = "accuracy"
+    max_samples_per_task: int | None = Field(default=200, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    max_new_tokens: int = Field(default=16, ge=1)
+
+
+class DeepSpeedSection(Strict):
+    zero_stage: Literal[0, 1, 2] = 0
+    bf16: bool = False
+    extra: dict[str, Any] = Field(default_factory=dict, description="merged into the DeepSpeed config")
+
+    @field_validator("extra")
+    @classmethod
+    def _no_optimizer(cls, value: dict[str, Any]) -> dict[str, Any]:
+        owned = {"optimizer", "scheduler", "train_batch_size", "train_micro_batch_size_per_gpu",
+                 "gradient_accumulation_steps", "zero_optimization", "bf16", "gradient_clipping"}
+        clash = sorted(owned & set(value))
+        if clash:
+            raise ValueError(f"must not define {clash}: the tool sets them from the config sections")
+        return value
+
+
+class WandbSection(Strict):
+    mode: Literal["disabled", "offline", "online"] = "disabled"
+    project: str = "cl-flat"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class LoggingSection(Strict):
+    wandb: WandbSection = Field(default_factory=WandbSection)
+    progress: bool = True
+
+
+class RunConfig(Strict):
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection
+    lora: LoraSection = Field(default_factory=LoraSection)
+    tasks: list[TaskConfig] = Field(min_length=1)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    flatness: FlatnessConfig = Field(default_factory=lambda: NoneMethod(method="none"))
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        names = [t.name for t in self.tasks]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"tasks: duplicate task name(s) {duplicates}; names must be unique")
+        if self.model.dtype == "bf16" and not self.deepspeed.bf16:
+            raise ValueError("model.dtype: bf16 needs deepspeed.bf16: true (DeepSpeed keeps fp32 master weights)")
+        for i, task in enumerate(self.tasks):
+            if self.task_metric(task) == "accuracy" and isinstance(task, (JsonlTaskConfig, HfTaskConfig)) \
+                    and task.labels is None:
+                raise ValueError(f"tasks.{i}.labels: metric 'accuracy' (rank classification) needs the "
+                                 "task's label strings; list them or set metric: exact_match")
+        return self
+
+    def task_metric(self, task: TaskBase) -> str:
+        return task.metric or self.evaluation.metric
+
+
+# ---- loading ----
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], parsed value); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip().lstrip("-")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError("--set", [f"override {text!r}: expected KEY.PATH=VALUE, e.g. training.learning_rate=5e-4"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError("--set", [f"override {text!r}: value is not valid YAML ({exc.problem})"]) from None
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted path in the raw dict; list items are addressed by index (tasks.0.name)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = raw
+        for depth, part in enumerate(path[:-1]):
+            where = ".".join(path[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError("--set", [f"override {text!r}: {where} is not an index of a list of {len(node)}"])
+                node = node[int(part)]
+            elif isinstance(node, dict):
+                node = node.setdefault(part, {})
+            else:
+                raise ConfigError("--set", [f"override {text!r}: {where} is not a section"])
+        last = path[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError("--set", [f"override {text!r}: {last} is not an index of a list of {len(node)}"])
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError("--set", [f"override {text!r}: {'.'.join(path[:-1])} is not a section"])
+    return raw
+
+
+UNION_TAGS = {"builtin", "jsonl", "hf"} | {m.model_fields["method"].annotation.__args__[0] for m in FLATNESS_METHODS}
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [str(p) for p in error["loc"]]
+    # drop the discriminator tag pydantic inserts into union locations (tasks.0.jsonl.train)
+    loc = [p for p in loc if p not in UNION_TAGS or p == loc[-1]]
+    path = ".".join(loc) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] == "union_tag_invalid":
+        message = f"{message.split(':')[0]}: expected one of {error['ctx']['expected_tags']}"
+    elif error["type"] == "missing":
+        message = "required field is missing"
+    if "input" in error and error["type"] not in {"missing", "union_tag_invalid", "model_type"} \
+            and not isinstance(error["input"], (dict, list)):
+        message += f" (got {error['input']!r})"
+    return f"{path}: {message}"
+
+
+def validate_config(raw: Any, source: str = "config") -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(source, ["(top level): expected a mapping of sections (run, model, tasks, ...)"])
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(e) for e in exc.errors()]) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), [f"{path}: file not found"])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(str(path), [f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    raw = apply_overrides(raw if raw is not None else {}, overrides or [])
+    config = validate_config(raw, str(path))
+    return resolve_paths(config, path.parent)
+
+
+def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
+    """Relative data paths are relative to the config file's folder when they exist there,
+    else to the working directory (how users expect `data/x.jsonl` next to the YAML to work)."""
+    for task in config.tasks:
+        if isinstance(task, JsonlTaskConfig):
+            for field in ("train", "test"):
+                value: Path = getattr(task, field)
+                if not value.is_absolute() and not value.exists() and (base / value).exists():
+                    setattr(task, field, base / value)
+    return config
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json")

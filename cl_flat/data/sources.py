@@ -1,0 +1,141 @@
+"""Task sources -> `TaskData` (instruction, label options, train/test examples).
+
+- `builtin`: generated deterministically from the run seed (cl_flat.data.builtin);
+- `jsonl`: one `{"input": ..., "output": ...}` object per line; errors name file:line;
+- `hf`: `datasets.load_dataset` (hub id on users' machines, or csv/json/parquet with
+  `data_files` locally), with text/label fields and label names for integer labels.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from cl_flat.config import (BuiltinTaskConfig, HfTaskConfig, JsonlTaskConfig, RunConfig, TaskConfig,
+                            UserError)
+
+
+class DataError(UserError):
+    """A data file is missing or malformed; the message names file:line."""
+
+
+@dataclass(frozen=True)
+class Example:
+    input: str
+    output: str
+
+
+@dataclass(frozen=True)
+class TaskData:
+    name: str
+    instruction: str
+    labels: tuple[str, ...] | None
+    metric: str
+    template: str
+    train: tuple[Example, ...]
+    test: tuple[Example, ...]
+
+    def prompt(self, example: Example) -> str:
+        options = ", ".join(self.labels) if self.labels else ""
+        return self.template.format(instruction=self.instruction, options=options, input=example.input)
+
+
+def _check_labels(examples: list[Example], labels: list[str] | None, where: list[str]) -> None:
+    if labels is None:
+        return
+    allowed = set(labels)
+    for example, place in zip(examples, where):
+        if example.output not in allowed:
+            raise DataError(f"{place}: output {example.output!r} is not one of the task's labels {labels}")
+
+
+def read_jsonl(path: Path, labels: list[str] | None = None) -> list[Example]:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    examples: list[Example] = []
+    where: list[str] = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("input"), str) \
+                    or not isinstance(row.get("output"), str):
+                raise DataError(f"{path}:{number}: expected an object with string fields \"input\" and \"output\"")
+            examples.append(Example(row["input"], row["output"]))
+            where.append(f"{path}:{number}")
+    if not examples:
+        raise DataError(f"{path}: no examples (expected one JSON object per line)")
+    _check_labels(examples, labels, where)
+    return examples
+
+
+def _hf_split(task: HfTaskConfig, split: str) -> list[Example]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_dataset(task.dataset, task.subset, data_files=task.data_files, split=split)
+    except FileNotFoundError as exc:
+        raise DataError(f"tasks[{task.name}]: data file not found ({exc})") from None
+    except Exception as exc:  # datasets raises many types for bad files/splits; report, don't trace
+        raise DataError(f"tasks[{task.name}]: cannot load {task.dataset!r} split {split!r}: "
+                        f"{type(exc).__name__}: {exc}") from None
+    for field in (task.text_field, task.label_field):
+        if field not in table.column_names:
+            raise DataError(f"tasks[{task.name}]: split {split!r} has no column {field!r}; "
+                            f"columns: {table.column_names}")
+    examples: list[Example] = []
+    for number, row in enumerate(table, start=1):
+        label = row[task.label_field]
+        if isinstance(label, int) and not isinstance(label, bool):
+            if task.labels is None or not 0 <= label < len(task.labels):
+                raise DataError(f"tasks[{task.name}]: {split} row {number}: integer label {label} needs "
+                                f"`labels:` with at least {label + 1} names")
+            label = task.labels[label]
+        examples.append(Example(str(row[task.text_field]), str(label)))
+    _check_labels(examples, task.labels, [f"tasks[{task.name}]: {split} row {n}" for n in range(1, len(examples) + 1)])
+    return examples
+
+
+def load_task(task: TaskConfig, config: RunConfig) -> TaskData:
+    """Examples of one task, with its instruction and labels, ready for prompting."""
+    if isinstance(task, BuiltinTaskConfig):
+        from cl_flat.data.builtin import BUILTIN_TASKS, builtin_examples
+
+        key = task.task or task.name
+        if key not in BUILTIN_TASKS:
+            raise DataError(f"tasks[{task.name}]: unknown builtin task {key!r}; available: {list(BUILTIN_TASKS)}")
+        spec = BUILTIN_TASKS[key]
+        seed = config.run.seed
+        train = builtin_examples(key, "train", task.n_train, seed)
+        test = builtin_examples(key, "test", task.n_test, seed)
+        return TaskData(task.name, task.instruction or spec.instruction, tuple(spec.labels),
+                        config.task_metric(task), task.prompt_template,
+                        tuple(Example(r["input"], r["output"]) for r in train),
+                        tuple(Example(r["input"], r["output"]) for r in test))
+    if isinstance(task, JsonlTaskConfig):
+        train, test = read_jsonl(task.train, task.labels), read_jsonl(task.test, task.labels)
+    else:
+        train, test = _hf_split(task, task.train_split), _hf_split(task, task.test_split)
+    labels = tuple(task.labels) if task.labels else None
+    instruction = task.instruction or (f"Classify the input as one of: {', '.join(labels)}." if labels
+                                       else "Answer the input.")
+    return TaskData(task.name, instruction, labels, config.task_metric(task), task.prompt_template,
+                    tuple(train), tuple(test))
+
+
+def check_local_data(config: RunConfig) -> list[str]:
+    """Load every task whose data is local (builtin, jsonl, hf with data_files); return notes
+    for tasks that would need a download (never attempted here)."""
+    notes = []
+    for task in config.tasks:
+        if isinstance(task, HfTaskConfig) and task.data_files is None and not Path(task.dataset).exists():
+            notes.append(f"tasks[{task.name}]: hub dataset {task.dataset!r} is not checked (no download)")
+            continue
+        load_task(task, config)
+    return notes

@@ -1,0 +1,102 @@
+"""Evaluate every task of the sequence, batched and sharded over ranks.
+
+- `accuracy`: rank classification. For each label, the mean log-probability of the label's
+  tokens after the prompt (length-normalised log-likelihood); the argmax label is the
+  prediction. No generation: deterministic and cheap.
+- `exact_match`: greedy generation, compared after normalisation (case, spacing, trailing
+  punctuation).
+The test set is capped by `max_samples_per_task` with a fixed sample (a permutation keyed by
+(seed, task name)); rank r scores every world-th example; the results are all-gathered, so
+each task's score is its per-sample mean over the same sample whatever the world size.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from cl_flat import engine as ds
+from cl_flat.data.batches import IGNORE, Encoded, collate, encode, prompt_ids, target_ids
+from cl_flat.data.sources import TaskData
+from cl_flat.train import derive_seed
+
+
+def eval_indices(n: int, cap: int | None, seed: int, task_name: str) -> list[int]:
+    if cap is None or n <= cap:
+        return list(range(n))
+    generator = torch.Generator().manual_seed(derive_seed(seed, "eval", task_name))
+    return sorted(torch.randperm(n, generator=generator)[:cap].tolist())
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower()).rstrip(".!?;:,")
+
+
+@torch.no_grad()
+def target_logprobs(model: torch.nn.Module, items: list[Encoded], pad_id: int, device) -> list[float]:
+    """Mean log-probability of each item's target tokens given its prompt."""
+    batch = {k: v.to(device) for k, v in collate(items, pad_id).items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    return (picked.sum(-1) / mask.sum(-1)).tolist()
+
+
+def _rank_classification(model, tokenizer, task: TaskData, indices: list[int], batch_size: int,
+                         max_length: int, device) -> list[tuple[int, bool]]:
+    labels = list(task.labels)
+    label_ids = [target_ids(tokenizer, label) for label in labels]
+    pairs = [(i, encode(prompt_ids(tokenizer, task.prompt(task.test[i])), ids, max_length))
+             for i in indices for ids in label_ids]
+    scores: list[float] = []
+    for start in range(0, len(pairs), batch_size):
+        scores += target_logprobs(model, [p[1] for p in pairs[start:start + batch_size]], tokenizer.pad_token_id,
+                                  device)
+    results = []
+    for k, i in enumerate(indices):
+        row = scores[k * len(labels):(k + 1) * len(labels)]
+        predicted = labels[max(range(len(labels)), key=row.__getitem__)]
+        results.append((i, predicted == task.test[i].output))
+    return results
+
+
+def _exact_match(model, tokenizer, task: TaskData, indices: list[int], batch_size: int, max_length: int,
+                 max_new_tokens: int, device) -> list[tuple[int, bool]]:
+    results = []
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        items = [Encoded(tuple(ids := prompt_ids(tokenizer, task.prompt(task.test[i]))[-max_length:]),
+                         tuple([IGNORE] * len(ids))) for i in chunk]
+        batch = collate(items, tokenizer.pad_token_id, left_pad=True)
+        out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        results += [(i, normalise(text) == normalise(task.test[i].output)) for i, text in zip(chunk, texts)]
+    return results
+
+
+def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: list[TaskData], config: Any, device) -> list[float]:
+    """Score (percent) of every task, in order; identical on every rank."""
+    section = config.evaluation
+    was_training = model.training
+    model.eval()
+    scores = []
+    try:
+        for task in tasks:
+            indices = eval_indices(len(task.test), section.max_samples_per_task, config.run.seed, task.name)
+            mine = indices[ds.rank()::ds.world_size()]
+            if task.metric == "accuracy":
+                local = _rank_classification(model, tokenizer, task, mine, section.batch_size,
+                                             config.training.max_seq_length, device)
+            else:
+                local = _exact_match(model, tokenizer, task, mine, section.batch_size,
+                                     config.training.max_seq_length, section.max_new_tokens, device)
+            merged = [r for part in ds.all_gather_objects(local) for r in part]
+            scores.append(100.0 * sum(ok for _, ok in merged) / len(merged))
+    finally:
+        model.train(was_training)
+    return scores

@@ -1,0 +1,83 @@
+"""The flatness-method interface: a method produces the gradient of one optimizer update.
+
+A method sees a `StepContext`, never the engine. The context offers three operations:
+- `loss(batch)`: forward of the plain module (no DeepSpeed hooks);
+- `grads(loss)`: a *probe* gradient w.r.t. the trainable parameters (torch.autograd.grad):
+  it touches no `.grad`, fires no DeepSpeed hook and is never communicated;
+- `backward(loss, last)`: adds d(loss)/dθ to the gradient the update applies. In training this
+  is `engine.backward` (DeepSpeed accumulates, reduces over ranks at `last`, clips, steps);
+  in `reference_update` it is plain `loss.backward()`.
+Because both paths run the same method code, training applies exactly `reference_update`
+(averaged over ranks by DeepSpeed's all-reduce).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar
+
+import torch
+from pydantic import BaseModel
+
+
+class StepContext(ABC):
+    """What one update may do. `step` is the 0-based update index within the task."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], *, step: int, total_steps: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        self.params = params
+        self.step = step
+        self.total_steps = total_steps
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+
+    @abstractmethod
+    def loss(self, batch: Any) -> torch.Tensor: ...
+
+    def grads(self, loss: torch.Tensor) -> list[torch.Tensor]:
+        params = list(self.params.values())
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor, *, last: bool) -> None: ...
+
+
+class FlatnessMethod(ABC):
+    """One registered method: built from its config block, produces one update's gradient."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[BaseModel]]
+    formula: ClassVar[str]  # one line for `cl-flat methods`
+
+    def __init__(self, config: BaseModel):
+        self.config = config
+
+    def check(self, run_config) -> list[str]:
+        """Problems with this method in this run (unsupported combinations); empty if fine."""
+        return []
+
+    @abstractmethod
+    def window(self, ctx: StepContext, micro_batches: list[Any]) -> dict[str, float]:
+        """Run the passes of one update over its micro-batches; return stats for the log
+        (at least `loss`, the mean clean or first-pass loss)."""
+
+
+REGISTRY: dict[str, type[FlatnessMethod]] = {}
+
+
+def register(cls: type[FlatnessMethod]) -> type[FlatnessMethod]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def build_method(config: BaseModel | dict) -> FlatnessMethod:
+    from cl_flat.config import FlatnessAdapter
+
+    if isinstance(config, dict):
+        config = FlatnessAdapter.validate_python(config)
+    return REGISTRY[config.method](config)
+
+
+LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]

@@ -1,0 +1,67 @@
+"""SAM and ASAM on the current task's adapter (the notes' SAM-LoRA)."""
+
+from __future__ import annotations
+
+import torch
+
+from cl_flat.config import SamMethod
+from cl_flat.flatness.base import FlatnessMethod, register
+
+
+def sam_perturbation(params: list[torch.Tensor], grads: list[torch.Tensor], rho: float, *,
+                     adaptive: bool, per_tensor: bool) -> list[torch.Tensor]:
+    """ε for SAM (ε = ρ g/‖g‖) or ASAM (ε = ρ T²g/‖Tg‖, T = |w|), computed in fp32.
+    `per_tensor` normalises each tensor by its own norm instead of the global one."""
+    scaled = [(p.detach().float().abs() * g.float()) if adaptive else g.float() for p, g in zip(params, grads)]
+    if per_tensor:
+        norms = [s.norm() for s in scaled]
+    else:
+        total = torch.linalg.vector_norm(torch.stack([s.norm() for s in scaled])) if scaled else torch.tensor(0.0)
+        norms = [total] * len(scaled)
+    return [(p.detach().float().abs() * s if adaptive else s) * (rho / (n + 1e-12))
+            for p, s, n in zip(params, scaled, norms)]
+
+
+@register
+class Sam(FlatnessMethod):
+    """SAM (Foret et al., ICLR 2021) / ASAM (Kwon et al., ICML 2021) on the current adapter.
+
+    g = ∇L(θ + ε; B_N) with ε = ρ g₀/‖g₀‖ (ASAM: ε = ρ T²g₀/‖T g₀‖, T = |θ|), where
+    g₀ = Σ_{i=1..N} ∇L(θ; B_i) is the clean gradient summed over the N micro-batches of the
+    update window and θ is the current task's LoRA (A, B); frozen weights are never perturbed.
+    Window semantics (the notes' DDP variant): ε from the whole window, the adversarial
+    gradient from the last micro-batch B_N only. Clean passes are probes (no .grad, no
+    communication); θ is perturbed in place and restored bit for bit from a saved copy.
+    Several ranks: each rank computes ε from its own g₀ (as distributed SAM implementations
+    do); the applied gradient is the all-reduced mean of the ranks' adversarial gradients.
+    `norm: per_tensor` normalises A and B separately (a variant of the source notes).
+    """
+
+    name = "sam"
+    config_class = SamMethod
+    formula = "g = ∇L(θ+ε; B_N), ε = ρ·g₀/‖g₀‖ (adaptive: ρ·T²g₀/‖Tg₀‖, T=|θ|), g₀ = Σ_i ∇L(θ; B_i)"
+
+    def window(self, ctx, micro_batches):
+        params = list(ctx.params.values())
+        clean = None
+        total = 0.0
+        for batch in micro_batches:
+            loss = ctx.loss(batch)
+            total += loss.item()
+            grads = ctx.grads(loss)
+            clean = grads if clean is None else [c + g for c, g in zip(clean, grads)]
+        eps = sam_perturbation(params, clean, self.config.rho, adaptive=self.config.adaptive,
+                               per_tensor=self.config.norm == "per_tensor")
+        saved = [p.detach().clone() for p in params]
+        try:
+            with torch.no_grad():
+                for p, e in zip(params, eps):
+                    p.add_(e.to(p.dtype))  # trainable adapter only; restored from `saved` below
+            adversarial = ctx.loss(micro_batches[-1])
+            ctx.backward(adversarial, last=True)
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+        eps_norm = torch.linalg.vector_norm(torch.stack([e.norm() for e in eps])).item()
+        return {"loss": total / len(micro_batches), "adv_loss": adversarial.item(), "eps_norm": eps_norm}

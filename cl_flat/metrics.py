@@ -1,0 +1,322 @@
+"""Continual-learning metrics on the accuracy matrix (pure functions).
+
+R[t, i] is the score (percent) on task i after training tasks 1..t, for t, i = 1..T;
+b_i = R[0, i] is the optional zero-shot row measured before any training.
+
+Every entry is already a *per-task* score (the mean over that task's test samples).
+These functions never see per-sample data: all averages below are unweighted means over
+tasks, so a task with 10 test samples counts as much as one with 10,000.
+
+Indices in docstrings and error messages are 1-indexed, as in the papers; the
+Python containers are 0-indexed. Upper-triangle entries (i > t, tasks not yet
+trained) may be missing (None or NaN): only FWT needs them and is then None.
+Entries on or below the diagonal are required by the metrics that use them.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "MatrixFormatError",
+    "average_accuracy",
+    "online_performance",
+    "average_incremental_accuracy",
+    "backward_transfer",
+    "forgetting",
+    "forward_transfer",
+    "compute_metrics",
+    "read_acc_matrix",
+    "write_acc_matrix",
+]
+
+Score = float | None
+Matrix = list[list[Score]]
+MatrixLike = Sequence[Sequence[Any]] | np.ndarray
+
+ZERO_SHOT = "zero_shot"
+HEADER_FIRST = "after_task"
+
+
+class MatrixFormatError(ValueError):
+    """An accuracy-matrix csv does not follow the results-folder contract."""
+
+
+# ---------------------------------------------------------------------------
+# input normalisation
+# ---------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> Score:
+    """None/NaN -> None (missing); anything else -> float."""
+    if value is None:
+        return None
+    x = float(value)
+    return None if math.isnan(x) else x
+
+
+def _as_matrix(matrix: MatrixLike) -> Matrix:
+    """Square T x T list of floats/None; raises ValueError on any other shape."""
+    if isinstance(matrix, np.ndarray):
+        if matrix.ndim != 2:
+            raise ValueError(f"accuracy matrix must be 2-D (T x T), got shape {matrix.shape}")
+        matrix = matrix.tolist()
+    rows = [[_cell(v) for v in row] for row in matrix]
+    n = len(rows)
+    if n == 0:
+        raise ValueError("accuracy matrix is empty: expected T >= 1 rows")
+    for t, row in enumerate(rows, start=1):
+        if len(row) != n:
+            raise ValueError(f"accuracy matrix must be square (T x T with T={n}); "
+                             f"row {t} has {len(row)} columns")
+    return rows
+
+
+def _as_row(zero_shot: Sequence[Any] | np.ndarray | None, n: int) -> list[Score] | None:
+    if zero_shot is None:
+        return None
+    b = [_cell(v) for v in (zero_shot.tolist() if isinstance(zero_shot, np.ndarray) else zero_shot)]
+    if len(b) != n:
+        raise ValueError(f"zero-shot row has {len(b)} entries; expected T={n}")
+    return b
+
+
+def _req(R: Matrix, t: int, i: int, metric: str) -> float:
+    """R[t, i] (1-indexed); a missing required entry is an error, not a silent 0."""
+    v = R[t - 1][i - 1]
+    if v is None:
+        raise ValueError(f"{metric} needs R[{t},{i}] (row after task {t}, column task {i}), "
+                         "which is missing")
+    return v
+
+
+# ---------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------
+
+
+def average_accuracy(matrix: MatrixLike) -> float:
+    """AA = (1/T) Σ_i R[T,i]: mean final score over all tasks (Chaudhry et al. 2018)."""
+    R = _as_matrix(matrix)
+    T = len(R)
+    return sum(_req(R, T, i, "AA") for i in range(1, T + 1)) / T
+
+
+def online_performance(matrix: MatrixLike) -> list[float]:
+    """OP_t = (1/t) Σ_{i≤t} R[t,i] for t = 1..T: mean over the tasks seen so far."""
+    R = _as_matrix(matrix)
+    return [sum(_req(R, t, i, "OP") for i in range(1, t + 1)) / t for t in range(1, len(R) + 1)]
+
+
+def average_incremental_accuracy(matrix: MatrixLike) -> float:
+    """AIA = (1/T) Σ_t OP_t (Rebuffi et al. 2017, iCaRL; Douillard et al. 2020)."""
+    op = online_performance(matrix)
+    return sum(op) / len(op)
+
+
+def backward_transfer(matrix: MatrixLike) -> float | None:
+    """BWT = (1/(T−1)) Σ_{i<T} (R[T,i] − R[i,i]) (GEM, Lopez-Paz & Ranzato 2017); None if T = 1."""
+    R = _as_matrix(matrix)
+    T = len(R)
+    if T < 2:
+        return None
+    return sum(_req(R, T, i, "BWT") - _req(R, i, i, "BWT") for i in range(1, T)) / (T - 1)
+
+
+def forgetting(matrix: MatrixLike) -> float | None:
+    """F = (1/(T−1)) Σ_{i<T} (max_{l∈{i..T−1}} R[l,i] − R[T,i]) (Chaudhry et al. 2018, RWalk).
+
+    The max runs over the rows after task i was learned up to the one before last, so a
+    task whose score peaks after later tasks is measured from its peak: F ≠ −BWT in
+    general. None if T = 1.
+    """
+    R = _as_matrix(matrix)
+    T = len(R)
+    if T < 2:
+        return None
+    total = 0.0
+    for i in range(1, T):
+        best = max(_req(R, l, i, "F") for l in range(i, T))
+        total += best - _req(R, T, i, "F")
+    return total / (T - 1)
+
+
+def forward_transfer(matrix: MatrixLike, zero_shot: Sequence[Any] | np.ndarray | None) -> float | None:
+    """FWT = (1/(T−1)) Σ_{i=2..T} (R[i−1,i] − b_i) (GEM, Lopez-Paz & Ranzato 2017).
+
+    None if T = 1, if there is no zero-shot row b, or if any needed upper-diagonal
+    entry R[i−1,i] or b_i (i ≥ 2) is missing: an undefined value, not 0.
+    """
+    R = _as_matrix(matrix)
+    T = len(R)
+    b = _as_row(zero_shot, T)
+    if T < 2 or b is None:
+        return None
+    terms: list[float] = []
+    for i in range(2, T + 1):
+        r, bi = R[i - 2][i - 1], b[i - 1]
+        if r is None or bi is None:
+            return None
+        terms.append(r - bi)
+    return sum(terms) / (T - 1)
+
+
+def compute_metrics(matrix: MatrixLike,
+                    zero_shot: Sequence[Any] | np.ndarray | None = None) -> dict[str, Any]:
+    """All metrics as a JSON-ready dict {"AA","BWT","FWT","F","AIA","OP"}; None where undefined.
+
+    Values are plain Python floats, not rounded.
+    """
+    R = _as_matrix(matrix)
+    b = _as_row(zero_shot, len(R))
+    return {
+        "AA": average_accuracy(R),
+        "BWT": backward_transfer(R),
+        "FWT": forward_transfer(R, b),
+        "F": forgetting(R),
+        "AIA": average_incremental_accuracy(R),
+        "OP": online_performance(R),
+    }
+
+
+# ---------------------------------------------------------------------------
+# csv I/O (results-folder contract: acc_matrix.csv)
+# ---------------------------------------------------------------------------
+
+
+def _parse_cell(text: str, where: str, column: str) -> Score:
+    s = text.strip()
+    if s == "":
+        return None
+    try:
+        x = float(s)
+    except ValueError:
+        raise MatrixFormatError(f"{where}: column {column!r}: expected a number or an empty "
+                                f"cell, got {s!r}") from None
+    if math.isnan(x):
+        return None
+    if math.isinf(x):
+        raise MatrixFormatError(f"{where}: column {column!r}: expected a finite number, got {s!r}")
+    return x
+
+
+def read_acc_matrix(path: str | os.PathLike[str]) -> tuple[list[str], Matrix, list[Score] | None]:
+    """Parse acc_matrix.csv into (task_names, matrix T x T, zero_shot row or None).
+
+    Format: header `after_task,<task_1>,...,<task_T>`; optional first row `zero_shot,...`;
+    then exactly T rows, one per trained task in header order (first cell = task name).
+    Empty cells are missing (None). Raises MatrixFormatError naming `path:line`.
+    """
+    path = os.fspath(path)
+    # utf-8-sig: tolerate a BOM from spreadsheet exports.
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        records: list[tuple[int, list[str]]] = []
+        reader = csv.reader(f)
+        for row in reader:
+            if not row or all(c.strip() == "" for c in row):
+                continue  # blank lines (e.g. trailing newline) carry no data
+            records.append((reader.line_num, row))
+        last_line = reader.line_num
+
+    if not records:
+        raise MatrixFormatError(f"{path}:1: empty file; expected header "
+                                f"'{HEADER_FIRST},<task_1>,...,<task_T>'")
+    line, header = records[0]
+    header = [c.strip() for c in header]
+    if header[0] != HEADER_FIRST:
+        raise MatrixFormatError(f"{path}:{line}: expected header starting with "
+                                f"'{HEADER_FIRST}', got {header[0]!r}")
+    tasks = header[1:]
+    if not tasks:
+        raise MatrixFormatError(f"{path}:{line}: header lists no tasks; expected "
+                                f"'{HEADER_FIRST},<task_1>,...,<task_T>'")
+    for j, name in enumerate(tasks):
+        if name == "":
+            raise MatrixFormatError(f"{path}:{line}: empty task name in header column {j + 2}")
+        if name == ZERO_SHOT:
+            raise MatrixFormatError(f"{path}:{line}: '{ZERO_SHOT}' is reserved and cannot be a task name")
+        if name in tasks[:j]:
+            raise MatrixFormatError(f"{path}:{line}: duplicate task name {name!r} in header")
+    T = len(tasks)
+
+    zero_shot: list[Score] | None = None
+    matrix: Matrix = []
+    for k, (line, row) in enumerate(records[1:]):
+        where = f"{path}:{line}"
+        if len(row) != T + 1:
+            raise MatrixFormatError(f"{where}: expected {T + 1} columns (after_task + {T} tasks), "
+                                    f"got {len(row)}")
+        name = row[0].strip()
+        values = [_parse_cell(c, where, tasks[j]) for j, c in enumerate(row[1:])]
+        if name == ZERO_SHOT:
+            if k != 0:
+                raise MatrixFormatError(f"{where}: the '{ZERO_SHOT}' row must be the first row "
+                                        "after the header")
+            zero_shot = values
+            continue
+        if len(matrix) >= T:
+            raise MatrixFormatError(f"{where}: extra row {name!r}; expected exactly {T} trained "
+                                    "rows, one per task")
+        expected = tasks[len(matrix)]
+        if name != expected:
+            raise MatrixFormatError(f"{where}: expected row for task {expected!r} "
+                                    f"(rows follow the header's task order), got {name!r}")
+        matrix.append(values)
+
+    if len(matrix) != T:
+        raise MatrixFormatError(f"{path}:{last_line}: expected {T} trained rows "
+                                f"({', '.join(tasks)}), found {len(matrix)}; "
+                                f"missing {', '.join(tasks[len(matrix):])}")
+    return tasks, matrix, zero_shot
+
+
+def _format_cell(value: Any) -> str:
+    v = _cell(value)
+    if v is None:
+        return ""
+    if math.isinf(v):
+        raise ValueError(f"cannot write non-finite score {v!r}")
+    return repr(v)  # shortest text that round-trips exactly
+
+
+def write_acc_matrix(path: str | os.PathLike[str], task_names: Sequence[str],
+                     rows: Sequence[tuple[str, Sequence[Any]]]) -> None:
+    """Write acc_matrix.csv atomically (temp file in the same dir, then os.replace).
+
+    `rows` are (name, scores) pairs in file order: optionally ("zero_shot", b) first, then
+    one row per trained task. A run in progress may write fewer rows than tasks; readers
+    (read_acc_matrix) then reject it as incomplete. None/NaN is written as an empty cell.
+    """
+    path = os.fspath(path)
+    names = list(task_names)
+    lines: list[list[str]] = [[HEADER_FIRST, *names]]
+    for name, values in rows:
+        vals = list(values)
+        if len(vals) != len(names):
+            raise ValueError(f"row {name!r} has {len(vals)} scores; expected {len(names)} "
+                             "(one per task)")
+        lines.append([name, *(_format_cell(v) for v in vals)])
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    # Same directory as the target so os.replace is an atomic rename on one filesystem.
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f, lineterminator="\n").writerows(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

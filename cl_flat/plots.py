@@ -1,0 +1,263 @@
+"""Figures drawn only from saved result files (csv/jsonl), never from a model.
+
+Every figure is written atomically: saved to a temporary .png in the target directory,
+then renamed over the target, so an interrupted run never leaves a truncated image.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs on CI, clusters and ranks without a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from cl_flat import metrics  # noqa: E402
+
+__all__ = [
+    "plot_acc_matrix",
+    "plot_op_curve",
+    "plot_learning_curves",
+    "plot_landscape_1d",
+    "plot_landscape_2d",
+    "plot_report",
+]
+
+PathLike = str | os.PathLike[str]
+
+
+def _save(fig: Figure, out_png: PathLike) -> None:
+    """savefig to a temp .png beside the target, then os.replace; always closes the figure."""
+    out = os.fspath(out_png)
+    directory = os.path.dirname(os.path.abspath(out))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".png", dir=directory)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    finally:
+        plt.close(fig)
+
+
+def _nan(rows: Sequence[Sequence[float | None]]) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
+
+
+def plot_acc_matrix(csv_path: PathLike, out_png: PathLike) -> None:
+    """Heatmap of acc_matrix.csv (zero_shot row first if present), cell values annotated."""
+    tasks, matrix, zero_shot = metrics.read_acc_matrix(csv_path)
+    rows = ([zero_shot] if zero_shot is not None else []) + matrix
+    labels = ([metrics.ZERO_SHOT] if zero_shot is not None else []) + [f"after {t}" for t in tasks]
+    data = _nan(rows)
+    T = len(tasks)
+
+    finite = data[np.isfinite(data)]
+    # Fixed 0..100 (percent) keeps heatmaps of different runs comparable.
+    vmin = min(0.0, float(finite.min())) if finite.size else 0.0
+    vmax = max(100.0, float(finite.max())) if finite.size else 100.0
+    fig, ax = plt.subplots(figsize=(1.2 * T + 3, 0.8 * len(rows) + 2))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")  # grey = not evaluated
+    im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    fig.colorbar(im, ax=ax, label="score (%)")
+    mid = (vmin + vmax) / 2
+    for r in range(data.shape[0]):
+        for c in range(T):
+            v = data[r, c]
+            text = "–" if math.isnan(v) else f"{v:.1f}"
+            color = "black" if math.isnan(v) or v > mid else "white"
+            ax.text(c, r, text, ha="center", va="center", color=color, fontsize=9)
+    ax.set_xticks(range(T), tasks, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("evaluated task")
+    ax.set_ylabel("after training")
+    ax.set_title("Accuracy matrix R[t, i]")
+    _save(fig, out_png)
+
+
+def plot_op_curve(csv_path: PathLike, out_png: PathLike) -> None:
+    """OP_t vs t, plus each task's score across rows (t = 0 is the zero-shot row)."""
+    tasks, matrix, zero_shot = metrics.read_acc_matrix(csv_path)
+    T = len(tasks)
+    op = metrics.online_performance(matrix)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ts = np.arange(1, T + 1)
+    col = _nan(matrix)
+    b = _nan([zero_shot])[0] if zero_shot is not None else None
+    for i, name in enumerate(tasks):
+        ys = col[:, i]
+        xs = ts
+        if b is not None:
+            xs, ys = np.concatenate([[0], ts]), np.concatenate([[b[i]], ys])
+        ax.plot(xs, ys, marker=".", linewidth=1, alpha=0.7, label=name)
+    ax.plot(ts, op, color="black", linewidth=2.5, marker="o", label="OP$_t$ (seen tasks)")
+    ax.set_xticks(range(0 if b is not None else 1, T + 1))
+    ax.set_xlabel("after task t" + (" (0 = zero-shot)" if b is not None else ""))
+    ax.set_ylabel("score (%)")
+    ax.set_title("Online performance and per-task scores")
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    _save(fig, out_png)
+
+
+def _read_jsonl(path: str) -> list[tuple[int, dict[str, Any]]]:
+    out: list[tuple[int, dict[str, Any]]] = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object per line")
+            out.append((n, obj))
+    return out
+
+
+def plot_learning_curves(train_log_jsonl: PathLike, out_png: PathLike) -> None:
+    """Training loss vs global update (line order), one colour per task."""
+    path = os.fspath(train_log_jsonl)
+    by_task: dict[str, tuple[list[int], list[float]]] = {}
+    x = 0
+    for n, rec in _read_jsonl(path):
+        if "loss" not in rec:
+            continue  # non-update events (if any) are not part of the curve
+        if "task" not in rec:
+            raise ValueError(f"{path}:{n}: update record has no 'task' key")
+        try:
+            loss = float(rec["loss"]) if rec["loss"] is not None else math.nan
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}:{n}: 'loss' must be a number, got {rec['loss']!r}") from None
+        # 'step' may restart per task, so the global x is the record's order in the log.
+        xs, ys = by_task.setdefault(str(rec["task"]), ([], []))
+        xs.append(x)
+        ys.append(loss)
+        x += 1
+    if not by_task:
+        raise ValueError(f"{path}: no update records with a 'loss' key")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, (xs, ys) in by_task.items():  # dict keeps first-appearance (= training) order
+        ax.plot(xs, ys, linewidth=1, label=name)
+    ax.set_xlabel("global update")
+    ax.set_ylabel("training loss")
+    ax.set_title("Learning curves")
+    ax.legend(title="task", fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, out_png)
+
+
+def _read_columns(path: PathLike, columns: Sequence[str]) -> dict[str, np.ndarray]:
+    """Numeric columns of a csv with a header, selected by name (order-independent)."""
+    p = os.fspath(path)
+    with open(p, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise ValueError(f"{p}:1: expected columns {', '.join(columns)}; missing {', '.join(missing)}")
+        reader.fieldnames = header
+        data: dict[str, list[float]] = {c: [] for c in columns}
+        for row in reader:
+            if all((v or "").strip() == "" for v in row.values() if isinstance(v, str)):
+                continue
+            for c in columns:
+                try:
+                    data[c].append(float(row[c]))
+                except (TypeError, ValueError):
+                    raise ValueError(f"{p}:{reader.line_num}: column {c!r}: expected a number, "
+                                     f"got {row[c]!r}") from None
+    if not data[columns[0]]:
+        raise ValueError(f"{p}: no data rows")
+    return {c: np.array(v, dtype=float) for c, v in data.items()}
+
+
+def plot_landscape_1d(csv_path: PathLike, out_png: PathLike) -> None:
+    """Loss along one direction: csv columns alpha,loss (alpha = 0 is the trained point)."""
+    d = _read_columns(csv_path, ("alpha", "loss"))
+    order = np.argsort(d["alpha"], kind="stable")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(d["alpha"][order], d["loss"][order], marker=".")
+    ax.axvline(0.0, color="grey", linewidth=0.5)
+    ax.set_xlabel("alpha")
+    ax.set_ylabel("loss")
+    ax.set_title(f"1-D loss landscape: {os.path.basename(os.fspath(csv_path))}")
+    ax.grid(alpha=0.3)
+    _save(fig, out_png)
+
+
+def plot_landscape_2d(csv_path: PathLike, out_png: PathLike) -> None:
+    """Loss on a full alpha x beta grid (csv alpha,beta,loss): contour and 3-D surface."""
+    p = os.fspath(csv_path)
+    d = _read_columns(p, ("alpha", "beta", "loss"))
+    alphas, betas = np.unique(d["alpha"]), np.unique(d["beta"])
+    if len(alphas) < 2 or len(betas) < 2:
+        raise ValueError(f"{p}: a 2-D landscape needs at least 2 distinct alpha and beta values")
+    grid = np.full((len(betas), len(alphas)), np.nan)
+    ia, ib = np.searchsorted(alphas, d["alpha"]), np.searchsorted(betas, d["beta"])
+    grid[ib, ia] = d["loss"]
+    if len(d["loss"]) != grid.size or np.isnan(grid).any():
+        raise ValueError(f"{p}: expected a full grid of {len(alphas)} x {len(betas)} = {grid.size} "
+                         f"(alpha, beta) points, each once; got {len(d['loss'])} rows")
+    A, B = np.meshgrid(alphas, betas)
+    fig = plt.figure(figsize=(12, 5))
+    ax1 = fig.add_subplot(1, 2, 1)
+    cs = ax1.contourf(A, B, grid, levels=20, cmap="viridis")
+    ax1.contour(A, B, grid, levels=20, colors="k", linewidths=0.3)
+    fig.colorbar(cs, ax=ax1, label="loss")
+    ax1.plot([0], [0], "r*", markersize=10)  # the trained weights
+    ax1.set_xlabel("alpha")
+    ax1.set_ylabel("beta")
+    ax1.set_title("contour")
+    ax2 = fig.add_subplot(1, 2, 2, projection="3d")
+    ax2.plot_surface(A, B, grid, cmap="viridis", linewidth=0, antialiased=True)
+    ax2.set_xlabel("alpha")
+    ax2.set_ylabel("beta")
+    ax2.set_zlabel("loss")
+    ax2.set_title("surface")
+    fig.suptitle(f"2-D loss landscape: {os.path.basename(p)}")
+    _save(fig, out_png)
+
+
+def plot_report(rows: Sequence[Mapping[str, Any]], out_png: PathLike) -> None:
+    """Compare runs: one panel each for AA, BWT, F; one bar per run (None shown as n/a)."""
+    if not rows:
+        raise ValueError("plot_report needs at least one run")
+    labels = [f"{r['run']}\n({r['method']})" for r in rows]
+    keys = ("AA", "BWT", "F")
+    fig, axes = plt.subplots(1, len(keys), figsize=(max(9, 1.1 * len(rows) * len(keys) + 3), 4.5))
+    x = np.arange(len(rows))
+    colors = plt.get_cmap("tab10")(np.arange(len(rows)) % 10)
+    for ax, key in zip(axes, keys):
+        vals = [r.get(key) for r in rows]
+        heights = [0.0 if v is None else float(v) for v in vals]
+        bars = ax.bar(x, heights, color=colors)
+        for bar, v in zip(bars, vals):
+            ax.annotate("n/a" if v is None else f"{float(v):.2f}",
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom" if bar.get_height() >= 0 else "top", fontsize=8)
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(key)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("percent points")
+    fig.suptitle("Run comparison")
+    fig.tight_layout()
+    _save(fig, out_png)

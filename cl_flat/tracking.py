@@ -1,0 +1,52 @@
+"""Run logging: `train_log.jsonl` (one line per update) and wandb. Rank 0 only; the
+tracker of other ranks does nothing. wandb `disabled` costs nothing; tests use `offline`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from cl_flat.config import RunConfig, config_to_dict
+
+
+class Tracker:
+    def __init__(self, config: RunConfig, run_dir: Path, active: bool):
+        self.active = active
+        self.log_path = run_dir / "train_log.jsonl"
+        self._handle = None
+        self._wandb = None
+        if not active:
+            return
+        self._handle = self.log_path.open("a", encoding="utf-8")
+        section = config.logging.wandb
+        if section.mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self._wandb = wandb.init(project=section.project, entity=section.entity, group=section.group,
+                                     tags=section.tags, name=config.run.name, mode=section.mode,
+                                     dir=str(run_dir), config=config_to_dict(config), reinit="finish_previous")
+
+    def log_update(self, record: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        self._handle.write(json.dumps(record) + "\n")
+        self._handle.flush()
+        if self._wandb is not None:
+            self._wandb.log({f"train/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
+
+    def log_scores(self, after_task: str, task_names: list[str], scores: list[float]) -> None:
+        if self._wandb is not None:
+            self._wandb.log({f"eval/{after_task}/{name}": s for name, s in zip(task_names, scores)})
+
+    def finish(self, metrics: dict[str, Any] | None = None) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        if self._wandb is not None:
+            if metrics:
+                self._wandb.summary.update({k: v for k, v in metrics.items() if v is not None})
+            self._wandb.finish()
+            self._wandb = None
