@@ -1,0 +1,84 @@
+"""Run in 1 or 2 processes: train a tiny IncLoRA model with the real loop (DeepSpeed) and
+replay the same updates in plain torch with `reference_update` (mean over ranks), then
+compare. Usage: python equivalence_worker.py OUT.json '<json overrides>'"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+
+import torch
+
+from cl_flat import engine as ds
+from cl_flat.adapters import AdapterStack
+from cl_flat.config import validate_config
+from cl_flat.data.batches import Encoded
+from cl_flat.flatness import build_method, reference_update
+from cl_flat.models import load_model
+from cl_flat.train import causal_lm_loss, derive_seed, plan_task, train_task, window_batches
+
+
+def main(out_path: str, overrides: dict) -> None:
+    ds.init_distributed()
+    raw = {
+        "run": {"name": "eq", "seed": 3},
+        "model": {"name_or_path": "tiny-random:llama"},
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "tasks": [{"name": "a", "source": "builtin"}, {"name": "b", "source": "builtin"}],
+        "training": {"micro_batch_size": 2, "gradient_accumulation_steps": overrides.pop("gas", 1),
+                     "max_steps": 3, "learning_rate": 0.01, "max_grad_norm": overrides.pop("clip", None)},
+        "flatness": overrides.pop("flatness", {"method": "none"}),
+        "deepspeed": {"zero_stage": overrides.pop("zero", 0), "bf16": False},
+        "logging": {"progress": False},
+    }
+    config = validate_config(raw)
+    model, _ = load_model("tiny-random:llama", "fp32", seed=3)
+    stack = AdapterStack(model, config.lora, seed=3)
+    stack.add_task(0, "a")
+    with torch.no_grad():  # a trained-looking first adapter, so the frozen stack matters
+        for name, p in stack.model.named_parameters():
+            if ".lora_B.a." in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.1)
+    stack.add_task(1, "b")
+    reference = copy.deepcopy(stack.model)
+    initial = {n: p.detach().clone() for n, p in reference.named_parameters() if p.requires_grad}
+    frozen_before = {n: p.detach().clone() for n, p in stack.model.named_parameters() if not p.requires_grad}
+    generator = torch.Generator().manual_seed(11)
+    examples = [Encoded(tuple(ids := torch.randint(3, 250, (9,), generator=generator).tolist()),
+                        tuple([-100] * 5 + ids[5:])) for _ in range(64)]
+    params = {n: p for n, p in stack.model.named_parameters() if p.requires_grad}
+    method = build_method(config.flatness)
+    train_task(config, stack.model, params, method, examples, 256, 1, "b", lambda record: None)
+
+    # plain torch replay
+    world = ds.world_size()
+    ref_params = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(list(ref_params.values()), lr=0.01, weight_decay=0.0)
+    plan = plan_task(config, len(examples), world, "b")
+    seed = derive_seed(config.run.seed, "method", 1)
+    for update in range(plan.updates):
+        per_rank = [reference_update(config.flatness, reference,
+                                     window_batches(examples, plan, update, config, 1, r, 256, torch.device("cpu")),
+                                     causal_lm_loss, step=update, total_steps=plan.updates, seed=seed)
+                    for r in range(world)]
+        for n, p in ref_params.items():
+            p.grad = sum(g[n] for g in per_rank) / world
+        if config.training.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(list(ref_params.values()), config.training.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    trained = dict(stack.model.named_parameters())
+    diff = max((trained[n].detach() - p.detach()).abs().max().item() for n, p in ref_params.items())
+    moved = max((trained[n].detach() - initial[n]).abs().max().item() for n in ref_params)
+    frozen_identical = all(torch.equal(p0, trained[n].detach()) for n, p0 in frozen_before.items())
+    if ds.rank() == 0:
+        with open(out_path, "w") as handle:
+            json.dump({"max_abs_diff": diff, "frozen_identical": frozen_identical, "world": world, "moved": moved,
+                       "n_trainable": len(ref_params)}, handle)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})
