@@ -141,7 +141,38 @@ class SamMethod(Strict):
     norm: Literal["global", "per_tensor"] = "global"
 
 
-FLATNESS_METHODS = (NoneMethod, SamMethod)
+NoiseType = Literal["gauss_standard", "gauss_matrix", "gauss_element", "lpf_sgd", "fisher", "flat_lora"]
+Scope = Literal["lora", "full", "base"]
+
+
+class RwpMethod(Strict):
+    method: Literal["rwp"]
+    scope: Scope = "full"
+    noise_type: NoiseType = "gauss_standard"
+    noise_std: float = Field(default=0.0015, ge=0)
+    a: float = Field(default=0.5, ge=0, description="weight of the clean gradient")
+    b: float = Field(default=0.5, ge=0, description="weight of the noisy gradient")
+    two_batch: bool = False
+    parallel: bool = False
+    fisher_decay: float = Field(default=0.95, ge=0, lt=1)
+    fisher_eta: float = Field(default=1.0, ge=0)
+    noise_targets: Literal["adapted", "all_linear"] = "adapted"
+
+
+class LpfSgdMethod(Strict):
+    method: Literal["lpf_sgd"]
+    scope: Scope = "full"
+    noise_std: float = Field(default=0.0005, ge=0, description="γ0, the initial radius")
+    radius_growth: float = Field(default=6.0, ge=0, description="α: γ_T = (α+1)·γ0")
+
+
+class FlatLoraMethod(Strict):
+    method: Literal["flat_lora"]
+    noise_std: float = Field(default=0.05, ge=0)
+    ramp: Literal["cosine", "linear", "constant"] = "cosine"
+
+
+FLATNESS_METHODS = (NoneMethod, SamMethod, RwpMethod, LpfSgdMethod, FlatLoraMethod)
 FlatnessConfig = Annotated[Union[FLATNESS_METHODS], Field(discriminator="method")]
 FlatnessAdapter: TypeAdapter = TypeAdapter(FlatnessConfig)
 
@@ -151,6 +182,11 @@ class EvaluationSection(Strict):
     max_samples_per_task: int | None = Field(default=200, ge=1)
     batch_size: int = Field(default=32, ge=1)
     max_new_tokens: int = Field(default=16, ge=1)
+    sharpness: bool = False  # average- and worst-case sharpness after each task (cl_flat.landscape)
+    sharpness_rho: float = Field(default=0.05, gt=0)
+    sharpness_samples: int = Field(default=8, ge=1)
+    sharpness_ascent_steps: int = Field(default=5, ge=0)
+    sharpness_space: Literal["adapter", "merged"] = "adapter"
 
 
 class DeepSpeedSection(Strict):

@@ -1,0 +1,147 @@
+"""SAM / ASAM `reference_update` against closed forms on quadratic losses L_i(w) = ½ wᵀH_i w
+(gradient H_i w), and against an independent SAM on a small peft model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cl_flat.flatness import reference_update
+
+
+class Quadratic(nn.Module):
+    def __init__(self, *tensors: list[float]):
+        super().__init__()
+        self.ws = nn.ParameterList([nn.Parameter(torch.tensor(t, dtype=torch.float64)) for t in tensors])
+
+
+def quad_loss(model: Quadratic, batch: list[torch.Tensor]) -> torch.Tensor:
+    """batch = one diagonal H per parameter: L = Σ_k ½ Σ_j H_kj w_kj²."""
+    return sum(0.5 * (h * w * w).sum() for h, w in zip(batch, model.ws))
+
+
+H = [torch.tensor([2.0, 1.0], dtype=torch.float64)]
+
+
+def test_sam_closed_form():
+    # w = (1, 2), H = diag(2, 1): g0 = (2, 2), |g0| = 2√2. ρ = 0.1·√2 gives ε = (0.1, 0.1),
+    # so g = H(w + ε) = (2·1.1, 1·2.1) = (2.2, 2.1).
+    model = Quadratic([1.0, 2.0])
+    g = reference_update({"method": "sam", "rho": 0.1 * math.sqrt(2)}, model, [H], quad_loss)
+    assert torch.allclose(g["ws.0"], torch.tensor([2.2, 2.1], dtype=torch.float64), atol=1e-12)
+    assert torch.equal(model.ws[0].detach(), torch.tensor([1.0, 2.0], dtype=torch.float64))  # restored
+
+
+def test_asam_closed_form():
+    # T = |w| = (1, 2); T·g0 = (2, 4), |T g0| = √20; T²g0 = (2, 8). ρ = 0.05·√20 gives
+    # ε = (0.1, 0.4) and g = H(1.1, 2.4) = (2.2, 2.4).
+    model = Quadratic([1.0, 2.0])
+    g = reference_update({"method": "sam", "rho": 0.05 * math.sqrt(20), "adaptive": True}, model, [H], quad_loss)
+    assert torch.allclose(g["ws.0"], torch.tensor([2.2, 2.4], dtype=torch.float64), atol=1e-12)
+
+
+def test_global_vs_per_tensor_norm():
+    # Two tensors: w1 = (3,) with H=1 -> g1 = 3; w2 = (4,) with H=1 -> g2 = 4; |g| = 5.
+    # global, ρ = 5: ε = (3, 4) -> g = (6, 8).  per_tensor, ρ = 1: ε = (1, 1) -> g = (4, 5).
+    batch = [torch.tensor([1.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)]
+    g = reference_update({"method": "sam", "rho": 5.0}, Quadratic([3.0], [4.0]), [batch], quad_loss)
+    assert [g["ws.0"].item(), g["ws.1"].item()] == pytest.approx([6.0, 8.0])
+    g = reference_update({"method": "sam", "rho": 1.0, "norm": "per_tensor"}, Quadratic([3.0], [4.0]), [batch],
+                         quad_loss)
+    assert [g["ws.0"].item(), g["ws.1"].item()] == pytest.approx([4.0, 5.0])
+
+
+def test_window_epsilon_from_sum_gradient_from_last_batch():
+    # B1: H1 = diag(1, 0); B2: H2 = diag(0, 1); w = (3, 4).
+    # g0 = (H1 + H2) w = (3, 4), |g0| = 5; ρ = 5 -> ε = (3, 4); w + ε = (6, 8).
+    # Adversarial gradient on B2 only: H2 (6, 8) = (0, 8).
+    b1 = [torch.tensor([1.0, 0.0], dtype=torch.float64)]
+    b2 = [torch.tensor([0.0, 1.0], dtype=torch.float64)]
+    g = reference_update({"method": "sam", "rho": 5.0}, Quadratic([3.0, 4.0]), [b1, b2], quad_loss)
+    assert g["ws.0"].tolist() == pytest.approx([0.0, 8.0])
+
+
+def test_none_is_the_window_mean():
+    # (H1 w + H2 w)/2 with the window above = ((3, 0) + (0, 4))/2 = (1.5, 2).
+    b1 = [torch.tensor([1.0, 0.0], dtype=torch.float64)]
+    b2 = [torch.tensor([0.0, 1.0], dtype=torch.float64)]
+    g = reference_update({"method": "none"}, Quadratic([3.0, 4.0]), [b1, b2], quad_loss)
+    assert g["ws.0"].tolist() == pytest.approx([1.5, 2.0])
+
+
+def test_rho_zero_is_plain_training():
+    model = Quadratic([1.0, -2.0])
+    plain = reference_update({"method": "none"}, model, [H], quad_loss)
+    sam = reference_update({"method": "sam", "rho": 0.0}, model, [H], quad_loss)
+    assert torch.equal(plain["ws.0"], sam["ws.0"])
+
+
+def _tiny_peft():
+    from cl_flat.adapters import AdapterStack
+    from cl_flat.config import LoraSection
+    from cl_flat.models import load_model
+
+    model, _ = load_model("tiny-random:llama", seed=5)
+    stack = AdapterStack(model, LoraSection(r=4, target_modules=["q_proj", "v_proj"]), seed=5)
+    stack.add_task(0, "t")
+    with torch.no_grad():  # B = 0 at init would make every A-gradient zero
+        for name, p in stack.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
+    return stack.model
+
+
+def _lm_loss(model, batch):
+    return model(input_ids=batch, labels=batch).loss
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_matches_independent_sam_on_peft(adaptive):
+    """Independent SAM in the style of davda54/sam's two-step optimizer, written here from the
+    formulas: first_step adds e_w = ρ·(T²)g/‖Tg‖ to every trainable weight, second_step restores."""
+    model = _tiny_peft()
+    batch = torch.randint(3, 250, (2, 10), generator=torch.Generator().manual_seed(1))
+    rho = 0.5 if adaptive else 0.05
+    expected = reference_update({"method": "sam", "rho": rho, "adaptive": adaptive}, model, [batch], _lm_loss)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    loss = _lm_loss(model, batch)
+    loss.backward()
+    scale = [(p.abs() if adaptive else torch.ones_like(p)) for p in params]
+    grad_norm = torch.norm(torch.stack([(s * p.grad).norm(2) for s, p in zip(scale, params)]), 2)
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for s, p in zip(scale, params):
+            p.add_(s * s * p.grad * (rho / (grad_norm + 1e-12)))
+            p.grad = None
+    _lm_loss(model, batch).backward()
+    independent = {n: p.grad.clone() for n, p in zip(names, params)}
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+            p.grad = None
+    for n in names:
+        assert torch.allclose(expected[n], independent[n], atol=1e-5, rtol=0), n
+
+
+def test_two_micro_batches_direction_matches_independent():
+    model = _tiny_peft()
+    gen = torch.Generator().manual_seed(2)
+    b1, b2 = torch.randint(3, 250, (2, 10), generator=gen), torch.randint(3, 250, (2, 10), generator=gen)
+    expected = reference_update({"method": "sam", "rho": 0.05}, model, [b1, b2], _lm_loss)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    (_lm_loss(model, b1) + _lm_loss(model, b2)).backward()
+    norm = torch.norm(torch.stack([p.grad.norm() for p in params.values()]))
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(p.grad * 0.05 / norm)
+            p.grad = None
+    _lm_loss(model, b2).backward()
+    flat_e = torch.cat([expected[n].flatten() for n in params])
+    flat_i = torch.cat([params[n].grad.flatten() for n in params])
+    assert torch.nn.functional.cosine_similarity(flat_e, flat_i, dim=0) > 0.9999
