@@ -105,18 +105,20 @@ def validate(config: Path, set_: SetOption = None) -> None:
 
 
 @app.command()
-def methods() -> None:
+def methods(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """List the flatness methods, their parameters, defaults and formulas."""
-    from cl_flat.flatness import REGISTRY
+    from cl_flat.flatness import describe_methods
 
-    for name, cls in REGISTRY.items():
-        typer.echo(f"{name}: {cls.formula}")
-        for field, info in cls.config_class.model_fields.items():
-            if field == "method":
-                continue
-            default = info.get_default(call_default_factory=True)
-            annotation = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
-            typer.echo(f"    {field}: {annotation} = {default!r}")
+    described = describe_methods()
+    if as_json:
+        typer.echo(json.dumps(described, indent=2))
+        return
+    for method in described:
+        typer.echo(f"{method['method']}: {method['formula']}")
+        typer.echo(f"    {method['summary']}")
+        for p in method["parameters"]:
+            extra = f"  # {p['description']}" if p["description"] else ""
+            typer.echo(f"    {p['name']}: {p['type']} = {p['default']!r}{extra}")
 
 
 @app.command()

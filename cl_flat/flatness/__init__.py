@@ -6,13 +6,14 @@ the same method code through a DeepSpeed-backed context, so it applies exactly t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import torch
 from pydantic import BaseModel
 
-from cl_flat.flatness import none, sam  # noqa: F401  (registration)
+from cl_flat.flatness import flat_lora, lpf_sgd, none, rwp, sam  # noqa: F401  (registration)
 from cl_flat.flatness.base import REGISTRY, FlatnessMethod, LossFn, StepContext, build_method
+from cl_flat.flatness.noise import noise_scale
 
 
 class TorchContext(StepContext):
@@ -32,12 +33,16 @@ class TorchContext(StepContext):
 
 
 def reference_update(config: BaseModel | dict, model: torch.nn.Module, micro_batches: list[Any], loss_fn: LossFn,
-                     *, step: int = 0, total_steps: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+                     *, step: int = 0, total_steps: int = 1, seed: int = 0, rank: int = 0,
+                     world_size: int = 1) -> dict[str, torch.Tensor]:
     """The gradient one update of `config`'s method applies to each trainable parameter
     (before clipping and the optimizer), in plain torch, keyed by parameter name. Existing
-    `.grad` values and all weights are left as they were."""
+    `.grad` values and all weights are left as they were. `rank`/`world_size`: the rank whose
+    share this is (noise is keyed by rank; RWP `parallel` splits the work by rank): the update of
+    a W-rank run is the mean over r of reference_update(..., rank=r, world_size=W) on rank r's batches."""
     method = build_method(config)
-    ctx = TorchContext(model, loss_fn, step=step, total_steps=total_steps, seed=seed)
+    ctx = TorchContext(model, loss_fn, step=step, total_steps=total_steps, seed=seed, rank=rank,
+                       world_size=world_size)
     saved_grads = {n: p.grad for n, p in ctx.params.items()}
     for p in ctx.params.values():
         p.grad = None
@@ -50,4 +55,30 @@ def reference_update(config: BaseModel | dict, model: torch.nn.Module, micro_bat
             p.grad = saved_grads[n]
 
 
-__all__ = ["REGISTRY", "FlatnessMethod", "StepContext", "TorchContext", "build_method", "reference_update"]
+def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return " | ".join(str(a) for a in get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def describe_methods() -> list[dict[str, Any]]:
+    """Every registered method with its parameters, defaults, constraints and formula,
+    generated from the registry and the config models (`cl-flat methods`)."""
+    described = []
+    for name, cls in REGISTRY.items():
+        parameters = []
+        for field, info in cls.config_class.model_fields.items():
+            if field == "method":
+                continue
+            bounds = [f"{op} {getattr(m, attr)}" for m in info.metadata
+                      for attr, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if hasattr(m, attr)]
+            parameters.append({"name": field, "type": _type_name(info.annotation),
+                               "default": info.get_default(call_default_factory=True),
+                               "description": ", ".join(filter(None, [info.description, *bounds]))})
+        summary = (cls.__doc__ or "").strip().splitlines()[0]
+        described.append({"method": name, "formula": cls.formula, "summary": summary, "parameters": parameters})
+    return described
+
+
+__all__ = ["REGISTRY", "FlatnessMethod", "StepContext", "TorchContext", "build_method", "describe_methods", "noise_scale",
+           "reference_update"]

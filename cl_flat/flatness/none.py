@@ -8,8 +8,10 @@ from cl_flat.flatness.base import FlatnessMethod, register
 
 @register
 class Plain(FlatnessMethod):
-    """No flatness term: g = (1/N) Σ_i ∇L(θ; B_i) over the N micro-batches of the update
-    (the ordinary gradient-accumulation mean; ranks are averaged by the all-reduce)."""
+    """Plain training, no flatness term.
+
+    g = (1/N) Σ_i ∇L(θ; B_i) over the N micro-batches of the update (the ordinary
+    gradient-accumulation mean); several ranks are averaged by the all-reduce."""
 
     name = "none"
     config_class = NoneMethod

@@ -1,6 +1,9 @@
 """Run in 1 or 2 processes: train a tiny IncLoRA model with the real loop (DeepSpeed) and
 replay the same updates in plain torch with `reference_update` (mean over ranks), then
-compare. Usage: python equivalence_worker.py OUT.json '<json overrides>'"""
+compare. Usage: python equivalence_worker.py OUT.json '<json list of cases>'
+
+Each case is a dict of overrides (flatness, gas, clip, zero); all cases run in one process
+group (imports and start-up are paid once) and OUT.json gets one result per case."""
 
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ from cl_flat.models import load_model
 from cl_flat.train import causal_lm_loss, derive_seed, plan_task, train_task, window_batches
 
 
-def main(out_path: str, overrides: dict) -> None:
-    ds.init_distributed()
+def run_case(overrides: dict) -> dict:
+    overrides = dict(overrides)
     raw = {
         "run": {"name": "eq", "seed": 3},
         "model": {"name_or_path": "tiny-random:llama"},
@@ -61,7 +64,8 @@ def main(out_path: str, overrides: dict) -> None:
     for update in range(plan.updates):
         per_rank = [reference_update(config.flatness, reference,
                                      window_batches(examples, plan, update, config, 1, r, 256, torch.device("cpu")),
-                                     causal_lm_loss, step=update, total_steps=plan.updates, seed=seed)
+                                     causal_lm_loss, step=update, total_steps=plan.updates, seed=seed,
+                                     rank=r, world_size=world)
                     for r in range(world)]
         for n, p in ref_params.items():
             p.grad = sum(g[n] for g in per_rank) / world
@@ -74,11 +78,17 @@ def main(out_path: str, overrides: dict) -> None:
     diff = max((trained[n].detach() - p.detach()).abs().max().item() for n, p in ref_params.items())
     moved = max((trained[n].detach() - initial[n]).abs().max().item() for n in ref_params)
     frozen_identical = all(torch.equal(p0, trained[n].detach()) for n, p0 in frozen_before.items())
+    return {"max_abs_diff": diff, "frozen_identical": frozen_identical, "world": world, "moved": moved,
+            "n_trainable": len(ref_params)}
+
+
+def main(out_path: str, cases: list[dict]) -> None:
+    ds.init_distributed()
+    results = [run_case(case) for case in cases]
     if ds.rank() == 0:
         with open(out_path, "w") as handle:
-            json.dump({"max_abs_diff": diff, "frozen_identical": frozen_identical, "world": world, "moved": moved,
-                       "n_trainable": len(ref_params)}, handle)
+            json.dump(results, handle)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})
+    main(sys.argv[1], json.loads(sys.argv[2]))

@@ -1,0 +1,63 @@
+"""Flat-LoRA: random weight perturbation of the merged weight, at the cost of one pass."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cl_flat.config import FlatLoraMethod
+from cl_flat.flatness.base import FlatnessMethod, register
+from cl_flat.flatness.noise import Scale, TargetCache, context_module, perturbed
+
+
+def ramp_factor(kind: str, step: int, total_steps: int) -> float:
+    """The noise ramp at update `step` of `total_steps`: cosine ½(1 − cos(π t/(T−1))) and linear
+    t/(T−1) rise from 0 at t = 0 to exactly 1 at the last update t = T−1; constant is 1; T = 1 gives 1."""
+    if kind == "constant" or total_steps <= 1:
+        return 1.0
+    progress = min(step / (total_steps - 1), 1.0)
+    return progress if kind == "linear" else 0.5 * (1 - math.cos(math.pi * progress))
+
+
+@register
+class FlatLora(FlatnessMethod):
+    """Flat-LoRA: one pass with row-scaled noise on the merged weight W' = W0 + s·BA, ramped 0 → 1.
+
+    Li et al., "Flat-LoRA: Low-Rank Adaptation over a Flat Loss Landscape", ICML 2025: the expected loss over random perturbations of the merged weight W' = W0 + Σ_k s_k B_k A_k (all
+    active adapters: the frozen earlier ones are part of the effective weight), one pass per micro-batch:
+
+        g = (1/N) Σ_{i=1..N} ∇_{A,B} L(W' + ε_i; B_i),   ε_i,jk ~ N(0, (f_t·σ/√n·‖W'_j,:‖₂)²),
+
+    n = the row length (input features), rows = output channels, f_t = ramp(t) rising 0 → 1 over the
+    task's T updates (cosine ½(1 − cos(π t/(T−1))), linear t/(T−1), or constant 1; f = 1 at the last
+    update t = T−1). T is the task's real number of updates, whatever the world size (unlike the
+    reference code, whose ramp never reaches 1 on several GPUs). ε is added functionally to the W0
+    path of each adapted layer (x·(W0+ε)ᵀ + Σ s_k B_k A_k x = x·(W'+ε)ᵀ; the gradient w.r.t. A, B is
+    the same wherever ε enters); nothing is written, nothing weight-sized is kept. The row norms of
+    W' are computed once per update without grad. Fresh noise per micro-batch (key: seed, update,
+    rank, micro-batch, layer name). Several ranks: each rank draws its own noise; the applied gradient
+    is the all-reduced mean.
+    """
+
+    name = "flat_lora"
+    config_class = FlatLoraMethod
+    formula = "g = (1/N) Σ_i ∇L(W'+ε_i; B_i), ε ~ N(0, (ramp(t)·σ/√n·‖W'_j,:‖)²), W' = W0 + s·BA"
+
+    def __init__(self, config: FlatLoraMethod):
+        super().__init__(config)
+        self.targets = TargetCache()
+
+    def window(self, ctx, micro_batches):
+        factor = ramp_factor(self.config.ramp, ctx.step, ctx.total_steps)
+        sigma = self.config.noise_std * factor
+        frozen = [(t, Scale(t.merged_rows() * (sigma / math.sqrt(t.weight.shape[1]))))
+                  for t in self.targets.get(context_module(ctx), "adapted", ctx.step)]
+        n = len(micro_batches)
+        losses = []
+        for i, batch in enumerate(micro_batches):
+            with perturbed(frozen, [], (ctx.seed, ctx.step, ctx.rank, i)):
+                loss = ctx.loss(batch)
+                ctx.backward(loss / n, last=i == n - 1)
+            losses.append(loss.detach())
+        return {"loss": torch.stack(losses).float().mean().item(), "ramp": factor}

@@ -1,0 +1,60 @@
+"""LPF-SGD: low-pass filtering SGD, a Monte-Carlo gradient of the Gaussian-smoothed loss."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cl_flat.config import LpfSgdMethod
+from cl_flat.flatness.base import FlatnessMethod, register
+from cl_flat.flatness.noise import TargetCache, compact_scale, context_module, perturbed
+
+
+def lpf_radius(gamma0: float, alpha: float, step: int, total_steps: int) -> float:
+    """γ_t = γ0·(α/2·(1 − cos(π t/T)) + 1): γ_0 = γ0, γ_T = (α+1)·γ0."""
+    return gamma0 * (alpha / 2 * (1 - math.cos(math.pi * step / max(total_steps, 1))) + 1)
+
+
+@register
+class LpfSgd(FlatnessMethod):
+    """LPF-SGD: gradient at filter-wise Gaussian noise whose radius grows over the task.
+
+    Bisla et al., "Low-Pass Filtering SGD for Recovering Flat Optima in the Deep Learning
+    Optimization Landscape", AISTATS 2022:
+
+        g = (1/N) Σ_{i=1..N} ∇L(θ + ε_i; B_i),   ε_i,jk ~ N(0, (γ_t‖W_j,:‖₂)²),
+        γ_t = γ0·(α/2·(1 − cos(π t/T)) + 1),  t = update index, T = the task's updates, α = radius_growth,
+
+    i.e. filter-wise noise (rows = output channels) whose radius grows from γ0 to (α+1)·γ0.
+    One noisy pass per micro-batch, fresh noise per micro-batch (key: seed, update, rank,
+    micro-batch, tensor name); no clean pass. `scope`: lora = the current adapter's A, B (row norms
+    of A and B, in place, restored from a copy); full = A, B and the frozen W0 of every adapted layer
+    (functionally: W0 is never written); base = W0 only. Several ranks: each rank draws its own
+    noise; the applied gradient is the all-reduced mean (an N·W-sample estimate).
+    """
+
+    name = "lpf_sgd"
+    config_class = LpfSgdMethod
+    formula = "g = (1/N) Σ_i ∇L(θ+ε_i; B_i), ε ~ N(0, (γ_t‖W_i,:‖)²), γ_t = γ0(α/2(1−cos(πt/T))+1)"
+
+    def __init__(self, config: LpfSgdMethod):
+        super().__init__(config)
+        self.targets = TargetCache()
+
+    def window(self, ctx, micro_batches):
+        c = self.config
+        gamma = lpf_radius(c.noise_std, c.radius_growth, ctx.step, ctx.total_steps)
+        model = context_module(ctx)
+        frozen = ([(t, compact_scale("lpf_sgd", t.weight, gamma, rows=t.rows()))
+                   for t in self.targets.get(model, "adapted", ctx.step)] if c.scope in ("full", "base") else [])
+        trainable = ([(n, p, compact_scale("lpf_sgd", p, gamma)) for n, p in ctx.params.items()]
+                     if c.scope in ("lora", "full") else [])
+        n = len(micro_batches)
+        losses = []
+        for i, batch in enumerate(micro_batches):
+            with perturbed(frozen, trainable, (ctx.seed, ctx.step, ctx.rank, i)):
+                loss = ctx.loss(batch)
+                ctx.backward(loss / n, last=i == n - 1)
+            losses.append(loss.detach())
+        return {"loss": torch.stack(losses).float().mean().item(), "radius": gamma}

@@ -1,0 +1,385 @@
+"""Noise families and how noise reaches the weights, for RWP, LPF-SGD and Flat-LoRA.
+
+Every family draws ε = Z ⊙ S, Z ~ N(0, 1) from a dedicated `torch.Generator` on the weight's
+device, seeded by a key hashed from (run seed, update, rank, micro-batch, tensor name): the
+same key always gives the same ε, another key another ε, and torch's global RNG is never
+touched. `noise_scale` (contract) gives S; internally S is kept compact (a scalar or one value
+per row, times |W| for `gauss_element`) so nothing weight-sized is stored.
+
+Where noise goes:
+- **frozen weights** (W0 of adapted layers, or every linear layer with `all_linear`): never
+  written. While a noisy pass runs, the forward of each target layer is replaced by
+  `_NoisyLinear`, an autograd function computing x·(W0+ε)ᵀ + b. It saves only the key
+  (not ε, not x) and regenerates ε in backward for grad_x = δ·(W0+ε); W0 gets no gradient.
+  Extra memory: one layer-sized temporary at a time. Activation checkpointing that recomputes
+  the forward inside the pass regenerates the same ε (the key is fixed per pass, not per call).
+- **trainable LoRA A, B** of the current adapter: perturbed in place and restored exactly from
+  a saved copy (adapter-sized) in a `finally` block, after the pass's backward.
+
+Row Fisher (`fisher` noise type): F_i ← λ·F_i + F̂_i (λ = `fisher_decay`, the notes' EMA of squared
+gradients, summed over the row). F̂_i is the per-token empirical Fisher of row i of a linear
+map y = W x, captured in the clean passes without forming any weight gradient:
+F̂_i = Σ_t δ_ti²·‖x_t‖², where t runs over the tokens of the micro-batch, x_t is the layer input and
+δ_t = ∂L/∂y_t (L = the unscaled micro-batch loss); it is Σ_t ‖∂ℓ_t/∂W_i,:‖² (each token's gradient
+is the outer product δ_t x_tᵀ), averaged over the clean micro-batches of the window. Cost: a forward
+hook storing ‖x_t‖² (one float per token) and one tokens×rows product in backward, per layer. For a
+frozen W0 of an adapted layer δ is taken at the LoRA layer's output (= the base output's gradient);
+a frozen layer whose output carries no gradient in the clean pass (only layers upstream of every
+trainable adapter, with `all_linear`) keeps F = 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+NOISE_TYPES = ("gauss_standard", "gauss_matrix", "gauss_element", "lpf_sgd", "fisher", "flat_lora")
+
+
+# ---------------------------------------------------------------- scales (contract: noise_scale)
+
+
+def row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """‖W_i,:‖₂ per row (rows = dim 0), shape [rows, 1, ...] (broadcastable to `weight`), in ≥ fp32."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    flat = weight.detach().reshape(weight.shape[0], -1) if weight.dim() else weight.detach().reshape(1, 1)
+    norms = torch.linalg.vector_norm(flat, dim=1, dtype=dtype)
+    return norms.reshape(norms.shape + (1,) * max(weight.dim() - 1, 0)) if weight.dim() else norms.reshape(())
+
+
+@dataclass(frozen=True)
+class Scale:
+    """S in compact form: S = factor (scalar or one value per row) · (|W| if elementwise)."""
+
+    factor: torch.Tensor | float
+    elementwise: bool = False
+
+    def full(self, weight: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        base = weight.detach().abs().to(dtype) if self.elementwise else torch.ones_like(weight, dtype=dtype)
+        return base * self.factor
+
+    def draw(self, weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """ε = Z ⊙ S in the weight's dtype and on its device (one weight-sized temporary)."""
+        z = torch.randn(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)
+        if self.elementwise:
+            z.mul_(weight.detach().abs())
+        return z.mul_(self.factor)
+
+
+def compact_scale(noise_type: str, weight: torch.Tensor, sigma: float, *, fisher_rows: torch.Tensor | None = None,
+                  eta: float = 1.0, rows: torch.Tensor | None = None) -> Scale:
+    """The `Scale` of `noise_type` for `weight`; `rows` may pass precomputed (cached) row norms."""
+    if noise_type == "gauss_standard":
+        return Scale(float(sigma))
+    if noise_type == "gauss_element":
+        return Scale(float(sigma), elementwise=True)
+    if noise_type not in NOISE_TYPES:
+        raise ValueError(f"unknown noise type {noise_type!r}; expected one of {NOISE_TYPES}")
+    rows = row_norms(weight) if rows is None else rows
+    if noise_type == "gauss_matrix":
+        return Scale(sigma * torch.linalg.vector_norm(rows))
+    if noise_type == "lpf_sgd":
+        return Scale(sigma * rows)
+    if noise_type == "flat_lora":
+        n = weight[0].numel() if weight.dim() else 1
+        return Scale(rows * (sigma / math.sqrt(n)))
+    # fisher: S_i = σ‖W_i‖ / √(1 + η F_i); no estimate yet means F = 0
+    if fisher_rows is None:
+        return Scale(sigma * rows)
+    return Scale(sigma * rows / torch.sqrt(1.0 + eta * fisher_rows.to(rows.dtype).reshape(rows.shape)))
+
+
+def noise_scale(noise_type: str, weight: torch.Tensor, sigma: float, *, fisher_rows: torch.Tensor | None = None,
+                eta: float = 1.0) -> torch.Tensor:
+    """(contract) The matrix S of standard deviations (shape of `weight`, ≥ fp32) that `noise_type`
+    draws ε = Z ⊙ S with. Rows are output channels (dim 0):
+    gauss_standard S = σ; gauss_matrix S = σ‖W‖_F; gauss_element S = σ|W_ij|;
+    lpf_sgd S_ij = σ‖W_i,:‖₂; fisher S_ij = σ‖W_i,:‖₂/√(1+ηF_i) (`fisher_rows` = F, one per row;
+    None = 0); flat_lora S_ij = σ‖W_i,:‖₂/√n with n the row length."""
+    return compact_scale(noise_type, weight, sigma, fisher_rows=fisher_rows, eta=eta).full(weight)
+
+
+# ---------------------------------------------------------------- keyed generators
+
+
+def noise_key(*parts: Any) -> int:
+    """A 63-bit generator seed from any parts (stable across processes, devices and runs)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class KeyedGenerators:
+    """One dedicated generator per device, re-seeded for every draw: `get(device, key)`."""
+
+    def __init__(self) -> None:
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def get(self, device: torch.device, key: int) -> torch.Generator:
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = self._generators[device] = torch.Generator(device=device)
+        return generator.manual_seed(key)
+
+
+def keyed_noise(weight: torch.Tensor, scale: Scale, key: int, generators: KeyedGenerators | None = None) -> torch.Tensor:
+    """ε for `weight` under `key` (public so tests and checks can rebuild a pass's noise)."""
+    return scale.draw(weight, (generators or KeyedGenerators()).get(weight.device, key))
+
+
+# ---------------------------------------------------------------- targets: which layers get noise
+
+
+def _linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight in [out, in] orientation: nn.Linear as is, GPT-2's Conv1D ([in, out]) as a view."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if type(module).__name__ == "Conv1D" and module.weight.dim() == 2:
+        return module.weight.t()
+    raise TypeError(f"noise on frozen weights supports nn.Linear and Conv1D layers, not {type(module).__name__}")
+
+
+@dataclass
+class FrozenTarget:
+    """A frozen linear layer that gets functional noise. `lora` is the peft LoRA layer it is the
+    base of (None for a non-adapted layer); `grad_module` is where the Fisher hook reads δ."""
+
+    name: str
+    module: nn.Module
+    lora: nn.Module | None
+    _rows: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return _linear_weight(self.module)
+
+    @property
+    def grad_module(self) -> nn.Module:
+        return self.lora if self.lora is not None else self.module
+
+    def rows(self) -> torch.Tensor:
+        """‖W0_i,:‖ (cached: W0 never changes)."""
+        if self._rows is None:
+            self._rows = row_norms(self.weight)
+        return self._rows
+
+    def merged_rows(self) -> torch.Tensor:
+        """‖W'_i,:‖ of the merged weight W' = W0 + Σ_k s_k B_k A_k over all active adapters, from
+        ‖W'_i‖² = ‖W0_i‖² + 2⟨W0_i, (BA)_i⟩ + ‖(BA)_i‖² with B = [s_k B_k], A = [A_k] stacked:
+        O(out·in·r) flops and no weight-sized temporary, no grad."""
+        layer = self.lora
+        names = [k for k in layer.active_adapters if k in layer.lora_A]
+        rows = self.rows().reshape(-1)
+        if not names:
+            return rows.reshape(-1, 1)
+        with torch.no_grad():
+            a = torch.cat([layer.lora_A[k].weight for k in names]).to(rows.dtype)                     # [R, in]
+            b = torch.cat([layer.lora_B[k].weight * layer.scaling[k] for k in names], 1).to(rows.dtype)  # [out, R]
+            w0 = self.weight.detach()
+            cross = (w0 @ a.t().to(w0.dtype)).to(rows.dtype)                                           # [out, R]
+            sq = rows.square() + 2 * (b * cross).sum(1) + ((b @ (a @ a.t())) * b).sum(1)
+        return sq.clamp_min(0).sqrt().reshape(-1, 1)
+
+
+def frozen_targets(model: nn.Module, which: str = "adapted") -> list[FrozenTarget]:
+    """`adapted`: the base layer of every peft LoRA layer; `all_linear`: every linear layer of the
+    base model (LoRA A/B and the output head excluded). Merged LoRA layers are refused."""
+    from peft.tuners.lora import LoraLayer
+
+    lora_of = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            if getattr(module, "merged", False):
+                raise ValueError(f"{name}: merged LoRA layers cannot get functional noise; unmerge first")
+            lora_of[f"{name}.base_layer"] = module
+    if which == "adapted":
+        names = list(lora_of)
+    elif which == "all_linear":
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        names = [n for n, m in model.named_modules()
+                 if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
+                 and ".lora_" not in f".{n}" and n.rsplit(".", 1)[-1] != "lm_head" and id(m.weight) not in embeddings]
+    else:
+        raise ValueError(f"unknown noise_targets {which!r}")
+    targets = []
+    for name in names:
+        module = model.get_submodule(name)
+        _linear_weight(module)  # type check
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            raise ValueError(f"{name}: functional noise is for frozen layers, but it has trainable parameters")
+        targets.append(FrozenTarget(name, module, lora_of.get(name)))
+    return targets
+
+
+# ---------------------------------------------------------------- applying noise to one pass
+
+
+class _FrozenNoise:
+    """Regenerates W0 + ε for one layer and one pass from its key."""
+
+    def __init__(self, module: nn.Module, scale: Scale, key: int, generators: KeyedGenerators):
+        self.module, self.scale, self.key, self.generators = module, scale, key, generators
+
+    def perturbed_weight(self) -> torch.Tensor:
+        weight = _linear_weight(self.module).detach()
+        return keyed_noise(weight, self.scale, self.key, self.generators).add_(weight)
+
+
+class _NoisyLinear(torch.autograd.Function):
+    """y = x·(W0+ε)ᵀ + b with W0, b frozen; only the key is kept, ε is regenerated in backward."""
+
+    @staticmethod
+    def forward(ctx, x, bias, noise: _FrozenNoise):
+        ctx.noise = noise
+        return F.linear(x, noise.perturbed_weight(), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.matmul(ctx.noise.perturbed_weight()), None, None
+
+
+@contextmanager
+def _replaced_forward(module: nn.Module, forward) -> Iterator[None]:
+    had = "forward" in vars(module)
+    old = vars(module).get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if had:
+            module.forward = old
+        else:
+            del module.forward
+
+
+@contextmanager
+def perturbed(frozen: list[tuple[FrozenTarget, Scale]], trainable: list[tuple[str, nn.Parameter, Scale]],
+              key: tuple) -> Iterator[None]:
+    """Within the block (run the noisy forward AND backward inside it): frozen targets compute with
+    W0 + ε functionally, trainable parameters hold θ + ε in place. On exit the forwards are restored
+    and the trainable parameters are copied back bit for bit. `key` = (seed, step, rank, micro-batch);
+    each tensor's ε is keyed by `key` + its name."""
+    generators = KeyedGenerators()
+    saved = [p.detach().clone() for _, p, _ in trainable]
+    with ExitStack() as stack:
+        try:
+            with torch.no_grad():
+                for name, param, scale in trainable:
+                    param.add_(keyed_noise(param.detach(), scale, noise_key(*key, name), generators))
+            for target, scale in frozen:
+                noise = _FrozenNoise(target.module, scale, noise_key(*key, target.name), generators)
+                bias = target.module.bias
+
+                def forward(x, *args, _noise=noise, _bias=bias, **kwargs):
+                    return _NoisyLinear.apply(x, _bias, _noise)
+
+                stack.enter_context(_replaced_forward(target.module, forward))
+            yield
+        finally:
+            with torch.no_grad():
+                for (_, param, _), copy in zip(trainable, saved):
+                    param.copy_(copy)
+
+
+# ---------------------------------------------------------------- row Fisher
+
+
+class RowFisher:
+    """EMA of the per-row empirical Fisher: F_i ← decay·F_i + F̂_i (see the module docstring)."""
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.state: dict[str, torch.Tensor] = {}
+        self._window: dict[str, torch.Tensor] = {}
+
+    def reset(self) -> None:
+        self.state, self._window = {}, {}
+
+    def rows(self, name: str) -> torch.Tensor | None:
+        return self.state.get(name)
+
+    @contextmanager
+    def capture(self, modules: dict[str, nn.Module], weight: float) -> Iterator[None]:
+        """Accumulate weight·Σ_t δ_ti²‖x_t‖² for each named linear-like module during the block's
+        forward and backward (`weight` undoes the loss scaling and averages over passes)."""
+        handles = []
+
+        def hook(name):
+            def forward_hook(module, inputs, output):
+                if not (torch.is_tensor(output) and output.requires_grad):
+                    return
+                x_sq = inputs[0].detach().float().square().sum(-1).reshape(-1)
+
+                def on_grad(delta):
+                    rows = delta.detach().float().square().reshape(-1, delta.shape[-1]).t().mv(x_sq) * weight
+                    self._window[name] = self._window[name] + rows if name in self._window else rows
+
+                output.register_hook(on_grad)
+            return forward_hook
+
+        try:
+            for name, module in modules.items():
+                handles.append(module.register_forward_hook(hook(name)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def update(self) -> None:
+        """Fold the window's estimate into the EMA."""
+        for name, rows in self._window.items():
+            old = self.state.get(name)
+            self.state[name] = rows if old is None else self.decay * old + rows
+        self._window = {}
+
+
+# ---------------------------------------------------------------- helpers for the methods
+
+
+def context_module(ctx) -> nn.Module:
+    """The module a StepContext runs (TorchContext.model or the DeepSpeed engine's module)."""
+    for attr in ("module", "model"):
+        module = getattr(ctx, attr, None)
+        if isinstance(module, nn.Module):
+            return module
+    engine = getattr(ctx, "engine", None)
+    if engine is not None:
+        return engine.module
+    raise TypeError(f"{type(ctx).__name__} exposes no module (expected .model or .engine.module)")
+
+
+def param_module(model: nn.Module, name: str) -> nn.Module | None:
+    """The linear-like module owning parameter `name` as its weight (None if there is none)."""
+    if not name.endswith(".weight"):
+        return None
+    try:
+        module = model.get_submodule(name[: -len(".weight")])
+    except AttributeError:
+        return None
+    return module if isinstance(module, nn.Linear) else None
+
+
+class TargetCache:
+    """Frozen targets of one model, rebuilt when the model changes or a task starts (step 0)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._targets: list[FrozenTarget] = []
+
+    def get(self, model: nn.Module, which: str, step: int) -> list[FrozenTarget]:
+        key = (id(model), which)
+        if key != self._key or step == 0:
+            self._key, self._targets = key, frozen_targets(model, which)
+        return self._targets
+
+
+__all__ = ["NOISE_TYPES", "FrozenTarget", "KeyedGenerators", "RowFisher", "Scale", "TargetCache", "compact_scale",
+           "context_module", "frozen_targets", "keyed_noise", "noise_key", "noise_scale", "param_module",
+           "perturbed", "row_norms"]

@@ -1,0 +1,151 @@
+"""Random weight perturbation (RWP / m-RWP) with noise on the adapter, the whole model or the base."""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+
+import torch
+
+from cl_flat.config import RwpMethod, UserError
+from cl_flat.flatness.base import FlatnessMethod, register
+from cl_flat.flatness.noise import (RowFisher, TargetCache, compact_scale, context_module, param_module,
+                                    perturbed)
+
+
+@register
+class Rwp(FlatnessMethod):
+    """Random weight perturbation (RWP / m-RWP): a·clean gradient + b·gradient at θ + random noise.
+
+    Li et al., "Revisiting Random Weight Perturbation for Efficiently Improving Generalization",
+    TMLR 2024. The mixed loss a·L(θ) + b·E_ε L(θ+ε), one noise sample per update:
+
+        g = a·(1/N) Σ_{i=1..N} ∇L(θ; B_i) + b·∇L(θ+ε; B_N),   ε = Z ⊙ S (S from `noise_type`).
+
+    Window of N micro-batches (the notes' DDP variant): clean passes on every micro-batch (their
+    backward scaled by a/N), then one noisy pass on the last, B_N (scaled by b). `two_batch`: the
+    clean mean runs over B_1..B_{N-1} only and the noisy pass over B_N (the paper's two-batch
+    variant; needs N ≥ 2). With a = 0 the clean passes are skipped.
+    `scope`: lora = the current adapter's A, B (in place, restored from a copy); full = A, B and the
+    frozen W0 of every adapted layer (functionally, W0 is never written); base = W0 only (the
+    notes' "origin"). `noise_targets: all_linear` extends W0 noise to every linear layer of the
+    base model except the output head. `fisher` shrinks the noise of rows with a large Fisher
+    (F estimated in the clean passes, see `cl_flat.flatness.noise`; needs a > 0). The EMA state
+    lives in the method instance and restarts with each task; `reference_update` builds a fresh
+    method, so it equals training exactly only for fisher_decay = 0 (or the first update).
+    Noise key: (seed, update, rank, micro-batch index, tensor name).
+
+    Several ranks: each rank draws its own ε (its rank is in the key); the applied gradient is the
+    all-reduced mean of the ranks' mixed gradients. `parallel: true` (m-RWP's parallel scheme, ≥ 2
+    ranks): even ranks compute only the clean gradient mean_i ∇L(θ; B_i), odd ranks only the noisy
+    mean_i ∇L(θ+ε_i; B_i) (fresh ε per micro-batch), scaled by a·W/n_clean and b·W/n_noisy
+    (= 2a and 2b for an even world size W), so the all-reduce mean is a·clean + b·noisy at the
+    wall time of plain training. `reference_update(..., rank=r, world_size=W)` then returns rank r's
+    own share; the mean of the shares over r = 0..W-1 is the mixed gradient.
+    """
+
+    name = "rwp"
+    config_class = RwpMethod
+    formula = "g = a·(1/N) Σ_i ∇L(θ; B_i) + b·∇L(θ+ε; B_N), ε = Z ⊙ S(noise_type, σ)"
+
+    def __init__(self, config: RwpMethod):
+        super().__init__(config)
+        self.targets = TargetCache()
+        self.fisher = RowFisher(config.fisher_decay)
+
+    def check(self, run_config) -> list[str]:
+        c, problems = self.config, []
+        n = run_config.training.gradient_accumulation_steps
+        if c.two_batch and n < 2:
+            problems.append("flatness.two_batch: needs training.gradient_accumulation_steps ≥ 2 "
+                            "(clean gradient on B_1..B_{N-1}, noisy on B_N)")
+        if c.parallel:
+            world = os.environ.get("WORLD_SIZE")
+            if world is not None and int(world) < 2:
+                problems.append("flatness.parallel: needs ≥ 2 ranks (half clean, half noisy); launch with "
+                                "torchrun/deepspeed or set parallel: false")
+            if c.two_batch:
+                problems.append("flatness.parallel: cannot be combined with two_batch")
+            if c.noise_type == "fisher":
+                problems.append("flatness.parallel: noise_type fisher needs clean passes on every rank")
+        if c.noise_type == "fisher" and c.a == 0:
+            problems.append("flatness.noise_type: fisher estimates F in the clean passes and needs a > 0")
+        if c.noise_targets == "all_linear" and c.scope == "lora":
+            problems.append("flatness.noise_targets: all_linear needs scope full or base")
+        return problems
+
+    def _noise(self, ctx, model, fisher_rows: bool):
+        """(frozen targets with scales, trainable params with scales) for this update."""
+        c = self.config
+        frozen, trainable = [], []
+        if c.scope in ("full", "base"):
+            for t in self.targets.get(model, c.noise_targets, ctx.step):
+                fisher = self.fisher.rows(t.name) if fisher_rows else None
+                frozen.append((t, compact_scale(c.noise_type, t.weight, c.noise_std, fisher_rows=fisher,
+                                                eta=c.fisher_eta, rows=t.rows())))
+        if c.scope in ("lora", "full"):
+            for name, p in ctx.params.items():
+                fisher = self.fisher.rows(name) if fisher_rows else None
+                trainable.append((name, p, compact_scale(c.noise_type, p, c.noise_std, fisher_rows=fisher,
+                                                         eta=c.fisher_eta)))
+        return frozen, trainable
+
+    def _fisher_modules(self, ctx, model) -> dict:
+        c, modules = self.config, {}
+        if c.scope in ("full", "base"):
+            modules.update({t.name: t.grad_module for t in self.targets.get(model, c.noise_targets, ctx.step)})
+        if c.scope in ("lora", "full"):
+            modules.update({n: m for n in ctx.params if (m := param_module(model, n)) is not None})
+        return modules
+
+    def window(self, ctx, micro_batches):
+        c = self.config
+        n = len(micro_batches)
+        if c.two_batch and n < 2:
+            raise UserError("flatness.two_batch: needs training.gradient_accumulation_steps ≥ 2")
+        model = context_module(ctx)
+        if c.parallel:
+            return self._parallel(ctx, model, micro_batches)
+        if ctx.step == 0:
+            self.fisher.reset()
+        clean_batches = micro_batches[:-1] if c.two_batch else micro_batches
+        use_fisher = c.noise_type == "fisher"
+        losses = []
+        if c.a > 0:
+            weight = c.a / len(clean_batches)
+            capture = (self.fisher.capture(self._fisher_modules(ctx, model), 1.0 / (weight ** 2 * len(clean_batches)))
+                       if use_fisher else nullcontext())
+            with capture:
+                for batch in clean_batches:
+                    loss = ctx.loss(batch)
+                    ctx.backward(loss * weight, last=False)
+                    losses.append(loss.detach())
+            if use_fisher:
+                self.fisher.update()
+        frozen, trainable = self._noise(ctx, model, use_fisher)
+        with perturbed(frozen, trainable, (ctx.seed, ctx.step, ctx.rank, n - 1)):
+            noisy = ctx.loss(micro_batches[-1])
+            ctx.backward(noisy * c.b, last=True)
+        noisy = noisy.detach()
+        clean = torch.stack(losses).mean() if losses else noisy
+        values = torch.stack([clean.float(), noisy.float()]).tolist()  # one host sync
+        return {"loss": values[0], "noisy_loss": values[1]}
+
+    def _parallel(self, ctx, model, micro_batches):
+        c = self.config
+        world = ctx.world_size
+        if world < 2:
+            raise UserError("flatness.parallel: needs ≥ 2 ranks (half clean, half noisy); "
+                            f"this run has {world}. Launch with torchrun/deepspeed or set parallel: false")
+        n_clean, n_noisy = (world + 1) // 2, world // 2
+        noisy_rank = ctx.rank % 2 == 1
+        weight = (c.b * world / n_noisy if noisy_rank else c.a * world / n_clean) / len(micro_batches)
+        noise = self._noise(ctx, model, False) if noisy_rank else ([], [])
+        losses = []
+        for i, batch in enumerate(micro_batches):
+            with perturbed(*noise, (ctx.seed, ctx.step, ctx.rank, i)) if noisy_rank else nullcontext():
+                loss = ctx.loss(batch)
+                ctx.backward(loss * weight, last=i == len(micro_batches) - 1)
+            losses.append(loss.detach())
+        return {"loss": torch.stack(losses).float().mean().item(), "noisy_rank": float(noisy_rank)}
+
