@@ -120,11 +120,13 @@ class AdapterStack:
             staged.rename(destination)
 
     @classmethod
-    def load(cls, base: nn.Module, section: LoraSection, adapter_dirs: list[tuple[str, Path]]) -> AdapterStack:
-        """Rebuild a trained stack: adapters loaded in order, all active, all frozen."""
+    def load(cls, base: nn.Module, section: LoraSection, adapter_dirs: list[tuple[str, Path]],
+             seed: int = 0) -> AdapterStack:
+        """Rebuild a trained stack: adapters loaded in order, all active, all frozen
+        (`add_task` may continue it: `seed` must then be the run seed)."""
         from peft import PeftModel
 
-        stack = cls(base, section, seed=0)
+        stack = cls(base, section, seed=seed)
         for param in base.parameters():
             param.requires_grad_(False)
         for name, folder in adapter_dirs:

@@ -66,13 +66,11 @@ def train(config: Path, set_: SetOption = None,
           resume: Annotated[bool, typer.Option("--resume", help="continue a started run")] = False) -> None:
     """Run the task sequence and write results/<run.name>/."""
     from cl_flat import engine
-    from cl_flat.config import UserError, load_config
+    from cl_flat.config import load_config
     from cl_flat.run import run_sequence
 
     cfg = load_config(config, set_ or [])
-    if resume:
-        raise UserError("--resume: resuming a started run is not available yet; start a new run.name")
-    result = run_sequence(cfg)
+    result = run_sequence(cfg, resume=resume)
     if engine.rank() == 0:
         _print_matrix(result["tasks"], result["rows"], result["metrics"])
         typer.echo(f"results: {result['run_dir']}")

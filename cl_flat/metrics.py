@@ -207,11 +207,13 @@ def _parse_cell(text: str, where: str, column: str) -> Score:
     return x
 
 
-def read_acc_matrix(path: str | os.PathLike[str]) -> tuple[list[str], Matrix, list[Score] | None]:
+def read_acc_matrix(path: str | os.PathLike[str], *, allow_partial: bool = False
+                    ) -> tuple[list[str], Matrix, list[Score] | None]:
     """Parse acc_matrix.csv into (task_names, matrix T x T, zero_shot row or None).
 
     Format: header `after_task,<task_1>,...,<task_T>`; optional first row `zero_shot,...`;
     then exactly T rows, one per trained task in header order (first cell = task name).
+    `allow_partial` accepts fewer rows (a run in progress; used by --resume).
     Empty cells are missing (None). Raises MatrixFormatError naming `path:line`.
     """
     path = os.fspath(path)
@@ -270,7 +272,7 @@ def read_acc_matrix(path: str | os.PathLike[str]) -> tuple[list[str], Matrix, li
                                     f"(rows follow the header's task order), got {name!r}")
         matrix.append(values)
 
-    if len(matrix) != T:
+    if len(matrix) != T and not allow_partial:
         raise MatrixFormatError(f"{path}:{last_line}: expected {T} trained rows "
                                 f"({', '.join(tasks)}), found {len(matrix)}; "
                                 f"missing {', '.join(tasks[len(matrix):])}")

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from cl_flat import engine as ds
-from cl_flat.adapters import AdapterStack
+from cl_flat.adapters import SEQLORA_ADAPTER, AdapterStack
 from cl_flat.config import ConfigError, RunConfig, UserError, config_to_dict, validate_config
 from cl_flat.data import load_task
 from cl_flat.data.batches import encode_examples
@@ -117,24 +117,70 @@ class _Bars:
         self.progress.update(bar, **fields)
 
 
-def run_sequence(config: RunConfig) -> dict[str, Any]:
+def _check_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> int:
+    """How many tasks are already complete (resume), or an error if the folder is in use."""
+    if not resume:
+        if (run_dir / METRICS_FILE).exists():
+            raise UserError(f"{run_dir} already holds a complete run; choose another run.name (--set run.name=...)")
+        if (run_dir / MATRIX_FILE).exists():
+            raise UserError(f"{run_dir} holds a started run; continue it with --resume, or choose another run.name")
+        return 0
+    if (run_dir / METRICS_FILE).exists():
+        raise UserError(f"{run_dir} is already complete; nothing to resume")
+    if not (run_dir / MATRIX_FILE).exists():
+        return 0
+    saved = load_run_config(run_dir)
+    if config_to_dict(saved) != config_to_dict(config):
+        ours, theirs = config_to_dict(config), config_to_dict(saved)
+        changed = sorted(k for k in ours if ours[k] != theirs.get(k))
+        raise UserError(f"--resume: the config differs from the one in {run_dir} (sections {changed}); "
+                        "resume with the same config and overrides")
+    names, rows, zero_shot = read_acc_matrix(run_dir / MATRIX_FILE, allow_partial=True)
+    done = 0
+    for name in names[:len(rows)]:
+        if not (run_dir / "adapters" / name / "adapter_model.safetensors").is_file():
+            break
+        done += 1
+    return done if zero_shot is not None else 0
+
+
+def _restore_rows(run_dir: Path, done: int) -> list[tuple[str, list[float]]]:
+    names, rows, zero_shot = read_acc_matrix(run_dir / MATRIX_FILE, allow_partial=True)
+    return [(ZERO_SHOT, zero_shot)] + [(names[i], rows[i]) for i in range(done)]
+
+
+def _truncate_log(path: Path, done: int) -> None:
+    """Drop log lines of the interrupted task, so the log reads as one uninterrupted run."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["task_index"] < done]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def run_sequence(config: RunConfig, resume: bool = False) -> dict[str, Any]:
+    """Train and evaluate the sequence. With `resume`, tasks whose adapter and matrix row are
+    saved are reloaded, not retrained; per-task randomness is keyed by (seed, task index), so
+    the final matrix equals that of an uninterrupted run."""
     ds.init_distributed()
     is_main = ds.rank() == 0
     run_dir = config.run.output_dir / config.run.name
-    problem = None
-    if is_main and (run_dir / METRICS_FILE).exists():
-        problem = f"{run_dir} already holds a complete run; choose another run.name (--set run.name=...)"
-    elif is_main and (run_dir / MATRIX_FILE).exists():
-        problem = f"{run_dir} holds a started run; remove it or choose another run.name"
-    problem = ds.broadcast_object(problem)
-    if problem:
-        raise UserError(problem)
+    outcome: int | str = 0
+    if is_main:
+        try:
+            outcome = _check_run_dir(config, run_dir, resume)
+        except UserError as exc:
+            outcome = str(exc)
+    outcome = ds.broadcast_object(outcome)
+    if isinstance(outcome, str):
+        raise UserError(outcome)
+    done = outcome
     method, tasks, model, tokenizer = prepare(config)
     device = ds.device()
     model.to(device)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_run_config(config, run_dir)
+        if done:
+            _truncate_log(run_dir / "train_log.jsonl", done)
     tracker = Tracker(config, run_dir, active=is_main)
     names = [t.name for t in tasks]
     train_sets = [encode_examples(t, tokenizer, t.train, config.training.max_seq_length) for t in tasks]
@@ -146,11 +192,18 @@ def run_sequence(config: RunConfig) -> dict[str, Any]:
         if is_main:
             write_acc_matrix(run_dir / MATRIX_FILE, names, rows)
 
-    record(ZERO_SHOT, evaluate_tasks(model, tokenizer, tasks, config, device))
-    stack = AdapterStack(model, config.lora, config.run.seed)
+    if done:
+        rows.extend(ds.broadcast_object(_restore_rows(run_dir, done) if is_main else None))
+        saved = [(stack_name, run_dir / "adapters" / name) for name, stack_name in
+                 zip(names[:done], names[:done] if config.lora.strategy == "inclora" else [SEQLORA_ADAPTER] * done)]
+        stack = AdapterStack.load(model, config.lora, saved if config.lora.strategy == "inclora" else saved[-1:],
+                                  seed=config.run.seed)
+    else:
+        record(ZERO_SHOT, evaluate_tasks(model, tokenizer, tasks, config, device))
+        stack = AdapterStack(model, config.lora, config.run.seed)
     with _progress(is_main and config.logging.progress) as progress:
         bars = _Bars(progress) if progress is not None else None
-        for index, task in enumerate(tasks):
+        for index, task in enumerate(tasks[done:], start=done):
             stack.add_task(index, task.name)
             params = {n: p for n, p in stack.model.named_parameters() if p.requires_grad}
             train_task(config, stack.model, params, method, train_sets[index], tokenizer.pad_token_id, index,
@@ -182,7 +235,7 @@ def reevaluate(run_dir: Path) -> dict[str, Any]:
     if config.deepspeed.bf16:
         model.to(torch.bfloat16)
     if config.lora.strategy == "seqlora":
-        dirs = [("seqlora", run_dir / "adapters" / names[-1])]
+        dirs = [(SEQLORA_ADAPTER, run_dir / "adapters" / names[-1])]
     else:
         dirs = [(name, run_dir / "adapters" / name) for name in names]
     missing = [str(d) for _, d in dirs if not d.is_dir()]

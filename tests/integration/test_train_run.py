@@ -80,3 +80,32 @@ def test_seqlora_run(tmp_path, tiny_config):
     check_results_contract(run_dir, ["t1", "t2"], world=1, global_batch=8)
     proc = run_cli(["eval", str(run_dir)], cwd=tmp_path)
     assert "reproduced exactly" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_resume_gives_the_uninterrupted_matrix(tmp_path, tiny_config):
+    path = write_config(tmp_path, tiny_config)
+    assert run_cli(["train", str(path)], cwd=tmp_path).returncode == 0
+    run_dir = tmp_path / "results" / "tiny"
+    full = (run_dir / "acc_matrix.csv").read_text().splitlines()
+    # Leave the folder as an interruption during task 2 would: t2's adapter, row and metrics gone,
+    # a partial t2 log line kept.
+    (run_dir / "metrics.json").unlink()
+    (run_dir / "acc_matrix.csv").write_text("\n".join(full[:3]) + "\n")
+    import shutil
+
+    shutil.rmtree(run_dir / "adapters" / "t2")
+    log = (run_dir / "train_log.jsonl").read_text().splitlines()
+    (run_dir / "train_log.jsonl").write_text("\n".join(log[:4]) + "\n")
+
+    proc = run_cli(["train", str(path)], cwd=tmp_path)
+    assert proc.returncode != 0 and "--resume" in proc.stderr
+    proc = run_cli(["train", str(path), "--resume"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run_dir / "acc_matrix.csv").read_text().splitlines() == full
+    resumed_log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["task"], r["step"]) for r in resumed_log] == [(t, s) for t in ("t1", "t2") for s in (1, 2, 3)]
+    assert [r["loss"] for r in resumed_log] == pytest.approx([json.loads(x)["loss"] for x in log], abs=1e-6)
+    # a changed config is refused
+    (run_dir / "metrics.json").unlink()
+    proc = run_cli(["train", str(path), "--resume", "--set", "training.learning_rate=0.5"], cwd=tmp_path)
+    assert proc.returncode != 0 and "differs" in proc.stderr

@@ -1,0 +1,167 @@
+"""Noise families (`noise_scale`) against hand-computed values, the statistics of the draws,
+keyed generators, the functional noise on frozen layers and the per-token row Fisher."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cl_flat.flatness import noise_scale
+from cl_flat.flatness.noise import (NOISE_TYPES, RowFisher, Scale, compact_scale, frozen_targets, keyed_noise,
+                                    noise_key, perturbed)
+
+# W = [[3, 4], [0, -1]]: row norms 5 and 1, ‖W‖_F = √26, row length n = 2.
+W = torch.tensor([[3.0, 4.0], [0.0, -1.0]], dtype=torch.float64)
+SIGMA = 0.1
+
+
+@pytest.mark.parametrize("noise_type, expected", [
+    ("gauss_standard", [[0.1, 0.1], [0.1, 0.1]]),
+    ("gauss_matrix", [[0.1 * math.sqrt(26)] * 2] * 2),
+    ("gauss_element", [[0.3, 0.4], [0.0, 0.1]]),
+    ("lpf_sgd", [[0.5, 0.5], [0.1, 0.1]]),
+    ("fisher", [[0.5, 0.5], [0.1, 0.1]]),  # no Fisher estimate yet: F = 0
+    ("flat_lora", [[0.5 / math.sqrt(2)] * 2, [0.1 / math.sqrt(2)] * 2]),
+])
+def test_noise_scale_formulas(noise_type, expected):
+    s = noise_scale(noise_type, W, SIGMA)
+    assert s.shape == W.shape
+    assert torch.allclose(s, torch.tensor(expected, dtype=torch.float64), atol=1e-12)
+
+
+def test_fisher_scale():
+    # S_i = σ‖W_i‖/√(1+ηF_i): F = (3, 0), η = 1 -> (0.5/2, 0.1/1); F = (6, 2), η = 0.5 -> (0.5/2, 0.1/√2)
+    s = noise_scale("fisher", W, SIGMA, fisher_rows=torch.tensor([3.0, 0.0]))
+    assert torch.allclose(s, torch.tensor([[0.25, 0.25], [0.1, 0.1]], dtype=torch.float64), atol=1e-12)
+    s = noise_scale("fisher", W, SIGMA, fisher_rows=torch.tensor([6.0, 2.0]), eta=0.5)
+    assert torch.allclose(s, torch.tensor([[0.25, 0.25], [0.1 / math.sqrt(2)] * 2], dtype=torch.float64), atol=1e-12)
+
+
+def test_flat_lora_uses_row_length():
+    # 3×4: rows (1,1,1,1), (2,0,0,0), 0 -> norms 2, 2, 0; n = 4: S = σ·2/2 = σ, σ, 0
+    w = torch.tensor([[1.0, 1, 1, 1], [2, 0, 0, 0], [0, 0, 0, 0]])
+    s = noise_scale("flat_lora", w, 0.3)
+    assert torch.allclose(s, torch.tensor([[0.3] * 4, [0.3] * 4, [0.0] * 4]))
+    assert torch.equal(noise_scale("lpf_sgd", w, 0.3)[2], torch.zeros(4))
+
+
+def test_unknown_type():
+    with pytest.raises(ValueError, match="unknown noise type"):
+        noise_scale("uniform", W, 0.1)
+
+
+@pytest.mark.parametrize("noise_type", NOISE_TYPES)
+def test_empirical_std_matches_scale(noise_type):
+    w = torch.tensor([[0.5, -1.0, 2.0, 0.25], [3.0, 1.0, -0.5, 1.5], [0.1, 0.2, -0.3, 0.4]])
+    fisher = torch.tensor([0.5, 4.0, 0.0])
+    scale = compact_scale(noise_type, w, 0.2, fisher_rows=fisher, eta=2.0)
+    expected = noise_scale(noise_type, w, 0.2, fisher_rows=fisher, eta=2.0)
+    draws = torch.stack([keyed_noise(w, scale, noise_key("std", i)) for i in range(4000)])
+    empirical = draws.std(dim=0)
+    assert draws.mean(dim=0).abs().max() < 0.1 * expected.max()
+    for row in range(w.shape[0]):  # row by row, every element within 5%
+        assert torch.allclose(empirical[row], expected[row].float(), rtol=0.05, atol=0), (noise_type, row)
+
+
+def test_keyed_generator_reproducible_and_isolated():
+    w = torch.ones(5, 7)
+    state = torch.get_rng_state()
+    a = keyed_noise(w, Scale(1.0), noise_key(1, 2, "layer", 0, 0))
+    b = keyed_noise(w, Scale(1.0), noise_key(1, 2, "layer", 0, 0))
+    c = keyed_noise(w, Scale(1.0), noise_key(1, 2, "layer", 1, 0))  # another rank
+    d = keyed_noise(w, Scale(1.0), noise_key(1, 3, "layer", 0, 0))  # another step
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c) and not torch.equal(a, d)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is untouched
+    assert noise_key(1, 2) != noise_key(2, 1) and 0 <= noise_key(1, 2) < 2 ** 63
+
+
+def test_zero_weight_element_noise_is_zero():
+    w = torch.tensor([[0.0, 1.0]])
+    eps = keyed_noise(w, compact_scale("gauss_element", w, 0.5), 9)
+    assert eps[0, 0] == 0 and eps[0, 1] != 0
+
+
+class _Net(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def _frozen_setup(layer):
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64, requires_grad=True)
+    return x
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_functional_noise_forward_and_backward(kind):
+    """y = x(W+ε)ᵀ + b exactly, grad_x = δ(W+ε), W untouched and never given a gradient."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer = nn.Linear(4, 5).double()
+        weight = layer.weight  # [out, in]
+    else:
+        from transformers.pytorch_utils import Conv1D
+        layer = Conv1D(5, 4).double()  # weight [in, out]: rows (output channels) are dim 1
+        nn.init.normal_(layer.weight)
+        nn.init.normal_(layer.bias)
+        weight = layer.weight.t()
+    x = _frozen_setup(layer)
+    model = _Net(layer)
+    [target] = [t for t in _targets(model)]
+    before = layer.weight.detach().clone()
+    scale = compact_scale("lpf_sgd", target.weight, 0.3)
+    with perturbed([(target, scale)], [], (1, 2, 0, 0)):
+        y = model(x)
+        y.backward(torch.ones_like(y))
+    eps = keyed_noise(weight.detach(), scale, noise_key(1, 2, 0, 0, "layer"))
+    assert eps.shape == (5, 4)
+    expected = x.detach() @ (weight.detach() + eps).t() + layer.bias.detach()
+    assert torch.allclose(y, expected, atol=1e-12)
+    assert torch.allclose(x.grad, torch.ones(3, 2, 5, dtype=torch.float64) @ (weight.detach() + eps), atol=1e-12)
+    assert torch.equal(layer.weight, before) and layer.weight.grad is None
+    assert "forward" not in vars(layer)  # the forward is restored
+    assert torch.allclose(model(x), x.detach() @ weight.detach().t() + layer.bias, atol=1e-12)
+
+
+def _targets(model):
+    """frozen_targets without peft layers: every linear-like module via all_linear."""
+    return frozen_targets(model, "all_linear")
+
+
+def test_trainable_perturbation_restored_exactly():
+    p = nn.Parameter(torch.randn(4, 3, dtype=torch.bfloat16))
+    before = p.detach().clone()
+    scale = compact_scale("gauss_element", p, 0.37)
+    with perturbed([], [("p", p, scale)], (0, 0, 0, 0)):
+        assert not torch.equal(p, before)
+        assert torch.equal(p.detach(), before + keyed_noise(before, scale, noise_key(0, 0, 0, 0, "p")))
+    assert torch.equal(p.detach(), before)
+
+
+def test_row_fisher_per_token_estimate():
+    """F̂_i = Σ_t δ_ti²‖x_t‖² = Σ_t ‖∂ℓ_t/∂W_i,:‖² (per-token gradients δ_t x_tᵀ), undoing the loss scale."""
+    gen = torch.Generator().manual_seed(1)
+    layer = nn.Linear(3, 2, bias=False).double()
+    x = torch.randn(2, 4, 3, generator=gen, dtype=torch.float64)
+    target = torch.randn(2, 4, 2, generator=gen, dtype=torch.float64)
+    fisher = RowFisher(decay=0.5)
+    with fisher.capture({"l": layer}, weight=1.0 / 0.25 ** 2):
+        loss = ((layer(x) - target) ** 2).sum()
+        (0.25 * loss).backward()  # a scaled backward, as the clean passes do
+    fisher.update()
+    delta = 2 * (layer(x) - target).detach()  # ∂loss/∂y per token
+    per_token = torch.einsum("bto,bti->btoi", delta, x)  # ∂ℓ_t/∂W
+    expected = per_token.square().sum(dim=(0, 1, 3))
+    assert torch.allclose(fisher.rows("l"), expected.float(), rtol=1e-5)
+    fisher._window = {"l": torch.ones(2)}
+    fisher.update()  # EMA: F ← 0.5·F + F̂
+    assert torch.allclose(fisher.rows("l"), 0.5 * expected.float() + 1, rtol=1e-5)
