@@ -162,6 +162,64 @@ def eval_(run_dir: Path) -> None:
             raise typer.Exit(1)
 
 
+@app.command()
+def landscape(
+    run_dir: Path,
+    task: Annotated[Optional[str], typer.Option("--task", help="task to measure (default: every trained task, "
+                                                "or every task up to --after)")] = None,
+    dims: Annotated[int, typer.Option("--dims", help="1: curve along one direction; 2: grid over two")] = 1,
+    points: Annotated[int, typer.Option("--points", help="grid points per axis, alpha in [-1, 1]")] = 21,
+    space: Annotated[Optional[str], typer.Option("--space", help="adapter (the task's A, B) or merged "
+                                                 "(W0 + Σ s·BA); default: evaluation.sharpness_space")] = None,
+    split: Annotated[str, typer.Option("--split", help="held-out data: test or train")] = "test",
+    after: Annotated[Optional[str], typer.Option("--after", help="use the adapter stack as it was after this "
+                                                 "(later) task instead of right after --task")] = None,
+    rho: Annotated[Optional[float], typer.Option("--rho", help="sharpness radius, relative to ‖W‖ of the "
+                                                 "moved weights (default: evaluation.sharpness_rho)")] = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="random directions M for sharpness "
+                                                   "(default: evaluation.sharpness_samples)")] = None,
+    max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="cap on held-out examples "
+                                                       "(default: evaluation.max_samples_per_task)")] = None,
+) -> None:
+    """Loss landscape (1-D/2-D, filter-normalised) and average/worst-case sharpness of a run's tasks:
+    landscape/<task>_{1d,2d}.csv, plots/landscape_<task>_*.png, landscape/sharpness.json."""
+    from cl_flat.config import UserError
+    from cl_flat.landscape import SPACES, SPLITS, _BaseCache, compute_landscape, resolve_tasks
+    from cl_flat.run import load_run_config
+
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: run folder not found")
+    if dims not in (1, 2):
+        raise UserError(f"--dims: expected 1 or 2, got {dims}")
+    if points < 2:
+        raise UserError(f"--points: expected at least 2, got {points}")
+    if space is not None and space not in SPACES:
+        raise UserError(f"--space: expected one of {list(SPACES)}, got {space!r}")
+    if split not in SPLITS:
+        raise UserError(f"--split: expected one of {list(SPLITS)}, got {split!r}")
+    if rho is not None and rho <= 0:
+        raise UserError(f"--rho: expected > 0, got {rho}")
+    if samples is not None and samples < 1:
+        raise UserError(f"--samples: expected >= 1, got {samples}")
+    if max_samples is not None and max_samples < 1:
+        raise UserError(f"--max-samples: expected >= 1, got {max_samples}")
+    config = load_run_config(run_dir)
+    space = space or config.evaluation.sharpness_space
+    names = resolve_tasks(run_dir, config, task, after)
+    cache = _BaseCache(config)
+    for name in names:
+        result = compute_landscape(run_dir, name, dims, points, space, split, after, rho=rho, samples=samples,
+                                   max_samples=max_samples, progress=config.logging.progress, _cache=cache)
+        s = result["sharpness"]
+        curve = result["grid"]
+        typer.echo(f"{result['stem']} [{space}, {split}, {s['examples']} examples]: loss {s['loss']:.4f}; "
+                   f"{dims}-D loss range [{min(curve):.4f}, {max(curve):.4f}]; sharpness avg {s['avg']:.4g} "
+                   f"worst {s['worst']:.4g} (rho {s['rho']:g}, radius {s['radius']:.4g}, M {s['samples']}); "
+                   f"{result['seconds']:.1f} s")
+        typer.echo(f"    {result['csv']}  {result['png']}")
+    typer.echo(f"sharpness: {run_dir / 'landscape' / 'sharpness.json'}")
+
+
 def main() -> None:
     _quiet_libraries()
     from cl_flat.config import UserError

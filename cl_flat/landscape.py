@@ -416,13 +416,14 @@ class PerturbedLoss:
                     if part is not None:
                         acc += part
                 total += value.detach().double()
-        flat = _all_reduce_sum(torch.cat([g.flatten() for g in grads] + [total.to(grads[0].dtype).reshape(1)]))
+        flat = _all_reduce_sum(torch.cat([g.flatten() for g in grads]))
+        total = _all_reduce_sum(total)
         self.evaluations += 1
         out, offset = {}, 0
         for k, g in zip(names, grads):
             out[k] = flat[offset:offset + g.numel()].view_as(g) / self.tokens
             offset += g.numel()
-        return float(flat[-1].item()) / self.tokens, out
+        return float(total.item()) / self.tokens, out
 
 
 # ---------------------------------------------------------------- progress
