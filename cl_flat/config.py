@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 
 class UserError(Exception):
@@ -89,11 +89,21 @@ class BuiltinTaskConfig(TaskBase):
     n_test: int = Field(default=200, ge=1)
 
 
+def _labels_are_strings(value: Any) -> Any:
+    if isinstance(value, list) and any(isinstance(v, bool) for v in value):
+        raise ValueError("a label was read as a boolean (YAML turns unquoted yes/no/true/false into booleans): "
+                         "quote the labels, e.g. [\"yes\", \"no\"]")
+    return value
+
+
+LabelList = Annotated[Union[Annotated[list[str], Field(min_length=2)], None], BeforeValidator(_labels_are_strings)]
+
+
 class JsonlTaskConfig(TaskBase):
     source: Literal["jsonl"]
     train: Path
     test: Path
-    labels: list[str] | None = Field(default=None, min_length=2)
+    labels: LabelList = None
 
 
 class HfTaskConfig(TaskBase):
@@ -105,7 +115,7 @@ class HfTaskConfig(TaskBase):
     test_split: str = "test"
     text_field: str = "text"
     label_field: str = "label"
-    labels: list[str] | None = Field(default=None, min_length=2)  # names for integer labels
+    labels: LabelList = None  # names for integer labels
 
 
 TaskConfig = Annotated[
@@ -229,21 +239,6 @@ class RunConfig(Strict):
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
 
-    @model_validator(mode="after")
-    def _cross_checks(self) -> RunConfig:
-        names = [t.name for t in self.tasks]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"tasks: duplicate task name(s) {duplicates}; names must be unique")
-        if self.model.dtype == "bf16" and not self.deepspeed.bf16:
-            raise ValueError("model.dtype: bf16 needs deepspeed.bf16: true (DeepSpeed keeps fp32 master weights)")
-        for i, task in enumerate(self.tasks):
-            if self.task_metric(task) == "accuracy" and isinstance(task, (JsonlTaskConfig, HfTaskConfig)) \
-                    and task.labels is None:
-                raise ValueError(f"tasks.{i}.labels: metric 'accuracy' (rank classification) needs the "
-                                 "task's label strings; list them or set metric: exact_match")
-        return self
-
     def task_metric(self, task: TaskBase) -> str:
         return task.metric or self.evaluation.metric
 
@@ -294,10 +289,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 UNION_TAGS = {"builtin", "jsonl", "hf"} | {m.model_fields["method"].annotation.__args__[0] for m in FLATNESS_METHODS}
 
 
+UNION_MEMBER_LABELS = {"str", "int", "float", "bool"}
+
+
 def _describe(error: dict[str, Any]) -> str:
     loc = [str(p) for p in error["loc"]]
     # drop the discriminator tag pydantic inserts into union locations (tasks.0.jsonl.train)
     loc = [p for p in loc if p not in UNION_TAGS or p == loc[-1]]
+    # and the member labels of plain unions (data_files.str, data_files.list[str], ...)
+    loc = [p for p in loc if "[" not in p and p not in UNION_MEMBER_LABELS]
     path = ".".join(loc) or "(top level)"
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
@@ -312,13 +312,51 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{path}: {message}"
 
 
+def _cross_checks(raw: dict[str, Any]) -> list[str]:
+    """Checks that span sections, on the raw dict so they are reported together with the
+    schema errors (a pydantic after-validator only runs when every field is valid)."""
+    problems = []
+    tasks = raw.get("tasks") if isinstance(raw.get("tasks"), list) else []
+    names = [t["name"] for t in tasks if isinstance(t, dict) and isinstance(t.get("name"), str)]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        problems.append(f"tasks: duplicate task name(s) {duplicates}; names must be unique")
+    model, deepspeed = raw.get("model"), raw.get("deepspeed")
+    ds_bf16 = deepspeed.get("bf16", False) if isinstance(deepspeed, dict) else False
+    try:
+        ds_bf16 = TypeAdapter(bool).validate_python(ds_bf16)
+    except ValidationError:
+        ds_bf16 = True  # reported by the schema check already
+    if isinstance(model, dict) and model.get("dtype") == "bf16" and not ds_bf16:
+        problems.append("model.dtype: bf16 needs deepspeed.bf16: true (DeepSpeed keeps fp32 master weights)")
+    evaluation = raw.get("evaluation")
+    default_metric = (evaluation.get("metric") if isinstance(evaluation, dict) else None) \
+        or EvaluationSection.model_fields["metric"].default
+    for i, task in enumerate(tasks):
+        if isinstance(task, dict) and task.get("source") in {"jsonl", "hf"} and task.get("labels") is None \
+                and (task.get("metric") or default_metric) == "accuracy":
+            problems.append(f"tasks.{i}.labels: metric 'accuracy' (rank classification) needs the "
+                            "task's label strings; list them or set metric: exact_match")
+    return problems
+
+
 def validate_config(raw: Any, source: str = "config") -> RunConfig:
     if not isinstance(raw, dict):
         raise ConfigError(source, ["(top level): expected a mapping of sections (run, model, tasks, ...)"])
+    problems: list[str] = []
     try:
-        return RunConfig.model_validate(raw)
+        config = RunConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(source, [_describe(e) for e in exc.errors()]) from None
+        merged: dict[str, list[str]] = {}
+        for error in exc.errors():
+            path, _, message = _describe(error).partition(": ")
+            if message not in merged.setdefault(path, []):
+                merged[path].append(message)
+        problems = [f"{path}: {' or '.join(messages)}" for path, messages in merged.items()]
+    problems += _cross_checks(raw)
+    if problems:
+        raise ConfigError(source, problems)
+    return config
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -336,15 +374,30 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     return resolve_paths(config, path.parent)
 
 
+def _resolve(value: str | Path, base: Path) -> str | Path:
+    path = Path(value)
+    if path.is_absolute():
+        return value
+    chosen = base / path if (base / path).exists() else path
+    return type(value)(chosen.resolve())
+
+
 def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
     """Relative data paths are relative to the config file's folder when they exist there,
-    else to the working directory (how users expect `data/x.jsonl` next to the YAML to work)."""
+    else to the working directory (how users expect `data/x.jsonl` next to the YAML to work).
+    They are stored absolute, so a saved run config works from any directory (cl-flat eval)."""
     for task in config.tasks:
         if isinstance(task, JsonlTaskConfig):
-            for field in ("train", "test"):
-                value: Path = getattr(task, field)
-                if not value.is_absolute() and not value.exists() and (base / value).exists():
-                    setattr(task, field, base / value)
+            task.train, task.test = _resolve(task.train, base), _resolve(task.test, base)
+        elif isinstance(task, HfTaskConfig) and task.data_files is not None:
+            files = task.data_files
+            if isinstance(files, dict):
+                task.data_files = {k: [_resolve(f, base) for f in v] if isinstance(v, list) else _resolve(v, base)
+                                   for k, v in files.items()}
+            elif isinstance(files, list):
+                task.data_files = [_resolve(f, base) for f in files]
+            else:
+                task.data_files = _resolve(files, base)
     return config
 
 

@@ -26,6 +26,7 @@ def _free_port() -> int:
 
 def init_distributed() -> None:
     """Start (once) the process group DeepSpeed uses; a lone process becomes rank 0 of 1."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
     import torch.distributed as dist
 

@@ -107,11 +107,15 @@ def _combine(terms: Sequence[tuple[float, Mapping[str, torch.Tensor]]]) -> Param
     return {k: sum(c * v[k] for c, v in terms) for k in keys}
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def row_norms(weight: torch.Tensor) -> torch.Tensor | None:
-    """‖W_i‖ of each output row (dim 0), in fp32; None for tensors with fewer than 2 dims."""
+    """‖W_i‖ of each output row (dim 0), in fp32 or wider; None for tensors with fewer than 2 dims."""
     if weight.dim() < 2:
         return None
-    return weight.detach().float().flatten(1).norm(dim=1)
+    return _at_least_fp32(weight.detach()).flatten(1).norm(dim=1)
 
 
 def _rescale_rows(direction: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
@@ -128,17 +132,17 @@ def filter_normalize(direction: torch.Tensor, weight: torch.Tensor) -> torch.Ten
     norm weights) and for rows where d_i = 0."""
     if direction.shape != weight.shape:
         raise ValueError(f"direction shape {tuple(direction.shape)} != weight shape {tuple(weight.shape)}")
-    return _rescale_rows(direction.float(), row_norms(weight))
+    return _rescale_rows(_at_least_fp32(direction), row_norms(weight))
 
 
 def random_direction(norms: Mapping[str, torch.Tensor | None], shapes: Mapping[str, torch.Size],
-                     generator: torch.Generator) -> Params:
+                     generator: torch.Generator, dtype: torch.dtype = torch.float32) -> Params:
     """A filter-normalised Gaussian direction: for each tensor (sorted by name) z ~ N(0, I) from
     `generator`, each row rescaled to `norms[name][i]` (= ‖W_i‖; None -> zeros)."""
     device = generator.device
     out = {}
     for name in sorted(shapes):
-        z = torch.randn(tuple(shapes[name]), generator=generator, dtype=torch.float32, device=device)
+        z = torch.randn(tuple(shapes[name]), generator=generator, dtype=dtype, device=device)
         out[name] = _rescale_rows(z, norms[name])
     return out
 

@@ -185,9 +185,6 @@ def test_duplicate_task_names():
     assert not any("'other'" in p for p in problems)
 
 
-@pytest.mark.xfail(reason="BUG: cross-field errors are reported under '(top level): ' instead of their own "
-                          "dotted path (config._describe prefixes model_validator errors with '(top level)')",
-                   strict=True)
 def test_cross_field_errors_start_with_their_dotted_path():
     raw = minimal()
     raw["tasks"].append({"name": "alpha", "source": "builtin"})
@@ -215,9 +212,6 @@ def test_several_schema_errors_are_reported_together():
     assert len(problems) == 5, problems
 
 
-@pytest.mark.xfail(reason="BUG: cross-field checks (duplicate names, bf16, labels) stop at the first one "
-                          "(model_validator raises on the first problem), so not all errors are reported",
-                   strict=True)
 def test_several_cross_field_errors_are_reported_together():
     raw = minimal()
     raw["tasks"].append({"name": "alpha", "source": "builtin"})
@@ -227,9 +221,6 @@ def test_several_cross_field_errors_are_reported_together():
     assert any("model.dtype" in p for p in problems)
 
 
-@pytest.mark.xfail(reason="BUG: cross-field checks run only when every field is valid (pydantic after-"
-                          "validator), so a duplicate task name is hidden by any schema error",
-                   strict=True)
 def test_cross_field_errors_are_reported_with_schema_errors():
     raw = minimal()
     raw["tasks"].append({"name": "alpha", "source": "builtin"})
@@ -239,9 +230,6 @@ def test_cross_field_errors_are_reported_with_schema_errors():
     assert any("duplicate" in p for p in problems)
 
 
-@pytest.mark.xfail(reason="BUG: errors inside a union-typed field carry pydantic's union member labels "
-                          "in the path (tasks.0.data_files.list[str]), which is not a config path",
-                   strict=True)
 def test_union_field_error_names_the_config_path():
     raw = minimal()
     raw["tasks"] = [{"name": "h", "source": "hf", "dataset": "csv", "data_files": 5, "labels": ["a", "b"]}]
@@ -403,8 +391,6 @@ def test_relative_jsonl_paths_resolve_next_to_the_config(tmp_path, monkeypatch):
     assert Path(config.tasks[0].test).resolve() == (folder / "data" / "test.jsonl").resolve()
 
 
-@pytest.mark.xfail(reason="BUG: resolve_paths prefers a same-named file in the working directory over the "
-                          "one next to the config (contradicts its docstring and DESIGN)", strict=True)
 def test_config_folder_wins_over_working_directory(tmp_path, monkeypatch):
     folder = tmp_path / "cfgdir"
     (folder / "data").mkdir(parents=True)

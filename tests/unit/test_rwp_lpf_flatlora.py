@@ -176,7 +176,7 @@ def _tiny_peft(dtype="fp32", family="llama", targets=("q_proj", "v_proj")):
             for n, p in stack.model.named_parameters():
                 if f"lora_B.{name}." in n:
                     p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3 + i)) * 0.1)
-    return stack.model
+    return stack.model.eval()  # no dropout (GPT-2 has some): the comparisons are exact
 
 
 def _lm_loss(model, batch):
