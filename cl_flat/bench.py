@@ -1,0 +1,232 @@
+"""`cl-flat bench`: seconds per update and peak memory of every flatness method, as ratios
+against plain training (`none`) measured in the same invocation.
+
+Each variant runs in a fresh process (a fresh peak-memory count: the CUDA allocator's peak
+on GPU, the process's peak resident memory on CPU) through the real update path: a DeepSpeed
+engine, `method.window` over the micro-batches, one `engine.step()`. A fixed synthetic batch
+of micro_batch_size × max_seq_length tokens (every token a target) is reused, so only the
+method's cost differs. Reported: the median over the timed updates after warm-up.
+
+Two extra rows make the floor visible: `floor` is a hand-written torch + peft AdamW step on
+the same model and batch (no DeepSpeed, no tool code), and `rwp_full_stored_noise` is RWP
+with noise on the whole model implemented naively (every layer's ε drawn, stored and added in
+place, as the reference code does), to show what not storing the noise saves. Variants whose
+label ends in `_2ranks` run in two processes and are compared with `none_2ranks`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+VARIANTS: dict[str, tuple[dict[str, Any] | None, int]] = {
+    "none": ({"method": "none"}, 1),
+    "floor": (None, 1),
+    "sam": ({"method": "sam", "rho": 0.05}, 1),
+    "asam": ({"method": "sam", "rho": 0.5, "adaptive": True}, 1),
+    "rwp_lora": ({"method": "rwp", "scope": "lora"}, 1),
+    "rwp_full": ({"method": "rwp", "scope": "full"}, 1),
+    "rwp_base": ({"method": "rwp", "scope": "base"}, 1),
+    "rwp_full_stored_noise": ({"method": "rwp", "scope": "full"}, 1),
+    "lpf_sgd": ({"method": "lpf_sgd"}, 1),
+    "flat_lora": ({"method": "flat_lora"}, 1),
+    "none_2ranks": ({"method": "none"}, 2),
+    "rwp_parallel_2ranks": ({"method": "rwp", "scope": "full", "parallel": True}, 2),
+}
+
+
+def _peak_memory() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _batches(config, vocab_size: int, device) -> list[dict[str, torch.Tensor]]:
+    t = config.training
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(t.gradient_accumulation_steps):
+        ids = torch.randint(0, vocab_size, (t.micro_batch_size, t.max_seq_length), generator=generator)
+        batches.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+                        "labels": ids.to(device)})
+    return batches
+
+
+class StoredNoiseRwp:
+    """The naive full-scope RWP the benchmark compares against (never used for training):
+    every adapted layer's ε is drawn, stored and added to W0 in place, then subtracted."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def window(self, ctx, micro_batches):
+        from cl_flat.flatness.noise import frozen_targets
+
+        n, a, b = len(micro_batches), self.config.a, self.config.b
+        for i, batch in enumerate(micro_batches):
+            ctx.backward(ctx.loss(batch) * (a / n), last=False)
+        weights = [target.weight for target in frozen_targets(ctx.engine.module)]
+        stored = [torch.randn_like(w) * self.config.noise_std for w in weights]
+        with torch.no_grad():
+            for w, e in zip(weights, stored):
+                w.add_(e)
+        try:
+            ctx.backward(ctx.loss(micro_batches[-1]) * b, last=True)
+        finally:
+            with torch.no_grad():
+                for w, e in zip(weights, stored):
+                    w.sub_(e)
+        return {"loss": 0.0}
+
+
+def measure(config_path: str, label: str, updates: int, warmup: int) -> dict[str, Any]:
+    """One variant in this process (or this process group): median s/update and peak memory."""
+    from cl_flat import engine as ds
+    from cl_flat.adapters import AdapterStack
+    from cl_flat.config import load_config
+    from cl_flat.flatness import build_method
+    from cl_flat.models import load_model
+    from cl_flat.train import EngineContext, causal_lm_loss
+
+    flatness, _ = VARIANTS[label]
+    ds.init_distributed()
+    if not torch.cuda.is_available() and ds.world_size() > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ds.world_size()))
+    config = load_config(config_path, [] if flatness is None else [f"flatness={json.dumps(flatness)}"])
+    model, _ = load_model(config.model.name_or_path, config.model.dtype, config.run.seed)
+    device = ds.device()
+    model.to(device)
+    stack = AdapterStack(model, config.lora, config.run.seed)
+    stack.add_task(0, config.tasks[0].name)
+    params = {n: p for n, p in stack.model.named_parameters() if p.requires_grad}
+    batches = _batches(config, model.config.vocab_size, device)
+    times: list[float] = []
+    if flatness is None:  # the floor: plain torch + peft, no DeepSpeed, no tool code
+        peft_model = stack.model
+        if config.deepspeed.bf16:
+            peft_model.to(torch.bfloat16)
+        optimizer = torch.optim.AdamW(list(params.values()), lr=config.training.learning_rate)
+        for _ in range(warmup + updates):
+            start = time.perf_counter()
+            for batch in batches:
+                (peft_model(**batch).loss / len(batches)).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            _synchronize()
+            times.append(time.perf_counter() - start)
+    else:
+        method = StoredNoiseRwp(config.flatness) if label == "rwp_full_stored_noise" else build_method(config.flatness)
+        engine = ds.create_engine(config, stack.model, list(params.values()), warmup + updates)
+        for step in range(warmup + updates):
+            start = time.perf_counter()
+            ctx = EngineContext(engine, causal_lm_loss, params, step=step, total_steps=warmup + updates,
+                                seed=config.run.seed, rank=ds.rank(), world_size=ds.world_size())
+            method.window(ctx, batches)
+            engine.step()
+            _synchronize()
+            times.append(time.perf_counter() - start)
+    timed = times[warmup:]
+    peaks = ds.all_gather_objects(_peak_memory())
+    return {"seconds_per_update": statistics.median(timed), "peak_memory_bytes": max(peaks),
+            "updates": len(timed), "ranks": ds.world_size()}
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    import platform
+
+    return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+def _run_variant(config_path: str, label: str, updates: int, warmup: int) -> dict[str, Any]:
+    nproc = VARIANTS[label][1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        worker = ["-m", "cl_flat.bench", config_path, label, str(updates), str(warmup), str(out)]
+        if nproc == 1:
+            cmd = [sys.executable, *worker]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                   *worker]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            from cl_flat.config import UserError
+
+            raise UserError(f"bench variant {label!r} failed:\n{proc.stderr[-2000:]}")
+        return json.loads(out.read_text())
+
+
+def run_bench(config_path: str, labels: list[str], updates: int, warmup: int) -> dict[str, Any]:
+    """Run each variant in a fresh process; ratios against `none` (1 rank) or `none_2ranks`."""
+    from cl_flat.config import UserError, load_config
+
+    config = load_config(config_path)
+    unknown = [label for label in labels if label not in VARIANTS]
+    if unknown:
+        raise UserError(f"--methods: unknown variant(s) {unknown}; available: {list(VARIANTS)}")
+    needed = list(dict.fromkeys(
+        (["none"] if any(VARIANTS[label][1] == 1 for label in labels) else [])
+        + (["none_2ranks"] if any(VARIANTS[label][1] == 2 for label in labels) else []) + labels))
+    raw = {label: _run_variant(config_path, label, updates, warmup) for label in needed}
+    methods = {}
+    for label in needed:
+        base = raw["none_2ranks" if VARIANTS[label][1] == 2 else "none"]
+        entry = raw[label]
+        methods[label] = {**entry,
+                          "time_ratio": entry["seconds_per_update"] / base["seconds_per_update"],
+                          "memory_ratio": entry["peak_memory_bytes"] / base["peak_memory_bytes"],
+                          "compared_with": "none_2ranks" if VARIANTS[label][1] == 2 else "none"}
+    return {"device": _device_name(), "model": config.model.name_or_path, "config": str(config_path),
+            "batch": f"{config.training.micro_batch_size} x {config.training.max_seq_length} tokens"
+                     f" x {config.training.gradient_accumulation_steps} micro-batches",
+            "lora": {"r": config.lora.r, "target_modules": config.lora.target_modules},
+            "precision": "bf16" if config.deepspeed.bf16 else "fp32", "zero_stage": config.deepspeed.zero_stage,
+            "updates": updates, "warmup": warmup, "methods": methods}
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    lines = [f"# cl-flat bench: {result['model']} on {result['device']}", "",
+             f"batch {result['batch']}, {result['precision']}, ZeRO {result['zero_stage']}, "
+             f"LoRA r={result['lora']['r']} on {', '.join(result['lora']['target_modules'])}; "
+             f"median of {result['updates']} updates after {result['warmup']} warm-up", "",
+             "| method | s/update | time ratio | peak memory (MiB) | memory ratio | vs |",
+             "|---|---:|---:|---:|---:|---|"]
+    for label, m in result["methods"].items():
+        lines.append(f"| {label} | {m['seconds_per_update']:.3f} | {m['time_ratio']:.3f} | "
+                     f"{m['peak_memory_bytes'] / 2**20:.0f} | {m['memory_ratio']:.3f} | {m['compared_with']} |")
+    return "\n".join(lines) + "\n"
+
+
+def save_bench(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    from cl_flat.run import atomic_write_text
+
+    device = "".join(c if c.isalnum() else "-" for c in result["device"].split(" (")[0].lower()).strip("-")
+    stem = f"{Path(result['config']).stem}-{device}"
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(md_path, markdown_table(result))
+    return json_path, md_path
+
+
+if __name__ == "__main__":  # worker: python -m cl_flat.bench CONFIG LABEL UPDATES WARMUP OUT
+    config_arg, label_arg, updates_arg, warmup_arg, out_arg = sys.argv[1:6]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    outcome = measure(config_arg, label_arg, int(updates_arg), int(warmup_arg))
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(out_arg).write_text(json.dumps(outcome))
