@@ -161,10 +161,10 @@ def test_row_fisher_per_token_estimate():
     delta = 2 * (layer(x) - target).detach()  # ∂loss/∂y per token
     per_token = torch.einsum("bto,bti->btoi", delta, x)  # ∂ℓ_t/∂W
     expected = per_token.square().sum(dim=(0, 1, 3))
-    assert torch.allclose(fisher.rows("l"), expected.float(), rtol=1e-5)
+    assert torch.allclose(fisher.rows("l").double(), expected, rtol=1e-10)
     fisher._window = {"l": torch.ones(2)}
     fisher.update()  # EMA: F ← 0.5·F + F̂
-    assert torch.allclose(fisher.rows("l"), 0.5 * expected.float() + 1, rtol=1e-5)
+    assert torch.allclose(fisher.rows("l").double(), 0.5 * expected + 1, rtol=1e-10)
 
 
 def test_activation_checkpointing_sees_the_same_noise():
