@@ -80,7 +80,7 @@ class StoredNoiseRwp:
         n, a, b = len(micro_batches), self.config.a, self.config.b
         for i, batch in enumerate(micro_batches):
             ctx.backward(ctx.loss(batch) * (a / n), last=False)
-        weights = [target.weight for target in frozen_targets(ctx.engine.module)]
+        weights = [target.weight for target in frozen_targets(ctx.module)]
         stored = [torch.randn_like(w) * self.config.noise_std for w in weights]
         with torch.no_grad():
             for w, e in zip(weights, stored):

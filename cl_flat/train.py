@@ -44,6 +44,10 @@ class EngineContext(StepContext):
         self.engine = engine
         self.loss_fn = loss_fn
 
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
     def loss(self, batch: Any) -> torch.Tensor:
         return self.loss_fn(self.engine.module, batch)
 

@@ -25,6 +25,10 @@ class TorchContext(StepContext):
         self.model = model
         self.loss_fn = loss_fn
 
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.model
+
     def loss(self, batch: Any) -> torch.Tensor:
         return self.loss_fn(self.model, batch)
 

@@ -32,6 +32,11 @@ class StepContext(ABC):
         self.rank = rank
         self.world_size = world_size
 
+    @property
+    @abstractmethod
+    def module(self) -> torch.nn.Module:
+        """The plain module the passes run (never a DeepSpeed engine)."""
+
     @abstractmethod
     def loss(self, batch: Any) -> torch.Tensor: ...
 

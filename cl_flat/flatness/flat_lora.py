@@ -8,7 +8,7 @@ import torch
 
 from cl_flat.config import FlatLoraMethod
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.noise import Scale, TargetCache, context_module, perturbed
+from cl_flat.flatness.noise import Scale, TargetCache, perturbed
 
 
 def ramp_factor(kind: str, step: int, total_steps: int) -> float:
@@ -52,7 +52,7 @@ class FlatLora(FlatnessMethod):
         factor = ramp_factor(self.config.ramp, ctx.step, ctx.total_steps)
         sigma = self.config.noise_std * factor
         frozen = [(t, Scale(t.merged_rows() * (sigma / math.sqrt(t.weight.shape[1]))))
-                  for t in self.targets.get(context_module(ctx), "adapted", ctx.step)]
+                  for t in self.targets.get(ctx.module, "adapted", ctx.step)]
         n = len(micro_batches)
         losses = []
         for i, batch in enumerate(micro_batches):

@@ -8,7 +8,7 @@ import torch
 
 from cl_flat.config import LpfSgdMethod
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.noise import TargetCache, compact_scale, context_module, perturbed
+from cl_flat.flatness.noise import TargetCache, compact_scale, perturbed
 
 
 def lpf_radius(gamma0: float, alpha: float, step: int, total_steps: int) -> float:
@@ -45,7 +45,7 @@ class LpfSgd(FlatnessMethod):
     def window(self, ctx, micro_batches):
         c = self.config
         gamma = lpf_radius(c.noise_std, c.radius_growth, ctx.step, ctx.total_steps)
-        model = context_module(ctx)
+        model = ctx.module
         frozen = ([(t, compact_scale("lpf_sgd", t.weight, gamma, rows=t.rows()))
                    for t in self.targets.get(model, "adapted", ctx.step)] if c.scope in ("full", "base") else [])
         trainable = ([(n, p, compact_scale("lpf_sgd", p, gamma)) for n, p in ctx.params.items()]

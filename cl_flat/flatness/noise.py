@@ -346,18 +346,6 @@ class RowFisher:
 # ---------------------------------------------------------------- helpers for the methods
 
 
-def context_module(ctx) -> nn.Module:
-    """The module a StepContext runs (TorchContext.model or the DeepSpeed engine's module)."""
-    for attr in ("module", "model"):
-        module = getattr(ctx, attr, None)
-        if isinstance(module, nn.Module):
-            return module
-    engine = getattr(ctx, "engine", None)
-    if engine is not None:
-        return engine.module
-    raise TypeError(f"{type(ctx).__name__} exposes no module (expected .model or .engine.module)")
-
-
 def param_module(model: nn.Module, name: str) -> nn.Module | None:
     """The linear-like module owning parameter `name` as its weight (None if there is none)."""
     if not name.endswith(".weight"):
@@ -386,5 +374,5 @@ class TargetCache:
 
 
 __all__ = ["NOISE_TYPES", "FrozenTarget", "KeyedGenerators", "RowFisher", "Scale", "TargetCache", "compact_scale",
-           "context_module", "frozen_targets", "keyed_noise", "noise_key", "noise_scale", "param_module",
+           "frozen_targets", "keyed_noise", "noise_key", "noise_scale", "param_module",
            "perturbed", "row_norms"]

@@ -9,7 +9,7 @@ import torch
 
 from cl_flat.config import RwpMethod, UserError
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.noise import (RowFisher, TargetCache, compact_scale, context_module, param_module,
+from cl_flat.flatness.noise import (RowFisher, TargetCache, compact_scale, param_module,
                                     perturbed)
 
 
@@ -103,7 +103,7 @@ class Rwp(FlatnessMethod):
         n = len(micro_batches)
         if c.two_batch and n < 2:
             raise UserError("flatness.two_batch: needs training.gradient_accumulation_steps ≥ 2")
-        model = context_module(ctx)
+        model = ctx.module
         if c.parallel:
             return self._parallel(ctx, model, micro_batches)
         if ctx.step == 0:
