@@ -69,6 +69,7 @@ class TaskBase(Strict):
     instruction: str | None = None
     prompt_template: str = DEFAULT_TEMPLATE
     metric: Literal["accuracy", "exact_match"] | None = None  # None: evaluation.metric
+    max_train_samples: int | None = Field(default=None, ge=1, description="a fixed random subset of train")
 
     @field_validator("prompt_template")
     @classmethod

@@ -145,7 +145,7 @@ def module_names(name_or_path: str) -> set[str] | None:
             folder, filename = _builtin_gguf(name_or_path.split(":", 1)[1])
             config = AutoConfig.from_pretrained(str(folder), gguf_file=filename)
         else:
-            config = AutoConfig.from_pretrained(name_or_path)
+            config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)  # never downloads
     except (OSError, ValueError, UserError):
         return None
     if config is None:

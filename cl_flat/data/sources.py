@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cl_flat.config import (BuiltinTaskConfig, HfTaskConfig, JsonlTaskConfig, RunConfig, TaskConfig,
@@ -102,8 +102,25 @@ def _hf_split(task: HfTaskConfig, split: str) -> list[Example]:
     return examples
 
 
+def _subsample(examples: list[Example] | tuple[Example, ...], cap: int | None, seed: int, task: str) -> tuple[Example, ...]:
+    """A fixed subset (keyed by seed and task name, order kept) when a cap is set."""
+    if cap is None or len(examples) <= cap:
+        return tuple(examples)
+    import random
+
+    from cl_flat.train import derive_seed
+
+    keep = sorted(random.Random(derive_seed(seed, "train-subset", task)).sample(range(len(examples)), cap))
+    return tuple(examples[i] for i in keep)
+
+
 def load_task(task: TaskConfig, config: RunConfig) -> TaskData:
     """Examples of one task, with its instruction and labels, ready for prompting."""
+    data = _load_task(task, config)
+    return replace(data, train=_subsample(data.train, task.max_train_samples, config.run.seed, task.name))
+
+
+def _load_task(task: TaskConfig, config: RunConfig) -> TaskData:
     if isinstance(task, BuiltinTaskConfig):
         from cl_flat.data.builtin import BUILTIN_TASKS, builtin_examples
 
