@@ -72,13 +72,14 @@ def tiny_config(family: str, vocab_size: int):
 
 def _init_tiny(model: nn.Module, seed: int) -> None:
     """Re-draw every weight from a generator keyed by the seed (no global RNG state involved)."""
-    generator = torch.Generator().manual_seed(seed)
+    generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() == 1:  # norms and biases: their usual constants
-                param.fill_(1.0 if "norm" in name or name.endswith("ln_1.weight") or "ln_" in name else 0.0)
+                param.fill_(1.0 if "norm" in name or "ln_" in name else 0.0)
             else:
-                param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * 0.02)
+                generator = generators.setdefault(param.device, torch.Generator(param.device).manual_seed(seed))
+                param.normal_(0.0, 0.02, generator=generator)
 
 
 def load_model(name_or_path: str, dtype: str = "fp32", seed: int = 0):
@@ -105,7 +106,9 @@ def load_model(name_or_path: str, dtype: str = "fp32", seed: int = 0):
         if shape not in RANDOM_MODELS:
             raise UserError(f"model.name_or_path: unknown random model {shape!r}; available: {sorted(RANDOM_MODELS)}")
         tokenizer = byte_tokenizer()
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**RANDOM_MODELS[shape]), dtype=torch_dtype)
+        # built where it will run: drawing ~1B random weights on a CPU takes a while
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = AutoModelForCausalLM.from_config(LlamaConfig(**RANDOM_MODELS[shape]), dtype=torch_dtype)
         _init_tiny(model, seed)
         model.config.pad_token_id = tokenizer.pad_token_id
         return model, tokenizer

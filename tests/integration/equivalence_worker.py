@@ -46,6 +46,7 @@ def run_case(overrides: dict) -> dict:
             if ".lora_B.a." in name:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.1)
     stack.add_task(1, "b")
+    stack.model.to(ds.device())  # the replay runs on the training device (CPU here, CUDA in tests/gpu)
     reference = copy.deepcopy(stack.model)
     initial = {n: p.detach().clone() for n, p in reference.named_parameters() if p.requires_grad}
     frozen_before = {n: p.detach().clone() for n, p in stack.model.named_parameters() if not p.requires_grad}
@@ -65,7 +66,7 @@ def run_case(overrides: dict) -> dict:
     seed = derive_seed(config.run.seed, "method", 1)
     for update in range(plan.updates):
         per_rank = [reference_update(config.flatness, reference,
-                                     window_batches(examples, plan, update, config, 1, r, 256, torch.device("cpu")),
+                                     window_batches(examples, plan, update, config, 1, r, 256, ds.device()),
                                      causal_lm_loss, step=update, total_steps=plan.updates, seed=seed,
                                      rank=r, world_size=world)
                     for r in range(world)]
