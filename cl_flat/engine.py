@@ -144,4 +144,8 @@ def create_engine(config: RunConfig, model: torch.nn.Module, params: list[torch.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(training.lr_scheduler, warmup, total_updates))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            model_parameters=params, config=deepspeed_config(config, world_size()))
+    if world_size() == 1 and config.deepspeed.zero_stage == 0:
+        # nothing to reduce: skip the flatten/all-reduce/copy-back of every gradient
+        # (ZeRO-1/2 keep theirs: their optimizers do bookkeeping in the reduction)
+        engine.enable_backward_allreduce = False
     return engine

@@ -39,6 +39,15 @@ overrides the earlier adapter on earlier prompts, which differ only by the aspec
 in the instruction. This gives clear backward transfer below zero, while each task alone
 stays easy to learn from a few hundred examples (a few tens of updates).
 
+Measured (SmolLM2-135M-Instruct, IncLoRA r=8 / alpha=16 on q_proj,v_proj, AdamW lr 2e-3,
+3 warm-up steps then constant, 30 updates of batch 8 per task, 100 test reviews per task,
+seed 0, order food_sentiment -> service_sentiment -> price_sentiment)::
+
+    zero-shot   58   50   50
+    after t1   100   55   59
+    after t2    69   97   47
+    after t3    58   75  100      BWT = -32 points
+
 API
 ---
 ``BUILTIN_TASKS`` is the ordered registry; ``builtin_examples(task, split, n, seed)``
