@@ -172,7 +172,7 @@ def landscape(
     samples: Annotated[Optional[int], typer.Option("--samples", help="random directions M for sharpness "
                                                    "(default: evaluation.sharpness_samples)")] = None,
     max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="cap on held-out examples "
-                                                       "(default: evaluation.max_samples_per_task)")] = None,
+                                                       "(default: min(evaluation.max_samples_per_task, 32))")] = None,
 ) -> None:
     """Loss landscape (1-D/2-D, filter-normalised) and average/worst-case sharpness of a run's tasks:
     landscape/<task>_{1d,2d}.csv, plots/landscape_<task>_*.png, landscape/sharpness.json."""

@@ -46,10 +46,33 @@ def target_logprobs(model: torch.nn.Module, items: list[Encoded], pad_id: int, d
     return (picked.sum(-1) / mask.sum(-1)).tolist()
 
 
+@torch.no_grad()
+def next_token_logprobs(model: torch.nn.Module, prompts: list[list[int]], token_ids: list[int], pad_id: int,
+                        device) -> list[list[float]]:
+    """log p(token | prompt) for each prompt and each candidate token: one forward per prompt
+    (right padding; the distribution is read at each prompt's last real position)."""
+    items = [Encoded(tuple(p), tuple([IGNORE] * len(p))) for p in prompts]
+    batch = {k: v.to(device) for k, v in collate(items, pad_id).items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    last = batch["attention_mask"].sum(1) - 1
+    rows = torch.log_softmax(logits[torch.arange(len(items), device=logits.device), last].float(), dim=-1)
+    return rows[:, token_ids].tolist()
+
+
 def _rank_classification(model, tokenizer, task: TaskData, indices: list[int], batch_size: int,
                          max_length: int, device) -> list[tuple[int, bool]]:
     labels = list(task.labels)
     label_ids = [target_ids(tokenizer, label) for label in labels]
+    if all(len(ids) == 1 for ids in label_ids):
+        # single-token labels: the length-normalised log-likelihood is the next-token log-prob,
+        # so one forward per prompt scores every label
+        prompts = [prompt_ids(tokenizer, task.prompt(task.test[i]))[-(max_length - 1):] for i in indices]
+        scores_per_prompt: list[list[float]] = []
+        for start in range(0, len(prompts), batch_size):
+            scores_per_prompt += next_token_logprobs(model, prompts[start:start + batch_size],
+                                                     [ids[0] for ids in label_ids], tokenizer.pad_token_id, device)
+        return [(i, labels[max(range(len(labels)), key=row.__getitem__)] == task.test[i].output)
+                for i, row in zip(indices, scores_per_prompt)]
     pairs = [(i, encode(prompt_ids(tokenizer, task.prompt(task.test[i])), ids, max_length))
              for i in indices for ids in label_ids]
     scores: list[float] = []

@@ -34,7 +34,8 @@ Grid: alpha (and beta) = linspace(−1, 1, points); the loss at (α, β) is L(θ
 
 **Loss.** Mean target-token cross-entropy (the training loss: label tokens + EOS, prompt and
 padding ignored), token-weighted over a fixed held-out sample: split `test` (default) or
-`train`, capped by `evaluation.max_samples_per_task` with the same fixed permutation as the
+`train`, capped by min(`evaluation.max_samples_per_task`, LANDSCAPE_MAX_SAMPLES = 32) unless
+`max_samples` / `--max-samples` says otherwise, with the same fixed permutation as the
 accuracy evaluation (`cl_flat.evaluate.eval_indices`), encoded once, batched by
 `evaluation.batch_size`, collated once and reused at every grid point. Logits are computed
 only at target positions when the model supports `logits_to_keep`. Sharded over ranks (each
@@ -82,6 +83,10 @@ Params = dict[str, torch.Tensor]
 SPACES = ("adapter", "merged")
 SPLITS = ("test", "train")
 SHARPNESS_FILE = "sharpness.json"
+# Default cap on held-out examples: every grid point and every sharpness sample is a full pass
+# over the sample, so it must stay small (on a 2-core CPU a pass over 100 SmolLM2-135M examples
+# costs about 4 training updates). Override with max_samples / --max-samples.
+LANDSCAPE_MAX_SAMPLES = 32
 
 __all__ = [
     "filter_normalize", "random_direction", "orthogonalize", "loss_surface", "estimate_sharpness",
@@ -318,7 +323,8 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
 def held_out_batches(task, tokenizer, config: RunConfig, split: str = "test", max_samples: int | None = None,
                      device: torch.device | str = "cpu", rank: int | None = None,
                      world: int | None = None) -> list[dict[str, torch.Tensor]]:
-    """The fixed held-out sample of `task` (this rank's share), encoded as for training
+    """The fixed held-out sample of `task` (this rank's share; cap: `max_samples`, default
+    min(evaluation.max_samples_per_task, LANDSCAPE_MAX_SAMPLES)), encoded as for training
     (prompt + target + EOS), sorted by length, batched by evaluation.batch_size and collated
     once. `keep` marks the positions whose next token is a target; `targets` lists those tokens."""
     from cl_flat import engine as ds
@@ -329,7 +335,10 @@ def held_out_batches(task, tokenizer, config: RunConfig, split: str = "test", ma
     examples = task.test if split == "test" else task.train
     if not examples:
         raise UserError(f"task {task.name!r} has no {split} examples")
-    cap = config.evaluation.max_samples_per_task if max_samples is None else max_samples
+    if max_samples is None:
+        configured = config.evaluation.max_samples_per_task
+        max_samples = LANDSCAPE_MAX_SAMPLES if configured is None else min(configured, LANDSCAPE_MAX_SAMPLES)
+    cap = max_samples
     indices = eval_indices(len(examples), cap, config.run.seed, task.name)
     rank = ds.rank() if rank is None else rank
     world = ds.world_size() if world is None else world
@@ -479,8 +488,9 @@ def compute_sharpness(model: nn.Module, tokenizer, task, config: RunConfig, adap
     """Average- and worst-case sharpness of the live `model` (a peft model, or the DeepSpeed
     engine wrapping it) on `task` (TaskData), perturbing adapter `adapter` (space `adapter`) or
     the merged weights (space `merged`). Defaults come from `config.evaluation`
-    (sharpness_space, sharpness_rho, sharpness_samples, sharpness_ascent_steps,
-    max_samples_per_task, batch_size); seed defaults to config.run.seed.
+    (sharpness_space, sharpness_rho, sharpness_samples, sharpness_ascent_steps, batch_size; the
+    sample cap is min(max_samples_per_task, LANDSCAPE_MAX_SAMPLES) unless `max_samples` is
+    given); seed defaults to config.run.seed.
 
     Collective under torch.distributed: every rank must call it (the sample is sharded, sums are
     all-reduced; every rank returns the same dict). The model is left bit for bit unchanged

@@ -1,0 +1,27 @@
+"""Rank classification with single-token labels reads the next-token distribution once per
+prompt; it must give the same scores as scoring each (prompt, label) sequence."""
+
+from __future__ import annotations
+
+import torch
+
+from cl_flat.data.batches import encode
+from cl_flat.evaluate import next_token_logprobs, target_logprobs
+from cl_flat.models import load_model
+
+
+def test_single_token_shortcut_equals_pair_scoring():
+    model, tokenizer = load_model("tiny-random:llama", seed=4)
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 250, (n,), generator=gen).tolist() for n in (5, 9, 7)]
+    candidates = [17, 42, 99]
+    fast = next_token_logprobs(model, prompts, candidates, tokenizer.pad_token_id, "cpu")
+    for prompt, row in zip(prompts, fast):
+        pairs = target_logprobs(model, [encode(prompt, [c], 64) for c in candidates], tokenizer.pad_token_id, "cpu")
+        assert torch.allclose(torch.tensor(row), torch.tensor(pairs), atol=1e-5)
+    # and against a direct unpadded forward by hand for the first prompt
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompts[0]])).logits[0, -1]
+    expected = torch.log_softmax(logits, -1)[candidates]
+    assert torch.allclose(torch.tensor(fast[0]), expected, atol=1e-5)
