@@ -88,6 +88,7 @@ def load_model(name_or_path: str, dtype: str = "fp32", seed: int = 0):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     torch_dtype = DTYPES[dtype]
     if name_or_path.startswith("tiny-random:"):
         family = name_or_path.split(":", 1)[1]

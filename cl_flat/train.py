@@ -85,6 +85,13 @@ def window_batches(examples: list[Encoded], plan: TaskPlan, update: int, config:
             for j in range(n)]
 
 
+def _grad_norm(params: dict[str, torch.nn.Parameter]) -> float | None:
+    """‖g‖ of the (already reduced) gradient before clipping; DeepSpeed reports it only for
+    ZeRO and mixed precision, so plain fp32 ZeRO-0 computes it here."""
+    grads = [p.grad for p in params.values() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item() if grads else None
+
+
 def train_task(config: RunConfig, model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
                method: FlatnessMethod, examples: list[Encoded], pad_id: int, task_index: int, task_name: str,
                log: Callable[[dict[str, Any]], None], progress=None) -> dict[str, float]:
@@ -104,10 +111,12 @@ def train_task(config: RunConfig, model: torch.nn.Module, params: dict[str, torc
                             seed=method_seed, rank=rank, world_size=world)
         lr = engine.get_lr()[0]
         stats = method.window(ctx, batches)
+        plain_norm = _grad_norm(params) if config.deepspeed.zero_stage == 0 else None
         engine.step()
         loss = ds.all_reduce_mean(stats.pop("loss"))
         losses.append(loss)
         grad_norm = engine.get_global_grad_norm()
+        grad_norm = plain_norm if grad_norm is None else grad_norm
         elapsed = time.perf_counter() - started
         log({"task": task_name, "task_index": task_index, "step": update + 1, "loss": loss, "lr": lr,
              "grad_norm": None if grad_norm is None else float(grad_norm),
