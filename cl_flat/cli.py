@@ -167,12 +167,16 @@ def landscape(
     split: Annotated[str, typer.Option("--split", help="held-out data: test or train")] = "test",
     after: Annotated[Optional[str], typer.Option("--after", help="use the adapter stack as it was after this "
                                                  "(later) task instead of right after --task")] = None,
-    rho: Annotated[Optional[float], typer.Option("--rho", help="sharpness radius, relative to ‖W‖ of the "
-                                                 "moved weights (default: evaluation.sharpness_rho)")] = None,
+    rho: Annotated[Optional[float], typer.Option("--rho", help="sharpness radius, relative: row i of the "
+                                                 "moved weights moves by at most rho·‖W_i‖ "
+                                                 "(default: evaluation.sharpness_rho)")] = None,
     samples: Annotated[Optional[int], typer.Option("--samples", help="random directions M for sharpness "
                                                    "(default: evaluation.sharpness_samples)")] = None,
+    ascent_steps: Annotated[Optional[int], typer.Option("--ascent-steps", help="worst-case gradient-ascent steps, "
+                                                        "one forward+backward each (default: "
+                                                        "evaluation.sharpness_ascent_steps)")] = None,
     max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="cap on held-out examples "
-                                                       "(default: min(evaluation.max_samples_per_task, 32))")] = None,
+                                                       "(default: min(evaluation.max_samples_per_task, 16))")] = None,
 ) -> None:
     """Loss landscape (1-D/2-D, filter-normalised) and average/worst-case sharpness of a run's tasks:
     landscape/<task>_{1d,2d}.csv, plots/landscape_<task>_*.png, landscape/sharpness.json."""
@@ -194,6 +198,8 @@ def landscape(
         raise UserError(f"--rho: expected > 0, got {rho}")
     if samples is not None and samples < 1:
         raise UserError(f"--samples: expected >= 1, got {samples}")
+    if ascent_steps is not None and ascent_steps < 0:
+        raise UserError(f"--ascent-steps: expected >= 0, got {ascent_steps}")
     if max_samples is not None and max_samples < 1:
         raise UserError(f"--max-samples: expected >= 1, got {max_samples}")
     config = load_run_config(run_dir)
@@ -202,13 +208,16 @@ def landscape(
     cache = _BaseCache(config)
     for name in names:
         result = compute_landscape(run_dir, name, dims, points, space, split, after, rho=rho, samples=samples,
-                                   max_samples=max_samples, progress=config.logging.progress, _cache=cache)
+                                   ascent_steps=ascent_steps, max_samples=max_samples,
+                                   progress=config.logging.progress, _cache=cache)
         s = result["sharpness"]
         curve = result["grid"]
         typer.echo(f"{result['stem']} [{space}, {split}, {s['examples']} examples]: loss {s['loss']:.4f}; "
                    f"{dims}-D loss range [{min(curve):.4f}, {max(curve):.4f}]; sharpness avg {s['avg']:.4g} "
-                   f"worst {s['worst']:.4g} (rho {s['rho']:g}, radius {s['radius']:.4g}, M {s['samples']}); "
-                   f"{result['seconds']:.1f} s")
+                   f"worst {s['worst']:.4g} (rho {s['rho']:g} per row, M {s['samples']}, "
+                   f"{s['ascent_steps']} ascent steps); "
+                   f"{result['passes']['forward']} forward + {result['passes']['forward_backward']} forward+backward "
+                   f"passes, {result['seconds']:.1f} s")
         typer.echo(f"    {result['csv']}  {result['png']}")
     typer.echo(f"sharpness: {run_dir / 'landscape' / 'sharpness.json'}")
 

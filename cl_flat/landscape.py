@@ -34,22 +34,45 @@ Grid: alpha (and beta) = linspace(−1, 1, points); the loss at (α, β) is L(θ
 
 **Loss.** Mean target-token cross-entropy (the training loss: label tokens + EOS, prompt and
 padding ignored), token-weighted over a fixed held-out sample: split `test` (default) or
-`train`, capped by min(`evaluation.max_samples_per_task`, LANDSCAPE_MAX_SAMPLES = 32) unless
+`train`, capped by min(`evaluation.max_samples_per_task`, LANDSCAPE_MAX_SAMPLES = 16) unless
 `max_samples` / `--max-samples` says otherwise, with the same fixed permutation as the
 accuracy evaluation (`cl_flat.evaluate.eval_indices`), encoded once, batched by
 `evaluation.batch_size`, collated once and reused at every grid point. Logits are computed
 only at target positions when the model supports `logits_to_keep`. Sharded over ranks (each
 rank sums its slice; sums all-reduced), so every rank gets the same value.
 
-**Sharpness.** ρ is RELATIVE: the ball has radius r = ρ·‖W‖_F (W = the moved weights of the
-space; for `merged`, W'). Average case: M directions d_m as above, scaled onto the sphere,
-ε_m = r·d_m/‖d_m‖ = ρ·d_m (so alpha = ρ on a 1-D landscape is one sample);
-avg = (1/M) Σ_m L(θ+ε_m) − L(θ). On a quadratic L = ½ wᵀHw around W (w = vec W),
+**Sharpness** — filter-wise (adaptive) geometry, the same as the directions'. ρ is RELATIVE
+and PER ROW: row i of every moved tensor may move by at most r_i = ρ‖W_i‖ (W = the moved
+weights of the space; for `merged`, W'), i.e. the ball is
+B = {ε : ‖ε_i‖ ≤ ρ‖W_i‖ for every row i} = {ε : ‖T_W⁻¹ ε‖_{2,∞} ≤ ρ}, T_W = diag(‖W_i‖) per row:
+the filter-normalised ("adaptive") sharpness of Kwon et al. 2021 (ASAM, filter-wise T_W) and
+Andriushchenko et al. 2023 (adaptive sharpness, tml-epfl/sharpness-vs-generalization), here with
+an L2 norm per row. It is invariant to rescaling a row (or A → cA, B → B/c in LoRA), and a
+small row (e.g. a LoRA B that is small after training) only moves by ρ times its OWN norm — in
+a plain L2 ball of radius ρ‖W‖_F the large rows (A) set the radius and the ascent could push B
+by many times its norm. B lies inside that L2 ball (‖ε‖² = Σ‖ε_i‖² ≤ (ρ‖W‖_F)²), so worst-case
+values here are ≤ the plain-L2 ones. The record's "radius" is ρ‖W‖_F = the norm of every
+random sample (the largest ‖ε‖ in B).
+Average case: M directions d_m as above (each row on the sphere of radius ‖W_i‖), ε_m = ρ·d_m
+(every row on its sphere ‖ε_i‖ = r_i, on the boundary of B; alpha = ρ on a 1-D landscape is one
+sample); avg = (1/M) Σ_m L(θ+ε_m) − L(θ). On a quadratic L = ½ wᵀHw around W (w = vec W),
 E[avg] = ρ²/(2n) Σ_i ‖W_i‖² tr(H_ii) (n = row length, H_ii the block of row i); for one row
-(or isotropic directions) this is r²·tr(H)/(2n). Worst case: the larger of max_m L(θ+ε_m) and
-the best point of a projected normalised-gradient ascent in the L2 ball ‖ε‖ ≤ r, started at
-the best random ε, `ascent_steps` steps ε ← Π(ε + r·g/‖g‖), minus L(θ). All losses are on the
-same fixed batches. On L = ½ wᵀHw at w = 0 the ascent approaches r²·λ_max/2.
+this is r²·tr(H)/(2n).
+Worst case: the larger of max_m L(θ+ε_m) and the best iterate of a projected, per-row
+normalised gradient ascent in B, started at the best random ε, `ascent_steps` (config
+`evaluation.sharpness_ascent_steps`, default 5) steps ε_i ← Π_i(ε_i + η·ρ‖W_i‖·g_i/‖g_i‖)
+(η = 1; Π_i rescales a row that left its ball back onto its sphere — the exact projection onto
+B), minus L(θ); so worst ≥ max over the random samples by construction. All losses are on the
+same fixed batches. On L = ½ wᵀHw at w = 0 with H block-diagonal over rows (separable),
+max_B = Σ_i ½ r_i² λ_max(H_ii); with one row (B = the L2 ball of radius r) it is r²·λ_max/2, and
+the ascent approaches it.
+
+**Cost** (passes over the held-out sample, ≤ 16 examples by default). `compute_landscape`
+(1-D, P points, M samples, K ascent steps): L(θ) once (shared by the grid origin and the
+sharpness baseline), P − 1 grid forwards (P odd), M forwards, K forward+backward, 1 forward for
+the last ascent iterate: for P = 21, M = 8, K = 5, 30 forwards + 5 forward+backward (it was 31
+forwards + 5 forward+backward over 32 examples). `compute_sharpness` (after each task):
+1 + M + 1 forwards + K forward+backward. Both report their counts under "passes".
 
 **Files** (results folder contract): `landscape/<stem>_1d.csv` (alpha,loss),
 `landscape/<stem>_2d.csv` (alpha,beta,loss), `plots/landscape_<stem>_{1d,2d}.png`, and the
@@ -84,13 +107,14 @@ SPACES = ("adapter", "merged")
 SPLITS = ("test", "train")
 SHARPNESS_FILE = "sharpness.json"
 # Default cap on held-out examples: every grid point and every sharpness sample is a full pass
-# over the sample, so it must stay small (on a 2-core CPU a pass over 100 SmolLM2-135M examples
-# costs about 4 training updates). Override with max_samples / --max-samples.
-LANDSCAPE_MAX_SAMPLES = 32
+# over the sample, so it must stay small (a forward over 32 SmolLM2-135M examples costs about
+# 1-2 s on the 2-core CPU). Override with max_samples / --max-samples.
+LANDSCAPE_MAX_SAMPLES = 16
 
 __all__ = [
     "filter_normalize", "random_direction", "orthogonalize", "loss_surface", "estimate_sharpness",
-    "SharpnessEstimate", "PerturbedLoss", "moved_weights", "held_out_batches", "compute_sharpness",
+    "SharpnessEstimate", "PerturbedLoss", "moved_weights", "row_radii", "radius_norm", "project_rows",
+    "sharpness_passes", "held_out_batches", "compute_sharpness",
     "compute_landscape", "landscape_stem", "merge_sharpness", "trained_tasks",
 ]
 
@@ -174,11 +198,17 @@ def orthogonalize(direction: Mapping[str, torch.Tensor], reference: Mapping[str,
 
 def loss_surface(loss: Callable[[Params | None], float], directions: Sequence[Mapping[str, torch.Tensor]],
                  coords: Sequence[Sequence[float]], advance: Callable[[], None] | None = None) -> list[float]:
-    """L(θ + Σ_k c_k d_k) for every coordinate tuple c (len(c) == len(directions))."""
+    """L(θ + Σ_k c_k d_k) for every coordinate tuple c (len(c) == len(directions)). The origin
+    (every c_k == 0) is asked as loss(None), so a closure that already knows L(θ) (see
+    `compute_landscape`) answers it without a pass; `advance` is called once per loss(ε) with ε
+    not None."""
     values = []
     for c in coords:
         if len(c) != len(directions):
             raise ValueError(f"coordinate {tuple(c)} has {len(c)} entries for {len(directions)} directions")
+        if all(float(ck) == 0.0 for ck in c):
+            values.append(float(loss(None)))
+            continue
         values.append(float(loss(_combine([(float(ck), d) for ck, d in zip(c, directions)]))))
         if advance is not None:
             advance()
@@ -190,42 +220,78 @@ class SharpnessEstimate:
     avg: float            # mean_m L(θ+ε_m) − L(θ)
     worst: float          # max(random, ascent) − L(θ)
     base: float           # L(θ)
-    radius: float         # ‖ε‖ of every random sample; the ascent's ball
+    radius: float         # sqrt(Σ_i r_i²): ‖ε‖ of every random sample (the largest ‖ε‖ in the ball)
     random: tuple[float, ...]  # L(θ+ε_m) − L(θ), m = 1..M
     ascent: tuple[float, ...]  # L − L(θ) at each ascent iterate (start included)
 
 
+def row_radii(norms: Mapping[str, torch.Tensor | None], rho: float) -> dict[str, torch.Tensor | None]:
+    """Per-row radii r_i = ρ‖W_i‖ of the filter-wise ball (None stays None: that tensor never moves)."""
+    return {k: None if n is None else rho * n for k, n in norms.items()}
+
+
+def radius_norm(radii: Mapping[str, torch.Tensor | None]) -> float:
+    """sqrt(Σ_i r_i²) over every row of every tensor (= ρ‖W‖_F for r_i = ρ‖W_i‖)."""
+    return math.sqrt(sum(float((r.double() ** 2).sum()) for r in radii.values() if r is not None))
+
+
+def project_rows(eps: Mapping[str, torch.Tensor], radii: Mapping[str, torch.Tensor | None]) -> Params:
+    """Π onto the filter-wise ball {ε : ‖ε_i‖ ≤ r_i for every row i}: each row longer than its
+    radius is rescaled onto its sphere, the others are kept; tensors with radius None (and 1-D
+    tensors) -> 0. The ball is a product of row balls, so this is the exact Euclidean projection."""
+    out = {}
+    for k, e in eps.items():
+        r = radii[k]
+        if r is None or e.dim() < 2:
+            out[k] = torch.zeros_like(e)
+            continue
+        rows = e.flatten(1)
+        length = rows.norm(dim=1, keepdim=True)
+        limit = r.to(rows).unsqueeze(1)
+        scale = torch.where(length > limit, limit / length.clamp_min(1e-30), torch.ones_like(length))
+        out[k] = (rows * scale).view_as(e)
+    return out
+
+
 def estimate_sharpness(loss: Callable[[Params | None], float], sample_direction: Callable[[], Params],
-                       radius: float, samples: int, *,
+                       radii: Mapping[str, torch.Tensor | None], samples: int, *,
                        loss_and_grad: Callable[[Params], tuple[float, Params]] | None = None,
-                       ascent_steps: int = 0, step_size: float | None = None,
+                       ascent_steps: int = 0, step_size: float = 1.0, base: float | None = None,
                        advance: Callable[[], None] | None = None) -> SharpnessEstimate:
     """Average- and worst-case sharpness of `loss` (a closure: perturbation ε -> loss at θ+ε,
-    ε = None meaning unperturbed) in the L2 ball of `radius`.
+    ε = None meaning unperturbed) in the filter-wise ball B = {ε : ‖ε_i‖ ≤ r_i for every row i}
+    (`radii[name]` holds r_i per row (dim 0) of tensor `name`; None: the tensor never moves).
 
-    Random part: M = `samples` directions from `sample_direction()`, each scaled onto the sphere
-    ‖ε‖ = radius. Ascent part (needs `loss_and_grad`): start at the best random ε, then
-    ε ← Π_ball(ε + η g/‖g‖), η = `step_size` (default: radius), `ascent_steps` times; the loss at
-    every iterate counts for the worst case."""
+    Random part: M = `samples` directions from `sample_direction()`, each row rescaled onto its
+    sphere ‖ε_i‖ = r_i (so every sample lies on the boundary of B). Ascent part (needs
+    `loss_and_grad`): start at the best random ε, then `ascent_steps` times
+    ε_i ← Π_i(ε_i + η r_i g_i/‖g_i‖) row by row (η = `step_size`; rows with g_i = 0 stay), Π_i =
+    rescale row i onto its sphere when it leaves its ball; the loss at every iterate counts for
+    the worst case, worst = max(random samples, ascent iterates) ≥ max over the random samples.
+
+    Passes: 1 forward for L(θ) (none when `base` is given), M forwards, `ascent_steps`
+    forward+backward (the loss at each iterate comes with its gradient) and 1 forward for the
+    last iterate."""
     if samples < 1:
         raise ValueError("samples must be >= 1")
     tick = advance or (lambda: None)
-    base = float(loss(None))
-    tick()
+    if base is None:
+        base = float(loss(None))
+        tick()
+    base = float(base)
     randoms: list[float] = []
     best, best_loss = None, -math.inf
     for _ in range(samples):
         d = sample_direction()
-        length = _norm(d)
-        eps = _combine([(radius / length if length > 0 else 0.0, d)])
+        eps = {k: _rescale_rows(v, radii[k]) for k, v in d.items()}
         value = float(loss(eps))
         randoms.append(value)
         if value > best_loss:
             best, best_loss = eps, value
         tick()
     ascent: list[float] = []
-    if ascent_steps > 0 and loss_and_grad is not None and radius > 0:
-        eta = radius if step_size is None else step_size
+    size = radius_norm(radii)
+    if ascent_steps > 0 and loss_and_grad is not None and size > 0:
         eps = best
         for _ in range(ascent_steps):
             value, grad = loss_and_grad(eps)
@@ -234,16 +300,20 @@ def estimate_sharpness(loss: Callable[[Params | None], float], sample_direction:
             g = _norm(grad)
             if not math.isfinite(g) or g == 0.0:
                 break
-            eps = _combine([(1.0, eps), (eta / g, grad)])
-            length = _norm(eps)
-            if length > radius:
-                eps = _combine([(radius / length, eps)])
+            step = {k: _rescale_rows(v, radii[k]) for k, v in grad.items()}  # row i: r_i g_i/‖g_i‖
+            eps = project_rows(_combine([(1.0, eps), (step_size, step)]), radii)
         else:
             ascent.append(float(loss(eps)))
             tick()
     worst = max(randoms + ascent)
-    return SharpnessEstimate(avg=sum(randoms) / len(randoms) - base, worst=worst - base, base=base, radius=radius,
+    return SharpnessEstimate(avg=sum(randoms) / len(randoms) - base, worst=worst - base, base=base, radius=size,
                              random=tuple(v - base for v in randoms), ascent=tuple(v - base for v in ascent))
+
+
+def sharpness_passes(samples: int, ascent_steps: int, base: bool = True) -> tuple[int, int]:
+    """(forward-only passes, forward+backward passes) of `estimate_sharpness` when the ascent
+    runs all its steps (`base`: whether L(θ) is computed there rather than handed in)."""
+    return int(base) + samples + (1 if ascent_steps > 0 else 0), ascent_steps
 
 
 # ---------------------------------------------------------------- the model side
@@ -371,7 +441,8 @@ class PerturbedLoss:
         self.tokens = float(_all_reduce_sum(count.to(self._device())).item())
         if self.tokens == 0:
             raise UserError("the held-out sample has no target tokens")
-        self.evaluations = 0
+        self.evaluations = 0  # passes over the sample: forward-only + forward+backward
+        self.gradients = 0    # forward+backward passes (loss_and_grad)
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -432,6 +503,7 @@ class PerturbedLoss:
         flat = _all_reduce_sum(torch.cat([g.flatten() for g in grads]))
         total = _all_reduce_sum(total)
         self.evaluations += 1
+        self.gradients += 1
         out, offset = {}, 0
         for k, g in zip(names, grads):
             out[k] = flat[offset:offset + g.numel()].view_as(g) / self.tokens
@@ -463,18 +535,19 @@ def _generator(device: torch.device, *parts: Any) -> torch.Generator:
 
 
 def _sharpness(evaluator: PerturbedLoss, moved: list[Moved], rho: float, samples: int, ascent_steps: int,
-               generator: torch.Generator, advance: Callable[[], None] | None = None) -> SharpnessEstimate:
+               generator: torch.Generator, advance: Callable[[], None] | None = None,
+               base: float | None = None) -> SharpnessEstimate:
     norms = {m.name: m.norms for m in moved}
     shapes = {m.name: m.shape for m in moved}
-    size = math.sqrt(sum(float((n.double() ** 2).sum()) for n in norms.values() if n is not None))
-    return estimate_sharpness(evaluator, lambda: random_direction(norms, shapes, generator), rho * size, samples,
-                              loss_and_grad=evaluator.loss_and_grad, ascent_steps=ascent_steps, advance=advance)
+    return estimate_sharpness(evaluator, lambda: random_direction(norms, shapes, generator), row_radii(norms, rho),
+                              samples, loss_and_grad=evaluator.loss_and_grad, ascent_steps=ascent_steps, base=base,
+                              advance=advance)
 
 
 def _sharpness_record(est: SharpnessEstimate, rho: float, samples: int, ascent_steps: int, space: str, split: str,
                       examples: int, tokens: float, after: str | None = None) -> dict[str, Any]:
     record = {"avg": est.avg, "worst": est.worst, "rho": rho, "samples": samples, "radius": est.radius,
-              "loss": est.base, "ascent_steps": ascent_steps, "space": space, "split": split,
+              "loss": est.base, "ascent_steps": ascent_steps, "ball": "filter-wise", "space": space, "split": split,
               "examples": examples, "target_tokens": int(tokens)}
     if after is not None:
         record["after"] = after
@@ -495,8 +568,10 @@ def compute_sharpness(model: nn.Module, tokenizer, task, config: RunConfig, adap
     Collective under torch.distributed: every rank must call it (the sample is sharded, sums are
     all-reduced; every rank returns the same dict). The model is left bit for bit unchanged
     (parameters, requires_grad, .grad, train/eval mode).
-    Returns {"avg", "worst", "rho", "samples", "radius", "loss", "ascent_steps", "space", "split",
-    "examples", "target_tokens"}."""
+    Cost: 1 + `samples` + 1 forward passes and `ascent_steps` forward+backward passes over a
+    sample of ≤ 16 examples by default (see the module docstring).
+    Returns {"avg", "worst", "rho", "samples", "radius", "loss", "ascent_steps", "ball", "space",
+    "split", "examples", "target_tokens", "passes": {"forward", "forward_backward"}}."""
     from cl_flat import engine as ds
 
     section = config.evaluation
@@ -514,9 +589,13 @@ def compute_sharpness(model: nn.Module, tokenizer, task, config: RunConfig, adap
                                                 device=device)).item())
     show = (config.logging.progress and ds.rank() == 0) if progress is None else progress
     generator = _generator(device, seed, "sharpness", task.name, space)
-    with _progress(show, f"sharpness {task.name}", 2 + samples + ascent_steps) as advance:
+    forwards, backwards = sharpness_passes(samples, ascent_steps)
+    with _progress(show, f"sharpness {task.name}", forwards + backwards) as advance:
         est = _sharpness(evaluator, moved, rho, samples, ascent_steps, generator, advance)
-    return _sharpness_record(est, rho, samples, ascent_steps, space, split, examples, evaluator.tokens)
+    record = _sharpness_record(est, rho, samples, ascent_steps, space, split, examples, evaluator.tokens)
+    record["passes"] = {"forward": evaluator.evaluations - evaluator.gradients,
+                        "forward_backward": evaluator.gradients}
+    return record
 
 
 # ---------------------------------------------------------------- files
@@ -683,14 +762,19 @@ def compute_landscape(run_dir: Path, task: str, dims: int = 1, points: int = 21,
     if dims == 2:
         directions.append(orthogonalize(random_direction(norms, shapes, generator), directions[0], norms))
     coords = [(a,) for a in grid] if dims == 1 else [(a, b) for a in grid for b in grid]
-    total = len(coords) + (2 + samples + ascent_steps if sharpness else 0)
+    origin = sum(all(c == 0.0 for c in cs) for cs in coords)
+    forwards, backwards = sharpness_passes(samples, ascent_steps, base=False) if sharpness else (0, 0)
+    total = 1 + len(coords) - origin + forwards + backwards
     stem = landscape_stem(task, after, space)
     with _progress(progress, f"landscape {stem}", total) as advance:
-        losses = loss_surface(evaluator, directions, coords, advance)
+        # L(θ) once: the grid's origin and the sharpness baseline reuse it
+        base = evaluator(None)
+        advance()
+        losses = loss_surface(lambda eps: base if eps is None else evaluator(eps), directions, coords, advance)
         record = None
         if sharpness:
             gen = _generator(device, seed, "sharpness", task, space)
-            est = _sharpness(evaluator, moved, rho, samples, ascent_steps, gen, advance)
+            est = _sharpness(evaluator, moved, rho, samples, ascent_steps, gen, advance, base=base)
             record = _sharpness_record(est, rho, samples, ascent_steps, space, split,
                                        sum(len(b["input_ids"]) for b in batches), evaluator.tokens,
                                        after if after != task else None)
@@ -701,7 +785,8 @@ def compute_landscape(run_dir: Path, task: str, dims: int = 1, points: int = 21,
     png_path = run_dir / "plots" / f"landscape_{stem}_{suffix}.png"
     (plots.plot_landscape_1d if dims == 1 else plots.plot_landscape_2d)(csv_path, png_path)
     json_path = merge_sharpness(run_dir, stem, record) if record is not None else None
-    base = record["loss"] if record is not None else evaluator(None)
+    passes = {"forward": evaluator.evaluations - evaluator.gradients, "forward_backward": evaluator.gradients}
     del model
     return {"csv": csv_path, "png": png_path, "sharpness_json": json_path, "stem": stem, "loss": base,
-            "grid": losses, "sharpness": record, "seconds": time.perf_counter() - started}
+            "grid": losses, "sharpness": record, "passes": passes,
+            "examples": sum(len(b["input_ids"]) for b in batches), "seconds": time.perf_counter() - started}

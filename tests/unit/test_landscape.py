@@ -2,9 +2,12 @@
 
 Pure core on quadratics L(w) = ½ wᵀHw: the 1-D/2-D surfaces are exact polynomials in
 (alpha, beta); average-case sharpness over filter-normalised directions has the closed form
-ρ²/(2n) Σ_i ‖W_i‖² tr(H_ii); the projected ascent reaches r²λ_max/2. Model side on a tiny peft
-stack: the loss is the training loss, perturbations are applied exactly as an in-place edit of
-a copy would, and nothing in the live model changes, bit for bit.
+ρ²/(2n) Σ_i ‖W_i‖² tr(H_ii); the worst case lives in the filter-wise ball ‖ε_i‖ ≤ ρ‖W_i‖, whose
+maximum on a row-separable quadratic at 0 is Σ_i ½(ρ‖W_i‖)² λ_max(H_ii) (one row: r²λ_max/2),
+and the projected per-row ascent reaches it without ever leaving the ball. Model side on a tiny
+peft stack: the loss is the training loss, perturbations are applied exactly as an in-place
+edit of a copy would, nothing in the live model changes, bit for bit, and the number of passes
+over the held-out sample is what the module docstring promises.
 """
 
 from __future__ import annotations
@@ -133,8 +136,8 @@ def test_average_sharpness_closed_form_filter_normalised():
     loss, _ = quad(H, W)
     norms, shapes = {"w": ls.row_norms(W)}, {"w": W.shape}
     g = torch.Generator().manual_seed(9)
-    radius = rho * W.norm().item()  # = ρ|W|_F: the ball ε = ρ d lives on
-    est = ls.estimate_sharpness(loss, lambda: ls.random_direction(norms, shapes, g, dtype=D), radius, M)
+    radii = ls.row_radii(norms, rho)  # r_i = ρ|W_i|: each row of ε = ρ d lies on its sphere
+    est = ls.estimate_sharpness(loss, lambda: ls.random_direction(norms, shapes, g, dtype=D), radii, M)
     closed = rho**2 / (2 * n) * sum(W[i].norm().item() ** 2 * torch.trace(H[i * n:(i + 1) * n, i * n:(i + 1) * n]).item()
                                     for i in range(m))
     samples = torch.tensor(est.random, dtype=D)
@@ -142,20 +145,22 @@ def test_average_sharpness_closed_form_filter_normalised():
     assert est.avg == pytest.approx(samples.mean().item(), abs=1e-12)
     assert abs(est.avg - closed) < 4 * stderr, (est.avg, closed, stderr)
     assert est.base == pytest.approx(loss(None))
-    assert est.radius == radius
+    assert est.radius == pytest.approx(rho * W.norm().item(), rel=1e-12)  # sqrt(Σ r_i²) = ρ|W|_F
 
 
 def test_average_sharpness_isotropic_sphere_and_worst_case_ascent():
-    """w = 0, ε uniform on the sphere of radius r in R^n: E[½εᵀHε] = r² tr(H)/(2n) and
+    """One row w (1 × n), so the filter-wise ball is the ordinary L2 ball |ε| ≤ r: at w = 0, ε
+    uniform on the sphere of radius r in R^n: E[½εᵀHε] = r² tr(H)/(2n) and
     max_{|ε|<=r} ½εᵀHε = r² λ_max/2, approached by the projected ascent."""
     n, r, M = 4, 0.3, 20000
     Q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(1), dtype=D))
     lam = torch.tensor([4.0, 2.0, 1.0, 0.5], dtype=D)
     H = Q @ torch.diag(lam) @ Q.T
-    loss, loss_and_grad = quad(H, torch.zeros(n, dtype=D))
+    loss, loss_and_grad = quad(H, torch.zeros(1, n, dtype=D))
+    radii = {"w": torch.tensor([r], dtype=D)}
     g = torch.Generator().manual_seed(2)
-    sample = lambda: {"w": torch.randn(n, generator=g, dtype=D)}  # noqa: E731  (scaled onto the sphere inside)
-    est = ls.estimate_sharpness(loss, sample, r, M, loss_and_grad=loss_and_grad, ascent_steps=60)
+    sample = lambda: {"w": torch.randn(1, n, generator=g, dtype=D)}  # noqa: E731  (scaled onto the sphere inside)
+    est = ls.estimate_sharpness(loss, sample, radii, M, loss_and_grad=loss_and_grad, ascent_steps=60)
     closed_avg = r * r * lam.sum().item() / (2 * n)
     stderr = torch.tensor(est.random, dtype=D).std().item() / math.sqrt(M)
     assert abs(est.avg - closed_avg) < 4 * stderr
@@ -164,15 +169,109 @@ def test_average_sharpness_isotropic_sphere_and_worst_case_ascent():
     assert est.worst <= top * (1 + 1e-12)  # projected: never outside the ball
     # with few random samples and no ascent, the worst case is only the best random sample
     g2 = torch.Generator().manual_seed(3)
-    few = ls.estimate_sharpness(loss, lambda: {"w": torch.randn(n, generator=g2, dtype=D)}, r, 3)
+    few = ls.estimate_sharpness(loss, lambda: {"w": torch.randn(1, n, generator=g2, dtype=D)}, radii, 3)
     assert few.worst == max(few.random) and few.ascent == ()
     assert few.worst < top
     # a few ascent steps from the best of 3 directions already get close to the top
     g3 = torch.Generator().manual_seed(3)
-    five = ls.estimate_sharpness(loss, lambda: {"w": torch.randn(n, generator=g3, dtype=D)}, r, 3,
+    five = ls.estimate_sharpness(loss, lambda: {"w": torch.randn(1, n, generator=g3, dtype=D)}, radii, 3,
                                  loss_and_grad=loss_and_grad, ascent_steps=5)
     assert few.worst <= five.worst <= top * (1 + 1e-12) and five.worst > 0.9 * top
     assert len(five.ascent) == 6  # start + 5 iterates
+    assert five.random == few.random  # same draws: worst = max(best random, ascent) >= best random
+    # a known L(θ) is not recomputed
+    g4 = torch.Generator().manual_seed(3)
+    calls = []
+    counted = lambda eps: calls.append(eps is None) or loss(eps)  # noqa: E731
+    again = ls.estimate_sharpness(counted, lambda: {"w": torch.randn(1, n, generator=g4, dtype=D)}, radii, 3,
+                                  loss_and_grad=loss_and_grad, ascent_steps=5, base=0.0)
+    assert not any(calls) and len(calls) == 3 + 1 == sum(ls.sharpness_passes(3, 5, base=False)) - 5
+    assert again.worst == five.worst and again.avg == five.avg
+
+
+def test_project_rows_hand_values():
+    eps = {"w": torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]], dtype=D), "b": torch.ones(2, dtype=D)}
+    radii = {"w": torch.tensor([1.0, 1.0, 2.0], dtype=D), "b": None}
+    out = ls.project_rows(eps, radii)
+    # row 0: |ε_0| = 5 > 1 -> (0.6, 0.8); row 1: 0.5 <= 1 kept; row 2: 0 kept; tensors without radius -> 0
+    assert torch.allclose(out["w"], torch.tensor([[0.6, 0.8], [0.3, 0.4], [0.0, 0.0]], dtype=D), atol=1e-15)
+    assert torch.equal(out["b"], torch.zeros(2, dtype=D))
+    assert ls.radius_norm(radii) == pytest.approx(math.sqrt(6.0))
+    assert ls.row_radii({"w": torch.tensor([2.0, 4.0], dtype=D), "b": None}, 0.5)["w"].tolist() == [1.0, 2.0]
+
+
+def _recording(loss_and_grad, radii, seen):
+    """loss_and_grad that asserts every iterate it is asked about lies in the filter-wise ball."""
+
+    def wrapped(eps):
+        for k, e in eps.items():
+            lengths = e.flatten(1).norm(dim=1)
+            assert torch.all(lengths <= radii[k] * (1 + 1e-12)), (k, lengths, radii[k])
+        seen.append(eps)
+        return loss_and_grad(eps)
+
+    return wrapped
+
+
+def test_worst_case_filter_wise_ball_two_rows_hand_derived():
+    """Two rows of very different norms, |W_0| = 10, |W_1| = 0.1, ρ = 0.1 -> r = (1, 0.01); L(θ+ε)
+    = ½εᵀHε with H = diag(1, 2, 3 | 50, 5, 1) (separable: H_00 = diag(1,2,3), H_11 = diag(50,5,1)).
+    The filter-wise maximum: row 0 -> ±r_0 e_3: ½·1²·3 = 1.5; row 1 -> ±r_1 e_1: ½·0.01²·50 = 0.0025;
+    sum 1.5025. A plain L2 ball of radius ρ|W|_F = 0.1·√100.01 would put everything on the λ = 50
+    axis of the SMALL row, moving it by 100× its own radius: ½·0.01·100.01·50 = 25.0025."""
+    W = torch.tensor([[6.0, 8.0, 0.0], [0.0, 0.06, 0.08]], dtype=D)
+    rho = 0.1
+    H = torch.diag(torch.tensor([1.0, 2.0, 3.0, 50.0, 5.0, 1.0], dtype=D))
+    loss, loss_and_grad = quad(H, torch.zeros(2, 3, dtype=D))
+    norms, shapes = {"w": ls.row_norms(W)}, {"w": W.shape}
+    radii = ls.row_radii(norms, rho)
+    assert torch.allclose(radii["w"], torch.tensor([1.0, 0.01], dtype=D), rtol=1e-12)
+    top = 0.5 * 1.0**2 * 3.0 + 0.5 * 0.01**2 * 50.0  # 1.5025
+    g = torch.Generator().manual_seed(0)
+    seen = []
+    est = ls.estimate_sharpness(loss, lambda: ls.random_direction(norms, shapes, g, dtype=D), radii, 4,
+                                loss_and_grad=_recording(loss_and_grad, radii, seen),
+                                ascent_steps=200)
+    assert est.worst == pytest.approx(top, rel=1e-9)
+    assert est.worst <= top * (1 + 1e-12)
+    assert est.worst >= max(est.random)
+    assert len(seen) == 200
+    final = seen[-1]["w"]  # the iterate ends on the top axis of each row, each on its own sphere
+    assert abs(final[0, 2].item()) == pytest.approx(1.0, rel=1e-6)
+    assert abs(final[1, 0].item()) == pytest.approx(0.01, rel=1e-6)
+    # the same weights seen as ONE row (the old plain L2 ball of radius ρ|W|_F) reach ~25
+    flat_loss, flat_grad = quad(H, torch.zeros(1, 6, dtype=D))
+    g = torch.Generator().manual_seed(0)
+    plain = ls.estimate_sharpness(flat_loss, lambda: {"w": torch.randn(1, 6, generator=g, dtype=D)},
+                                  {"w": torch.tensor([rho * W.norm().item()], dtype=D)}, 4,
+                                  loss_and_grad=flat_grad, ascent_steps=200)
+    assert plain.worst == pytest.approx(0.5 * rho**2 * 100.01 * 50.0, rel=1e-9)
+    assert plain.worst > 16 * est.worst
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("steps", [0, 1, 5, 30])
+def test_worst_case_never_exceeds_the_filter_wise_bound(seed, steps):
+    """Any row-separable quadratic at its minimum, rows of norms 1e-3 .. 30: every random sample and
+    every ascent iterate lies in the ball, and worst <= Σ_i ½ r_i² λ_max(H_ii)."""
+    m, n, rho = 3, 4, 0.05
+    gen = torch.Generator().manual_seed(100 + seed)
+    W = torch.randn(m, n, generator=gen, dtype=D) * torch.tensor([[1e-3], [1.0], [30.0]], dtype=D)
+    blocks = [_block_hessian(1, n, 1000 * seed + i) * (10.0 ** (i - 1)) for i in range(m)]
+    H = torch.block_diag(*blocks)
+    loss, loss_and_grad = quad(H, torch.zeros(m, n, dtype=D))
+    norms, shapes = {"w": ls.row_norms(W)}, {"w": W.shape}
+    radii = ls.row_radii(norms, rho)
+    bound = sum(0.5 * radii["w"][i].item() ** 2 * torch.linalg.eigvalsh(blocks[i]).max().item() for i in range(m))
+    seen = []
+    est = ls.estimate_sharpness(loss, lambda: ls.random_direction(norms, shapes, gen, dtype=D), radii, 3,
+                                loss_and_grad=_recording(loss_and_grad, radii, seen), ascent_steps=steps)
+    assert len(seen) == steps
+    assert max(est.random) <= bound * (1 + 1e-12)
+    assert est.worst <= bound * (1 + 1e-12)
+    assert est.worst >= max(est.random)
+    if steps >= 30:
+        assert est.worst > 0.95 * bound  # near the top (slower where a block has a small eigengap)
 
 
 # ---------------------------------------------------------------- model side
