@@ -156,6 +156,24 @@ def _truncate_log(path: Path, done: int) -> None:
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
+def _record_sharpness(config: RunConfig, run_dir: Path, stack: AdapterStack, tokenizer, task, is_main: bool) -> None:
+    """Sharpness of the solution just trained (collective: every rank calls it), saved under
+    landscape/sharpness.json keyed by task, like `cl-flat landscape`."""
+    from cl_flat.landscape import compute_sharpness, landscape_stem, merge_sharpness
+
+    record = compute_sharpness(stack.model, tokenizer, task, config, stack.current, progress=False)
+    if is_main:
+        merge_sharpness(run_dir, landscape_stem(task.name, None, config.evaluation.sharpness_space), record)
+
+
+def _saved_sharpness(run_dir: Path, names: list[str]) -> dict[str, Any]:
+    from cl_flat.landscape import SHARPNESS_FILE
+
+    path = run_dir / "landscape" / SHARPNESS_FILE
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    return {key: value for key, value in saved.items() if key.split("_merged")[0] in names}
+
+
 def run_sequence(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     """Train and evaluate the sequence. With `resume`, tasks whose adapter and matrix row are
     saved are reloaded, not retrained; per-task randomness is keyed by (seed, task index), so
@@ -212,7 +230,11 @@ def run_sequence(config: RunConfig, resume: bool = False) -> dict[str, Any]:
             if is_main:
                 stack.save_current(run_dir / "adapters" / task.name)
             record(task.name, evaluate_tasks(stack.model, tokenizer, tasks, config, device))
+            if config.evaluation.sharpness:
+                _record_sharpness(config, run_dir, stack, tokenizer, task, is_main)
     metrics = compute_metrics([r for _, r in rows[1:]], rows[0][1])
+    if config.evaluation.sharpness:
+        metrics["sharpness"] = _saved_sharpness(run_dir, names) if is_main else None
     if is_main:
         from cl_flat import plots
 

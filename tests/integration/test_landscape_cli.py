@@ -42,6 +42,12 @@ def test_landscape_cli(tmp_path, tiny_config):
     assert [r[0] for r in rows] == [-1.0, -0.5, 0.0, 0.5, 1.0]
     assert all(r[1] > 0 for r in rows)
     assert (run_dir / "plots" / "landscape_t1_1d.png").read_bytes()[:4] == b"\x89PNG"
+    # passes over the held-out sample: L(θ) once + 4 other grid points + M = 8 samples + the last ascent
+    # iterate forward-only; 5 ascent steps (evaluation.sharpness_ascent_steps) of one forward+backward each
+    assert "14 forward + 5 forward+backward passes" in proc.stdout, proc.stdout
+    first = json.loads((run_dir / "landscape" / "sharpness.json").read_text())["t1"]
+    assert first["samples"] == 8 and first["ascent_steps"] == 5 and first["ball"] == "filter-wise"
+    assert first["worst"] >= first["avg"]
 
     proc = run_cli(["landscape", str(run_dir), "--task", "t1", "--dims", "2", "--points", "3", "--samples", "2"],
                    cwd=tmp_path)
@@ -66,8 +72,8 @@ def test_landscape_cli(tmp_path, tiny_config):
     # every trained task by default, later adapters with --after
     proc = run_cli(["landscape", str(run_dir), "--points", "3", "--samples", "1", "--space", "merged"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    proc = run_cli(["landscape", str(run_dir), "--task", "t1", "--after", "t2", "--points", "3", "--samples", "1"],
-                   cwd=tmp_path)
+    proc = run_cli(["landscape", str(run_dir), "--task", "t1", "--after", "t2", "--points", "3", "--samples", "1",
+                    "--ascent-steps", "1", "--max-samples", "5"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     landscape = run_dir / "landscape"
     assert (landscape / "t1_merged_1d.csv").is_file() and (landscape / "t2_merged_1d.csv").is_file()
@@ -75,6 +81,8 @@ def test_landscape_cli(tmp_path, tiny_config):
     sharp = json.loads((landscape / "sharpness.json").read_text())
     assert set(sharp) == {"t1", "t1_merged", "t2_merged", "t1_after_t2"}
     assert sharp["t1_after_t2"]["after"] == "t2"
+    assert sharp["t1_after_t2"]["ascent_steps"] == 1 and sharp["t1_after_t2"]["examples"] == 5
+    assert "3 forward + 1 forward+backward passes" in proc.stdout, proc.stdout
 
     assert _hashes(run_dir / "adapters") == adapters  # saved adapters untouched
 

@@ -109,3 +109,16 @@ def test_resume_gives_the_uninterrupted_matrix(tmp_path, tiny_config):
     (run_dir / "metrics.json").unlink()
     proc = run_cli(["train", str(path), "--resume", "--set", "training.learning_rate=0.5"], cwd=tmp_path)
     assert proc.returncode != 0 and "differs" in proc.stderr
+
+
+def test_sharpness_after_each_task_lands_in_metrics(tmp_path, tiny_config):
+    tiny_config["evaluation"].update({"sharpness": True, "sharpness_samples": 2, "sharpness_ascent_steps": 1})
+    path = write_config(tmp_path, tiny_config)
+    proc = run_cli(["train", str(path)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "results" / "tiny"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["sharpness"]) == {"t1", "t2"}
+    for record in metrics["sharpness"].values():
+        assert record["worst"] >= record["avg"] - 1e-12 and record["rho"] == 0.05 and record["samples"] == 2
+    assert json.loads((run_dir / "landscape" / "sharpness.json").read_text()) == metrics["sharpness"]

@@ -386,10 +386,47 @@ def test_compute_sharpness_leaves_live_model_bit_for_bit(tiny_stack, space):
     assert set(result) >= {"avg", "worst", "rho", "samples"}
     assert result["samples"] == 3 and result["rho"] == config.evaluation.sharpness_rho
     assert result["worst"] >= result["avg"] and result["worst"] > 0
-    assert result["examples"] == 12 and result["space"] == space
+    assert result["examples"] == 12 and result["space"] == space and result["ball"] == "filter-wise"
+    # L(θ) + 3 samples + the last ascent iterate forward-only; 2 ascent steps of one forward+backward each
+    assert result["passes"] == {"forward": 1 + 3 + 1, "forward_backward": 2}
+    assert sum(ls.sharpness_passes(3, 2)) == 5 + 2
     again = ls.compute_sharpness(model, tokenizer, tasks[1], config, "t2", space=space, samples=3, ascent_steps=2,
                                  progress=False)
     assert again == result  # seeded: the same numbers
+
+
+def test_compute_sharpness_stays_in_the_filter_wise_ball(tiny_stack, monkeypatch):
+    """Adapter space with a small B (as after training): every ε evaluated — random samples and
+    ascent iterates — moves row i of every A and B by at most ρ‖W_i‖, so B moves by at most ρ
+    times its OWN row norms, however much larger A is; the ascent never lowers the worst case."""
+    config, stack, tokenizer, tasks = tiny_stack
+    model = stack.model
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B.t2." in name:
+                p.mul_(1e-3)
+    rho = config.evaluation.sharpness_rho
+    limits = {m.name: rho * m.norms for m in ls.moved_weights(model, "adapter", "t2")}
+    seen = []
+
+    def check(eps):
+        if eps is not None:
+            for k, e in eps.items():
+                lengths = e.flatten(1).norm(dim=1)
+                assert torch.all(lengths <= limits[k] * (1 + 1e-5) + 1e-12), k
+            seen.append(eps)
+
+    call, grad = ls.PerturbedLoss.__call__, ls.PerturbedLoss.loss_and_grad
+    monkeypatch.setattr(ls.PerturbedLoss, "__call__", lambda self, eps=None: check(eps) or call(self, eps))
+    monkeypatch.setattr(ls.PerturbedLoss, "loss_and_grad", lambda self, eps: check(eps) or grad(self, eps))
+    result = ls.compute_sharpness(model, tokenizer, tasks[1], config, "t2", samples=4, ascent_steps=3, progress=False)
+    assert len(seen) == 4 + 3 + 1
+    big_b = max(float(limits[k].max()) for k in limits if ".lora_B." in k)
+    small_a = min(float(limits[k].min()) for k in limits if ".lora_A." in k)
+    assert big_b < 1e-2 * small_a  # the case the plain L2 ball got wrong: B tiny next to A
+    assert result["worst"] >= result["avg"] and math.isfinite(result["worst"])
+    assert result["radius"] == pytest.approx(math.sqrt(sum(float((v.double() ** 2).sum()) for v in limits.values())),
+                                             rel=1e-6)
 
 
 def _hashes(folder: Path) -> dict[str, str]:
@@ -415,7 +452,13 @@ def test_compute_landscape_on_a_saved_run(tiny_stack, tmp_path):
     rows = list(csv.DictReader(out["csv"].open()))
     assert out["csv"] == run_dir / "landscape" / "t1_1d.csv"
     assert [float(r["alpha"]) for r in rows] == [-1.0, -0.5, 0.0, 0.5, 1.0]
-    assert float(rows[2]["loss"]) == pytest.approx(out["sharpness"]["loss"], rel=1e-12)  # alpha 0 = unperturbed
+    assert float(rows[2]["loss"]) == out["sharpness"]["loss"] == out["loss"]  # alpha 0 = unperturbed, computed once
+    # passes over the sample: L(θ) once (grid origin + sharpness baseline), 4 other grid points, 2 random
+    # samples, the last ascent iterate; 5 ascent steps (config default) of one forward+backward each
+    assert config.evaluation.sharpness_ascent_steps == 5
+    assert out["passes"] == {"forward": 1 + 4 + 2 + 1, "forward_backward": 5}
+    assert out["examples"] == 12  # min(max_samples_per_task = 12, 16)
+    assert ls.LANDSCAPE_MAX_SAMPLES == 16
     assert out["png"].read_bytes()[:4] == b"\x89PNG"
     assert _hashes(run_dir / "adapters") == before
     with pytest.raises(UserError, match="not trained yet"):
@@ -453,7 +496,9 @@ def test_cli_bad_input(tiny_stack, tmp_path):
              ([str(run_dir), "--points", "1"], "--points"),
              ([str(run_dir), "--space", "full"], "--space"),
              ([str(run_dir), "--split", "dev"], "--split"),
-             ([str(run_dir), "--rho", "0"], "--rho")]
+             ([str(run_dir), "--rho", "0"], "--rho"),
+             ([str(run_dir), "--ascent-steps", "-1"], "--ascent-steps"),
+             ([str(run_dir), "--max-samples", "0"], "--max-samples")]
     for args, message in cases:
         result = CliRunner().invoke(app, ["landscape", *args])
         assert isinstance(result.exception, UserError), (args, result.output)
