@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 from pathlib import Path
 
@@ -115,13 +117,8 @@ def load_model(name_or_path: str, dtype: str = "fp32", seed: int = 0):
         return model, tokenizer
     if name_or_path.startswith("builtin:"):
         folder, filename = _builtin_gguf(name_or_path.split(":", 1)[1])
-        quiet = os.environ.get("TQDM_DISABLE")
-        os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF de-quantisation has its own tqdm bar
-        try:
+        with contextlib.redirect_stderr(io.StringIO()):  # the GGUF de-quantisation's own tqdm bar
             model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=filename, dtype=torch_dtype)
-        finally:
-            if quiet is None:
-                os.environ.pop("TQDM_DISABLE")
         tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=filename)
     else:
         offline = not Path(name_or_path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1"
