@@ -44,27 +44,27 @@ rank sums its slice; sums all-reduced), so every rank gets the same value.
 **Sharpness** — filter-wise (adaptive) geometry, the same as the directions'. ρ is RELATIVE
 and PER ROW: row i of every moved tensor may move by at most r_i = ρ‖W_i‖ (W = the moved
 weights of the space; for `merged`, W'), i.e. the ball is
-B = {ε : ‖ε_i‖ ≤ ρ‖W_i‖ for every row i} = {ε : ‖T_W⁻¹ ε‖_{2,∞} ≤ ρ}, T_W = diag(‖W_i‖) per row:
+U = {ε : ‖ε_i‖ ≤ ρ‖W_i‖ for every row i} = {ε : ‖T_W⁻¹ ε‖_{2,∞} ≤ ρ}, T_W = diag(‖W_i‖) per row:
 the filter-normalised ("adaptive") sharpness of Kwon et al. 2021 (ASAM, filter-wise T_W) and
 Andriushchenko et al. 2023 (adaptive sharpness, tml-epfl/sharpness-vs-generalization), here with
 an L2 norm per row. It is invariant to rescaling a row (or A → cA, B → B/c in LoRA), and a
 small row (e.g. a LoRA B that is small after training) only moves by ρ times its OWN norm — in
 a plain L2 ball of radius ρ‖W‖_F the large rows (A) set the radius and the ascent could push B
-by many times its norm. B lies inside that L2 ball (‖ε‖² = Σ‖ε_i‖² ≤ (ρ‖W‖_F)²), so worst-case
+by many times its norm. U lies inside that L2 ball (‖ε‖² = Σ‖ε_i‖² ≤ (ρ‖W‖_F)²), so worst-case
 values here are ≤ the plain-L2 ones. The record's "radius" is ρ‖W‖_F = the norm of every
-random sample (the largest ‖ε‖ in B).
+random sample (the largest ‖ε‖ in U).
 Average case: M directions d_m as above (each row on the sphere of radius ‖W_i‖), ε_m = ρ·d_m
-(every row on its sphere ‖ε_i‖ = r_i, on the boundary of B; alpha = ρ on a 1-D landscape is one
+(every row on its sphere ‖ε_i‖ = r_i, on the boundary of U; alpha = ρ on a 1-D landscape is one
 sample); avg = (1/M) Σ_m L(θ+ε_m) − L(θ). On a quadratic L = ½ wᵀHw around W (w = vec W),
 E[avg] = ρ²/(2n) Σ_i ‖W_i‖² tr(H_ii) (n = row length, H_ii the block of row i); for one row
 this is r²·tr(H)/(2n).
 Worst case: the larger of max_m L(θ+ε_m) and the best iterate of a projected, per-row
-normalised gradient ascent in B, started at the best random ε, `ascent_steps` (config
+normalised gradient ascent in U, started at the best random ε, `ascent_steps` (config
 `evaluation.sharpness_ascent_steps`, default 5) steps ε_i ← Π_i(ε_i + η·ρ‖W_i‖·g_i/‖g_i‖)
 (η = 1; Π_i rescales a row that left its ball back onto its sphere — the exact projection onto
-B), minus L(θ); so worst ≥ max over the random samples by construction. All losses are on the
+U), minus L(θ); so worst ≥ max over the random samples by construction. All losses are on the
 same fixed batches. On L = ½ wᵀHw at w = 0 with H block-diagonal over rows (separable),
-max_B = Σ_i ½ r_i² λ_max(H_ii); with one row (B = the L2 ball of radius r) it is r²·λ_max/2, and
+max_U = Σ_i ½ r_i² λ_max(H_ii); with one row (U = the L2 ball of radius r) it is r²·λ_max/2, and
 the ascent approaches it.
 
 **Cost** (passes over the held-out sample, ≤ 16 examples by default). `compute_landscape`
@@ -259,11 +259,11 @@ def estimate_sharpness(loss: Callable[[Params | None], float], sample_direction:
                        ascent_steps: int = 0, step_size: float = 1.0, base: float | None = None,
                        advance: Callable[[], None] | None = None) -> SharpnessEstimate:
     """Average- and worst-case sharpness of `loss` (a closure: perturbation ε -> loss at θ+ε,
-    ε = None meaning unperturbed) in the filter-wise ball B = {ε : ‖ε_i‖ ≤ r_i for every row i}
+    ε = None meaning unperturbed) in the filter-wise ball U = {ε : ‖ε_i‖ ≤ r_i for every row i}
     (`radii[name]` holds r_i per row (dim 0) of tensor `name`; None: the tensor never moves).
 
     Random part: M = `samples` directions from `sample_direction()`, each row rescaled onto its
-    sphere ‖ε_i‖ = r_i (so every sample lies on the boundary of B). Ascent part (needs
+    sphere ‖ε_i‖ = r_i (so every sample lies on the boundary of U). Ascent part (needs
     `loss_and_grad`): start at the best random ε, then `ascent_steps` times
     ε_i ← Π_i(ε_i + η r_i g_i/‖g_i‖) row by row (η = `step_size`; rows with g_i = 0 stay), Π_i =
     rescale row i onto its sphere when it leaves its ball; the loss at every iterate counts for
