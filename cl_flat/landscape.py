@@ -47,7 +47,7 @@ weights of the space; for `merged`, W'), i.e. the ball is
 U = {ε : ‖ε_i‖ ≤ ρ‖W_i‖ for every row i} = {ε : ‖T_W⁻¹ ε‖_{2,∞} ≤ ρ}, T_W = diag(‖W_i‖) per row:
 the filter-normalised ("adaptive") sharpness of Kwon et al. 2021 (ASAM, filter-wise T_W) and
 Andriushchenko et al. 2023 (adaptive sharpness, tml-epfl/sharpness-vs-generalization), here with
-an L2 norm per row. It is invariant to rescaling a row (or A → cA, B → B/c in LoRA), and a
+an L2 norm per row. It is invariant to LoRA's rescaling symmetry A → cA, B → B/c, and a
 small row (e.g. a LoRA B that is small after training) only moves by ρ times its OWN norm — in
 a plain L2 ball of radius ρ‖W‖_F the large rows (A) set the radius and the ascent could push B
 by many times its norm. U lies inside that L2 ball (‖ε‖² = Σ‖ε_i‖² ≤ (ρ‖W‖_F)²), so worst-case
