@@ -137,8 +137,6 @@ def eval_(run_dir: Path) -> None:
     result = reevaluate(run_dir)
     if engine.rank() == 0:
         rows = [("saved", result["saved"]), ("reloaded", result["scores"])]
-        from cl_flat.metrics import compute_metrics  # noqa: F401  (keeps import errors early)
-
         from rich.console import Console
         from rich.table import Table
 

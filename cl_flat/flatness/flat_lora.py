@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 
-import torch
 
 from cl_flat.config import FlatLoraMethod
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.noise import Scale, TargetCache, perturbed
+from cl_flat.flatness.noise import Scale, TargetCache, noisy_mean_gradient
 
 
 def ramp_factor(kind: str, step: int, total_steps: int) -> float:
@@ -53,11 +52,4 @@ class FlatLora(FlatnessMethod):
         sigma = self.config.noise_std * factor
         frozen = [(t, Scale(t.merged_rows() * (sigma / math.sqrt(t.weight.shape[1]))))
                   for t in self.targets.get(ctx.module, "adapted", ctx.step)]
-        n = len(micro_batches)
-        losses = []
-        for i, batch in enumerate(micro_batches):
-            with perturbed(frozen, [], (ctx.seed, ctx.step, ctx.rank, i)):
-                loss = ctx.loss(batch)
-                ctx.backward(loss / n, last=i == n - 1)
-            losses.append(loss.detach())
-        return {"loss": torch.stack(losses).float().mean().item(), "ramp": factor}
+        return {"loss": noisy_mean_gradient(ctx, micro_batches, frozen, []), "ramp": factor}

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 
-import torch
 
 from cl_flat.config import LpfSgdMethod
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.noise import TargetCache, compact_scale, perturbed
+from cl_flat.flatness.noise import TargetCache, compact_scale, noisy_mean_gradient
 
 
 def lpf_radius(gamma0: float, alpha: float, step: int, total_steps: int) -> float:
@@ -50,11 +49,4 @@ class LpfSgd(FlatnessMethod):
                    for t in self.targets.get(model, "adapted", ctx.step)] if c.scope in ("full", "base") else [])
         trainable = ([(n, p, compact_scale("lpf_sgd", p, gamma)) for n, p in ctx.params.items()]
                      if c.scope in ("lora", "full") else [])
-        n = len(micro_batches)
-        losses = []
-        for i, batch in enumerate(micro_batches):
-            with perturbed(frozen, trainable, (ctx.seed, ctx.step, ctx.rank, i)):
-                loss = ctx.loss(batch)
-                ctx.backward(loss / n, last=i == n - 1)
-            losses.append(loss.detach())
-        return {"loss": torch.stack(losses).float().mean().item(), "radius": gamma}
+        return {"loss": noisy_mean_gradient(ctx, micro_batches, frozen, trainable), "radius": gamma}

@@ -292,6 +292,19 @@ def perturbed(frozen: list[tuple[FrozenTarget, Scale]], trainable: list[tuple[st
 # ---------------------------------------------------------------- row Fisher
 
 
+def noisy_mean_gradient(ctx, micro_batches: list, frozen: list, trainable: list) -> float:
+    """One noisy pass per micro-batch with fresh noise each (key: seed, update, rank, micro-batch):
+    applies g = (1/N) Σ_i ∇L(θ+ε_i; B_i); returns the mean noisy loss (one-pass methods)."""
+    n = len(micro_batches)
+    losses = []
+    for i, batch in enumerate(micro_batches):
+        with perturbed(frozen, trainable, (ctx.seed, ctx.step, ctx.rank, i)):
+            loss = ctx.loss(batch)
+            ctx.backward(loss / n, last=i == n - 1)
+        losses.append(loss.detach())
+    return torch.stack(losses).float().mean().item()
+
+
 class RowFisher:
     """EMA of the per-row empirical Fisher: F_i ← decay·F_i + F̂_i (see the module docstring)."""
 

@@ -136,7 +136,6 @@ def test_two_micro_batches_direction_matches_independent():
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     (_lm_loss(model, b1) + _lm_loss(model, b2)).backward()
     norm = torch.norm(torch.stack([p.grad.norm() for p in params.values()]))
-    saved = {n: p.detach().clone() for n, p in params.items()}
     with torch.no_grad():
         for p in params.values():
             p.add_(p.grad * 0.05 / norm)
