@@ -244,7 +244,8 @@ def main() -> None:
     try:
         app()
     except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        if os.environ.get("RANK", "0") == "0":  # every rank finds the same problem: say it once
+            typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted; results of completed tasks are kept", err=True)
