@@ -214,7 +214,7 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 def save_bench(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    from cl_flat.run import atomic_write_text
+    from cl_flat.files import atomic_write_text
 
     device = "".join(c if c.isalnum() else "-" for c in result["device"].split(" (")[0].lower()).strip("-")
     stem = f"{Path(result['config']).stem}-{device}"
@@ -230,3 +230,6 @@ if __name__ == "__main__":  # worker: python -m cl_flat.bench CONFIG LABEL UPDAT
     outcome = measure(config_arg, label_arg, int(updates_arg), int(warmup_arg))
     if int(os.environ.get("RANK", "0")) == 0:
         Path(out_arg).write_text(json.dumps(outcome))
+    from cl_flat.engine import shutdown
+
+    shutdown()

@@ -67,6 +67,7 @@ def train(config: Path, set_: SetOption = None,
     if engine.rank() == 0:
         _print_matrix(result["tasks"], result["rows"], result["metrics"])
         typer.echo(f"results: {result['run_dir']}")
+    engine.shutdown()
 
 
 @app.command()
@@ -135,7 +136,9 @@ def eval_(run_dir: Path) -> None:
     from cl_flat.run import reevaluate
 
     result = reevaluate(run_dir)
-    if engine.rank() == 0:
+    is_main = engine.rank() == 0
+    engine.shutdown()
+    if is_main:
         rows = [("saved", result["saved"]), ("reloaded", result["scores"])]
         from rich.console import Console
         from rich.table import Table

@@ -42,6 +42,15 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly (an abrupt exit of a gloo group occasionally aborts)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     import torch.distributed as dist
 
@@ -82,7 +91,7 @@ def all_reduce_mean(value: float) -> float:
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device() if torch.cuda.is_available() else "cpu")
+    tensor = torch.tensor([value], dtype=torch.float64, device=device())
     dist.all_reduce(tensor)
     return tensor.item() / dist.get_world_size()
 

@@ -98,6 +98,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cl_flat.files import atomic_write_text
 from cl_flat.config import RunConfig, UserError
 from cl_flat.data.batches import IGNORE, Encoded, collate, encode_examples
 from cl_flat.train import derive_seed
@@ -607,12 +608,6 @@ def landscape_stem(task: str, after: str | None = None, space: str = "adapter") 
     return stem if space == "adapter" else f"{stem}_{space}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    from cl_flat.run import atomic_write_text
-
-    atomic_write_text(path, text)
-
-
 def merge_sharpness(run_dir: Path, key: str, record: Mapping[str, Any]) -> Path:
     """Set entry `key` of <run_dir>/landscape/sharpness.json (other entries kept), atomically."""
     path = Path(run_dir) / "landscape" / SHARPNESS_FILE
@@ -623,7 +618,7 @@ def merge_sharpness(run_dir: Path, key: str, record: Mapping[str, Any]) -> Path:
         except json.JSONDecodeError:
             data = {}
     data[key] = dict(record)
-    _atomic_write(path, json.dumps(data, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
     return path
 
 
@@ -632,7 +627,7 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[float]
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     writer.writerows([[repr(float(v)) for v in row] for row in rows])
-    _atomic_write(path, buffer.getvalue())
+    atomic_write_text(path, buffer.getvalue())
 
 
 # ---------------------------------------------------------------- run folders

@@ -16,13 +16,15 @@ Entries on or below the diagonal are required by the metrics that use them.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from cl_flat.files import atomic_write_text
 
 __all__ = [
     "MatrixFormatError",
@@ -306,19 +308,6 @@ def write_acc_matrix(path: str | os.PathLike[str], task_names: Sequence[str],
                              "(one per task)")
         lines.append([name, *(_format_cell(v) for v in vals)])
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # Same directory as the target so os.replace is an atomic rename on one filesystem.
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            csv.writer(f, lineterminator="\n").writerows(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(lines)
+    atomic_write_text(path, buffer.getvalue())

@@ -10,7 +10,6 @@ import csv
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from cl_flat import metrics  # noqa: E402
+from cl_flat.files import atomic_path  # noqa: E402
 
 __all__ = [
     "plot_acc_matrix",
@@ -38,20 +38,9 @@ PathLike = str | os.PathLike[str]
 
 def _save(fig: Figure, out_png: PathLike) -> None:
     """savefig to a temp .png beside the target, then os.replace; always closes the figure."""
-    out = os.fspath(out_png)
-    directory = os.path.dirname(os.path.abspath(out))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".png", dir=directory)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+        with atomic_path(out_png, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)
 

@@ -8,10 +8,8 @@ metrics.json — its presence marks a complete run. Only rank 0 writes.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from cl_flat.config import ConfigError, RunConfig, UserError, config_to_dict, va
 from cl_flat.data import load_task
 from cl_flat.data.batches import encode_examples
 from cl_flat.evaluate import evaluate_tasks
+from cl_flat.files import atomic_write_text
 from cl_flat.flatness import build_method
 from cl_flat.metrics import ZERO_SHOT, compute_metrics, read_acc_matrix, write_acc_matrix
 from cl_flat.models import check_target_modules, load_model
@@ -32,14 +31,6 @@ from cl_flat.tracking import Tracker
 from cl_flat.train import train_task
 
 CONFIG_FILE, MATRIX_FILE, METRICS_FILE = "config.yaml", "acc_matrix.csv", "metrics.json"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
-                                     encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
 
 
 def _git_commit() -> str | None:
@@ -117,18 +108,19 @@ class _Bars:
         self.progress.update(bar, **fields)
 
 
-def _check_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> int:
-    """How many tasks are already complete (resume), or an error if the folder is in use."""
+def _check_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> list[tuple[str, list[float]]]:
+    """The saved rows (zero_shot + completed tasks) to resume from, or an error if the folder is
+    in use; empty for a fresh start."""
     if not resume:
         if (run_dir / METRICS_FILE).exists():
             raise UserError(f"{run_dir} already holds a complete run; choose another run.name (--set run.name=...)")
         if (run_dir / MATRIX_FILE).exists():
             raise UserError(f"{run_dir} holds a started run; continue it with --resume, or choose another run.name")
-        return 0
+        return []
     if (run_dir / METRICS_FILE).exists():
         raise UserError(f"{run_dir} is already complete; nothing to resume")
     if not (run_dir / MATRIX_FILE).exists():
-        return 0
+        return []
     saved = load_run_config(run_dir)
     if config_to_dict(saved) != config_to_dict(config):
         ours, theirs = config_to_dict(config), config_to_dict(saved)
@@ -136,16 +128,13 @@ def _check_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> int:
         raise UserError(f"--resume: the config differs from the one in {run_dir} (sections {changed}); "
                         "resume with the same config and overrides")
     names, rows, zero_shot = read_acc_matrix(run_dir / MATRIX_FILE, allow_partial=True)
+    if zero_shot is None:
+        return []
     done = 0
     for name in names[:len(rows)]:
         if not (run_dir / "adapters" / name / "adapter_model.safetensors").is_file():
             break
         done += 1
-    return done if zero_shot is not None else 0
-
-
-def _restore_rows(run_dir: Path, done: int) -> list[tuple[str, list[float]]]:
-    names, rows, zero_shot = read_acc_matrix(run_dir / MATRIX_FILE, allow_partial=True)
     return [(ZERO_SHOT, zero_shot)] + [(names[i], rows[i]) for i in range(done)]
 
 
@@ -181,7 +170,7 @@ def run_sequence(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     ds.init_distributed()
     is_main = ds.rank() == 0
     run_dir = config.run.output_dir / config.run.name
-    outcome: int | str = 0
+    outcome: list | str = []
     if is_main:
         try:
             outcome = _check_run_dir(config, run_dir, resume)
@@ -190,7 +179,8 @@ def run_sequence(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     outcome = ds.broadcast_object(outcome)
     if isinstance(outcome, str):
         raise UserError(outcome)
-    done = outcome
+    restored = outcome
+    done = max(len(restored) - 1, 0)
     method, tasks, model, tokenizer = prepare(config)
     device = ds.device()
     model.to(device)
@@ -211,7 +201,7 @@ def run_sequence(config: RunConfig, resume: bool = False) -> dict[str, Any]:
             write_acc_matrix(run_dir / MATRIX_FILE, names, rows)
 
     if done:
-        rows.extend(ds.broadcast_object(_restore_rows(run_dir, done) if is_main else None))
+        rows.extend(restored)
         saved = [(stack_name, run_dir / "adapters" / name) for name, stack_name in
                  zip(names[:done], names[:done] if config.lora.strategy == "inclora" else [SEQLORA_ADAPTER] * done)]
         stack = AdapterStack.load(model, config.lora, saved if config.lora.strategy == "inclora" else saved[-1:],

@@ -134,6 +134,12 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache", raising=False)
 
 
+
+def hf_config(tmp_path, dataset: str, train: str, test: str, **extra):
+    """A one-task run config with an `hf` task over local files in tmp_path (labels a, b)."""
+    return run_config({"name": "h", "source": "hf", "dataset": dataset, "labels": ["a", "b"],
+                       "data_files": {"train": str(tmp_path / train), "test": str(tmp_path / test)}, **extra})
+
 def test_hf_csv_with_integer_labels_mapped_through_labels(tmp_path, offline):
     (tmp_path / "train.csv").write_text("text,label\ngreat food,1\nawful service,0\nfine,1\n")
     (tmp_path / "test.csv").write_text("text,label\ncold soup,0\n")
@@ -161,9 +167,7 @@ def test_hf_json_with_string_labels_and_custom_fields(tmp_path, offline):
 
 def test_hf_string_label_not_among_labels(tmp_path, offline):
     write_lines(tmp_path / "d.json", [json.dumps({"text": "x", "label": "a"}), json.dumps({"text": "y", "label": "c"})])
-    config = run_config({"name": "h", "source": "hf", "dataset": "json",
-                         "data_files": {"train": str(tmp_path / "d.json"), "test": str(tmp_path / "d.json")},
-                         "labels": ["a", "b"]})
+    config = hf_config(tmp_path, "json", "d.json", "d.json")
     with pytest.raises(DataError) as info:
         load_task(config.tasks[0], config)
     assert "'c'" in str(info.value)
@@ -171,9 +175,7 @@ def test_hf_string_label_not_among_labels(tmp_path, offline):
 
 def test_hf_integer_label_out_of_range(tmp_path, offline):
     (tmp_path / "d.csv").write_text("text,label\nx,0\ny,2\n")
-    config = run_config({"name": "h", "source": "hf", "dataset": "csv",
-                         "data_files": {"train": str(tmp_path / "d.csv"), "test": str(tmp_path / "d.csv")},
-                         "labels": ["a", "b"]})
+    config = hf_config(tmp_path, "csv", "d.csv", "d.csv")
     with pytest.raises(DataError) as info:
         load_task(config.tasks[0], config)
     assert "2" in str(info.value) and "labels" in str(info.value)
@@ -193,9 +195,7 @@ def test_hf_missing_column_is_named(tmp_path, offline, missing_field):
 
 def test_hf_missing_data_file(tmp_path, offline):
     (tmp_path / "d.csv").write_text("text,label\nx,0\n")
-    config = run_config({"name": "h", "source": "hf", "dataset": "csv",
-                         "data_files": {"train": str(tmp_path / "d.csv"), "test": str(tmp_path / "gone.csv")},
-                         "labels": ["a", "b"]})
+    config = hf_config(tmp_path, "csv", "d.csv", "gone.csv")
     with pytest.raises(DataError) as info:
         load_task(config.tasks[0], config)
     assert "gone.csv" in str(info.value)
