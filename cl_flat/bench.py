@@ -78,15 +78,15 @@ class StoredNoiseRwp:
         from cl_flat.flatness.noise import frozen_targets
 
         n, a, b = len(micro_batches), self.config.a, self.config.b
-        for i, batch in enumerate(micro_batches):
-            ctx.backward(ctx.loss(batch) * (a / n), last=False)
+        for batch in micro_batches:
+            ctx.accumulate(batch, a / n, last=False)
         weights = [target.weight for target in frozen_targets(ctx.module)]
         stored = [torch.randn_like(w) * self.config.noise_std for w in weights]
         with torch.no_grad():
             for w, e in zip(weights, stored):
                 w.add_(e)
         try:
-            ctx.backward(ctx.loss(micro_batches[-1]) * b, last=True)
+            ctx.accumulate(micro_batches[-1], b, last=True)
         finally:
             with torch.no_grad():
                 for w, e in zip(weights, stored):
@@ -172,39 +172,55 @@ def _run_variant(config_path: str, label: str, updates: int, warmup: int) -> dic
         return json.loads(out.read_text())
 
 
-def run_bench(config_path: str, labels: list[str], updates: int, warmup: int) -> dict[str, Any]:
-    """Run each variant in a fresh process; ratios against `none` (1 rank) or `none_2ranks`."""
+def run_bench(config_path: str, labels: list[str], updates: int, warmup: int, rounds: int = 1) -> dict[str, Any]:
+    """Run each variant in a fresh process, `rounds` times over (every variant once per round,
+    so slow drifts of a shared machine hit all variants alike). Per round, a variant's time is
+    compared with `none` (1 rank) or `none_2ranks` of the SAME round; reported: the median over
+    rounds of the seconds per update and of those paired ratios, and the largest peak memory."""
     from cl_flat.config import UserError, load_config
 
     config = load_config(config_path)
     unknown = [label for label in labels if label not in VARIANTS]
     if unknown:
         raise UserError(f"--methods: unknown variant(s) {unknown}; available: {list(VARIANTS)}")
+    if rounds < 1:
+        raise UserError(f"--rounds: expected at least 1, got {rounds}")
     needed = list(dict.fromkeys(
         (["none"] if any(VARIANTS[label][1] == 1 for label in labels) else [])
         + (["none_2ranks"] if any(VARIANTS[label][1] == 2 for label in labels) else []) + labels))
-    raw = {label: _run_variant(config_path, label, updates, warmup) for label in needed}
+    raw: dict[str, list[dict[str, Any]]] = {label: [] for label in needed}
+    for _ in range(rounds):
+        for label in needed:
+            raw[label].append(_run_variant(config_path, label, updates, warmup))
     methods = {}
     for label in needed:
-        base = raw["none_2ranks" if VARIANTS[label][1] == 2 else "none"]
-        entry = raw[label]
-        methods[label] = {**entry,
-                          "time_ratio": entry["seconds_per_update"] / base["seconds_per_update"],
-                          "memory_ratio": entry["peak_memory_bytes"] / base["peak_memory_bytes"],
-                          "compared_with": "none_2ranks" if VARIANTS[label][1] == 2 else "none"}
+        base_label = "none_2ranks" if VARIANTS[label][1] == 2 else "none"
+        runs, base = raw[label], raw[base_label]
+        methods[label] = {
+            "seconds_per_update": statistics.median(r["seconds_per_update"] for r in runs),
+            "time_ratio": statistics.median(r["seconds_per_update"] / b["seconds_per_update"]
+                                            for r, b in zip(runs, base)),
+            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs),
+            "memory_ratio": statistics.median(r["peak_memory_bytes"] / b["peak_memory_bytes"]
+                                              for r, b in zip(runs, base)),
+            "compared_with": base_label, "updates": runs[0]["updates"], "ranks": runs[0]["ranks"],
+            "rounds": [r["seconds_per_update"] for r in runs]}
     return {"device": _device_name(), "model": config.model.name_or_path, "config": str(config_path),
             "batch": f"{config.training.micro_batch_size} x {config.training.max_seq_length} tokens"
                      f" x {config.training.gradient_accumulation_steps} micro-batches",
             "lora": {"r": config.lora.r, "target_modules": config.lora.target_modules},
             "precision": "bf16" if config.deepspeed.bf16 else "fp32", "zero_stage": config.deepspeed.zero_stage,
-            "updates": updates, "warmup": warmup, "methods": methods}
+            "updates": updates, "warmup": warmup, "rounds": rounds, "threads": torch.get_num_threads(),
+            "methods": methods}
 
 
 def markdown_table(result: dict[str, Any]) -> str:
     lines = [f"# cl-flat bench: {result['model']} on {result['device']}", "",
              f"batch {result['batch']}, {result['precision']}, ZeRO {result['zero_stage']}, "
              f"LoRA r={result['lora']['r']} on {', '.join(result['lora']['target_modules'])}; "
-             f"median of {result['updates']} updates after {result['warmup']} warm-up", "",
+             f"median of {result['updates']} updates after {result['warmup']} warm-up, "
+             f"{result.get('rounds', 1)} round(s), each variant in a fresh process; ratios paired within a round",
+             "",
              "| method | s/update | time ratio | peak memory (MiB) | memory ratio | vs |",
              "|---|---:|---:|---:|---:|---|"]
     for label, m in result["methods"].items():

@@ -228,13 +228,15 @@ def bench(config: Path,
           methods: Annotated[Optional[str], typer.Option(help="comma-separated variants (default: all)")] = None,
           updates: Annotated[int, typer.Option(min=1, help="timed updates per variant")] = 5,
           warmup: Annotated[int, typer.Option(min=0, help="untimed updates first")] = 2,
+          rounds: Annotated[int, typer.Option(min=1, help="times every variant runs (interleaved); "
+                                                       "medians over rounds")] = 1,
           out: Annotated[Path, typer.Option(help="folder for the JSON and markdown table")] = Path("results/bench"),
           as_json: Annotated[bool, typer.Option("--json", help="print the JSON result")] = False) -> None:
     """Seconds per update and peak memory of each flatness method vs plain training."""
     from cl_flat.bench import VARIANTS, markdown_table, run_bench, save_bench
 
     labels = [m.strip() for m in methods.split(",")] if methods else list(VARIANTS)
-    result = run_bench(str(config), labels, updates, warmup)
+    result = run_bench(str(config), labels, updates, warmup, rounds)
     json_path, md_path = save_bench(result, out)
     typer.echo(json.dumps(result, indent=2) if as_json else markdown_table(result))
     typer.echo(f"saved: {json_path} {md_path}", err=True)

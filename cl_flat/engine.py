@@ -142,13 +142,29 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return factor
 
 
+class KeptGradAdamW(torch.optim.AdamW):
+    """AdamW whose `zero_grad` zeroes the gradient buffers in place instead of dropping them
+    (ZeRO-0, where DeepSpeed steps this optimizer itself). Why: a `.grad` allocated afresh by
+    each update's first backward lands among the just-freed activations; living on into the
+    next forward, hundreds of such small buffers fragment the CPU heap (glibc), and a second
+    pass in the same update (SAM, RWP, gradient accumulation) then grew the peak resident
+    memory by about 15%. Allocated once, before the first forward, they stay out of the way."""
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        super().zero_grad(set_to_none=False)
+
+
 def create_engine(config: RunConfig, model: torch.nn.Module, params: list[torch.nn.Parameter], total_updates: int):
     """A DeepSpeed engine training `params` with torch AdamW and the configured schedule."""
     import deepspeed
 
     training = config.training
-    optimizer = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay,
-                                  betas=(0.9, 0.999), eps=1e-8)
+    zero0 = config.deepspeed.zero_stage == 0
+    optimizer = (KeptGradAdamW if zero0 else torch.optim.AdamW)(
+        params, lr=training.learning_rate, weight_decay=training.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    if zero0:
+        for p in params:  # allocated before any activation (see KeptGradAdamW)
+            p.grad = torch.zeros_like(p)
     warmup = math.ceil(training.warmup_ratio * total_updates)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(training.lr_scheduler, warmup, total_updates))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

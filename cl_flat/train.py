@@ -124,4 +124,6 @@ def train_task(config: RunConfig, model: torch.nn.Module, params: dict[str, torc
         if bar is not None:
             progress.update(bar, advance=1, loss=loss, rate=(update + 1) / max(elapsed, 1e-9))
     engine.destroy()
+    for p in params.values():  # the adapter is frozen next: free its gradient buffers
+        p.grad = None
     return {"updates": plan.updates, "final_loss": losses[-1], "seconds": time.perf_counter() - started}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from cl_flat.config import NoneMethod
 from cl_flat.flatness.base import FlatnessMethod, register
 
@@ -19,9 +21,5 @@ class Plain(FlatnessMethod):
 
     def window(self, ctx, micro_batches):
         n = len(micro_batches)
-        total = 0.0
-        for i, batch in enumerate(micro_batches):
-            loss = ctx.loss(batch)
-            ctx.backward(loss / n, last=i == n - 1)
-            total += loss.item()
-        return {"loss": total / n}
+        losses = [ctx.accumulate(batch, 1 / n, last=i == n - 1) for i, batch in enumerate(micro_batches)]
+        return {"loss": torch.stack(losses).float().mean().item()}

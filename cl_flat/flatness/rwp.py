@@ -116,17 +116,12 @@ class Rwp(FlatnessMethod):
             capture = (self.fisher.capture(self._fisher_modules(ctx, model), 1.0 / (weight ** 2 * len(clean_batches)))
                        if use_fisher else nullcontext())
             with capture:
-                for batch in clean_batches:
-                    loss = ctx.loss(batch)
-                    ctx.backward(loss * weight, last=False)
-                    losses.append(loss.detach())
+                losses = [ctx.accumulate(batch, weight, last=False) for batch in clean_batches]
             if use_fisher:
                 self.fisher.update()
         frozen, trainable = self._noise(ctx, model, use_fisher)
         with perturbed(frozen, trainable, (ctx.seed, ctx.step, ctx.rank, n - 1)):
-            noisy = ctx.loss(micro_batches[-1])
-            ctx.backward(noisy * c.b, last=True)
-        noisy = noisy.detach()
+            noisy = ctx.accumulate(micro_batches[-1], c.b, last=True)
         clean = torch.stack(losses).mean() if losses else noisy
         values = torch.stack([clean.float(), noisy.float()]).tolist()  # one host sync
         return {"loss": values[0], "noisy_loss": values[1]}
@@ -144,8 +139,6 @@ class Rwp(FlatnessMethod):
         losses = []
         for i, batch in enumerate(micro_batches):
             with perturbed(*noise, (ctx.seed, ctx.step, ctx.rank, i)) if noisy_rank else nullcontext():
-                loss = ctx.loss(batch)
-                ctx.backward(loss * weight, last=i == len(micro_batches) - 1)
-            losses.append(loss.detach())
+                losses.append(ctx.accumulate(batch, weight, last=i == len(micro_batches) - 1))
         return {"loss": torch.stack(losses).float().mean().item(), "noisy_rank": float(noisy_rank)}
 

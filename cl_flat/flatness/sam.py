@@ -43,25 +43,26 @@ class Sam(FlatnessMethod):
 
     def window(self, ctx, micro_batches):
         params = list(ctx.params.values())
-        clean = None
-        total = 0.0
+        clean, losses = None, []
         for batch in micro_batches:
-            loss = ctx.loss(batch)
-            total += loss.item()
-            grads = ctx.grads(loss)
+            loss, grads = ctx.probe(batch)
+            losses.append(loss)
             clean = grads if clean is None else [c + g for c, g in zip(clean, grads)]
         eps = sam_perturbation(params, clean, self.config.rho, adaptive=self.config.adaptive,
                                per_tensor=self.config.norm == "per_tensor")
+        eps_norm = torch.linalg.vector_norm(torch.stack([e.norm() for e in eps]))
         saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, e in zip(params, eps):
+                p.add_(e.to(p.dtype))  # trainable adapter only; restored from `saved` below
+        # the probe gradients were allocated during the clean backward, among the freed
+        # activations: release them before the adversarial forward (CPU heap fragmentation)
+        del clean, grads, eps
         try:
-            with torch.no_grad():
-                for p, e in zip(params, eps):
-                    p.add_(e.to(p.dtype))  # trainable adapter only; restored from `saved` below
-            adversarial = ctx.loss(micro_batches[-1])
-            ctx.backward(adversarial, last=True)
+            adversarial = ctx.accumulate(micro_batches[-1], 1, last=True)
         finally:
             with torch.no_grad():
                 for p, s in zip(params, saved):
                     p.copy_(s)
-        eps_norm = torch.linalg.vector_norm(torch.stack([e.norm() for e in eps])).item()
-        return {"loss": total / len(micro_batches), "adv_loss": adversarial.item(), "eps_norm": eps_norm}
+        values = torch.stack([torch.stack(losses).float().mean(), adversarial.float(), eps_norm.float()]).tolist()
+        return {"loss": values[0], "adv_loss": values[1], "eps_norm": values[2]}

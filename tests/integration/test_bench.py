@@ -36,3 +36,32 @@ def test_bench_writes_documented_format(tmp_path: Path):
     assert saved["methods"]["rwp_parallel_2ranks"]["ranks"] == 2
     table = (tmp_path / "out" / "bench-cpu.md").read_text()
     assert "| rwp_parallel_2ranks |" in table and "| none |" in table
+
+
+def test_rounds_pair_ratios_within_a_round(tmp_path: Path, monkeypatch):
+    """Three rounds with a machine that slows down in round 2: the ratio is paired per round."""
+    from cl_flat import bench
+
+    config = {"run": {"name": "bt", "seed": 0}, "model": {"name_or_path": "tiny-random:llama"},
+              "tasks": [{"name": "food_sentiment", "source": "builtin"}]}
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    seconds = {"none": [1.0, 2.0, 1.0], "sam": [2.1, 4.0, 1.9]}
+    memory = {"none": [100, 100, 110], "sam": [103, 104, 102]}
+    calls: list[str] = []
+
+    def fake(config_path, label, updates, warmup):
+        round_ = sum(1 for c in calls if c == label)
+        calls.append(label)
+        return {"seconds_per_update": seconds[label][round_], "peak_memory_bytes": memory[label][round_],
+                "updates": updates, "ranks": 1}
+
+    monkeypatch.setattr(bench, "_run_variant", fake)
+    result = bench.run_bench(str(path), ["sam"], 2, 0, rounds=3)
+    assert calls == ["none", "sam"] * 3  # interleaved
+    sam = result["methods"]["sam"]
+    assert sam["seconds_per_update"] == 2.1                   # median of 2.1, 4.0, 1.9
+    assert sam["time_ratio"] == pytest.approx(2.0)            # median of 2.1, 2.0, 1.9
+    assert sam["peak_memory_bytes"] == 104
+    assert sam["memory_ratio"] == pytest.approx(1.03)         # median of 1.03, 1.04, 102/110
+    assert sam["rounds"] == [2.1, 4.0, 1.9] and result["rounds"] == 3

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from cl_flat.flatness import noise_scale
-from cl_flat.flatness.noise import (NOISE_TYPES, FrozenTarget, RowFisher, Scale, compact_scale, frozen_targets, keyed_noise,
-                                    noise_key, perturbed)
+from cl_flat.flatness.noise import (NOISE_CHUNK, NOISE_TYPES, FrozenTarget, RowFisher, Scale, compact_scale,
+                                    frozen_targets, keyed_noise, noise_key, perturbed, standard_normal)
 
 # W = [[3, 4], [0, -1]]: row norms 5 and 1, ‖W‖_F = √26, row length n = 2.
 W = torch.tensor([[3.0, 4.0], [0.0, -1.0]], dtype=torch.float64)
@@ -77,6 +77,35 @@ def test_keyed_generator_reproducible_and_isolated():
     assert not torch.equal(a, c) and not torch.equal(a, d)
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG is untouched
     assert noise_key(1, 2) != noise_key(2, 1) and 0 <= noise_key(1, 2) < 2 ** 63
+
+
+def test_chunked_cpu_draw_is_independent_of_threads_and_standard():
+    # 2.5 chunks: a partial last chunk; every chunk its own stream
+    shape = (5, NOISE_CHUNK // 2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = standard_normal(shape, 123, "cpu", torch.float32)
+        torch.set_num_threads(3)
+        three = standard_normal(shape, 123, "cpu", torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, three)
+    flat = one.reshape(-1)
+    first, second = flat[:NOISE_CHUNK], flat[NOISE_CHUNK:2 * NOISE_CHUNK]
+    assert not torch.equal(first, second)
+    assert abs(float(torch.corrcoef(torch.stack([first, second]))[0, 1])) < 0.02  # 4.4σ at n = 65536
+    # N(0, 1): mean within 5 standard errors, variance within 2%
+    n = flat.numel()
+    assert abs(float(flat.double().mean())) < 5 / math.sqrt(n)
+    assert abs(float(flat.double().var()) - 1.0) < 0.02
+    assert not torch.equal(one, standard_normal(shape, 124, "cpu", torch.float32))
+
+
+def test_add_to_is_weight_plus_draw():
+    w = torch.randn(3, NOISE_CHUNK // 2 + 5, generator=torch.Generator().manual_seed(0))
+    for scale in (Scale(0.3), compact_scale("lpf_sgd", w, 0.2), compact_scale("gauss_element", w, 0.1)):
+        torch.testing.assert_close(scale.add_to(w, 77), w + keyed_noise(w, scale, 77), rtol=1e-6, atol=1e-6)  # fused: 1 ulp
 
 
 def test_zero_weight_element_noise_is_zero():
