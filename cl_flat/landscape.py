@@ -34,7 +34,7 @@ Grid: alpha (and beta) = linspace(−1, 1, points); the loss at (α, β) is L(θ
 
 **Loss.** Mean target-token cross-entropy (the training loss: label tokens + EOS, prompt and
 padding ignored), token-weighted over a fixed held-out sample: split `test` (default) or
-`train`, capped by min(`evaluation.max_samples_per_task`, LANDSCAPE_MAX_SAMPLES = 16) unless
+`train`, capped by min(`evaluation.max_samples_per_task`, LANDSCAPE_MAX_SAMPLES = 8) unless
 `max_samples` / `--max-samples` says otherwise, with the same fixed permutation as the
 accuracy evaluation (`cl_flat.evaluate.eval_indices`), encoded once, batched by
 `evaluation.batch_size`, collated once and reused at every grid point. Logits are computed
@@ -67,7 +67,7 @@ same fixed batches. On L = ½ wᵀHw at w = 0 with H block-diagonal over rows (s
 max_U = Σ_i ½ r_i² λ_max(H_ii); with one row (U = the L2 ball of radius r) it is r²·λ_max/2, and
 the ascent approaches it.
 
-**Cost** (passes over the held-out sample, ≤ 16 examples by default). `compute_landscape`
+**Cost** (passes over the held-out sample, ≤ 8 examples by default). `compute_landscape`
 (1-D, P points, M samples, K ascent steps): L(θ) once (shared by the grid origin and the
 sharpness baseline), P − 1 grid forwards (P odd), M forwards, K forward+backward, 1 forward for
 the last ascent iterate: for P = 21, M = 8, K = 5, 30 forwards + 5 forward+backward (it was 31
@@ -108,9 +108,11 @@ SPACES = ("adapter", "merged")
 SPLITS = ("test", "train")
 SHARPNESS_FILE = "sharpness.json"
 # Default cap on held-out examples: every grid point and every sharpness sample is a full pass
-# over the sample, so it must stay small (a forward over 32 SmolLM2-135M examples costs about
-# 1-2 s on the 2-core CPU). Override with max_samples / --max-samples.
-LANDSCAPE_MAX_SAMPLES = 16
+# over the sample, so it must stay small. A forward over 8 quickstart examples (SmolLM2-135M,
+# ~47 tokens) costs ~0.75 s on the 2-core CPU: the 21-point landscape with M = 8 computes in
+# ~29 s, against 47.5 s to train one quickstart task (16 examples: ~46 s, no margin).
+# Override with max_samples / --max-samples.
+LANDSCAPE_MAX_SAMPLES = 8
 
 __all__ = [
     "filter_normalize", "random_direction", "orthogonalize", "loss_surface", "estimate_sharpness",
@@ -570,7 +572,7 @@ def compute_sharpness(model: nn.Module, tokenizer, task, config: RunConfig, adap
     all-reduced; every rank returns the same dict). The model is left bit for bit unchanged
     (parameters, requires_grad, .grad, train/eval mode).
     Cost: 1 + `samples` + 1 forward passes and `ascent_steps` forward+backward passes over a
-    sample of ≤ 16 examples by default (see the module docstring).
+    sample of ≤ 8 examples by default (see the module docstring).
     Returns {"avg", "worst", "rho", "samples", "radius", "loss", "ascent_steps", "ball", "space",
     "split", "examples", "target_tokens", "passes": {"forward", "forward_backward"}}."""
     from cl_flat import engine as ds

