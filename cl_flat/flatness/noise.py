@@ -5,21 +5,26 @@ device, seeded by a key hashed from (run seed, update, rank, micro-batch, tensor
 same key always gives the same ε, another key another ε, and torch's global RNG is never
 touched. `noise_scale` (contract) gives S; internally S is kept compact (a scalar or one value
 per row, times |W| for `gauss_element`) so nothing weight-sized is stored.
-On CUDA Z is one `randn` per tensor. On CPU torch's `normal_` is single-threaded (about 3.5 ns
-per element: 0.37 s for the 106M adapted weights of SmolLM2-135M, drawn twice per noisy pass),
+On CUDA Z is one `normal_` per tensor. On CPU torch's `normal_` is single-threaded (3.5-4 ns
+per element: ~0.4 s for the 106M adapted weights of SmolLM2-135M, drawn twice per noisy pass),
 so Z is filled in fixed chunks of `NOISE_CHUNK` elements, chunk j from a generator seeded by
-(key, j), spread over torch's intra-op thread count: the values do not depend on the number of
-threads. W0 + ε is then formed in one fused pass (`Scale.add_to`).
+(key, j), spread over torch's intra-op thread count; the values do not depend on the number of
+threads. Measured on 2 cores: 0.38 → 0.25 s for the 106M draw alone, but little gain inside a
+training step, where the OpenMP workers of the preceding matmul still spin on the other core
+(OMP_WAIT_POLICY=PASSIVE frees it but slows every matmul by ~20%). W0 + ε is then formed in
+one fused pass (`Scale.add_to`).
 
 Where noise goes:
 - **frozen weights** (W0 of adapted layers, or every linear layer with `all_linear`): never
   written. While a noisy pass runs, the forward of each target layer is replaced by
   `_NoisyLinear`, an autograd function computing x·(W0+ε)ᵀ + b. It saves only the key
   (not ε, not x) and regenerates ε in backward for grad_x = δ·(W0+ε); W0 gets no gradient.
-  Extra memory: one buffer of the largest layer, reused by every layer of the pass. Activation checkpointing that recomputes
-  the forward inside the pass regenerates the same ε (the key is fixed per pass, not per call).
+  Extra memory: one buffer of the largest layer, reused by every layer (`_Scratch`). Activation
+  checkpointing that recomputes the forward inside the pass regenerates the same ε (the key
+  is fixed per pass, not per call).
 - **trainable LoRA A, B** of the current adapter: perturbed in place and restored exactly from
-  a saved copy (adapter-sized) in a `finally` block, after the pass's backward.
+  a saved copy (adapter-sized, a persistent buffer per parameter) in a `finally` block, after
+  the pass's backward.
 
 Row Fisher (`fisher` noise type): F_i ← λ·F_i + F̂_i (λ = `fisher_decay`, the notes' EMA of squared
 gradients, summed over the row). F̂_i is the per-token empirical Fisher of row i of a linear

@@ -339,7 +339,7 @@ def test_loss_is_training_loss_and_perturbation_equals_inplace_edit(tiny_stack):
     model = stack.model
     model.eval()
     config.evaluation.batch_size = 5  # several batches, padded differently
-    batches = ls.held_out_batches(tasks[0], tokenizer, config, "test", None, "cpu", rank=0, world=1)
+    batches = ls.held_out_batches(tasks[0], tokenizer, config, "test", 12, "cpu", rank=0, world=1)
     assert sum(len(b["input_ids"]) for b in batches) == len(tasks[0].test) == 12
     for space in ("adapter", "merged"):
         moved = ls.moved_weights(model, space, "t2")
@@ -380,7 +380,7 @@ def test_compute_sharpness_leaves_live_model_bit_for_bit(tiny_stack, space):
     model.train()  # as right after training: current adapter trainable, train mode
     before = _snapshot(model)
     result = ls.compute_sharpness(model, tokenizer, tasks[1], config, "t2", space=space, samples=3, ascent_steps=2,
-                                  progress=False)
+                                  max_samples=12, progress=False)
     _assert_unchanged(model, before)
     stack.check_trainable()
     assert set(result) >= {"avg", "worst", "rho", "samples"}
@@ -391,7 +391,7 @@ def test_compute_sharpness_leaves_live_model_bit_for_bit(tiny_stack, space):
     assert result["passes"] == {"forward": 1 + 3 + 1, "forward_backward": 2}
     assert sum(ls.sharpness_passes(3, 2)) == 5 + 2
     again = ls.compute_sharpness(model, tokenizer, tasks[1], config, "t2", space=space, samples=3, ascent_steps=2,
-                                 progress=False)
+                                 max_samples=12, progress=False)
     assert again == result  # seeded: the same numbers
 
 
