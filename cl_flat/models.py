@@ -49,47 +49,60 @@ def _builtin_gguf(name: str) -> tuple[Path, str]:
     return folder, filename
 
 
-def builtin_cache_dir(name: str) -> Path:
-    """Where the de-quantised builtin model `name` is kept (see the module docstring)."""
-    folder, filename = _builtin_gguf(name)
-    stat = (folder / filename).stat()
+def _cache_dir(name: str, gguf: Path) -> Path:
+    stat = gguf.stat()
     root = Path(os.environ.get("CL_FLAT_CACHE") or Path.home() / ".cache" / "cl-flat")
     return root / "builtin" / f"{name}-{stat.st_size}-{stat.st_mtime_ns}"
 
 
-def _load_builtin(name: str, torch_dtype: torch.dtype):
+def builtin_cache_dir(name: str) -> Path:
+    """Where the de-quantised builtin model `name` is kept (see the module docstring)."""
+    folder, filename = _builtin_gguf(name)
+    return _cache_dir(name, folder / filename)
+
+
+def _save_plain(model, tokenizer, cache: Path) -> None:
+    """Write the de-quantised model as a plain fp32 transformers folder: into a temporary folder
+    beside `cache`, then renamed, so a reader never sees half a cache. Best effort."""
     import shutil
     import tempfile
 
+    tmp = None
+    # the weights are de-quantised already: saved as plain fp32, not as "quantised with gguf"
+    quantizer, model.hf_quantizer = getattr(model, "hf_quantizer", None), None
+    quant_config = model.config.__dict__.pop("quantization_config", None)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, cache)
+    except OSError:  # unwritable, or another process renamed its copy first: the load is complete anyway
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        model.hf_quantizer = quantizer
+        if quant_config is not None:
+            model.config.quantization_config = quant_config
+
+
+def _load_builtin(name: str, torch_dtype: torch.dtype):
+    import shutil
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cache = builtin_cache_dir(name)
+    folder, filename = _builtin_gguf(name)
+    cache = _cache_dir(name, folder / filename)
     if (cache / "config.json").is_file():
         try:
             return (AutoModelForCausalLM.from_pretrained(cache, dtype=torch_dtype),
                     AutoTokenizer.from_pretrained(cache))
         except Exception:  # noqa: BLE001 - any damage (truncated file, bad header): rebuild below
             shutil.rmtree(cache, ignore_errors=True)
-    folder, filename = _builtin_gguf(name)
     with contextlib.redirect_stderr(io.StringIO()):  # the GGUF de-quantisation's own tqdm bar
         model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=filename, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=filename)
-    try:  # written to a temporary folder and renamed: a reader never sees half a cache
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:
-            # de-quantised already: save as a plain fp32 model, not as "quantised with gguf"
-            quantizer, model.hf_quantizer = getattr(model, "hf_quantizer", None), None
-            quant_config = model.config.__dict__.pop("quantization_config", None)
-            try:
-                model.save_pretrained(tmp)
-            finally:
-                model.hf_quantizer = quantizer
-                if quant_config is not None:
-                    model.config.quantization_config = quant_config
-            tokenizer.save_pretrained(tmp)
-            os.replace(tmp, cache)
-    except OSError:
-        pass  # unwritable or raced by another process: this load is complete either way
+    _save_plain(model, tokenizer, cache)
     return model.to(torch_dtype), tokenizer
 
 

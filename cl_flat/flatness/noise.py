@@ -79,21 +79,20 @@ class Scale:
         base = weight.detach().abs().to(dtype) if self.elementwise else torch.ones_like(weight, dtype=dtype)
         return base * self.factor
 
+    def _broadcastable(self, weight: torch.Tensor) -> torch.Tensor | float:
+        """S as a scalar, a column of row values, or (elementwise) a weight-sized tensor."""
+        return weight.detach().abs().mul_(self.factor) if self.elementwise else self.factor
+
     def draw(self, weight: torch.Tensor, key: int) -> torch.Tensor:
         """ε = Z ⊙ S in the weight's dtype and on its device (one weight-sized temporary)."""
-        z = standard_normal(weight.shape, key, weight.device, weight.dtype)
-        if self.elementwise:
-            z.mul_(weight.detach().abs())
-        return z.mul_(self.factor)
+        return standard_normal(weight.shape, key, weight.device, weight.dtype).mul_(self._broadcastable(weight))
 
     def add_to(self, weight: torch.Tensor, key: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """W + ε for the same key as `draw`, formed in the buffer of Z (`out` if given; one fused
         pass for a scalar or per-row S)."""
         weight = weight.detach()
         z = standard_normal(weight.shape, key, weight.device, weight.dtype, out=out)
-        factor = self.factor
-        if self.elementwise:
-            factor = weight.abs().mul_(factor)
+        factor = self._broadcastable(weight)
         if isinstance(factor, torch.Tensor):
             return torch.addcmul(weight, z, factor.to(z.dtype), out=z)
         return torch.add(weight, z, alpha=factor, out=z)
@@ -296,7 +295,7 @@ def frozen_targets(model: nn.Module, which: str = "adapted") -> list[FrozenTarge
 
 class _Scratch:
     """The buffer every frozen layer forms its W0 + ε in, in turn (one per device and dtype, sized
-    for the largest layer, kept across passes by the `TargetCache` of a method). Why: a fresh
+    for the largest layer seen, kept for the process in `_SCRATCH`). Why: a fresh
     layer-sized temporary twice per layer and pass, freed between saved activations, fragmented
     the CPU heap (+6% peak resident memory) and touched fresh pages; each use ends before the
     next layer starts (on CUDA, by stream order)."""
