@@ -1,18 +1,11 @@
 """Noise families and how noise reaches the weights, for RWP, LPF-SGD and Flat-LoRA.
 
-Every family draws ε = Z ⊙ S, Z ~ N(0, 1) from dedicated `torch.Generator`s on the weight's
-device, seeded by a key hashed from (run seed, update, rank, micro-batch, tensor name): the
-same key always gives the same ε, another key another ε, and torch's global RNG is never
-touched. `noise_scale` (contract) gives S; internally S is kept compact (a scalar or one value
-per row, times |W| for `gauss_element`) so nothing weight-sized is stored.
-On CUDA Z is one `normal_` per tensor. On CPU torch's `normal_` is single-threaded (3.5-4 ns
-per element: ~0.4 s for the 106M adapted weights of SmolLM2-135M, drawn twice per noisy pass),
-so Z is filled in fixed chunks of `NOISE_CHUNK` elements, chunk j from a generator seeded by
-(key, j), spread over torch's intra-op thread count; the values do not depend on the number of
-threads. Measured on 2 cores: 0.38 → 0.25 s for the 106M draw alone, but little gain inside a
-training step, where the OpenMP workers of the preceding matmul still spin on the other core
-(OMP_WAIT_POLICY=PASSIVE frees it but slows every matmul by ~20%). W0 + ε is then formed in
-one fused pass (`Scale.add_to`).
+Every family draws ε = Z ⊙ S with Z ~ N(0, 1) a pure function of a key hashed from (run seed,
+update, rank, micro-batch, tensor name) (`cl_flat.flatness.keyed_normal`: counter-based and fused
+with W0 + ε on CPU, a seeded `normal_` on CUDA): the same key always gives the same ε, another key
+another ε, and torch's global RNG is never touched. `noise_scale` (contract) gives S; internally S
+is kept compact (a scalar or one value per row, times |W| for `gauss_element`) so nothing
+weight-sized is stored.
 
 Where noise goes:
 - **frozen weights** (W0 of adapted layers, or every linear layer with `all_linear`): never
@@ -42,9 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import threading
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -52,6 +43,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from cl_flat.flatness.keyed_normal import keyed_gaussian, standard_normal
 
 NOISE_TYPES = ("gauss_standard", "gauss_matrix", "gauss_element", "lpf_sgd", "fisher", "flat_lora")
 
@@ -79,23 +72,13 @@ class Scale:
         base = weight.detach().abs().to(dtype) if self.elementwise else torch.ones_like(weight, dtype=dtype)
         return base * self.factor
 
-    def _broadcastable(self, weight: torch.Tensor) -> torch.Tensor | float:
-        """S as a scalar, a column of row values, or (elementwise) a weight-sized tensor."""
-        return weight.detach().abs().mul_(self.factor) if self.elementwise else self.factor
-
     def draw(self, weight: torch.Tensor, key: int) -> torch.Tensor:
-        """ε = Z ⊙ S in the weight's dtype and on its device (one weight-sized temporary)."""
-        return standard_normal(weight.shape, key, weight.device, weight.dtype).mul_(self._broadcastable(weight))
+        """ε = Z ⊙ S in the weight's dtype and on its device."""
+        return keyed_gaussian(weight, key, self.factor, elementwise=self.elementwise, add=False)
 
     def add_to(self, weight: torch.Tensor, key: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """W + ε for the same key as `draw`, formed in the buffer of Z (`out` if given; one fused
-        pass for a scalar or per-row S)."""
-        weight = weight.detach()
-        z = standard_normal(weight.shape, key, weight.device, weight.dtype, out=out)
-        factor = self._broadcastable(weight)
-        if isinstance(factor, torch.Tensor):
-            return torch.addcmul(weight, z, factor.to(z.dtype), out=z)
-        return torch.add(weight, z, alpha=factor, out=z)
+        """W + ε for the same key as `draw`, in one fused pass (into `out` if given)."""
+        return keyed_gaussian(weight, key, self.factor, elementwise=self.elementwise, add=True, out=out)
 
 
 def compact_scale(noise_type: str, weight: torch.Tensor, sigma: float, *, fisher_rows: torch.Tensor | None = None,
@@ -131,74 +114,13 @@ def noise_scale(noise_type: str, weight: torch.Tensor, sigma: float, *, fisher_r
     return compact_scale(noise_type, weight, sigma, fisher_rows=fisher_rows, eta=eta).full(weight)
 
 
-# ---------------------------------------------------------------- keyed generators
+# ---------------------------------------------------------------- keys
 
 
 def noise_key(*parts: Any) -> int:
     """A 63-bit generator seed from any parts (stable across processes, devices and runs)."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-NOISE_CHUNK = 1 << 16  # CPU draw granularity (elements); part of what fixes the values
-_MASK64 = (1 << 64) - 1
-
-
-def _chunk_seed(key: int, index: int) -> int:
-    """A 63-bit seed for chunk `index` of the draw under `key` (splitmix64 finaliser)."""
-    z = (key + (index + 1) * 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (z ^ (z >> 31)) >> 1
-
-
-class _ThreadGenerators(threading.local):
-    """One generator per (thread, device), re-seeded for every draw."""
-
-    def __init__(self) -> None:
-        self.by_device: dict[torch.device, torch.Generator] = {}
-
-    def seeded(self, device: torch.device, seed: int) -> torch.Generator:
-        generator = self.by_device.get(device)
-        if generator is None:
-            generator = self.by_device[device] = torch.Generator(device=device)
-        return generator.manual_seed(seed)
-
-
-_GENERATORS = _ThreadGenerators()
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    if workers not in _POOLS:
-        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="cl-flat-noise")
-    return _POOLS[workers]
-
-
-def standard_normal(shape: torch.Size | tuple[int, ...], key: int, device: torch.device | str,
-                    dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Z ~ N(0, I) of `shape` (written into `out`, a contiguous tensor of that shape, if given), a
-    pure function of (key, device type, dtype): on CUDA one normal_ from a generator seeded with
-    `key`; on CPU chunk j of NOISE_CHUNK elements from a generator seeded with
-    `_chunk_seed(key, j)`, chunks filled in parallel (see the module docstring)."""
-    device = torch.device(device)
-    if out is None:
-        out = torch.empty(shape, dtype=dtype, device=device)
-    if device.type != "cpu":
-        return out.normal_(generator=_GENERATORS.seeded(device, key))
-    flat = out.view(-1)
-    chunks = range((flat.numel() + NOISE_CHUNK - 1) // NOISE_CHUNK)
-
-    def fill(indices: range) -> None:
-        for j in indices:
-            flat[j * NOISE_CHUNK:(j + 1) * NOISE_CHUNK].normal_(generator=_GENERATORS.seeded(device, _chunk_seed(key, j)))
-
-    workers = min(torch.get_num_threads(), len(chunks))
-    if workers <= 1:
-        fill(chunks)
-    else:
-        list(_pool(workers).map(fill, [chunks[w::workers] for w in range(workers)]))
-    return out
 
 
 def keyed_noise(weight: torch.Tensor, scale: Scale, key: int) -> torch.Tensor:
@@ -504,6 +426,6 @@ class TargetCache:
         return self._targets
 
 
-__all__ = ["NOISE_CHUNK", "NOISE_TYPES", "FrozenTarget", "RowFisher", "Scale", "TargetCache", "compact_scale",
+__all__ = ["NOISE_TYPES", "FrozenTarget", "RowFisher", "Scale", "TargetCache", "compact_scale",
            "frozen_targets", "keyed_noise", "noise_key", "noise_scale", "param_module",
            "perturbed", "row_norms", "standard_normal"]
