@@ -99,12 +99,19 @@ def test_splitmix64_reference_value():
     assert z ^ (z >> 31) == 0xE220A8397B1DCDAF
 
 
-@pytest.mark.parametrize("compiled", [True, False])
-def test_cpu_draw_follows_the_counter_formula(compiled, monkeypatch):
+@pytest.fixture
+def fresh_kernel(monkeypatch, tmp_path):
+    """A not-yet-loaded CPU noise kernel, built into an empty cache."""
     from cl_flat.flatness import keyed_normal
 
-    monkeypatch.setattr(keyed_normal, "_KERNELS", keyed_normal._Kernels())
-    keyed_normal._KERNELS.eager = not compiled
+    monkeypatch.setenv("CL_FLAT_CACHE", str(tmp_path))
+    monkeypatch.setattr(keyed_normal, "_KERNEL", keyed_normal._Kernel())
+    return keyed_normal._KERNEL
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_cpu_draw_follows_the_counter_formula(compiled, fresh_kernel):
+    fresh_kernel.eager = not compiled
     key = noise_key(3, 1, 0, 0, "layer")
     z = standard_normal((3, 7), key, "cpu", torch.float32)
     expected = torch.tensor([_splitmix_box_muller(key, i) for i in range(21)]).reshape(3, 7)
@@ -114,7 +121,21 @@ def test_cpu_draw_follows_the_counter_formula(compiled, monkeypatch):
     torch.testing.assert_close(Scale(rows).add_to(w, key), w + expected * rows, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(Scale(0.1, elementwise=True).draw(w, key), expected * w.abs() * 0.1,
                                rtol=1e-5, atol=1e-6)
-    assert not compiled or not keyed_normal._KERNELS.eager  # the compiled kernel really ran
+    column_major = w.t().contiguous().t()  # same values, other strides (GPT-2's Conv1D weights)
+    torch.testing.assert_close(Scale(rows).add_to(column_major, key), w + expected * rows, rtol=1e-5, atol=1e-5)
+    # bf16: the fp32 result rounded once
+    wb = w.bfloat16()
+    assert torch.equal(Scale(rows).add_to(wb, key), (wb.float() + expected * rows).bfloat16())
+    assert fresh_kernel.eager is not compiled  # the compiled kernel really ran (or really did not)
+
+
+def test_cpu_draw_without_a_compiler_falls_back_to_the_same_formula(fresh_kernel, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    key = noise_key("no compiler")
+    z = standard_normal((2, 5), key, "cpu", torch.float32)
+    expected = torch.tensor([_splitmix_box_muller(key, i) for i in range(10)]).reshape(2, 5)
+    torch.testing.assert_close(z, expected, rtol=1e-5, atol=1e-5)
+    assert fresh_kernel.eager and "unavailable" in caplog.text
 
 
 def test_cpu_draw_is_independent_of_threads_and_standard():
