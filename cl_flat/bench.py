@@ -5,7 +5,12 @@ Each variant runs in a fresh process (a fresh peak-memory count: the CUDA alloca
 on GPU, the process's peak resident memory on CPU) through the real update path: a DeepSpeed
 engine, `method.window` over the micro-batches, one `engine.step()`. A fixed synthetic batch
 of micro_batch_size × max_seq_length tokens (every token a target) is reused, so only the
-method's cost differs. Reported: the median over the timed updates after warm-up.
+method's cost differs. Reported: the median over the timed updates after warm-up, and the
+peak memory at that point. Then, for a variant with a flatness method, `none` and the method
+alternate for as many updates again in the same process (same engine, same heap): its time
+ratio is the median of those paired ratios. (Fresh processes on a shared machine run 5-10%
+faster or slower than each other, which moved cross-process ratios by as much as the goals'
+margins.) `floor` and `none` themselves are compared across processes.
 
 Two extra rows make the floor visible: `floor` is a hand-written torch + peft AdamW step on
 the same model and batch (no DeepSpeed, no tool code), and `rwp_full_stored_noise` is RWP
@@ -116,6 +121,7 @@ def measure(config_path: str, label: str, updates: int, warmup: int) -> dict[str
     params = {n: p for n, p in stack.model.named_parameters() if p.requires_grad}
     batches = _batches(config, model.config.vocab_size, device)
     times: list[float] = []
+    paired = flatness is not None and flatness["method"] != "none"  # also timed against `none`, see below
     if flatness is None:  # the floor: plain torch + peft, no DeepSpeed, no tool code
         peft_model = stack.model
         if config.deepspeed.bf16:
@@ -131,19 +137,33 @@ def measure(config_path: str, label: str, updates: int, warmup: int) -> dict[str
             times.append(time.perf_counter() - start)
     else:
         method = StoredNoiseRwp(config.flatness) if label == "rwp_full_stored_noise" else build_method(config.flatness)
-        engine = ds.create_engine(config, stack.model, list(params.values()), warmup + updates)
-        for step in range(warmup + updates):
+        total = warmup + updates * (3 if paired else 1)
+        engine = ds.create_engine(config, stack.model, list(params.values()), total)
+
+        def update(method, step: int) -> float:
             start = time.perf_counter()
-            ctx = EngineContext(engine, causal_lm_loss, params, step=step, total_steps=warmup + updates,
+            ctx = EngineContext(engine, causal_lm_loss, params, step=step, total_steps=total,
                                 seed=config.run.seed, rank=ds.rank(), world_size=ds.world_size())
             method.window(ctx, batches)
             engine.step()
             _synchronize()
-            times.append(time.perf_counter() - start)
+            return max(ds.all_gather_objects(time.perf_counter() - start))  # the slowest rank
+
+        times = [update(method, step) for step in range(warmup + updates)]
     timed = times[warmup:]
-    peaks = ds.all_gather_objects(_peak_memory())
-    return {"seconds_per_update": statistics.median(timed), "peak_memory_bytes": max(peaks),
-            "updates": len(timed), "ranks": ds.world_size()}
+    result = {"seconds_per_update": statistics.median(timed), "peak_memory_bytes": max(ds.all_gather_objects(
+        _peak_memory())), "updates": len(timed), "ranks": ds.world_size()}
+    if paired:
+        # then `none` and the method alternate in this process: a ratio per pair, immune to the
+        # ±5-10% by which fresh processes on a shared machine differ (after the memory reading,
+        # so `none` cannot raise this variant's peak)
+        baseline, step, ratios = build_method({"method": "none"}), warmup + updates, []
+        for _ in range(updates):
+            plain = update(baseline, step)
+            ratios.append(update(method, step + 1) / plain)
+            step += 2
+        result["paired_time_ratio"] = statistics.median(ratios)
+    return result
 
 
 def _device_name() -> str:
@@ -174,9 +194,10 @@ def _run_variant(config_path: str, label: str, updates: int, warmup: int) -> dic
 
 def run_bench(config_path: str, labels: list[str], updates: int, warmup: int, rounds: int = 1) -> dict[str, Any]:
     """Run each variant in a fresh process, `rounds` times over (every variant once per round,
-    so slow drifts of a shared machine hit all variants alike). Per round, a variant's time is
-    compared with `none` (1 rank) or `none_2ranks` of the SAME round; reported: the median over
-    rounds of the seconds per update and of those paired ratios, and the largest peak memory."""
+    so slow drifts of a shared machine hit all variants alike). Per round, a variant's time ratio
+    is its in-process paired ratio, or (floor) its time over that of `none` of the SAME round;
+    memory is compared with `none` (1 rank) or `none_2ranks` of the same round. Reported: medians
+    over rounds, and the largest peak memory."""
     from cl_flat.config import UserError, load_config
 
     config = load_config(config_path)
@@ -198,8 +219,9 @@ def run_bench(config_path: str, labels: list[str], updates: int, warmup: int, ro
         runs, base = raw[label], raw[base_label]
         methods[label] = {
             "seconds_per_update": statistics.median(r["seconds_per_update"] for r in runs),
-            "time_ratio": statistics.median(r["seconds_per_update"] / b["seconds_per_update"]
+            "time_ratio": statistics.median(r.get("paired_time_ratio", r["seconds_per_update"] / b["seconds_per_update"])
                                             for r, b in zip(runs, base)),
+            "time_ratio_paired_in_process": "paired_time_ratio" in runs[0],
             "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs),
             "memory_ratio": statistics.median(r["peak_memory_bytes"] / b["peak_memory_bytes"]
                                               for r, b in zip(runs, base)),
@@ -219,7 +241,8 @@ def markdown_table(result: dict[str, Any]) -> str:
              f"batch {result['batch']}, {result['precision']}, ZeRO {result['zero_stage']}, "
              f"LoRA r={result['lora']['r']} on {', '.join(result['lora']['target_modules'])}; "
              f"median of {result['updates']} updates after {result['warmup']} warm-up, "
-             f"{result.get('rounds', 1)} round(s), each variant in a fresh process; ratios paired within a round",
+             f"{result.get('rounds', 1)} round(s), each variant in a fresh process; time ratios of methods paired "
+             f"update by update with `none` in the same process, others within a round",
              "",
              "| method | s/update | time ratio | peak memory (MiB) | memory ratio | vs |",
              "|---|---:|---:|---:|---:|---|"]

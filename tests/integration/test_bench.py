@@ -31,7 +31,11 @@ def test_bench_writes_documented_format(tmp_path: Path):
     for label, entry in saved["methods"].items():
         assert entry["seconds_per_update"] > 0 and entry["peak_memory_bytes"] > 0
         base = saved["methods"][entry["compared_with"]]
-        assert entry["time_ratio"] == pytest.approx(entry["seconds_per_update"] / base["seconds_per_update"])
+        if label in ("sam", "rwp_parallel_2ranks"):  # timed against `none` in the same process(es)
+            assert entry["time_ratio_paired_in_process"] and entry["time_ratio"] > 0
+        else:
+            assert not entry["time_ratio_paired_in_process"]
+            assert entry["time_ratio"] == pytest.approx(entry["seconds_per_update"] / base["seconds_per_update"])
         assert entry["memory_ratio"] == pytest.approx(entry["peak_memory_bytes"] / base["peak_memory_bytes"])
     assert saved["methods"]["rwp_parallel_2ranks"]["ranks"] == 2
     table = (tmp_path / "out" / "bench-cpu.md").read_text()
@@ -65,3 +69,29 @@ def test_rounds_pair_ratios_within_a_round(tmp_path: Path, monkeypatch):
     assert sam["peak_memory_bytes"] == 104
     assert sam["memory_ratio"] == pytest.approx(1.03)         # median of 1.03, 1.04, 102/110
     assert sam["rounds"] == [2.1, 4.0, 1.9] and result["rounds"] == 3
+
+
+def test_in_process_pairs_decide_the_time_ratio(tmp_path: Path, monkeypatch):
+    """A worker's paired ratio (method vs `none` alternating in its process) wins over the ratio
+    of two processes' times; floor has none and keeps the cross-process ratio."""
+    from cl_flat import bench
+
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump({"run": {"name": "bt", "seed": 0}, "model": {"name_or_path": "tiny-random:llama"},
+                                    "tasks": [{"name": "food_sentiment", "source": "builtin"}]}))
+    outcome = {"none": [(1.0, None), (1.0, None)], "floor": [(1.1, None), (0.9, None)],
+               "sam": [(2.4, 1.98), (2.2, 2.02)]}
+    calls: list[str] = []
+
+    def fake(config_path, label, updates, warmup):
+        seconds, paired = outcome[label][calls.count(label)]
+        calls.append(label)
+        result = {"seconds_per_update": seconds, "peak_memory_bytes": 100, "updates": updates, "ranks": 1}
+        return result if paired is None else {**result, "paired_time_ratio": paired}
+
+    monkeypatch.setattr(bench, "_run_variant", fake)
+    methods = bench.run_bench(str(path), ["floor", "sam"], 2, 0, rounds=2)["methods"]
+    assert methods["sam"]["time_ratio"] == pytest.approx(2.0)      # median of 1.98, 2.02 (not 2.3)
+    assert methods["sam"]["time_ratio_paired_in_process"]
+    assert methods["floor"]["time_ratio"] == pytest.approx(1.0)    # median of 1.1, 0.9
+    assert not methods["floor"]["time_ratio_paired_in_process"]
