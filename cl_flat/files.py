@@ -1,5 +1,5 @@
 """Atomic file writes: write beside the target, then rename, so an interrupted run never leaves
-a half-written file that looks complete (DESIGN.md results contract)."""
+a half-written file that looks complete (DESIGN.md results contract); and the tool's cache root."""
 
 from __future__ import annotations
 
@@ -31,3 +31,9 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def cache_root() -> Path:
+    """Where cl-flat keeps rebuildable files (de-quantised builtin models, compiled kernels):
+    `$CL_FLAT_CACHE`, default `~/.cache/cl-flat`."""
+    return Path(os.environ.get("CL_FLAT_CACHE") or Path.home() / ".cache" / "cl-flat")

