@@ -148,7 +148,8 @@ class KeptGradAdamW(torch.optim.AdamW):
     each update's first backward lands among the just-freed activations; living on into the
     next forward, hundreds of such small buffers fragment the CPU heap (glibc), and a second
     pass in the same update (SAM, RWP, gradient accumulation) then grew the peak resident
-    memory by about 15%. Allocated once, before the first forward, they stay out of the way."""
+    memory by about 15%. Allocated once, before the first forward, they stay out of the way.
+    (`create_engine` also routes the fp32 engine's own zero_grad, which sets them to None, here.)"""
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         super().zero_grad(set_to_none=False)
@@ -169,6 +170,10 @@ def create_engine(config: RunConfig, model: torch.nn.Module, params: list[torch.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(training.lr_scheduler, warmup, total_updates))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            model_parameters=params, config=deepspeed_config(config, world_size()))
+    if zero0 and not config.deepspeed.bf16:
+        # DeepSpeed's own zero_grad (fp32 ZeRO-0) sets every .grad to None after each step, which
+        # would undo the pre-allocation above from the second update on
+        engine.zero_grad = optimizer.zero_grad
     if world_size() == 1 and config.deepspeed.zero_stage == 0:
         # nothing to reduce: skip the flatten/all-reduce/copy-back of every gradient
         # (ZeRO-1/2 keep theirs: their optimizers do bookkeeping in the reduction)

@@ -22,17 +22,13 @@ from cl_flat import engine as ds
 from cl_flat.config import RunConfig, UserError
 from cl_flat.data.batches import Encoded, collate
 from cl_flat.flatness.base import FlatnessMethod, StepContext
+from cl_flat.loss import causal_lm_loss
 
 
 def derive_seed(*parts: Any) -> int:
     """A 63-bit seed from any parts (stable across processes and Python runs)."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the target tokens of the micro-batch."""
-    return model(**batch).loss
 
 
 class EngineContext(StepContext):
