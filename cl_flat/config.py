@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
 
 class UserError(Exception):
@@ -32,8 +34,25 @@ class ConfigError(UserError):
         super().__init__(f"invalid config {source}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+def _numbers(annotation: Any) -> bool:
+    """Whether a field annotation admits int or float but not bool."""
+    options = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return bool({int, float} & set(options)) and bool not in options
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, frozen=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bools_are_not_numbers(cls, data: Any) -> Any:
+        # pydantic would read true/false as 1/0, but in YAML that is a slip (`r: yes`): the number
+        # field gets the word instead and rejects it with its own message, at its own path
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            data = {k: str(v).lower() if isinstance(v, bool) and k in fields and _numbers(fields[k].annotation) else v
+                    for k, v in data.items()}
+        return data
 
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]*$"

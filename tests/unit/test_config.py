@@ -112,6 +112,21 @@ def test_wrong_type_integer():
     assert has(problems_of(raw), "lora.r", "integer")
 
 
+def test_a_boolean_is_not_a_number():
+    # YAML reads `r: yes` as true, which pydantic alone would take as r = 1
+    raw = minimal()
+    raw["lora"] = {"r": True}
+    raw["training"] = {"learning_rate": False}
+    raw["flatness"] = {"method": "sam", "rho": True}
+    problems = problems_of(raw)
+    assert has(problems, "lora.r", "integer", "true")
+    assert has(problems, "training.learning_rate", "number", "false")
+    assert has(problems, "flatness.rho", "number", "true")
+    raw = minimal()
+    raw["deepspeed"] = {"bf16": True}  # booleans where booleans belong stay valid
+    assert validate_config(raw).deepspeed.bf16 is True
+
+
 def test_wrong_type_list():
     raw = minimal()
     raw["lora"] = {"target_modules": "q_proj"}
