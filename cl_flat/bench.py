@@ -151,8 +151,9 @@ def measure(config_path: str, label: str, updates: int, warmup: int) -> dict[str
 
         times = [update(method, step) for step in range(warmup + updates)]
     timed = times[warmup:]
-    result = {"seconds_per_update": statistics.median(timed), "peak_memory_bytes": max(ds.all_gather_objects(
-        _peak_memory())), "updates": len(timed), "ranks": ds.world_size()}
+    peak = max(ds.all_gather_objects(_peak_memory()))
+    result = {"seconds_per_update": statistics.median(timed), "peak_memory_bytes": peak, "updates": len(timed),
+              "ranks": ds.world_size()}
     if paired:
         # then `none` and the method alternate in this process: a ratio per pair, immune to the
         # ±5-10% by which fresh processes on a shared machine differ (after the memory reading,

@@ -8,6 +8,7 @@ or `torchrun` these come from the launcher. CPU runs use gloo, CUDA runs nccl.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import socket
@@ -142,38 +143,29 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return factor
 
 
-class KeptGradAdamW(torch.optim.AdamW):
-    """AdamW whose `zero_grad` zeroes the gradient buffers in place instead of dropping them
-    (ZeRO-0, where DeepSpeed steps this optimizer itself). Why: a `.grad` allocated afresh by
-    each update's first backward lands among the just-freed activations; living on into the
-    next forward, hundreds of such small buffers fragment the CPU heap (glibc), and a second
-    pass in the same update (SAM, RWP, gradient accumulation) then grew the peak resident
-    memory by about 15%. Allocated once, before the first forward, they stay out of the way.
-    (`create_engine` also routes the fp32 engine's own zero_grad, which sets them to None, here.)"""
-
-    def zero_grad(self, set_to_none: bool = False) -> None:
-        super().zero_grad(set_to_none=False)
-
-
 def create_engine(config: RunConfig, model: torch.nn.Module, params: list[torch.nn.Parameter], total_updates: int):
     """A DeepSpeed engine training `params` with torch AdamW and the configured schedule."""
     import deepspeed
 
     training = config.training
-    zero0 = config.deepspeed.zero_stage == 0
-    optimizer = (KeptGradAdamW if zero0 else torch.optim.AdamW)(
-        params, lr=training.learning_rate, weight_decay=training.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-    if zero0:
-        for p in params:  # allocated before any activation (see KeptGradAdamW)
+    optimizer = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay,
+                                  betas=(0.9, 0.999), eps=1e-8)
+    # fp32 ZeRO-0 (DeepSpeed steps this optimizer on these parameters): gradient buffers allocated
+    # once, before any activation, and zeroed in place after each step. Why: a `.grad` allocated
+    # afresh by each update's first backward lands among the just-freed activations; living on
+    # into the next forward, hundreds of such small buffers fragment the CPU heap (glibc), and a
+    # second pass in the same update (SAM, RWP, gradient accumulation) grew the peak resident
+    # memory by 10-15%. DeepSpeed's own zero_grad on this path sets every .grad to None.
+    keep_grads = config.deepspeed.zero_stage == 0 and not config.deepspeed.bf16
+    if keep_grads:
+        for p in params:
             p.grad = torch.zeros_like(p)
     warmup = math.ceil(training.warmup_ratio * total_updates)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(training.lr_scheduler, warmup, total_updates))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            model_parameters=params, config=deepspeed_config(config, world_size()))
-    if zero0 and not config.deepspeed.bf16:
-        # DeepSpeed's own zero_grad (fp32 ZeRO-0) sets every .grad to None after each step, which
-        # would undo the pre-allocation above from the second update on
-        engine.zero_grad = optimizer.zero_grad
+    if keep_grads:
+        engine.zero_grad = functools.partial(optimizer.zero_grad, set_to_none=False)
     if world_size() == 1 and config.deepspeed.zero_stage == 0:
         # nothing to reduce: skip the flatten/all-reduce/copy-back of every gradient
         # (ZeRO-1/2 keep theirs: their optimizers do bookkeeping in the reduction)

@@ -7,7 +7,7 @@ import math
 
 from cl_flat.config import FlatLoraMethod
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.noise import Scale, TargetCache, kept, noisy_mean_gradient
+from cl_flat.flatness.noise import Scale, TargetCache, noisy_mean_gradient
 
 
 def ramp_factor(kind: str, step: int, total_steps: int) -> float:
@@ -50,6 +50,6 @@ class FlatLora(FlatnessMethod):
     def window(self, ctx, micro_batches):
         factor = ramp_factor(self.config.ramp, ctx.step, ctx.total_steps)
         sigma = self.config.noise_std * factor
-        frozen = [(t, kept(Scale(t.merged_rows() * (sigma / math.sqrt(t.weight.shape[1]))), t.module))
+        frozen = [(t, Scale(t.merged_rows() * (sigma / math.sqrt(t.weight.shape[1]))))
                   for t in self.targets.get(ctx.module, "adapted", ctx.step)]
         return {"loss": noisy_mean_gradient(ctx, micro_batches, frozen, []), "ramp": factor}

@@ -7,7 +7,7 @@ import math
 
 from cl_flat.config import LpfSgdMethod
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.noise import TargetCache, compact_scale, kept, noisy_mean_gradient
+from cl_flat.flatness.noise import TargetCache, compact_scale, noisy_mean_gradient
 
 
 def lpf_radius(gamma0: float, alpha: float, step: int, total_steps: int) -> float:
@@ -45,8 +45,8 @@ class LpfSgd(FlatnessMethod):
         c = self.config
         gamma = lpf_radius(c.noise_std, c.radius_growth, ctx.step, ctx.total_steps)
         model = ctx.module
-        frozen = ([(t, kept(compact_scale("lpf_sgd", t.weight, gamma, rows=t.rows()), t.module))
+        frozen = ([(t, compact_scale("lpf_sgd", t.weight, gamma, rows=t.rows()))
                    for t in self.targets.get(model, "adapted", ctx.step)] if c.scope in ("full", "base") else [])
-        trainable = ([(n, p, kept(compact_scale("lpf_sgd", p, gamma), p)) for n, p in ctx.params.items()]
+        trainable = ([(n, p, compact_scale("lpf_sgd", p, gamma)) for n, p in ctx.params.items()]
                      if c.scope in ("lora", "full") else [])
         return {"loss": noisy_mean_gradient(ctx, micro_batches, frozen, trainable), "radius": gamma}

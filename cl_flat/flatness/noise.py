@@ -218,10 +218,9 @@ def frozen_targets(model: nn.Module, which: str = "adapted") -> list[FrozenTarge
 class _Scratch:
     """The buffer every frozen layer forms its W0 + ε in, in turn, and trainable parameters draw
     their ε in before the pass (one per device and dtype, sized for the largest tensor seen, kept
-    for the process in `_SCRATCH`). Why: a fresh
-    layer-sized temporary twice per layer and pass, freed between saved activations, fragmented
-    the CPU heap (+6% peak resident memory) and touched fresh pages; each use ends before the
-    next layer starts (on CUDA, by stream order)."""
+    for the process in `_SCRATCH`). Why: a fresh layer-sized temporary twice per layer and pass,
+    freed between saved activations, fragmented the CPU heap (+6% peak resident memory) and
+    touched fresh pages; each use ends before the next one starts (on CUDA, by stream order)."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -240,40 +239,26 @@ class _Scratch:
 _SCRATCH = _Scratch()
 
 
-class _TensorBuffers:
-    """Persistent buffers attached to an owner (a parameter or a layer), one per owner and purpose,
-    dropped when the owner dies or its requires_grad flips (a finished task's adapter is frozen).
-    Why, as for `_Scratch`: what a noisy pass keeps alive (copies of the perturbed parameters, the
-    per-row noise factors), allocated afresh each update, lands among the activations the last pass
-    freed and fragments the CPU heap (glibc): LPF-SGD's peak memory ratio was 1.067, and is 1.044 with them."""
+class _SavedCopies:
+    """Persistent buffers for the copies of perturbed trainable parameters (one per parameter,
+    dropped with it), for the same reason as `_Scratch`: no fresh allocations between passes."""
 
     def __init__(self) -> None:
         # keyed by id (tensors compare elementwise, so they cannot be dict keys); the weakref
-        # tells a live entry from a dead owner whose id was reused
-        self._buffers: dict[tuple[int, str], tuple[weakref.ref, bool, torch.Tensor]] = {}
+        # tells a live entry from a dead parameter whose id was reused
+        self._buffers: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 
-    def get(self, owner: Any, purpose: str, like: torch.Tensor) -> torch.Tensor:
-        """The (uninitialised) buffer of `owner` for `purpose`, contiguous, shaped and typed like `like`."""
-        key, frozen = (id(owner), purpose), not getattr(owner, "requires_grad", False)
-        entry = self._buffers.get(key)
-        if (entry is None or entry[0]() is not owner or entry[1] != frozen or entry[2].shape != like.shape
-                or entry[2].dtype != like.dtype or entry[2].device != like.device):
-            self._buffers = {k: v for k, v in self._buffers.items()
-                             if (o := v[0]()) is not None and v[1] == (not getattr(o, "requires_grad", False))}
-            entry = (weakref.ref(owner), frozen, torch.empty_like(like, memory_format=torch.contiguous_format))
-            self._buffers[key] = entry
-        return entry[2]
+    def copy_of(self, param: torch.Tensor) -> torch.Tensor:
+        entry = self._buffers.get(id(param))
+        if entry is None or entry[0]() is not param or entry[1].shape != param.shape or entry[1].dtype != param.dtype:
+            self._buffers = {k: v for k, v in self._buffers.items()  # drop dead and frozen ones
+                             if (p := v[0]()) is not None and p.requires_grad}
+            entry = (weakref.ref(param), torch.empty_like(param, memory_format=torch.contiguous_format))
+            self._buffers[id(param)] = entry
+        return entry[1].copy_(param.detach())
 
 
-_BUFFERS = _TensorBuffers()
-
-
-def kept(scale: Scale, owner: Any) -> Scale:
-    """`scale` with its tensor factor moved into `owner`'s persistent buffer (see `_TensorBuffers`);
-    methods pass every per-update scale through here."""
-    if not isinstance(scale.factor, torch.Tensor):
-        return scale
-    return Scale(_BUFFERS.get(owner, "factor", scale.factor).copy_(scale.factor), scale.elementwise)
+_SAVED = _SavedCopies()
 
 
 class _FrozenNoise:
@@ -324,7 +309,7 @@ def perturbed(frozen: list[tuple[FrozenTarget, Scale]], trainable: list[tuple[st
     W0 + ε functionally, trainable parameters hold θ + ε in place. On exit the forwards are restored
     and the trainable parameters are copied back bit for bit. `key` = (seed, step, rank, micro-batch);
     each tensor's ε is keyed by `key` + its name."""
-    saved = [_BUFFERS.get(p, "copy", p).copy_(p.detach()) for _, p, _ in trainable]
+    saved = [_SAVED.copy_of(p) for _, p, _ in trainable]
     scratch = _SCRATCH.reserve([target.weight for target, _ in frozen] + [p for _, p, _ in trainable])
     with ExitStack() as stack:
         try:
@@ -442,5 +427,5 @@ class TargetCache:
 
 
 __all__ = ["NOISE_TYPES", "FrozenTarget", "RowFisher", "Scale", "TargetCache", "compact_scale",
-           "frozen_targets", "kept", "keyed_noise", "noise_key", "noise_scale", "param_module",
+           "frozen_targets", "keyed_noise", "noise_key", "noise_scale", "param_module",
            "perturbed", "row_norms", "standard_normal"]

@@ -9,7 +9,7 @@ import torch
 
 from cl_flat.config import RwpMethod, UserError
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.noise import (RowFisher, TargetCache, compact_scale, kept, param_module,
+from cl_flat.flatness.noise import (RowFisher, TargetCache, compact_scale, param_module,
                                     perturbed)
 
 
@@ -81,13 +81,13 @@ class Rwp(FlatnessMethod):
         if c.scope in ("full", "base"):
             for t in self.targets.get(model, c.noise_targets, ctx.step):
                 fisher = self.fisher.rows(t.name) if fisher_rows else None
-                frozen.append((t, kept(compact_scale(c.noise_type, t.weight, c.noise_std, fisher_rows=fisher,
-                                                     eta=c.fisher_eta, rows=t.rows()), t.module)))
+                frozen.append((t, compact_scale(c.noise_type, t.weight, c.noise_std, fisher_rows=fisher,
+                                                eta=c.fisher_eta, rows=t.rows())))
         if c.scope in ("lora", "full"):
             for name, p in ctx.params.items():
                 fisher = self.fisher.rows(name) if fisher_rows else None
-                trainable.append((name, p, kept(compact_scale(c.noise_type, p, c.noise_std, fisher_rows=fisher,
-                                                              eta=c.fisher_eta), p)))
+                trainable.append((name, p, compact_scale(c.noise_type, p, c.noise_std, fisher_rows=fisher,
+                                                         eta=c.fisher_eta)))
         return frozen, trainable
 
     def _fisher_modules(self, ctx, model) -> dict:

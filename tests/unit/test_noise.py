@@ -277,25 +277,3 @@ def test_activation_checkpointing_sees_the_same_noise():
         grads.append(x.grad.clone())
     assert torch.equal(grads[0], grads[1])
 
-
-def test_kept_scales_live_in_one_persistent_buffer_per_owner():
-    import gc
-
-    from cl_flat.flatness.noise import _BUFFERS, kept
-
-    param = nn.Parameter(torch.randn(4, 3))
-    first = kept(compact_scale("lpf_sgd", param, 0.1), param)
-    assert torch.equal(first.factor, 0.1 * torch.linalg.vector_norm(param.detach(), dim=1, keepdim=True))
-    with torch.no_grad():
-        param.mul_(2)
-    second = kept(compact_scale("lpf_sgd", param, 0.1), param)  # next update: same buffer, new values
-    assert second.factor.data_ptr() == first.factor.data_ptr()
-    assert torch.allclose(second.factor, 0.2 * torch.linalg.vector_norm(param.detach() / 2, dim=1, keepdim=True))
-    assert kept(Scale(0.5), param).factor == 0.5  # scalar factors need no buffer
-    param.requires_grad_(False)  # the task ended: its buffer is not reused
-    assert kept(compact_scale("lpf_sgd", param, 0.1), param).factor.data_ptr() != first.factor.data_ptr()
-    owners = len(_BUFFERS._buffers)
-    del param, first, second
-    gc.collect()
-    kept(Scale(torch.ones(1)), nn.Linear(1, 1))  # a new entry sweeps the dead owner's
-    assert len(_BUFFERS._buffers) == owners
