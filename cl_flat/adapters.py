@@ -4,8 +4,9 @@ IncLoRA (as in O-LoRA's baseline): task t gets a new rank-r LoRA adapter on the 
 modules; the adapters of tasks 1..t-1 stay active in every forward pass, frozen. SeqLoRA:
 one adapter trained through all tasks. After every change the trainable set is asserted to
 be exactly the current adapter (peft has had bugs flipping `requires_grad` of the wrong
-adapter). A new adapter's A is drawn from a generator keyed by (seed, task index), so a task's
-initial state never depends on RNG state left over by earlier work.
+adapter). A new adapter's A is drawn from a generator keyed by (seed, task index)
+(`cl_flat.seeding.adapter_init_seed`), so a task's initial state never depends on RNG state left
+over by earlier work.
 """
 
 from __future__ import annotations
@@ -19,8 +20,14 @@ import torch
 from torch import nn
 
 from cl_flat.config import LoraSection
+from cl_flat.seeding import adapter_init_seed
 
 SEQLORA_ADAPTER = "seqlora"
+
+
+def adapter_name(strategy: str, task_name: str) -> str:
+    """The adapter a task trains: its own (inclora), or the one shared by every task (seqlora)."""
+    return SEQLORA_ADAPTER if strategy == "seqlora" else task_name
 
 
 def lora_config(section: LoraSection):
@@ -67,11 +74,11 @@ class AdapterStack:
         shared one (SeqLoRA); everything else frozen."""
         from peft import get_peft_model
 
-        name = SEQLORA_ADAPTER if self.section.strategy == "seqlora" else task_name
+        name = adapter_name(self.section.strategy, task_name)
         if name in self.adapters:
             self._activate()
             return
-        adapter_seed = self.seed * 1_000_003 + task_index
+        adapter_seed = adapter_init_seed(self.seed, task_index)
         if self.model is None:
             for param in self.base.parameters():
                 param.requires_grad_(False)
@@ -98,9 +105,6 @@ class AdapterStack:
         active = self.model.base_model.active_adapters
         if list(active) != self.adapters:
             raise AssertionError(f"active adapters {active} != stack {self.adapters}")
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
 
     def freeze_all(self) -> None:
         for param in self.model.parameters():

@@ -34,6 +34,17 @@ from typing import Any
 
 import torch
 
+from cl_flat import dist
+from cl_flat.adapters import AdapterStack
+from cl_flat.config import load_config
+from cl_flat.errors import UserError
+from cl_flat.files import atomic_write_text
+from cl_flat.flatness import build_method
+from cl_flat.flatness.noise import frozen_targets
+from cl_flat.loss import causal_lm_loss
+from cl_flat.models import load_model
+from cl_flat.train import EngineContext, TaskPlan, create_engine
+
 VARIANTS: dict[str, tuple[dict[str, Any] | None, int]] = {
     "none": ({"method": "none"}, 1),
     "floor": (None, 1),
@@ -80,8 +91,6 @@ class StoredNoiseRwp:
         self.config = config
 
     def window(self, ctx, micro_batches):
-        from cl_flat.flatness.noise import frozen_targets
-
         n, a, b = len(micro_batches), self.config.a, self.config.b
         for batch in micro_batches:
             ctx.accumulate(batch, a / n, last=False)
@@ -101,20 +110,14 @@ class StoredNoiseRwp:
 
 def measure(config_path: str, label: str, updates: int, warmup: int) -> dict[str, Any]:
     """One variant in this process (or this process group): median s/update and peak memory."""
-    from cl_flat import engine as ds
-    from cl_flat.adapters import AdapterStack
-    from cl_flat.config import load_config
-    from cl_flat.flatness import build_method
-    from cl_flat.models import load_model
-    from cl_flat.train import EngineContext, causal_lm_loss
-
     flatness, _ = VARIANTS[label]
-    ds.init_distributed()
-    if not torch.cuda.is_available() and ds.world_size() > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ds.world_size()))
+    dist.init_distributed()
+    world = dist.world_size()
+    if not torch.cuda.is_available() and world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     config = load_config(config_path, [] if flatness is None else [f"flatness={json.dumps(flatness)}"])
     model, _ = load_model(config.model.name_or_path, config.model.dtype, config.run.seed)
-    device = ds.device()
+    device = dist.device()
     model.to(device)
     stack = AdapterStack(model, config.lora, config.run.seed)
     stack.add_task(0, config.tasks[0].name)
@@ -137,28 +140,32 @@ def measure(config_path: str, label: str, updates: int, warmup: int) -> dict[str
             times.append(time.perf_counter() - start)
     else:
         method = StoredNoiseRwp(config.flatness) if label == "rwp_full_stored_noise" else build_method(config.flatness)
+        t = config.training
         total = warmup + updates * (3 if paired else 1)
-        engine = ds.create_engine(config, stack.model, list(params.values()), total)
+        plan = TaskPlan(t.micro_batch_size, t.gradient_accumulation_steps, world, total, total)
+        engine = create_engine(t, config.deepspeed, stack.model, list(params.values()), plan)
+        method.begin_task(engine.module)
 
         def update(method, step: int) -> float:
             start = time.perf_counter()
             ctx = EngineContext(engine, causal_lm_loss, params, step=step, total_steps=total,
-                                seed=config.run.seed, rank=ds.rank(), world_size=ds.world_size())
+                                seed=config.run.seed, rank=dist.rank(), world_size=world)
             method.window(ctx, batches)
             engine.step()
             _synchronize()
-            return max(ds.all_gather_objects(time.perf_counter() - start))  # the slowest rank
+            return max(dist.all_gather_objects(time.perf_counter() - start))  # the slowest rank
 
         times = [update(method, step) for step in range(warmup + updates)]
     timed = times[warmup:]
-    peak = max(ds.all_gather_objects(_peak_memory()))
+    peak = max(dist.all_gather_objects(_peak_memory()))
     result = {"seconds_per_update": statistics.median(timed), "peak_memory_bytes": peak, "updates": len(timed),
-              "ranks": ds.world_size()}
+              "ranks": world}
     if paired:
         # then `none` and the method alternate in this process: a ratio per pair, immune to the
         # ±5-10% by which fresh processes on a shared machine differ (after the memory reading,
         # so `none` cannot raise this variant's peak)
         baseline, step, ratios = build_method({"method": "none"}), warmup + updates, []
+        baseline.begin_task(engine.module)
         for _ in range(updates):
             plain = update(baseline, step)
             ratios.append(update(method, step + 1) / plain)
@@ -187,8 +194,6 @@ def _run_variant(config_path: str, label: str, updates: int, warmup: int) -> dic
                    *worker]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not out.exists():
-            from cl_flat.config import UserError
-
             raise UserError(f"bench variant {label!r} failed:\n{proc.stderr[-2000:]}")
         return json.loads(out.read_text())
 
@@ -199,8 +204,6 @@ def run_bench(config_path: str, labels: list[str], updates: int, warmup: int, ro
     is its in-process paired ratio, or (floor) its time over that of `none` of the SAME round;
     memory is compared with `none` (1 rank) or `none_2ranks` of the same round. Reported: medians
     over rounds, and the largest peak memory."""
-    from cl_flat.config import UserError, load_config
-
     config = load_config(config_path)
     unknown = [label for label in labels if label not in VARIANTS]
     if unknown:
@@ -218,10 +221,11 @@ def run_bench(config_path: str, labels: list[str], updates: int, warmup: int, ro
     for label in needed:
         base_label = "none_2ranks" if VARIANTS[label][1] == 2 else "none"
         runs, base = raw[label], raw[base_label]
+        ratios = [r.get("paired_time_ratio", r["seconds_per_update"] / b["seconds_per_update"])
+                  for r, b in zip(runs, base)]
         methods[label] = {
             "seconds_per_update": statistics.median(r["seconds_per_update"] for r in runs),
-            "time_ratio": statistics.median(r.get("paired_time_ratio", r["seconds_per_update"] / b["seconds_per_update"])
-                                            for r, b in zip(runs, base)),
+            "time_ratio": statistics.median(ratios),
             "time_ratio_paired_in_process": "paired_time_ratio" in runs[0],
             "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs),
             "memory_ratio": statistics.median(r["peak_memory_bytes"] / b["peak_memory_bytes"]
@@ -254,8 +258,6 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 def save_bench(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    from cl_flat.files import atomic_write_text
-
     device = "".join(c if c.isalnum() else "-" for c in result["device"].split(" (")[0].lower()).strip("-")
     stem = f"{Path(result['config']).stem}-{device}"
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
@@ -270,6 +272,4 @@ if __name__ == "__main__":  # worker: python -m cl_flat.bench CONFIG LABEL UPDAT
     outcome = measure(config_arg, label_arg, int(updates_arg), int(warmup_arg))
     if int(os.environ.get("RANK", "0")) == 0:
         Path(out_arg).write_text(json.dumps(outcome))
-    from cl_flat.engine import shutdown
-
-    shutdown()
+    dist.shutdown()

@@ -20,14 +20,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="override a config value: a.b=v (repeatable)")]
 
 
+NOISY_LIBRARIES = r"(torch|transformers|peft|deepspeed|datasets|wandb|pydantic)(\.|$)"
+
+
 def _quiet_libraries() -> None:
+    """The libraries' advisory warnings (deprecations, version notes) say nothing to a cl-flat user;
+    warnings raised by cl-flat itself stay visible."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     import logging
     import warnings
 
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=NOISY_LIBRARIES)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
@@ -58,16 +63,16 @@ def _format_metrics(metrics: dict) -> str:
 def train(config: Path, set_: SetOption = None,
           resume: Annotated[bool, typer.Option("--resume", help="continue a started run")] = False) -> None:
     """Run the task sequence and write results/<run.name>/."""
-    from cl_flat import engine
+    from cl_flat import dist
     from cl_flat.config import load_config
     from cl_flat.run import run_sequence
 
     cfg = load_config(config, set_ or [])
     result = run_sequence(cfg, resume=resume)
-    if engine.rank() == 0:
-        _print_matrix(result["tasks"], result["rows"], result["metrics"])
-        typer.echo(f"results: {result['run_dir']}")
-    engine.shutdown()
+    if dist.is_main():
+        _print_matrix(result.tasks, result.rows, result.metrics)
+        typer.echo(f"results: {result.run_dir}")
+    dist.shutdown()
 
 
 @app.command()
@@ -75,13 +80,14 @@ def validate(config: Path, set_: SetOption = None) -> None:
     """Check the config and every local data file (never downloads); print the resolved config."""
     import yaml
 
-    from cl_flat.config import ConfigError, config_to_dict, load_config
+    from cl_flat.config import config_to_dict, load_config
     from cl_flat.data import check_local_data
+    from cl_flat.errors import ConfigError
     from cl_flat.flatness import build_method
     from cl_flat.models import check_target_modules, module_names
 
     cfg = load_config(config, set_ or [])
-    problems = build_method(cfg.flatness).check(cfg)
+    problems = build_method(cfg.flatness).check(cfg.training)
     if problems:
         raise ConfigError(str(config), problems)
     notes = check_local_data(cfg)
@@ -116,15 +122,12 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] 
 @app.command()
 def metrics(matrix: Path, as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """Forgetting metrics (AA, BWT, FWT, F, AIA, OP) of an acc_matrix.csv."""
-    from cl_flat.config import UserError
-    from cl_flat.metrics import MatrixFormatError, compute_metrics, read_acc_matrix
+    from cl_flat.errors import UserError
+    from cl_flat.metrics import compute_metrics, read_acc_matrix
 
     if not matrix.is_file():
         raise UserError(f"{matrix}: file not found")
-    try:
-        names, rows, zero_shot = read_acc_matrix(matrix)
-    except MatrixFormatError as exc:
-        raise UserError(str(exc)) from None
+    names, rows, zero_shot = read_acc_matrix(matrix)
     result = compute_metrics(rows, zero_shot)
     typer.echo(json.dumps(result, indent=2) if as_json else _format_metrics(result))
 
@@ -132,28 +135,33 @@ def metrics(matrix: Path, as_json: Annotated[bool, typer.Option("--json", help="
 @app.command(name="eval")
 def eval_(run_dir: Path) -> None:
     """Reload the saved adapters in order and re-evaluate every task."""
-    from cl_flat import engine
-    from cl_flat.run import reevaluate
+    from cl_flat import dist
+    from cl_flat.evaluate import reevaluate
 
     result = reevaluate(run_dir)
-    is_main = engine.rank() == 0
-    engine.shutdown()
+    is_main = dist.is_main()
+    dist.shutdown()
     if is_main:
-        rows = [("saved", result["saved"]), ("reloaded", result["scores"])]
+        rows = [("saved", result.saved), ("reloaded", result.scores)]
         from rich.console import Console
         from rich.table import Table
 
         table = Table(title=f"{run_dir}: last row")
         table.add_column("")
-        for name in result["tasks"]:
+        for name in result.tasks:
             table.add_column(name, justify="right")
         for label, scores in rows:
             table.add_row(label, *(f"{s:.2f}" for s in scores))
         Console().print(table)
-        same = all(abs(a - b) < 1e-9 for a, b in zip(result["saved"], result["scores"]))
+        same = all(abs(a - b) < 1e-9 for a, b in zip(result.saved, result.scores))
         typer.echo("reproduced exactly" if same else "DIFFERS from the saved matrix")
         if not same:
             raise typer.Exit(1)
+
+
+LANDSCAPE_FLAGS = {"dims": "--dims", "points": "--points", "space": "--space", "split": "--split", "rho": "--rho",
+                   "samples": "--samples", "ascent_steps": "--ascent-steps", "max_samples": "--max-samples",
+                   "task": "--task", "after": "--after"}
 
 
 @app.command()
@@ -177,50 +185,26 @@ def landscape(
                                                         "one forward+backward each (default: "
                                                         "evaluation.sharpness_ascent_steps)")] = None,
     max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="cap on held-out examples "
-                                                       "(default: min(evaluation.max_samples_per_task, 16))")] = None,
+                                                       "(default: min(evaluation.max_samples_per_task, "
+                                                       "evaluation.landscape_max_samples))")] = None,
 ) -> None:
     """Loss landscape (1-D/2-D, filter-normalised) and average/worst-case sharpness of a run's tasks:
     landscape/<task>_{1d,2d}.csv, plots/landscape_<task>_*.png, landscape/sharpness.json."""
-    from cl_flat.config import UserError
-    from cl_flat.landscape import SPACES, SPLITS, _BaseCache, compute_landscape, resolve_tasks
-    from cl_flat.run import load_run_config
+    from cl_flat.config import LandscapeOptions, validate_options
+    from cl_flat.landscape import landscapes
 
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: run folder not found")
-    if dims not in (1, 2):
-        raise UserError(f"--dims: expected 1 or 2, got {dims}")
-    if points < 2:
-        raise UserError(f"--points: expected at least 2, got {points}")
-    if space is not None and space not in SPACES:
-        raise UserError(f"--space: expected one of {list(SPACES)}, got {space!r}")
-    if split not in SPLITS:
-        raise UserError(f"--split: expected one of {list(SPLITS)}, got {split!r}")
-    if rho is not None and rho <= 0:
-        raise UserError(f"--rho: expected > 0, got {rho}")
-    if samples is not None and samples < 1:
-        raise UserError(f"--samples: expected >= 1, got {samples}")
-    if ascent_steps is not None and ascent_steps < 0:
-        raise UserError(f"--ascent-steps: expected >= 0, got {ascent_steps}")
-    if max_samples is not None and max_samples < 1:
-        raise UserError(f"--max-samples: expected >= 1, got {max_samples}")
-    config = load_run_config(run_dir)
-    space = space or config.evaluation.sharpness_space
-    names = resolve_tasks(run_dir, config, task, after)
-    cache = _BaseCache(config)
-    for name in names:
-        result = compute_landscape(run_dir, name, dims, points, space, split, after, rho=rho, samples=samples,
-                                   ascent_steps=ascent_steps, max_samples=max_samples,
-                                   progress=config.logging.progress, _cache=cache)
-        s = result["sharpness"]
-        curve = result["grid"]
-        typer.echo(f"{result['stem']} [{space}, {split}, {s['examples']} examples]: loss {s['loss']:.4f}; "
-                   f"{dims}-D loss range [{min(curve):.4f}, {max(curve):.4f}]; sharpness avg {s['avg']:.4g} "
-                   f"worst {s['worst']:.4g} (rho {s['rho']:g} per row, M {s['samples']}, "
-                   f"{s['ascent_steps']} ascent steps); "
-                   f"{result['passes']['forward']} forward + {result['passes']['forward_backward']} forward+backward "
-                   f"passes, {result['seconds']:.1f} s")
-        typer.echo(f"    {result['csv']}  {result['png']}")
-    typer.echo(f"sharpness: {run_dir / 'landscape' / 'sharpness.json'}")
+    values = {"task": task, "after": after, "dims": dims, "points": points, "space": space, "split": split,
+              "rho": rho, "samples": samples, "ascent_steps": ascent_steps, "max_samples": max_samples}
+    options = validate_options(LandscapeOptions, values, "cl-flat landscape", LANDSCAPE_FLAGS)
+    for result in landscapes(run_dir, options):
+        s = result.sharpness
+        typer.echo(f"{result.stem} [{s['space']}, {s['split']}, {s['examples']} examples]: loss {s['loss']:.4f}; "
+                   f"{dims}-D loss range [{min(result.grid):.4f}, {max(result.grid):.4f}]; sharpness avg "
+                   f"{s['avg']:.4g} worst {s['worst']:.4g} (rho {s['rho']:g} per row, M {s['samples']}, "
+                   f"{s['ascent_steps']} ascent steps); {result.passes['forward']} forward + "
+                   f"{result.passes['forward_backward']} forward+backward passes, {result.seconds:.1f} s")
+        typer.echo(f"    {result.csv}  {result.png}")
+        typer.echo(f"sharpness: {result.sharpness_json}")
 
 
 @app.command()
@@ -244,7 +228,7 @@ def bench(config: Path,
 
 def main() -> None:
     _quiet_libraries()
-    from cl_flat.config import UserError
+    from cl_flat.errors import UserError
 
     try:
         app()

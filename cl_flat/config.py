@@ -1,8 +1,10 @@
-"""Typed run configuration: the YAML schema of DESIGN.md as pydantic models.
+"""Typed run configuration: the YAML schema of the README as pydantic models.
 
 Every default lives here and nowhere else. `load_config(path, overrides)` reads the YAML,
 applies `--set a.b=v` overrides to the raw dict *before* validation, validates everything
-at once and raises `ConfigError` listing each problem with its dotted path.
+at once and raises `ConfigError` listing each problem with its dotted path. Command options
+that are not part of a run's config (`cl-flat landscape`) are validated by the same machinery
+(`validate_options`).
 """
 
 from __future__ import annotations
@@ -13,25 +15,22 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from cl_flat.errors import ConfigError, UserError
+from cl_flat.overrides import apply_overrides
 
-class UserError(Exception):
-    """A problem with the user's input: reported as one clear message, never a traceback."""
-
-    exit_code = 1
-
-
-class ConfigError(UserError):
-    """The configuration is invalid; `problems` holds one line per error."""
-
-    exit_code = 2
-
-    def __init__(self, source: str, problems: list[str]):
-        self.source = source
-        self.problems = problems
-        super().__init__(f"invalid config {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+__all__ = ["ConfigError", "UserError", "RunConfig", "load_config", "validate_config", "validate_options",
+           "config_to_dict", "LandscapeOptions"]
 
 
 def _numbers(annotation: Any) -> bool:
@@ -217,6 +216,14 @@ class EvaluationSection(Strict):
     sharpness_samples: int = Field(default=8, ge=1)
     sharpness_ascent_steps: int = Field(default=5, ge=0)
     sharpness_space: Literal["adapter", "merged"] = "adapter"
+    # every landscape grid point and sharpness sample is a full pass over the held-out sample
+    landscape_max_samples: int = Field(default=8, ge=1, description="held-out examples of landscapes and sharpness "
+                                       "(at most max_samples_per_task)")
+
+    def landscape_samples(self) -> int:
+        """The held-out sample size of landscapes and sharpness: min(max_samples_per_task, landscape_max_samples)."""
+        cap = self.max_samples_per_task
+        return self.landscape_max_samples if cap is None else min(cap, self.landscape_max_samples)
 
 
 class DeepSpeedSection(Strict):
@@ -248,6 +255,21 @@ class LoggingSection(Strict):
     progress: bool = True
 
 
+class LandscapeOptions(Strict):
+    """The options of `cl-flat landscape` (None: the run's `evaluation` value)."""
+
+    task: str | None = None
+    after: str | None = None
+    dims: Literal[1, 2] = 1
+    points: int = Field(default=21, ge=2)
+    space: Literal["adapter", "merged"] | None = None
+    split: Literal["test", "train"] = "test"
+    rho: float | None = Field(default=None, gt=0)
+    samples: int | None = Field(default=None, ge=1)
+    ascent_steps: int | None = Field(default=None, ge=0)
+    max_samples: int | None = Field(default=None, ge=1)
+
+
 class RunConfig(Strict):
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection
@@ -259,51 +281,8 @@ class RunConfig(Strict):
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
 
-    def task_metric(self, task: TaskBase) -> str:
-        return task.metric or self.evaluation.metric
-
 
 # ---- loading ----
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (["a", "b", "c"], parsed value); the value is parsed as YAML."""
-    key, sep, raw = text.partition("=")
-    key = key.strip().lstrip("-")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError("--set", [f"override {text!r}: expected KEY.PATH=VALUE, e.g. training.learning_rate=5e-4"])
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError("--set", [f"override {text!r}: value is not valid YAML ({exc.problem})"]) from None
-    return key.split("."), value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set each dotted path in the raw dict; list items are addressed by index (tasks.0.name)."""
-    for text in overrides:
-        path, value = parse_override(text)
-        node: Any = raw
-        for depth, part in enumerate(path[:-1]):
-            where = ".".join(path[: depth + 1])
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError("--set", [f"override {text!r}: {where} is not an index of a list of {len(node)}"])
-                node = node[int(part)]
-            elif isinstance(node, dict):
-                node = node.setdefault(part, {})
-            else:
-                raise ConfigError("--set", [f"override {text!r}: {where} is not a section"])
-        last = path[-1]
-        if isinstance(node, list):
-            if not last.isdigit() or int(last) >= len(node):
-                raise ConfigError("--set", [f"override {text!r}: {last} is not an index of a list of {len(node)}"])
-            node[int(last)] = value
-        elif isinstance(node, dict):
-            node[last] = value
-        else:
-            raise ConfigError("--set", [f"override {text!r}: {'.'.join(path[:-1])} is not a section"])
-    return raw
 
 
 UNION_TAGS = {"builtin", "jsonl", "hf"} | {m.model_fields["method"].annotation.__args__[0] for m in FLATNESS_METHODS}
@@ -360,6 +339,25 @@ def _cross_checks(raw: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _problems(exc: ValidationError, names: dict[str, str] | None = None) -> list[str]:
+    """One line per invalid path (its messages joined); `names` renames top-level paths (field -> --flag)."""
+    merged: dict[str, list[str]] = {}
+    for error in exc.errors():
+        path, _, message = _describe(error).partition(": ")
+        path = (names or {}).get(path, path)
+        if message not in merged.setdefault(path, []):
+            merged[path].append(message)
+    return [f"{path}: {' or '.join(messages)}" for path, messages in merged.items()]
+
+
+def validate_options(model: type[Strict], values: dict[str, Any], source: str, flags: dict[str, str]):
+    """A command's options validated like a config section; errors name the option (`flags`: field -> --flag)."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(source, _problems(exc, flags), kind="options") from None
+
+
 def validate_config(raw: Any, source: str = "config") -> RunConfig:
     if not isinstance(raw, dict):
         raise ConfigError(source, ["(top level): expected a mapping of sections (run, model, tasks, ...)"])
@@ -367,12 +365,7 @@ def validate_config(raw: Any, source: str = "config") -> RunConfig:
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as exc:
-        merged: dict[str, list[str]] = {}
-        for error in exc.errors():
-            path, _, message = _describe(error).partition(": ")
-            if message not in merged.setdefault(path, []):
-                merged[path].append(message)
-        problems = [f"{path}: {' or '.join(messages)}" for path, messages in merged.items()]
+        problems = _problems(exc)
     problems += _cross_checks(raw)
     if problems:
         raise ConfigError(source, problems)

@@ -8,26 +8,32 @@
 The test set is capped by `max_samples_per_task` with a fixed sample (a permutation keyed by
 (seed, task name)); rank r scores every world-th example; the results are all-gathered, so
 each task's score is its per-sample mean over the same sample whatever the world size.
+`reevaluate` scores a saved run's adapter stack again (`cl-flat eval`).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from cl_flat import engine as ds
+from cl_flat import dist
+from cl_flat.config import EvaluationSection
 from cl_flat.data.batches import IGNORE, Encoded, collate, encode, prompt_ids, target_ids
-from cl_flat.data.sources import TaskData
-from cl_flat.train import derive_seed
+from cl_flat.data.sources import TaskData, load_tasks
+from cl_flat.metrics import read_acc_matrix
+from cl_flat.models import load_model
+from cl_flat.rundir import RunDir
+from cl_flat.seeding import keyed_generator
 
 
 def eval_indices(n: int, cap: int | None, seed: int, task_name: str) -> list[int]:
+    """The fixed sample of a task's n test examples: all of them, or `cap` of them keyed by (seed, task)."""
     if cap is None or n <= cap:
         return list(range(n))
-    generator = torch.Generator().manual_seed(derive_seed(seed, "eval", task_name))
-    return sorted(torch.randperm(n, generator=generator)[:cap].tolist())
+    return sorted(torch.randperm(n, generator=keyed_generator(seed, "eval", task_name))[:cap].tolist())
 
 
 def normalise(text: str) -> str:
@@ -102,24 +108,47 @@ def _exact_match(model, tokenizer, task: TaskData, indices: list[int], batch_siz
     return results
 
 
-def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: list[TaskData], config: Any, device) -> list[float]:
-    """Score (percent) of every task, in order; identical on every rank."""
-    section = config.evaluation
+def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: list[TaskData], section: EvaluationSection,
+                   max_length: int, seed: int, device) -> list[float]:
+    """Score (percent) of every task, in order; identical on every rank. `max_length` is
+    training.max_seq_length, `seed` the run seed (it fixes the test sample)."""
     was_training = model.training
     model.eval()
     scores = []
     try:
         for task in tasks:
-            indices = eval_indices(len(task.test), section.max_samples_per_task, config.run.seed, task.name)
-            mine = indices[ds.rank()::ds.world_size()]
+            indices = eval_indices(len(task.test), section.max_samples_per_task, seed, task.name)
+            mine = indices[dist.rank()::dist.world_size()]
             if task.metric == "accuracy":
-                local = _rank_classification(model, tokenizer, task, mine, section.batch_size,
-                                             config.training.max_seq_length, device)
+                local = _rank_classification(model, tokenizer, task, mine, section.batch_size, max_length, device)
             else:
-                local = _exact_match(model, tokenizer, task, mine, section.batch_size,
-                                     config.training.max_seq_length, section.max_new_tokens, device)
-            merged = [r for part in ds.all_gather_objects(local) for r in part]
+                local = _exact_match(model, tokenizer, task, mine, section.batch_size, max_length,
+                                     section.max_new_tokens, device)
+            merged = [r for part in dist.all_gather_objects(local) for r in part]
             scores.append(100.0 * sum(ok for _, ok in merged) / len(merged))
     finally:
         model.train(was_training)
     return scores
+
+
+@dataclass(frozen=True)
+class Reevaluation:
+    tasks: list[str]
+    scores: list[float]   # every task, with the stack after the last trained task
+    saved: list[float]    # the last row of the saved acc_matrix.csv
+
+
+def reevaluate(path: Path) -> Reevaluation:
+    """Reload a finished run's adapter stack in order and evaluate every task (`cl-flat eval`)."""
+    run_dir = RunDir(path)
+    config = run_dir.load_config()
+    names, matrix, _ = read_acc_matrix(run_dir.matrix_path)
+    dist.init_distributed()
+    tasks = load_tasks(config)
+    model, tokenizer = load_model(config.model.name_or_path, config.model.dtype, config.run.seed)
+    stack = run_dir.load_stack(model, config, names[-1])
+    device = dist.device()
+    stack.model.to(device)
+    scores = evaluate_tasks(stack.model, tokenizer, tasks, config.evaluation, config.training.max_seq_length,
+                            config.run.seed, device)
+    return Reevaluation(names, scores, matrix[-1])

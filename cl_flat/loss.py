@@ -9,10 +9,9 @@ Where the logits are the plain head product (the architectures in `FUSED_HEAD_MO
 frozen bias-free head), head and loss are fused (`LinearCrossEntropy`): tokens pass in chunks of
 about `CHUNK_BYTES` of fp32 logits, and each chunk's gradient dL/dh_t = (softmax(z_t) − e_{y_t})ᵀW/|T|
 is formed at once, so the [tokens × vocab] logits, their log-softmax and their gradients never
-exist (four 201 MB tensors for SmolLM2 at 8 × 128 tokens; same flops; on the CPU benchmark the
-hand-written step with transformers' loss peaks 12% higher and runs 4% slower). Other models (and a head that is trained or carries LoRA) use
-`model(**batch).loss` as is. A micro-batch without targets has L = 0 and no gradient (transformers
-gives NaN).
+exist (same flops, a lower peak memory; measured in results/README.md). Other models (and a head
+that is trained or carries LoRA) use `model(**batch).loss` as is. A micro-batch without targets has
+L = 0 and no gradient (transformers gives NaN).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from cl_flat.errors import MatrixFormatError
 from cl_flat.files import atomic_write_text
 
 __all__ = [
@@ -45,10 +46,6 @@ MatrixLike = Sequence[Sequence[Any]] | np.ndarray
 
 ZERO_SHOT = "zero_shot"
 HEADER_FIRST = "after_task"
-
-
-class MatrixFormatError(ValueError):
-    """An accuracy-matrix csv does not follow the results-folder contract."""
 
 
 # ---------------------------------------------------------------------------
@@ -145,7 +142,7 @@ def forgetting(matrix: MatrixLike) -> float | None:
         return None
     total = 0.0
     for i in range(1, T):
-        best = max(_req(R, l, i, "F") for l in range(i, T))
+        best = max(_req(R, t, i, "F") for t in range(i, T))
         total += best - _req(R, T, i, "F")
     return total / (T - 1)
 

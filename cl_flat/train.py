@@ -1,8 +1,9 @@
-"""train_task(): the single explicit update loop of the tool.
+"""train_task(): the single explicit update loop of the tool, and the DeepSpeed engine it drives.
 
 One update = one flatness-method window over N = gradient_accumulation_steps micro-batches
 on every rank, then exactly one `engine.step()` (DeepSpeed reduces, clips, steps the
-optimizer and the lr schedule). The loop does not know which method runs.
+optimizer and the lr schedule). The loop does not know which method runs; it calls the
+method's `begin_task` once per task and `window` once per update.
 
 Data order: each epoch is a permutation drawn from a generator keyed by (seed, task index,
 epoch); update u takes the u-th global batch of micro_batch_size × N × world examples and
@@ -11,24 +12,22 @@ rank r takes its r-th contiguous share. Incomplete global batches are dropped.
 
 from __future__ import annotations
 
-import hashlib
+import functools
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from cl_flat import engine as ds
-from cl_flat.config import RunConfig, UserError
+from cl_flat import dist
+from cl_flat.config import DeepSpeedSection, TrainingSection
 from cl_flat.data.batches import Encoded, collate
+from cl_flat.errors import UserError
 from cl_flat.flatness.base import FlatnessMethod, StepContext
 from cl_flat.loss import causal_lm_loss
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts (stable across processes and Python runs)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+from cl_flat.seeding import derive_seed, keyed_generator
 
 
 class EngineContext(StepContext):
@@ -52,33 +51,122 @@ class EngineContext(StepContext):
         self.engine.backward(loss, scale_wrt_gas=False)
 
 
+def global_batch(training: TrainingSection, world: int) -> int:
+    """Examples per update over all ranks: micro_batch_size × gradient_accumulation_steps × world."""
+    return training.micro_batch_size * training.gradient_accumulation_steps * world
+
+
 @dataclass(frozen=True)
 class TaskPlan:
+    """How one task is cut into updates: the batch shape over the ranks and the number of updates."""
+
+    micro_batch_size: int
+    accumulation: int
+    world: int
     updates: int
     updates_per_epoch: int
-    global_batch: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.accumulation * self.world
+
+    @classmethod
+    def for_task(cls, training: TrainingSection, n_examples: int, world: int, task_name: str) -> TaskPlan:
+        per_epoch = n_examples // global_batch(training, world)
+        if per_epoch == 0:
+            raise UserError(f"tasks[{task_name}]: {n_examples} training examples are fewer than one global batch "
+                            f"({training.micro_batch_size} × {training.gradient_accumulation_steps} accumulation × "
+                            f"{world} ranks)")
+        return cls(training.micro_batch_size, training.gradient_accumulation_steps, world,
+                   training.max_steps or training.epochs * per_epoch, per_epoch)
 
 
-def plan_task(config: RunConfig, n_examples: int, world: int, task_name: str) -> TaskPlan:
-    t = config.training
-    global_batch = t.micro_batch_size * t.gradient_accumulation_steps * world
-    per_epoch = n_examples // global_batch
-    if per_epoch == 0:
-        raise UserError(f"tasks[{task_name}]: {n_examples} training examples are fewer than one global batch "
-                        f"({t.micro_batch_size} × {t.gradient_accumulation_steps} accumulation × {world} ranks)")
-    return TaskPlan(t.max_steps or t.epochs * per_epoch, per_epoch, global_batch)
+@dataclass(frozen=True)
+class TrainTask:
+    """One task of the sequence as the loop sees it."""
+
+    index: int                 # 0-based position in the sequence
+    name: str
+    examples: list[Encoded]    # tokenised training examples
+    pad_id: int
 
 
-def window_batches(examples: list[Encoded], plan: TaskPlan, update: int, config: RunConfig, task_index: int,
-                   rank: int, pad_id: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+def window_batches(task: TrainTask, plan: TaskPlan, update: int, seed: int, rank: int,
+                   device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Rank `rank`'s micro-batches of update `update` (see the module docstring)."""
     epoch, position = divmod(update, plan.updates_per_epoch)
-    generator = torch.Generator().manual_seed(derive_seed(config.run.seed, "data", task_index, epoch))
-    order = torch.randperm(len(examples), generator=generator)
-    mbs, n = config.training.micro_batch_size, config.training.gradient_accumulation_steps
+    order = torch.randperm(len(task.examples), generator=keyed_generator(seed, "data", task.index, epoch))
+    mbs, n = plan.micro_batch_size, plan.accumulation
     start = position * plan.global_batch + rank * mbs * n
     mine = order[start:start + mbs * n].tolist()
-    return [{k: v.to(device) for k, v in collate([examples[i] for i in mine[j * mbs:(j + 1) * mbs]], pad_id).items()}
+    return [{k: v.to(device) for k, v in collate([task.examples[i] for i in mine[j * mbs:(j + 1) * mbs]],
+                                                 task.pad_id).items()}
             for j in range(n)]
+
+
+def deepspeed_config(training: TrainingSection, section: DeepSpeedSection, plan: TaskPlan) -> dict[str, Any]:
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.accumulation,
+        "train_batch_size": plan.global_batch,
+        "gradient_clipping": training.max_grad_norm or 0.0,
+        "zero_optimization": {"stage": section.zero_stage},
+        "bf16": {"enabled": section.bf16},
+        # our AdamW is a torch optimizer: allowed under ZeRO, never JIT-compiled
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    ds.update(section.extra)
+    return ds
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Multiplier of the base lr at update `step` (0-based): linear warm-up to 1 over `warmup`
+    updates, then constant, linear decay to 0, or half-cosine decay to 0 at `total`."""
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(total - warmup, 1)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def create_engine(training: TrainingSection, section: DeepSpeedSection, model: torch.nn.Module,
+                  params: list[torch.nn.Parameter], plan: TaskPlan):
+    """A DeepSpeed engine training `params` with torch AdamW and the configured schedule."""
+    import deepspeed
+
+    optimizer = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay,
+                                  betas=(0.9, 0.999), eps=1e-8)
+    # fp32 ZeRO-0 (DeepSpeed steps this optimizer on these parameters): gradient buffers allocated
+    # once, before any activation, and zeroed in place after each step. Why: a `.grad` allocated
+    # afresh by each update's first backward lands among the just-freed activations; living on
+    # into the next forward, hundreds of such small buffers fragment the CPU heap (glibc), and a
+    # second pass in the same update (SAM, RWP, gradient accumulation) raised the peak resident
+    # memory. DeepSpeed's own zero_grad on this path sets every .grad to None.
+    keep_grads = section.zero_stage == 0 and not section.bf16
+    if keep_grads:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+    warmup = math.ceil(training.warmup_ratio * plan.updates)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(training.lr_scheduler, warmup, plan.updates))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           model_parameters=params, config=deepspeed_config(training, section, plan))
+    if keep_grads:
+        engine.zero_grad = functools.partial(optimizer.zero_grad, set_to_none=False)
+    if plan.world == 1 and section.zero_stage == 0:
+        # nothing to reduce: skip the flatten/all-reduce/copy-back of every gradient
+        # (ZeRO-1/2 keep theirs: their optimizers do bookkeeping in the reduction)
+        engine.enable_backward_allreduce = False
+    return engine
 
 
 def _grad_norm(params: dict[str, torch.nn.Parameter]) -> float | None:
@@ -88,33 +176,36 @@ def _grad_norm(params: dict[str, torch.nn.Parameter]) -> float | None:
     return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item() if grads else None
 
 
-def train_task(config: RunConfig, model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
-               method: FlatnessMethod, examples: list[Encoded], pad_id: int, task_index: int, task_name: str,
-               log: Callable[[dict[str, Any]], None], progress=None) -> dict[str, float]:
-    """Train `params` (the current adapter) on one task; returns summary stats."""
-    world, rank = ds.world_size(), ds.rank()
-    plan = plan_task(config, len(examples), world, task_name)
-    engine = ds.create_engine(config, model, list(params.values()), plan.updates)
+def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, training: TrainingSection,
+               section: DeepSpeedSection, seed: int, log: Callable[[dict[str, Any]], None],
+               progress=None) -> dict[str, float]:
+    """Train the trainable parameters of `model` (the current adapter) on one task under DeepSpeed;
+    `seed` is the run seed. Returns summary stats."""
+    world, rank = dist.world_size(), dist.rank()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    plan = TaskPlan.for_task(training, len(task.examples), world, task.name)
+    engine = create_engine(training, section, model, list(params.values()), plan)
     device = engine.device
-    method_seed = derive_seed(config.run.seed, "method", task_index)
-    bar = progress.add_task(task_name, total=plan.updates) if progress is not None else None
+    method.begin_task(engine.module)
+    method_seed = derive_seed(seed, "method", task.index)
+    bar = progress.add_task(task.name, total=plan.updates) if progress is not None else None
     started = time.perf_counter()
     losses: list[float] = []
     engine.train()
     for update in range(plan.updates):
-        batches = window_batches(examples, plan, update, config, task_index, rank, pad_id, device)
+        batches = window_batches(task, plan, update, seed, rank, device)
         ctx = EngineContext(engine, causal_lm_loss, params, step=update, total_steps=plan.updates,
                             seed=method_seed, rank=rank, world_size=world)
         lr = engine.get_lr()[0]
         stats = method.window(ctx, batches)
-        plain_norm = _grad_norm(params) if config.deepspeed.zero_stage == 0 else None
+        plain_norm = _grad_norm(params) if section.zero_stage == 0 else None
         engine.step()
-        loss = ds.all_reduce_mean(stats.pop("loss"))
+        loss = dist.all_reduce_mean(stats.pop("loss"))
         losses.append(loss)
         grad_norm = engine.get_global_grad_norm()
         grad_norm = plain_norm if grad_norm is None else grad_norm
         elapsed = time.perf_counter() - started
-        log({"task": task_name, "task_index": task_index, "step": update + 1, "loss": loss, "lr": lr,
+        log({"task": task.name, "task_index": task.index, "step": update + 1, "loss": loss, "lr": lr,
              "grad_norm": None if grad_norm is None else float(grad_norm),
              "seconds": elapsed, **{k: float(v) for k, v in stats.items()}})
         if bar is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cl_flat.metrics import read_acc_matrix
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 
 
 @pytest.mark.slow

@@ -60,16 +60,17 @@ text itself, so the splits can never share an input, whatever the seeds and size
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass, field
 from typing import Literal
+
+from cl_flat.errors import DataError
+from cl_flat.seeding import builtin_key
 
 __all__ = [
     "ASPECTS",
     "BuiltinTask",
     "BUILTIN_TASKS",
-    "UnknownTaskError",
     "builtin_examples",
     "split_of_text",
 ]
@@ -188,11 +189,6 @@ class BuiltinTask:
             raise ValueError(f"label {label!r} is not one of {self.labels} for task {self.name!r}")
         return self._generate(rng, label)  # type: ignore[operator]
 
-    def sample(self, rng: random.Random) -> tuple[str, str]:
-        """Draw one ``(input_text, label)`` pair, label uniform over ``labels``."""
-        label = rng.choice(self.labels)
-        return self.sample_for_label(rng, label), label
-
 
 def _sentiment_task(aspect: str) -> BuiltinTask:
     return BuiltinTask(
@@ -229,30 +225,9 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
 }
 
 
-class UnknownTaskError(KeyError, ValueError):
-    """Raised for a task name that is not in :data:`BUILTIN_TASKS`."""
-
-    def __str__(self) -> str:  # KeyError would otherwise repr() the message
-        return str(self.args[0]) if self.args else ""
-
-
-def get_builtin_task(task: str) -> BuiltinTask:
-    try:
-        return BUILTIN_TASKS[task]
-    except KeyError:
-        raise UnknownTaskError(
-            f"unknown builtin task {task!r}; available: {', '.join(BUILTIN_TASKS)}"
-        ) from None
-
-
-def _stable_int(*parts: object) -> int:
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big")
-
-
 def split_of_text(text: str) -> Literal["train", "test"]:
     """The split a review text belongs to (stable, independent of task and seed)."""
-    return "test" if _stable_int("cl-flat-builtin-split", text) % _TEST_BUCKETS == 0 else "train"
+    return "test" if builtin_key("cl-flat-builtin-split", text) % _TEST_BUCKETS == 0 else "train"
 
 
 def builtin_examples(
@@ -264,12 +239,14 @@ def builtin_examples(
     the task's labels, then shuffled); an input text is never in both splits and texts
     are unique within a call as long as the generator can supply enough distinct ones.
     """
-    spec = get_builtin_task(task)
+    if task not in BUILTIN_TASKS:
+        raise DataError(f"unknown builtin task {task!r}; available: {', '.join(BUILTIN_TASKS)}")
+    spec = BUILTIN_TASKS[task]
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    rng = random.Random(_stable_int("cl-flat-builtin", seed, task, split))
+    rng = random.Random(builtin_key("cl-flat-builtin", seed, task, split))
     rows: list[dict[str, str]] = []
     seen: set[str] = set()
     for i in range(n):

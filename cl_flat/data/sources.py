@@ -9,15 +9,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from cl_flat.config import (BuiltinTaskConfig, HfTaskConfig, JsonlTaskConfig, RunConfig, TaskConfig,
-                            UserError)
-
-
-class DataError(UserError):
-    """A data file is missing or malformed; the message names file:line."""
+from cl_flat.config import BuiltinTaskConfig, HfTaskConfig, JsonlTaskConfig, RunConfig, TaskConfig
+from cl_flat.errors import DataError
+from cl_flat.seeding import derive_seed
 
 
 @dataclass(frozen=True)
@@ -102,25 +100,29 @@ def _hf_split(task: HfTaskConfig, split: str) -> list[Example]:
     return examples
 
 
-def _subsample(examples: list[Example] | tuple[Example, ...], cap: int | None, seed: int, task: str) -> tuple[Example, ...]:
+def _subsample(examples: Sequence[Example], cap: int | None, seed: int, task: str) -> tuple[Example, ...]:
     """A fixed subset (keyed by seed and task name, order kept) when a cap is set."""
     if cap is None or len(examples) <= cap:
         return tuple(examples)
     import random
 
-    from cl_flat.train import derive_seed
-
     keep = sorted(random.Random(derive_seed(seed, "train-subset", task)).sample(range(len(examples)), cap))
     return tuple(examples[i] for i in keep)
 
 
-def load_task(task: TaskConfig, config: RunConfig) -> TaskData:
-    """Examples of one task, with its instruction and labels, ready for prompting."""
-    data = _load_task(task, config)
-    return replace(data, train=_subsample(data.train, task.max_train_samples, config.run.seed, task.name))
+def load_task(task: TaskConfig, seed: int, default_metric: str) -> TaskData:
+    """Examples of one task, with its instruction and labels, ready for prompting. `seed` is the
+    run seed (builtin data, the train subset); `default_metric` is evaluation.metric."""
+    data = _load_task(task, seed, task.metric or default_metric)
+    return replace(data, train=_subsample(data.train, task.max_train_samples, seed, task.name))
 
 
-def _load_task(task: TaskConfig, config: RunConfig) -> TaskData:
+def load_tasks(config: RunConfig) -> list[TaskData]:
+    """Every task of the run, in order."""
+    return [load_task(task, config.run.seed, config.evaluation.metric) for task in config.tasks]
+
+
+def _load_task(task: TaskConfig, seed: int, metric: str) -> TaskData:
     if isinstance(task, BuiltinTaskConfig):
         from cl_flat.data.builtin import BUILTIN_TASKS, builtin_examples
 
@@ -128,11 +130,10 @@ def _load_task(task: TaskConfig, config: RunConfig) -> TaskData:
         if key not in BUILTIN_TASKS:
             raise DataError(f"tasks[{task.name}]: unknown builtin task {key!r}; available: {list(BUILTIN_TASKS)}")
         spec = BUILTIN_TASKS[key]
-        seed = config.run.seed
         train = builtin_examples(key, "train", task.n_train, seed)
         test = builtin_examples(key, "test", task.n_test, seed)
-        return TaskData(task.name, task.instruction or spec.instruction, tuple(spec.labels),
-                        config.task_metric(task), task.prompt_template,
+        return TaskData(task.name, task.instruction or spec.instruction, tuple(spec.labels), metric,
+                        task.prompt_template,
                         tuple(Example(r["input"], r["output"]) for r in train),
                         tuple(Example(r["input"], r["output"]) for r in test))
     if isinstance(task, JsonlTaskConfig):
@@ -142,8 +143,7 @@ def _load_task(task: TaskConfig, config: RunConfig) -> TaskData:
     labels = tuple(task.labels) if task.labels else None
     instruction = task.instruction or (f"Classify the input as one of: {', '.join(labels)}." if labels
                                        else "Answer the input.")
-    return TaskData(task.name, instruction, labels, config.task_metric(task), task.prompt_template,
-                    tuple(train), tuple(test))
+    return TaskData(task.name, instruction, labels, metric, task.prompt_template, tuple(train), tuple(test))
 
 
 def check_local_data(config: RunConfig) -> list[str]:
@@ -154,5 +154,5 @@ def check_local_data(config: RunConfig) -> list[str]:
         if isinstance(task, HfTaskConfig) and task.data_files is None and not Path(task.dataset).exists():
             notes.append(f"tasks[{task.name}]: hub dataset {task.dataset!r} is not checked (no download)")
             continue
-        load_task(task, config)
+        load_task(task, config.run.seed, config.evaluation.metric)
     return notes

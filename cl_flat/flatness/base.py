@@ -11,7 +11,10 @@ Methods run whole passes through `accumulate(batch, weight, last)` and `probe(ba
 return detached values: the autograd graph of a pass is gone before the next forward starts.
 (A graph kept alive into the next pass pins thousands of small allocations across the freed
 activation memory; on CPU glibc then cannot reuse it, and a second pass in the same update
-grew the peak resident memory by 30%.)
+raises the peak resident memory.)
+A method's lifetime is explicit: the loop calls `begin_task(model)` once before the first update
+of every task (state such as a Fisher estimate or the noise targets starts there), then
+`window(ctx, micro_batches)` once per update.
 Because both paths run the same method code, training applies exactly `reference_update`
 (averaged over ranks by DeepSpeed's all-reduce).
 """
@@ -19,10 +22,13 @@ Because both paths run the same method code, training applies exactly `reference
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel
+
+from cl_flat.config import FlatnessAdapter, TrainingSection
 
 
 class StepContext(ABC):
@@ -75,9 +81,13 @@ class FlatnessMethod(ABC):
     def __init__(self, config: BaseModel):
         self.config = config
 
-    def check(self, run_config) -> list[str]:
-        """Problems with this method in this run (unsupported combinations); empty if fine."""
+    def check(self, training: TrainingSection) -> list[str]:
+        """Problems with this method under these training settings (unsupported combinations); empty if fine."""
         return []
+
+    def begin_task(self, model: torch.nn.Module) -> None:
+        """Called once before the first update of a task with the plain module to be trained
+        (its new adapter trainable, everything else frozen); resets per-task state."""
 
     @abstractmethod
     def window(self, ctx: StepContext, micro_batches: list[Any]) -> dict[str, float]:
@@ -89,13 +99,15 @@ REGISTRY: dict[str, type[FlatnessMethod]] = {}
 
 
 def register(cls: type[FlatnessMethod]) -> type[FlatnessMethod]:
+    """Class decorator: make `cls` available under `cls.name` (a name is registered once)."""
+    if cls.name in REGISTRY:
+        raise ValueError(f"flatness method {cls.name!r} is already registered by {REGISTRY[cls.name].__qualname__}")
     REGISTRY[cls.name] = cls
     return cls
 
 
 def build_method(config: BaseModel | dict) -> FlatnessMethod:
-    from cl_flat.config import FlatnessAdapter
-
+    """The method of a flatness config block (a dict is validated first)."""
     if isinstance(config, dict):
         config = FlatnessAdapter.validate_python(config)
     return REGISTRY[config.method](config)

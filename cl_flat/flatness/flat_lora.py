@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 
-
 from cl_flat.config import FlatLoraMethod
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.noise import Scale, TargetCache, noisy_mean_gradient
+from cl_flat.flatness.noise import NoiseBuffers, compact_scale, frozen_targets, noisy_mean_gradient
 
 
 def ramp_factor(kind: str, step: int, total_steps: int) -> float:
@@ -23,7 +22,8 @@ def ramp_factor(kind: str, step: int, total_steps: int) -> float:
 class FlatLora(FlatnessMethod):
     """Flat-LoRA: one pass with row-scaled noise on the merged weight W' = W0 + s·BA, ramped 0 → 1.
 
-    Li et al., "Flat-LoRA: Low-Rank Adaptation over a Flat Loss Landscape", ICML 2025: the expected loss over random perturbations of the merged weight W' = W0 + Σ_k s_k B_k A_k (all
+    Li et al., "Flat-LoRA: Low-Rank Adaptation over a Flat Loss Landscape", ICML 2025:
+    the expected loss over random perturbations of the merged weight W' = W0 + Σ_k s_k B_k A_k (all
     active adapters: the frozen earlier ones are part of the effective weight), one pass per micro-batch:
 
         g = (1/N) Σ_{i=1..N} ∇_{A,B} L(W' + ε_i; B_i),   ε_i,jk ~ N(0, (f_t·σ/√n·‖W'_j,:‖₂)²),
@@ -45,11 +45,15 @@ class FlatLora(FlatnessMethod):
 
     def __init__(self, config: FlatLoraMethod):
         super().__init__(config)
-        self.targets = TargetCache()
+        self.targets = []
+        self.buffers = NoiseBuffers()
+
+    def begin_task(self, model):
+        self.buffers.clear()
+        self.targets = frozen_targets(model, "adapted")
 
     def window(self, ctx, micro_batches):
         factor = ramp_factor(self.config.ramp, ctx.step, ctx.total_steps)
         sigma = self.config.noise_std * factor
-        frozen = [(t, Scale(t.merged_rows() * (sigma / math.sqrt(t.weight.shape[1]))))
-                  for t in self.targets.get(ctx.module, "adapted", ctx.step)]
-        return {"loss": noisy_mean_gradient(ctx, micro_batches, frozen, []), "ramp": factor}
+        frozen = [(t, compact_scale("flat_lora", t.weight, sigma, rows=t.merged_rows())) for t in self.targets]
+        return {"loss": noisy_mean_gradient(ctx, micro_batches, frozen, [], self.buffers), "ramp": factor}

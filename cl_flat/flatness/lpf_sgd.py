@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 
-
 from cl_flat.config import LpfSgdMethod
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.noise import TargetCache, compact_scale, noisy_mean_gradient
+from cl_flat.flatness.noise import NoiseBuffers, compact_scale, frozen_targets, noisy_mean_gradient
 
 
 def lpf_radius(gamma0: float, alpha: float, step: int, total_steps: int) -> float:
@@ -39,14 +38,17 @@ class LpfSgd(FlatnessMethod):
 
     def __init__(self, config: LpfSgdMethod):
         super().__init__(config)
-        self.targets = TargetCache()
+        self.targets = []
+        self.buffers = NoiseBuffers()
+
+    def begin_task(self, model):
+        self.buffers.clear()
+        self.targets = frozen_targets(model, "adapted") if self.config.scope in ("full", "base") else []
 
     def window(self, ctx, micro_batches):
         c = self.config
         gamma = lpf_radius(c.noise_std, c.radius_growth, ctx.step, ctx.total_steps)
-        model = ctx.module
-        frozen = ([(t, compact_scale("lpf_sgd", t.weight, gamma, rows=t.rows()))
-                   for t in self.targets.get(model, "adapted", ctx.step)] if c.scope in ("full", "base") else [])
+        frozen = [(t, compact_scale("lpf_sgd", t.weight, gamma, rows=t.rows())) for t in self.targets]
         trainable = ([(n, p, compact_scale("lpf_sgd", p, gamma)) for n, p in ctx.params.items()]
                      if c.scope in ("lora", "full") else [])
-        return {"loss": noisy_mean_gradient(ctx, micro_batches, frozen, trainable), "radius": gamma}
+        return {"loss": noisy_mean_gradient(ctx, micro_batches, frozen, trainable, self.buffers), "radius": gamma}

@@ -7,10 +7,10 @@ from contextlib import nullcontext
 
 import torch
 
-from cl_flat.config import RwpMethod, UserError
+from cl_flat.config import RwpMethod, TrainingSection
+from cl_flat.errors import UserError
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.noise import (RowFisher, TargetCache, compact_scale, param_module,
-                                    perturbed)
+from cl_flat.flatness.noise import NoiseBuffers, RowFisher, compact_scale, frozen_targets, param_module, perturbed
 
 
 @register
@@ -22,17 +22,18 @@ class Rwp(FlatnessMethod):
 
         g = a·(1/N) Σ_{i=1..N} ∇L(θ; B_i) + b·∇L(θ+ε; B_N),   ε = Z ⊙ S (S from `noise_type`).
 
-    Window of N micro-batches (the notes' DDP variant): clean passes on every micro-batch (their
+    Window of N micro-batches (as distributed RWP implementations do): clean passes on every micro-batch (their
     backward scaled by a/N), then one noisy pass on the last, B_N (scaled by b). `two_batch`: the
     clean mean runs over B_1..B_{N-1} only and the noisy pass over B_N (the paper's two-batch
     variant; needs N ≥ 2). With a = 0 the clean passes are skipped.
     `scope`: lora = the current adapter's A, B (in place, restored from a copy); full = A, B and the
-    frozen W0 of every adapted layer (functionally, W0 is never written); base = W0 only (the
-    notes' "origin"). `noise_targets: all_linear` extends W0 noise to every linear layer of the
-    base model except the output head. `fisher` shrinks the noise of rows with a large Fisher
-    (F estimated in the clean passes, see `cl_flat.flatness.noise`; needs a > 0). The EMA state
-    lives in the method instance and restarts with each task; `reference_update` builds a fresh
-    method, so it equals training exactly only for fisher_decay = 0 (or the first update).
+    frozen W0 of every adapted layer (functionally, W0 is never written); base = W0 only.
+    `noise_type: flat_lora` on W0 scales with the rows of the merged weight W' = W0 + Σ s·BA (as the
+    method `flat_lora`); on A, B with their own rows. `noise_targets: all_linear` extends W0 noise to
+    every linear layer of the base model except the output head. `fisher` shrinks the noise of rows with a large Fisher
+    (F estimated in the clean passes, see `cl_flat.flatness.noise.fisher`; needs a > 0). The EMA
+    state lives in the method instance and restarts in `begin_task`; `reference_update` builds a
+    fresh method, so it equals training exactly only for fisher_decay = 0 (or the first update).
     Noise key: (seed, update, rank, micro-batch index, tensor name).
 
     Several ranks: each rank draws its own ε (its rank is in the key); the applied gradient is the
@@ -50,12 +51,18 @@ class Rwp(FlatnessMethod):
 
     def __init__(self, config: RwpMethod):
         super().__init__(config)
-        self.targets = TargetCache()
+        self.targets = []
         self.fisher = RowFisher(config.fisher_decay)
+        self.buffers = NoiseBuffers()
 
-    def check(self, run_config) -> list[str]:
+    def begin_task(self, model):
+        self.fisher.reset()
+        self.buffers.clear()
+        self.targets = frozen_targets(model, self.config.noise_targets) if self.config.scope in ("full", "base") else []
+
+    def check(self, training: TrainingSection) -> list[str]:
         c, problems = self.config, []
-        n = run_config.training.gradient_accumulation_steps
+        n = training.gradient_accumulation_steps
         if c.two_batch and n < 2:
             problems.append("flatness.two_batch: needs training.gradient_accumulation_steps ≥ 2 "
                             "(clean gradient on B_1..B_{N-1}, noisy on B_N)")
@@ -74,15 +81,14 @@ class Rwp(FlatnessMethod):
             problems.append("flatness.noise_targets: all_linear needs scope full or base")
         return problems
 
-    def _noise(self, ctx, model, fisher_rows: bool):
+    def _noise(self, ctx, fisher_rows: bool):
         """(frozen targets with scales, trainable params with scales) for this update."""
         c = self.config
         frozen, trainable = [], []
-        if c.scope in ("full", "base"):
-            for t in self.targets.get(model, c.noise_targets, ctx.step):
-                fisher = self.fisher.rows(t.name) if fisher_rows else None
-                frozen.append((t, compact_scale(c.noise_type, t.weight, c.noise_std, fisher_rows=fisher,
-                                                eta=c.fisher_eta, rows=t.rows())))
+        for t in self.targets:
+            fisher = self.fisher.rows(t.name) if fisher_rows else None
+            frozen.append((t, compact_scale(c.noise_type, t.weight, c.noise_std, fisher_rows=fisher,
+                                            eta=c.fisher_eta, rows=t.reference_rows(c.noise_type))))
         if c.scope in ("lora", "full"):
             for name, p in ctx.params.items():
                 fisher = self.fisher.rows(name) if fisher_rows else None
@@ -91,9 +97,8 @@ class Rwp(FlatnessMethod):
         return frozen, trainable
 
     def _fisher_modules(self, ctx, model) -> dict:
-        c, modules = self.config, {}
-        if c.scope in ("full", "base"):
-            modules.update({t.name: t.grad_module for t in self.targets.get(model, c.noise_targets, ctx.step)})
+        c = self.config
+        modules = {t.name: t.grad_module for t in self.targets}
         if c.scope in ("lora", "full"):
             modules.update({n: m for n in ctx.params if (m := param_module(model, n)) is not None})
         return modules
@@ -105,9 +110,7 @@ class Rwp(FlatnessMethod):
             raise UserError("flatness.two_batch: needs training.gradient_accumulation_steps ≥ 2")
         model = ctx.module
         if c.parallel:
-            return self._parallel(ctx, model, micro_batches)
-        if ctx.step == 0:
-            self.fisher.reset()
+            return self._parallel(ctx, micro_batches)
         clean_batches = micro_batches[:-1] if c.two_batch else micro_batches
         use_fisher = c.noise_type == "fisher"
         losses = []
@@ -119,14 +122,14 @@ class Rwp(FlatnessMethod):
                 losses = [ctx.accumulate(batch, weight, last=False) for batch in clean_batches]
             if use_fisher:
                 self.fisher.update()
-        frozen, trainable = self._noise(ctx, model, use_fisher)
-        with perturbed(frozen, trainable, (ctx.seed, ctx.step, ctx.rank, n - 1)):
+        frozen, trainable = self._noise(ctx, use_fisher)
+        with perturbed(frozen, trainable, (ctx.seed, ctx.step, ctx.rank, n - 1), self.buffers):
             noisy = ctx.accumulate(micro_batches[-1], c.b, last=True)
         clean = torch.stack(losses).mean() if losses else noisy
         values = torch.stack([clean.float(), noisy.float()]).tolist()  # one host sync
         return {"loss": values[0], "noisy_loss": values[1]}
 
-    def _parallel(self, ctx, model, micro_batches):
+    def _parallel(self, ctx, micro_batches):
         c = self.config
         world = ctx.world_size
         if world < 2:
@@ -135,10 +138,10 @@ class Rwp(FlatnessMethod):
         n_clean, n_noisy = (world + 1) // 2, world // 2
         noisy_rank = ctx.rank % 2 == 1
         weight = (c.b * world / n_noisy if noisy_rank else c.a * world / n_clean) / len(micro_batches)
-        noise = self._noise(ctx, model, False) if noisy_rank else ([], [])
+        noise = self._noise(ctx, False) if noisy_rank else ([], [])
         losses = []
         for i, batch in enumerate(micro_batches):
-            with perturbed(*noise, (ctx.seed, ctx.step, ctx.rank, i)) if noisy_rank else nullcontext():
+            with perturbed(*noise, (ctx.seed, ctx.step, ctx.rank, i), self.buffers) if noisy_rank else nullcontext():
                 losses.append(ctx.accumulate(batch, weight, last=i == len(micro_batches) - 1))
         return {"loss": torch.stack(losses).float().mean().item(), "noisy_rank": float(noisy_rank)}
 

@@ -1,4 +1,4 @@
-"""SAM and ASAM on the current task's adapter (the notes' SAM-LoRA)."""
+"""SAM and ASAM on the current task's adapter (SAM on LoRA's A and B only)."""
 
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ class Sam(FlatnessMethod):
     g = ∇L(θ + ε; B_N) with ε = ρ g₀/‖g₀‖ (ASAM: ε = ρ T²g₀/‖T g₀‖, T = |θ|), where
     g₀ = Σ_{i=1..N} ∇L(θ; B_i) is the clean gradient summed over the N micro-batches of the
     update window and θ is the current task's LoRA (A, B); frozen weights are never perturbed.
-    Window semantics (the notes' DDP variant): ε from the whole window, the adversarial
+    Window semantics (as distributed SAM implementations do): ε from the whole window, the adversarial
     gradient from the last micro-batch B_N only. Clean passes are probes (no .grad, no
     communication); θ is perturbed in place and restored bit for bit from a saved copy.
     Several ranks: each rank computes ε from its own g₀ (as distributed SAM implementations
     do); the applied gradient is the all-reduced mean of the ranks' adversarial gradients.
-    `norm: per_tensor` normalises A and B separately (a variant of the source notes).
+    `norm: per_tensor` normalises A and B separately (each tensor by its own norm).
     """
 
     name = "sam"

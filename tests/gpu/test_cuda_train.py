@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_cli
+from helpers import run_cli
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -37,13 +37,13 @@ def test_loop_matches_reference_on_cuda(tmp_path: Path):
     import subprocess
     import sys
 
-    from conftest import test_env
+    from helpers import quiet_env
 
     worker = Path(__file__).parents[1] / "integration" / "equivalence_worker.py"
     cases = [{"zero": z, "gas": 2, "flatness": f} for z in (0, 2)
              for f in ({"method": "none"}, {"method": "sam", "rho": 0.05}, {"method": "rwp", "scope": "full"})]
     out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, str(worker), str(out), json.dumps(cases)], env=test_env(),
+    proc = subprocess.run([sys.executable, str(worker), str(out), json.dumps(cases)], env=quiet_env(),
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for case, result in zip(cases, json.loads(out.read_text())):

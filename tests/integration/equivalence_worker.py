@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import sys
 
 import torch
 
-from cl_flat import engine as ds
+from cl_flat import dist as ds
 from cl_flat.adapters import AdapterStack
 from cl_flat.config import validate_config
 from cl_flat.data.batches import Encoded
 from cl_flat.flatness import build_method, reference_update
+from cl_flat.loss import causal_lm_loss
 from cl_flat.models import load_model
-from cl_flat.train import causal_lm_loss, derive_seed, plan_task, train_task, window_batches
+from cl_flat.seeding import derive_seed
+from cl_flat.train import TaskPlan, TrainTask, train_task, window_batches
 
 
 def run_case(overrides: dict) -> dict:
@@ -53,20 +54,20 @@ def run_case(overrides: dict) -> dict:
     generator = torch.Generator().manual_seed(11)
     examples = [Encoded(tuple(ids := torch.randint(3, 250, (9,), generator=generator).tolist()),
                         tuple([-100] * 5 + ids[5:])) for _ in range(64)]
-    params = {n: p for n, p in stack.model.named_parameters() if p.requires_grad}
     method = build_method(config.flatness)
     logs: list[dict] = []
-    train_task(config, stack.model, params, method, examples, 256, 1, "b", logs.append)
+    task = TrainTask(1, "b", examples, 256)
+    train_task(task, stack.model, method, config.training, config.deepspeed, config.run.seed, logs.append)
 
     # plain torch replay
     world = ds.world_size()
     ref_params = {n: p for n, p in reference.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(list(ref_params.values()), lr=0.01, weight_decay=0.0)
-    plan = plan_task(config, len(examples), world, "b")
+    plan = TaskPlan.for_task(config.training, len(examples), world, "b")
     seed = derive_seed(config.run.seed, "method", 1)
     for update in range(plan.updates):
         per_rank = [reference_update(config.flatness, reference,
-                                     window_batches(examples, plan, update, config, 1, r, 256, ds.device()),
+                                     window_batches(task, plan, update, config.run.seed, r, ds.device()),
                                      causal_lm_loss, step=update, total_steps=plan.updates, seed=seed,
                                      rank=r, world_size=world)
                     for r in range(world)]

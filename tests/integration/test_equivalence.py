@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, test_env
+from helpers import free_port, quiet_env
 
 WORKER = Path(__file__).with_name("equivalence_worker.py")
 pytestmark = pytest.mark.integration
@@ -46,7 +46,7 @@ def run_worker(tmp_path: Path, nproc: int, cases: list[dict]) -> list[dict]:
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(free_port()), str(WORKER)]
-    proc = subprocess.run([*cmd, str(out), json.dumps(cases)], env=test_env(), capture_output=True, text=True,
+    proc = subprocess.run([*cmd, str(out), json.dumps(cases)], env=quiet_env(), capture_output=True, text=True,
                           timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())

@@ -9,13 +9,14 @@ import sys
 
 import pytest
 
-from conftest import ROOT, test_env
+from helpers import ROOT, quiet_env
 
 pytestmark = pytest.mark.integration
 
 SCRIPT = """
 import torch
-from cl_flat import engine as ds
+from cl_flat import dist as ds
+from cl_flat.train import TaskPlan, create_engine
 from cl_flat.adapters import AdapterStack
 from cl_flat.config import load_config
 from cl_flat.loss import causal_lm_loss
@@ -27,7 +28,9 @@ model, _ = load_model(config.model.name_or_path, config.model.dtype, 0)
 stack = AdapterStack(model, config.lora, 0)
 stack.add_task(0, "t")
 params = [p for p in stack.model.parameters() if p.requires_grad]
-engine = ds.create_engine(config, stack.model, params, 4)
+t = config.training
+plan = TaskPlan(t.micro_batch_size, t.gradient_accumulation_steps, 1, 4, 4)
+engine = create_engine(t, config.deepspeed, stack.model, params, plan)
 buffers = [p.grad for p in params]
 ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
 batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
@@ -45,7 +48,7 @@ print("KEPT", len(buffers))
 
 
 def test_fp32_zero0_engine_keeps_and_zeroes_gradient_buffers():
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=test_env(), capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=quiet_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "KEPT" in proc.stdout

@@ -68,8 +68,6 @@ def test_after_each_task_only_the_current_adapter_is_trainable():
             assert f".lora_A.{name}." in n or f".lora_B.{name}." in n, n
         expected = set(lora_params(stack.model, name, "A")) | set(lora_params(stack.model, name, "B"))
         assert trainable == expected
-        assert {id(p) for p in stack.trainable_parameters()} == \
-            {id(p) for n, p in stack.model.named_parameters() if n in expected}
 
 
 def test_all_adapters_are_active():
@@ -171,7 +169,7 @@ def test_init_depends_on_the_seed():
 def test_new_adapter_a_is_uniform_in_kaiming_bound_and_b_is_zero():
     stack = stack_with()
     for name in TASKS:
-        for n, p in lora_params(stack.model, name, "A").items():
+        for p in lora_params(stack.model, name, "A").values():
             bound = 1.0 / p.shape[1] ** 0.5  # fan_in = 64 -> 0.125
             assert p.shape == (4, 64)
             assert p.abs().max() <= bound

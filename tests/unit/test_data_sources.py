@@ -44,7 +44,7 @@ def test_jsonl_task_via_load_task(tmp_path):
     test = write_lines(tmp_path / "te.jsonl", [row("c", "neg")])
     config = run_config({"name": "j", "source": "jsonl", "train": str(train), "test": str(test),
                          "labels": ["pos", "neg"], "instruction": "Judge it."})
-    data = load_task(config.tasks[0], config)
+    data = load_task(config.tasks[0], config.run.seed, config.evaluation.metric)
     assert data.name == "j"
     assert data.labels == ("pos", "neg")
     assert data.metric == "accuracy"
@@ -65,7 +65,7 @@ def test_jsonl_missing_file_via_load_task(tmp_path):
     config = run_config({"name": "j", "source": "jsonl", "train": str(good), "test": str(tmp_path / "nope.jsonl"),
                          "labels": ["pos", "neg"]})
     with pytest.raises(DataError) as info:
-        load_task(config.tasks[0], config)
+        load_task(config.tasks[0], config.run.seed, config.evaluation.metric)
     assert "nope.jsonl" in str(info.value)
 
 
@@ -146,7 +146,7 @@ def test_hf_csv_with_integer_labels_mapped_through_labels(tmp_path, offline):
     config = run_config({"name": "h", "source": "hf", "dataset": "csv",
                          "data_files": {"train": str(tmp_path / "train.csv"), "test": str(tmp_path / "test.csv")},
                          "labels": ["negative", "positive"]})
-    data = load_task(config.tasks[0], config)
+    data = load_task(config.tasks[0], config.run.seed, config.evaluation.metric)
     assert data.train == (Example("great food", "positive"), Example("awful service", "negative"),
                           Example("fine", "positive"))
     assert data.test == (Example("cold soup", "negative"),)
@@ -160,7 +160,7 @@ def test_hf_json_with_string_labels_and_custom_fields(tmp_path, offline):
     config = run_config({"name": "h", "source": "hf", "dataset": "json", "text_field": "sentence", "label_field": "y",
                          "data_files": {"train": str(tmp_path / "train.json"), "test": str(tmp_path / "test.json")},
                          "labels": ["greeting", "farewell"]})
-    data = load_task(config.tasks[0], config)
+    data = load_task(config.tasks[0], config.run.seed, config.evaluation.metric)
     assert data.train == (Example("hello", "greeting"), Example("bye", "farewell"))
     assert data.test == (Example("bye", "farewell"), Example("hello", "greeting"))
 
@@ -169,7 +169,7 @@ def test_hf_string_label_not_among_labels(tmp_path, offline):
     write_lines(tmp_path / "d.json", [json.dumps({"text": "x", "label": "a"}), json.dumps({"text": "y", "label": "c"})])
     config = hf_config(tmp_path, "json", "d.json", "d.json")
     with pytest.raises(DataError) as info:
-        load_task(config.tasks[0], config)
+        load_task(config.tasks[0], config.run.seed, config.evaluation.metric)
     assert "'c'" in str(info.value)
 
 
@@ -177,7 +177,7 @@ def test_hf_integer_label_out_of_range(tmp_path, offline):
     (tmp_path / "d.csv").write_text("text,label\nx,0\ny,2\n")
     config = hf_config(tmp_path, "csv", "d.csv", "d.csv")
     with pytest.raises(DataError) as info:
-        load_task(config.tasks[0], config)
+        load_task(config.tasks[0], config.run.seed, config.evaluation.metric)
     assert "2" in str(info.value) and "labels" in str(info.value)
 
 
@@ -189,7 +189,7 @@ def test_hf_missing_column_is_named(tmp_path, offline, missing_field):
             "labels": ["a", "b"], missing_field: "no_such_column"}
     config = run_config(task)
     with pytest.raises(DataError) as info:
-        load_task(config.tasks[0], config)
+        load_task(config.tasks[0], config.run.seed, config.evaluation.metric)
     assert "no_such_column" in str(info.value)
 
 
@@ -197,7 +197,7 @@ def test_hf_missing_data_file(tmp_path, offline):
     (tmp_path / "d.csv").write_text("text,label\nx,0\n")
     config = hf_config(tmp_path, "csv", "d.csv", "gone.csv")
     with pytest.raises(DataError) as info:
-        load_task(config.tasks[0], config)
+        load_task(config.tasks[0], config.run.seed, config.evaluation.metric)
     assert "gone.csv" in str(info.value)
 
 
@@ -216,7 +216,7 @@ def test_prompt_of_a_loaded_task_uses_the_default_template(tmp_path):
     train = write_lines(tmp_path / "tr.jsonl", [row("nice {braces} here", "pos")])
     config = run_config({"name": "j", "source": "jsonl", "train": str(train), "test": str(train),
                          "labels": ["pos", "neg"], "instruction": "Rate it."})
-    data = load_task(config.tasks[0], config)
+    data = load_task(config.tasks[0], config.run.seed, config.evaluation.metric)
     assert data.prompt(data.train[0]) == "Rate it.\nOptions: pos, neg\nInput: nice {braces} here\nAnswer:"
 
 
@@ -225,7 +225,7 @@ def test_prompt_custom_template(tmp_path):
     config = run_config({"name": "j", "source": "jsonl", "train": str(train), "test": str(train),
                          "metric": "exact_match", "instruction": "Compute.",
                          "prompt_template": "Q: {input} ({instruction}) A:"})
-    data = load_task(config.tasks[0], config)
+    data = load_task(config.tasks[0], config.run.seed, config.evaluation.metric)
     assert data.labels is None
     assert data.prompt(data.train[0]) == "Q: 2+2 (Compute.) A:"
 

@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from cl_flat import landscape as ls
+from cl_flat.rundir import RunDir
 
 D = torch.float64
 
@@ -60,7 +61,7 @@ def test_filter_normalize_hand_values():
 
 def test_random_direction_rows_seeded_and_no_global_rng():
     W = {"a": torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 2.0]], dtype=D), "b": torch.tensor([1.0, 2.0], dtype=D)}
-    norms = {k: ls.row_norms(v) for k, v in W.items()}
+    norms = {k: ls.reference_norms(v) for k, v in W.items()}
     shapes = {k: v.shape for k, v in W.items()}
     state = torch.get_rng_state()
     d = ls.random_direction(norms, shapes, torch.Generator().manual_seed(3), dtype=D)
@@ -82,11 +83,11 @@ def test_orthogonalize_hand_values_and_properties():
     assert torch.allclose(out["w"], torch.tensor([[0.0, 2.0], [1.0, -1.0]], dtype=D), atol=1e-15)
     # random, larger: exactly orthogonal over the whole vector and exactly filter-normalised
     W = torch.randn(6, 5, generator=torch.Generator().manual_seed(0), dtype=D)
-    n, s = {"w": ls.row_norms(W)}, {"w": W.shape}
+    n, s = {"w": ls.reference_norms(W)}, {"w": W.shape}
     g = torch.Generator().manual_seed(1)
     a = ls.random_direction(n, s, g, dtype=D)
     b = ls.orthogonalize(ls.random_direction(n, s, g, dtype=D), a, n)
-    assert abs(ls._dot(a, b)) < 1e-12 * ls._norm(a) * ls._norm(b)
+    assert abs(ls.dot(a, b)) < 1e-12 * ls.l2_norm(a) * ls.l2_norm(b)
     assert torch.allclose(b["w"].norm(dim=1), W.norm(dim=1), rtol=1e-12)
 
 
@@ -134,12 +135,12 @@ def test_average_sharpness_closed_form_filter_normalised():
                                                                                              dtype=D)
     H = _block_hessian(m, n, 8)
     loss, _ = quad(H, W)
-    norms, shapes = {"w": ls.row_norms(W)}, {"w": W.shape}
+    norms, shapes = {"w": ls.reference_norms(W)}, {"w": W.shape}
     g = torch.Generator().manual_seed(9)
     radii = ls.row_radii(norms, rho)  # r_i = ρ|W_i|: each row of ε = ρ d lies on its sphere
     est = ls.estimate_sharpness(loss, lambda: ls.random_direction(norms, shapes, g, dtype=D), radii, M)
-    closed = rho**2 / (2 * n) * sum(W[i].norm().item() ** 2 * torch.trace(H[i * n:(i + 1) * n, i * n:(i + 1) * n]).item()
-                                    for i in range(m))
+    closed = rho**2 / (2 * n) * sum(W[i].norm().item() ** 2
+                                    * torch.trace(H[i * n:(i + 1) * n, i * n:(i + 1) * n]).item() for i in range(m))
     samples = torch.tensor(est.random, dtype=D)
     stderr = samples.std().item() / math.sqrt(M)
     assert est.avg == pytest.approx(samples.mean().item(), abs=1e-12)
@@ -223,7 +224,7 @@ def test_worst_case_filter_wise_ball_two_rows_hand_derived():
     rho = 0.1
     H = torch.diag(torch.tensor([1.0, 2.0, 3.0, 50.0, 5.0, 1.0], dtype=D))
     loss, loss_and_grad = quad(H, torch.zeros(2, 3, dtype=D))
-    norms, shapes = {"w": ls.row_norms(W)}, {"w": W.shape}
+    norms, shapes = {"w": ls.reference_norms(W)}, {"w": W.shape}
     radii = ls.row_radii(norms, rho)
     assert torch.allclose(radii["w"], torch.tensor([1.0, 0.01], dtype=D), rtol=1e-12)
     top = 0.5 * 1.0**2 * 3.0 + 0.5 * 0.01**2 * 50.0  # 1.5025
@@ -260,7 +261,7 @@ def test_worst_case_never_exceeds_the_filter_wise_bound(seed, steps):
     blocks = [_block_hessian(1, n, 1000 * seed + i) * (10.0 ** (i - 1)) for i in range(m)]
     H = torch.block_diag(*blocks)
     loss, loss_and_grad = quad(H, torch.zeros(m, n, dtype=D))
-    norms, shapes = {"w": ls.row_norms(W)}, {"w": W.shape}
+    norms, shapes = {"w": ls.reference_norms(W)}, {"w": W.shape}
     radii = ls.row_radii(norms, rho)
     bound = sum(0.5 * radii["w"][i].item() ** 2 * torch.linalg.eigvalsh(blocks[i]).max().item() for i in range(m))
     seen = []
@@ -281,7 +282,7 @@ def test_worst_case_never_exceeds_the_filter_wise_bound(seed, steps):
 def tiny_stack(tiny_config):
     from cl_flat.adapters import AdapterStack
     from cl_flat.config import validate_config
-    from cl_flat.data import load_task
+    from cl_flat.data import load_tasks
     from cl_flat.models import load_model
 
     config = validate_config(tiny_config, "tiny")
@@ -294,7 +295,7 @@ def tiny_stack(tiny_config):
             for pname, p in stack.model.named_parameters():
                 if f".lora_B.{name}." in pname:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    tasks = [load_task(t, config) for t in config.tasks]
+    tasks = load_tasks(config)
     return config, stack, tokenizer, tasks
 
 
@@ -339,7 +340,8 @@ def test_loss_is_training_loss_and_perturbation_equals_inplace_edit(tiny_stack):
     model = stack.model
     model.eval()
     config.evaluation.batch_size = 5  # several batches, padded differently
-    batches = ls.held_out_batches(tasks[0], tokenizer, config, "test", 12, "cpu", rank=0, world=1)
+    batches = ls.held_out_batches(tasks[0], tokenizer, config.evaluation, max_length=config.training.max_seq_length,
+                                  seed=config.run.seed, split="test", max_samples=12, device="cpu", rank=0, world=1)
     assert sum(len(b["input_ids"]) for b in batches) == len(tasks[0].test) == 12
     for space in ("adapter", "merged"):
         moved = ls.moved_weights(model, space, "t2")
@@ -370,7 +372,7 @@ def test_loss_is_training_loss_and_perturbation_equals_inplace_edit(tiny_stack):
         _, grad = f.loss_and_grad(eps)
         h = 1e-3
         fd = (f({k: v + h * d[k] for k, v in eps.items()}) - f({k: v - h * d[k] for k, v in eps.items()})) / (2 * h)
-        assert ls._dot(grad, d) == pytest.approx(fd, rel=2e-2)
+        assert ls.dot(grad, d) == pytest.approx(fd, rel=2e-2)
 
 
 @pytest.mark.parametrize("space", ["adapter", "merged"])
@@ -379,8 +381,9 @@ def test_compute_sharpness_leaves_live_model_bit_for_bit(tiny_stack, space):
     model = stack.model
     model.train()  # as right after training: current adapter trainable, train mode
     before = _snapshot(model)
-    result = ls.compute_sharpness(model, tokenizer, tasks[1], config, "t2", space=space, samples=3, ascent_steps=2,
-                                  max_samples=12, progress=False)
+    options = ls.LandscapeOptions(space=space, samples=3, ascent_steps=2, max_samples=12)
+    result = ls.compute_sharpness(model, tokenizer, tasks[1], "t2", config.evaluation,
+                                  max_length=config.training.max_seq_length, seed=config.run.seed, options=options)
     _assert_unchanged(model, before)
     stack.check_trainable()
     assert set(result) >= {"avg", "worst", "rho", "samples"}
@@ -390,8 +393,8 @@ def test_compute_sharpness_leaves_live_model_bit_for_bit(tiny_stack, space):
     # L(θ) + 3 samples + the last ascent iterate forward-only; 2 ascent steps of one forward+backward each
     assert result["passes"] == {"forward": 1 + 3 + 1, "forward_backward": 2}
     assert sum(ls.sharpness_passes(3, 2)) == 5 + 2
-    again = ls.compute_sharpness(model, tokenizer, tasks[1], config, "t2", space=space, samples=3, ascent_steps=2,
-                                 max_samples=12, progress=False)
+    again = ls.compute_sharpness(model, tokenizer, tasks[1], "t2", config.evaluation,
+                                 max_length=config.training.max_seq_length, seed=config.run.seed, options=options)
     assert again == result  # seeded: the same numbers
 
 
@@ -419,7 +422,9 @@ def test_compute_sharpness_stays_in_the_filter_wise_ball(tiny_stack, monkeypatch
     call, grad = ls.PerturbedLoss.__call__, ls.PerturbedLoss.loss_and_grad
     monkeypatch.setattr(ls.PerturbedLoss, "__call__", lambda self, eps=None: check(eps) or call(self, eps))
     monkeypatch.setattr(ls.PerturbedLoss, "loss_and_grad", lambda self, eps: check(eps) or grad(self, eps))
-    result = ls.compute_sharpness(model, tokenizer, tasks[1], config, "t2", samples=4, ascent_steps=3, progress=False)
+    result = ls.compute_sharpness(model, tokenizer, tasks[1], "t2", config.evaluation,
+                                  max_length=config.training.max_seq_length, seed=config.run.seed,
+                                  options=ls.LandscapeOptions(samples=4, ascent_steps=3))
     assert len(seen) == 4 + 3 + 1
     big_b = max(float(limits[k].max()) for k in limits if ".lora_B." in k)
     small_a = min(float(limits[k].min()) for k in limits if ".lora_A." in k)
@@ -448,18 +453,18 @@ def test_compute_landscape_on_a_saved_run(tiny_stack, tmp_path):
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config)))
     (run_dir / "acc_matrix.csv").write_text("after_task,t1,t2\nzero_shot,50.0,50.0\nt1,50.0,50.0\n")
     before = _hashes(run_dir / "adapters")
-    out = ls.compute_landscape(run_dir, "t1", dims=1, points=5, samples=2, progress=False)
-    rows = list(csv.DictReader(out["csv"].open()))
-    assert out["csv"] == run_dir / "landscape" / "t1_1d.csv"
+    out = ls.compute_landscape(run_dir, "t1", ls.LandscapeOptions(dims=1, points=5, samples=2), progress=False)
+    rows = list(csv.DictReader(out.csv.open()))
+    assert out.csv == run_dir / "landscape" / "t1_1d.csv"
     assert [float(r["alpha"]) for r in rows] == [-1.0, -0.5, 0.0, 0.5, 1.0]
-    assert float(rows[2]["loss"]) == out["sharpness"]["loss"] == out["loss"]  # alpha 0 = unperturbed, computed once
+    assert float(rows[2]["loss"]) == out.sharpness["loss"] == out.loss  # alpha 0 = unperturbed, computed once
     # passes over the sample: L(θ) once (grid origin + sharpness baseline), 4 other grid points, 2 random
     # samples, the last ascent iterate; 5 ascent steps (config default) of one forward+backward each
     assert config.evaluation.sharpness_ascent_steps == 5
-    assert out["passes"] == {"forward": 1 + 4 + 2 + 1, "forward_backward": 5}
-    assert out["examples"] == 8  # min(max_samples_per_task = 12, LANDSCAPE_MAX_SAMPLES = 8)
-    assert ls.LANDSCAPE_MAX_SAMPLES == 8
-    assert out["png"].read_bytes()[:4] == b"\x89PNG"
+    assert out.passes == {"forward": 1 + 4 + 2 + 1, "forward_backward": 5}
+    assert out.examples == 8  # min(max_samples_per_task = 12, landscape_max_samples = 8)
+    assert config.evaluation.landscape_max_samples == 8
+    assert out.png.read_bytes()[:4] == b"\x89PNG"
     assert _hashes(run_dir / "adapters") == before
     with pytest.raises(UserError, match="not trained yet"):
         ls.compute_landscape(run_dir, "t2", progress=False)
@@ -506,5 +511,5 @@ def test_cli_bad_input(tiny_stack, tmp_path):
     (run_dir / "acc_matrix.csv").write_text("after_task,t1,t2\nzero_shot,50.0,50.0\nt1,50.0,50.0\nt2,50.0,50.0\n")
     result = CliRunner().invoke(app, ["landscape", str(run_dir), "--task", "t2", "--after", "t1"])
     assert isinstance(result.exception, UserError) and "--after must be" in str(result.exception)
-    assert ls.resolve_tasks(run_dir, config, None, None) == ["t1", "t2"]  # default: every trained task
-    assert ls.resolve_tasks(run_dir, config, None, "t1") == ["t1"]
+    assert ls.resolve_tasks(RunDir(run_dir), config, None, None) == ["t1", "t2"]  # default: every trained task
+    assert ls.resolve_tasks(RunDir(run_dir), config, None, "t1") == ["t1"]

@@ -10,8 +10,19 @@ import torch
 from torch import nn
 
 from cl_flat.flatness import noise_scale
-from cl_flat.flatness.noise import (NOISE_TYPES, FrozenTarget, RowFisher, Scale, compact_scale,
-                                    frozen_targets, keyed_noise, noise_key, perturbed, standard_normal)
+from cl_flat.flatness.noise import (
+    NOISE_TYPES,
+    FrozenTarget,
+    NoiseBuffers,
+    RowFisher,
+    Scale,
+    compact_scale,
+    frozen_targets,
+    keyed_noise,
+    noise_key,
+    perturbed,
+    standard_normal,
+)
 
 # W = [[3, 4], [0, -1]]: row norms 5 and 1, ‖W‖_F = √26, row length n = 2.
 W = torch.tensor([[3.0, 4.0], [0.0, -1.0]], dtype=torch.float64)
@@ -102,7 +113,7 @@ def test_splitmix64_reference_value():
 @pytest.fixture
 def fresh_kernel(monkeypatch, tmp_path):
     """A not-yet-loaded CPU noise kernel, built into an empty cache."""
-    from cl_flat.flatness import keyed_normal
+    from cl_flat.flatness.noise import keyed_normal
 
     monkeypatch.setenv("CL_FLAT_CACHE", str(tmp_path))
     monkeypatch.setattr(keyed_normal, "_KERNEL", keyed_normal._Kernel())
@@ -165,7 +176,8 @@ def test_cpu_draw_is_independent_of_threads_and_standard():
 def test_add_to_is_weight_plus_draw():
     w = torch.randn(3, 40_005, generator=torch.Generator().manual_seed(0))
     for scale in (Scale(0.3), compact_scale("lpf_sgd", w, 0.2), compact_scale("gauss_element", w, 0.1)):
-        torch.testing.assert_close(scale.add_to(w, 77), w + keyed_noise(w, scale, 77), rtol=1e-6, atol=1e-6)  # fused: 1 ulp
+        # fused: 1 ulp
+        torch.testing.assert_close(scale.add_to(w, 77), w + keyed_noise(w, scale, 77), rtol=1e-6, atol=1e-6)
 
 
 def test_zero_weight_element_noise_is_zero():
@@ -208,7 +220,7 @@ def test_functional_noise_forward_and_backward(kind):
     [target] = [t for t in _targets(model)]
     before = layer.weight.detach().clone()
     scale = compact_scale("lpf_sgd", target.weight, 0.3)
-    with perturbed([(target, scale)], [], (1, 2, 0, 0)):
+    with perturbed([(target, scale)], [], (1, 2, 0, 0), NoiseBuffers()):
         y = model(x)
         y.backward(torch.ones_like(y))
     eps = keyed_noise(weight.detach(), scale, noise_key(1, 2, 0, 0, "layer"))
@@ -230,7 +242,7 @@ def test_trainable_perturbation_restored_exactly():
     p = nn.Parameter(torch.randn(4, 3, dtype=torch.bfloat16))
     before = p.detach().clone()
     scale = compact_scale("gauss_element", p, 0.37)
-    with perturbed([], [("p", p, scale)], (0, 0, 0, 0)):
+    with perturbed([], [("p", p, scale)], (0, 0, 0, 0), NoiseBuffers()):
         assert not torch.equal(p, before)
         assert torch.equal(p.detach(), before + keyed_noise(before, scale, noise_key(0, 0, 0, 0, "p")))
     assert torch.equal(p.detach(), before)
@@ -264,14 +276,13 @@ def test_activation_checkpointing_sees_the_same_noise():
     gen = torch.Generator().manual_seed(4)
     frozen = nn.Linear(6, 6).double().requires_grad_(False)
     head = nn.Linear(6, 1).double()
-    model = nn.ModuleDict({"frozen": frozen, "head": head})
     x = torch.randn(5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     target = FrozenTarget("frozen", frozen, None)
     scale = compact_scale("gauss_standard", target.weight, 0.5)
     grads = []
     for use_checkpoint in (False, True):
         x.grad = None
-        with perturbed([(target, scale)], [], (0, 1, 0, 0)):
+        with perturbed([(target, scale)], [], (0, 1, 0, 0), NoiseBuffers()):
             hidden = checkpoint(frozen, x, use_reentrant=False) if use_checkpoint else frozen(x)
             head(torch.tanh(hidden)).sum().backward()
         grads.append(x.grad.clone())

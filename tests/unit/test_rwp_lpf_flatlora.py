@@ -112,18 +112,19 @@ def _run_config(flatness, gas=1):
 
 
 def test_rwp_check_messages(monkeypatch):
-    assert build_method({"method": "rwp"}).check(_run_config({"method": "rwp"})) == []
-    problems = build_method({"method": "rwp", "two_batch": True}).check(_run_config({"method": "rwp", "two_batch": True}))
+    assert build_method({"method": "rwp"}).check(_run_config({"method": "rwp"}).training) == []
+    two_batch = {"method": "rwp", "two_batch": True}
+    problems = build_method(two_batch).check(_run_config(two_batch).training)
     assert any("two_batch" in p for p in problems)
     monkeypatch.setenv("WORLD_SIZE", "1")
     cfg = {"method": "rwp", "parallel": True}
-    assert any("≥ 2 ranks" in p for p in build_method(cfg).check(_run_config(cfg)))
+    assert any("≥ 2 ranks" in p for p in build_method(cfg).check(_run_config(cfg).training))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert build_method(cfg).check(_run_config(cfg)) == []
+    assert build_method(cfg).check(_run_config(cfg).training) == []
     cfg = {"method": "rwp", "noise_type": "fisher", "a": 0.0}
-    assert any("a > 0" in p for p in build_method(cfg).check(_run_config(cfg)))
+    assert any("a > 0" in p for p in build_method(cfg).check(_run_config(cfg).training))
     cfg = {"method": "rwp", "scope": "lora", "noise_targets": "all_linear"}
-    assert any("all_linear" in p for p in build_method(cfg).check(_run_config(cfg)))
+    assert any("all_linear" in p for p in build_method(cfg).check(_run_config(cfg).training))
 
 
 # ---------------------------------------------------------------- LPF-SGD and Flat-LoRA schedules
@@ -215,8 +216,11 @@ def _expected_eps(model, scope, sigma, micro, step=0, seed=0, rank=0, noise_type
     trainable = ({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
                  if scope in ("lora", "full") else {})
     key = (seed, step, rank, micro)
-    frozen_eps = {n: keyed_noise(w, compact_scale(noise_type, w, sigma), noise_key(*key, n)) for n, w in targets.items()}
-    train_eps = {n: keyed_noise(w, compact_scale(noise_type, w, sigma), noise_key(*key, n)) for n, w in trainable.items()}
+    def eps(w, name):
+        return keyed_noise(w, compact_scale(noise_type, w, sigma), noise_key(*key, name))
+
+    frozen_eps = {n: eps(w, n) for n, w in targets.items()}
+    train_eps = {n: eps(w, n) for n, w in trainable.items()}
     return frozen_eps, train_eps
 
 
@@ -321,6 +325,7 @@ def test_fisher_estimate_and_limits():
     method = build_method({**base, "noise_type": "fisher", "fisher_eta": 1e14})
     from cl_flat.flatness import TorchContext
     ctx = TorchContext(model, _lm_loss, step=0, total_steps=1, seed=0)
+    method.begin_task(model)
     method.window(ctx, [batch])
     grads = {n: p.grad.clone() for n, p in ctx.params.items()}
     for p in ctx.params.values():

@@ -10,17 +10,15 @@ On CPU Z is counter-based, element i (row-major index) of a draw under key k bei
 with γ = 0x9E3779B97F4A7C15 (x_0, x_1, … is SplitMix64's stream seeded with k). u₁ carries 24
 bits, so |Z| ≤ 5.9; the tail beyond has probability 4·10⁻⁹.
 
-Why not torch's `normal_`: on CPU it is a serial Mersenne Twister at 3.5-4 ns per element (0.4 s
-for the 106M adapted weights of SmolLM2-135M, drawn twice per noisy pass), plus a separate pass
-for W0 + ε. A counter-based draw has no state, so draw, scale and add fuse into one vectorised
-loop over torch's OpenMP threads: `keyed_normal.c`, compiled with the system C compiler on
-first use and cached under `$CL_FLAT_CACHE/kernels` (keyed by source, compiler and CPU flags),
-checked against the formula when loaded: 0.6 ms per 576×1536 layer, ~75 ms for all 106M on 2
-cores. Without a compiler, for other dtypes than fp32/bf16, or with `CL_FLAT_COMPILE_NOISE=0`,
-the same formula runs in torch ops (~3× slower than `normal_`); both agree up to the rounding of
-log and cos (~1e-6). (torch.compile gave a fused kernel too, but its first use costs seconds
-and ~150 MB of resident memory, and it miscompiled the index arithmetic of this formula.)
-On CUDA, Z is one `normal_` from a generator seeded with k (a few ms for a 1B model).
+Why not torch's `normal_`: on CPU it is a serial Mersenne Twister, plus a separate pass for
+W0 + ε. A counter-based draw has no state, so draw, scale and add fuse into one vectorised loop
+over torch's OpenMP threads: `keyed_normal.c`, compiled with the system C compiler on first use
+and cached under `$CL_FLAT_CACHE/kernels` (keyed by source, compiler and CPU flags), checked
+against the formula when loaded. Without a compiler, for other dtypes than fp32/bf16, or with
+`CL_FLAT_COMPILE_NOISE=0`, the same formula runs in torch ops (slower); both agree up to the
+rounding of log and cos (~1e-6). torch.compile was not used: its first use is slow and large,
+and it miscompiled the index arithmetic of this formula. Measured costs: results/README.md.
+On CUDA, Z is one `normal_` from a generator seeded with k.
 """
 
 from __future__ import annotations

@@ -1,0 +1,107 @@
+"""The process group and its collectives: set-up and shutdown, rank, world size, barrier,
+all-reduce, broadcast, gather. Every helper is a no-op (or the identity) in a single process.
+
+One process without a launcher gets the environment DeepSpeed needs (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT; otherwise it tries MPI discovery). Under `deepspeed`
+or `torchrun` these come from the launcher. CPU runs use gloo, CUDA runs nccl.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _grouped() -> bool:
+    """Whether this process is one of several in a process group."""
+    return torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
+
+
+def init_distributed() -> None:
+    """Start (once) the process group DeepSpeed uses; a lone process becomes rank 0 of 1."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (an abrupt exit of a gloo group occasionally aborts)."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if torch_dist.is_available() and torch_dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if torch_dist.is_available() and torch_dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Rank 0: the only rank that writes files."""
+    return rank() == 0
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if _grouped():
+        torch_dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over the ranks, in place; returns it."""
+    if _grouped():
+        torch_dist.all_reduce(tensor)
+    return tensor
+
+
+def all_reduce_mean(value: float) -> float:
+    if not _grouped():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device())
+    torch_dist.all_reduce(tensor)
+    return tensor.item() / torch_dist.get_world_size()
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    if not _grouped():
+        return [value]
+    gathered: list[Any] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's `value` on every rank."""
+    if not _grouped():
+        return value
+    box = [value]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,285 @@
+"""Loss landscapes (1-D / 2-D, filter-normalised) and average- / worst-case sharpness of a run's tasks.
+
+`geometry`: directions, filter normalisation, orthogonalisation, the sharpness estimator (pure);
+`perturbed_loss`: which weights move and the loss at θ + ε (nothing is written); this module:
+orchestration — the run's adapter stack, the options, the files (through `RunDir`).
+
+**Options** (`LandscapeOptions`, the flags of `cl-flat landscape`, validated like the config):
+space, rho, samples, ascent_steps and the held-out cap default to the run's `evaluation` section
+(sharpness_space, sharpness_rho, sharpness_samples, sharpness_ascent_steps,
+landscape_samples()). Grid: alpha (and beta) = linspace(−1, 1, points). Directions are drawn from
+generators keyed by (seed, "landscape" | "sharpness", task, space) — the same draws for every
+`after` (`cl_flat.seeding`).
+
+**Cost** (passes over the held-out sample). `compute_landscape` (1-D, P points, M samples, K
+ascent steps): L(θ) once (shared by the grid origin and the sharpness baseline), P − 1 grid
+forwards (P odd), M forwards, K forward+backward, 1 forward for the last ascent iterate: for
+P = 21, M = 8, K = 5, 30 forwards + 5 forward+backward. `compute_sharpness` (after each task):
+1 + M + 1 forwards + K forward+backward. Both report their counts under "passes".
+
+**Files** (results folder): `landscape/<stem>_1d.csv` (alpha,loss), `landscape/<stem>_2d.csv`
+(alpha,beta,loss), `plots/landscape_<stem>_{1d,2d}.png`, and the entry `<stem>` of
+`landscape/sharpness.json` = {"avg", "worst", "rho", "samples", ...}, with stem = `<task>` for the
+landscape of task T right after T was trained in the `adapter` space, `<task>_after_<X>` with
+`--after X` (X later than T), and a `_merged` suffix for the merged space (e.g.
+`t1_after_t3_merged_1d.csv`). All written atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cl_flat import dist, plots
+from cl_flat.adapters import adapter_name
+from cl_flat.config import EvaluationSection, LandscapeOptions, RunConfig
+from cl_flat.data import load_task
+from cl_flat.errors import UserError
+from cl_flat.files import atomic_write_text
+from cl_flat.landscape.geometry import (
+    SharpnessEstimate,
+    combine,
+    dot,
+    estimate_sharpness,
+    filter_normalize,
+    l2_norm,
+    loss_surface,
+    orthogonalize,
+    project_rows,
+    radius_norm,
+    random_direction,
+    reference_norms,
+    row_radii,
+    sharpness_passes,
+)
+from cl_flat.landscape.perturbed_loss import SPACES, SPLITS, Moved, PerturbedLoss, held_out_batches, moved_weights
+from cl_flat.models import load_model
+from cl_flat.rundir import RunDir
+from cl_flat.seeding import keyed_generator
+
+__all__ = [
+    "SPACES", "SPLITS", "LandscapeOptions", "LandscapeResult", "Moved", "PerturbedLoss", "SharpnessEstimate",
+    "combine", "compute_landscape", "compute_sharpness", "dot", "estimate_sharpness", "filter_normalize",
+    "held_out_batches", "l2_norm", "landscape_stem", "landscapes", "loss_surface", "moved_weights", "orthogonalize",
+    "project_rows", "radius_norm", "random_direction", "reference_norms", "resolve_tasks", "row_radii",
+    "sharpness_passes",
+]
+
+
+def resolved(options: LandscapeOptions, evaluation: EvaluationSection) -> LandscapeOptions:
+    """`options` with every unset value taken from the run's evaluation section."""
+    return options.model_copy(update={
+        "space": options.space or evaluation.sharpness_space,
+        "rho": evaluation.sharpness_rho if options.rho is None else options.rho,
+        "samples": evaluation.sharpness_samples if options.samples is None else options.samples,
+        "ascent_steps": evaluation.sharpness_ascent_steps if options.ascent_steps is None else options.ascent_steps,
+        "max_samples": evaluation.landscape_samples() if options.max_samples is None else options.max_samples})
+
+
+@contextmanager
+def _progress(enabled: bool, description: str, total: int):
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=True) as progress:
+        bar = progress.add_task(description, total=total)
+        yield lambda: progress.advance(bar)
+
+
+# ---------------------------------------------------------------- sharpness
+
+
+def _sharpness(evaluator: PerturbedLoss, moved: list[Moved], options: LandscapeOptions, generator: torch.Generator,
+               advance: Callable[[], None] | None = None, base: float | None = None) -> SharpnessEstimate:
+    norms = {m.name: m.norms for m in moved}
+    shapes = {m.name: m.shape for m in moved}
+    return estimate_sharpness(evaluator, lambda: random_direction(norms, shapes, generator),
+                              row_radii(norms, options.rho), options.samples, loss_and_grad=evaluator.loss_and_grad,
+                              ascent_steps=options.ascent_steps, base=base, advance=advance)
+
+
+def _sharpness_record(est: SharpnessEstimate, options: LandscapeOptions, examples: int,
+                      tokens: float) -> dict[str, Any]:
+    """The sharpness.json entry (and the passes over the held-out sample so far)."""
+    record = {"avg": est.avg, "worst": est.worst, "rho": options.rho, "samples": options.samples,
+              "radius": est.radius, "loss": est.base, "ascent_steps": options.ascent_steps, "ball": "filter-wise",
+              "space": options.space, "split": options.split, "examples": examples, "target_tokens": int(tokens)}
+    if options.after is not None and options.after != options.task:
+        record["after"] = options.after
+    return record
+
+
+def _passes(evaluator: PerturbedLoss) -> dict[str, int]:
+    return {"forward": evaluator.evaluations - evaluator.gradients, "forward_backward": evaluator.gradients}
+
+
+def compute_sharpness(model: nn.Module, tokenizer, task, adapter: str, evaluation: EvaluationSection, *,
+                      max_length: int, seed: int, options: LandscapeOptions | None = None,
+                      progress: bool = False) -> dict[str, Any]:
+    """Average- and worst-case sharpness of the live `model` (a peft model, or the DeepSpeed
+    engine wrapping it) on `task` (TaskData), perturbing adapter `adapter` (space `adapter`) or
+    the merged weights (space `merged`). Settings: `options` over the run's `evaluation` section;
+    `seed` is the run seed, `max_length` training.max_seq_length.
+
+    Collective under torch.distributed: every rank must call it (the sample is sharded, sums are
+    all-reduced; every rank returns the same dict). The model is left bit for bit unchanged
+    (parameters, requires_grad, .grad, train/eval mode). Returns the sharpness.json record
+    {"avg", "worst", "rho", "samples", "radius", "loss", "ascent_steps", "ball", "space", "split",
+    "examples", "target_tokens"} plus "passes": {"forward", "forward_backward"}."""
+    options = resolved(options or LandscapeOptions(), evaluation)
+    inner = model.module if type(model).__name__ == "DeepSpeedEngine" else model
+    device = next(inner.parameters()).device
+    moved = moved_weights(inner, options.space, adapter)
+    batches = held_out_batches(task, tokenizer, evaluation, max_length=max_length, seed=seed, split=options.split,
+                               max_samples=options.max_samples, device=device)
+    evaluator = PerturbedLoss(inner, batches, moved)
+    examples = int(dist.all_reduce_sum(torch.tensor(float(sum(len(b["input_ids"]) for b in batches)),
+                                                    device=device)).item())
+    generator = keyed_generator(seed, "sharpness", task.name, options.space, device=device)
+    forwards, backwards = sharpness_passes(options.samples, options.ascent_steps)
+    with _progress(progress, f"sharpness {task.name}", forwards + backwards) as advance:
+        est = _sharpness(evaluator, moved, options, generator, advance)
+    return _sharpness_record(est, options, examples, evaluator.tokens) | {"passes": _passes(evaluator)}
+
+
+# ---------------------------------------------------------------- landscapes of a saved run
+
+
+def landscape_stem(task: str, after: str | None = None, space: str = "adapter") -> str:
+    """`<task>`, `<task>_after_<X>` (X != task), plus `_merged` for the merged space."""
+    stem = task if after is None or after == task else f"{task}_after_{after}"
+    return stem if space == "adapter" else f"{stem}_{space}"
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[float]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([[repr(float(v)) for v in row] for row in rows])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def resolve_tasks(run_dir: RunDir, config: RunConfig, task: str | None, after: str | None) -> list[str]:
+    """Check the request against the run; the tasks to measure, in order."""
+    names = [t.name for t in config.tasks]
+    trained = run_dir.trained_tasks()
+    for label, value in (("--task", task), ("--after", after)):
+        if value is not None and value not in names:
+            raise UserError(f"{label} {value!r}: unknown task; the run's tasks are {names}")
+        if value is not None and value not in trained:
+            raise UserError(f"{label} {value!r}: task not trained yet in {run_dir} (trained: {trained or 'none'})")
+    if not trained:
+        raise UserError(f"{run_dir}: no task has been trained yet")
+    if task is not None and after is not None and names.index(after) < names.index(task):
+        raise UserError(f"--after {after!r} comes before --task {task!r} in the sequence {names}; "
+                        "--after must be the task itself or a later one")
+    if task is not None:
+        return [task]
+    limit = names.index(after) if after is not None else len(names)
+    return [t for t in trained if names.index(t) <= limit]
+
+
+@dataclass(frozen=True)
+class LandscapeResult:
+    stem: str
+    csv: Path
+    png: Path
+    sharpness_json: Path
+    loss: float                     # L(θ), unperturbed
+    grid: list[float]               # the loss at every grid point, in csv order
+    sharpness: dict[str, Any]       # the sharpness.json record
+    passes: dict[str, int]          # passes over the held-out sample: forward, forward_backward
+    examples: int                   # held-out examples
+    seconds: float
+
+
+class _BaseModel:
+    """The run's base model, loaded once; every adapter stack is built on a deep copy of it."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self._loaded = None
+
+    def stack(self, run_dir: RunDir, after: str):
+        if self._loaded is None:
+            self._loaded = load_model(self.config.model.name_or_path, self.config.model.dtype, self.config.run.seed)
+        base, tokenizer = self._loaded
+        return run_dir.load_stack(copy.deepcopy(base), self.config, after).model, tokenizer
+
+
+def compute_landscape(path: str | Path, task: str, options: LandscapeOptions | None = None, *,
+                      progress: bool = True, _base: _BaseModel | None = None) -> LandscapeResult:
+    """Loss landscape and sharpness of `task` with the run's adapter stack as it was right after
+    `options.after` (default: `task` itself) was trained; writes the csv, the PNG and the sharpness
+    entry. Directions are keyed by (run seed, task, space)."""
+    started = time.perf_counter()
+    run_dir = RunDir(path)
+    config = _base.config if _base is not None else run_dir.load_config()
+    options = resolved((options or LandscapeOptions()).model_copy(update={"task": task}), config.evaluation)
+    after = options.after or task
+    resolve_tasks(run_dir, config, task, after)
+    seed = config.run.seed
+    model, tokenizer = (_base or _BaseModel(config)).stack(run_dir, after)
+    task_data = load_task(next(t for t in config.tasks if t.name == task), seed, config.evaluation.metric)
+    device = dist.device()
+    model.to(device)
+    moved = moved_weights(model, options.space, adapter_name(config.lora.strategy, task))
+    batches = held_out_batches(task_data, tokenizer, config.evaluation, max_length=config.training.max_seq_length,
+                               seed=seed, split=options.split, max_samples=options.max_samples, device=device,
+                               rank=0, world=1)
+    evaluator = PerturbedLoss(model, batches, moved)
+    norms = {m.name: m.norms for m in moved}
+    shapes = {m.name: m.shape for m in moved}
+
+    grid = [-1.0 + 2.0 * i / (options.points - 1) for i in range(options.points)]
+    generator = keyed_generator(seed, "landscape", task, options.space, device=device)
+    directions = [random_direction(norms, shapes, generator)]
+    if options.dims == 2:
+        directions.append(orthogonalize(random_direction(norms, shapes, generator), directions[0], norms))
+    coords = [(a,) for a in grid] if options.dims == 1 else [(a, b) for a in grid for b in grid]
+    origin = sum(all(c == 0.0 for c in cs) for cs in coords)
+    forwards, backwards = sharpness_passes(options.samples, options.ascent_steps, base=False)
+    stem = landscape_stem(task, after, options.space)
+    examples = sum(len(b["input_ids"]) for b in batches)
+    with _progress(progress, f"landscape {stem}", 1 + len(coords) - origin + forwards + backwards) as advance:
+        # L(θ) once: the grid's origin and the sharpness baseline reuse it
+        base = evaluator(None)
+        advance()
+        losses = loss_surface(lambda eps: base if eps is None else evaluator(eps), directions, coords, advance)
+        est = _sharpness(evaluator, moved, options, keyed_generator(seed, "sharpness", task, options.space,
+                                                                    device=device), advance, base=base)
+    record = _sharpness_record(est, options.model_copy(update={"after": after}), examples, evaluator.tokens)
+    csv_path = run_dir.landscape_csv(stem, options.dims)
+    header = ("alpha", "loss") if options.dims == 1 else ("alpha", "beta", "loss")
+    _write_csv(csv_path, header, [(*c, v) for c, v in zip(coords, losses)])
+    png_path = run_dir.plot(f"landscape_{stem}_{options.dims}d")
+    (plots.plot_landscape_1d if options.dims == 1 else plots.plot_landscape_2d)(csv_path, png_path)
+    json_path = run_dir.merge_sharpness(stem, record)
+    return LandscapeResult(stem, csv_path, png_path, json_path, base, losses, record, _passes(evaluator), examples,
+                           time.perf_counter() - started)
+
+
+def landscapes(path: str | Path, options: LandscapeOptions, *, progress: bool | None = None
+               ) -> Iterator[LandscapeResult]:
+    """`cl-flat landscape`: every requested task's landscape (`options.task`, or every trained task up
+    to `options.after`), one after another on one loaded base model. `progress`: default logging.progress."""
+    run_dir = RunDir(path)
+    config = run_dir.load_config()
+    base = _BaseModel(config)
+    show = config.logging.progress if progress is None else progress
+    for name in resolve_tasks(run_dir, config, options.task, options.after):
+        yield compute_landscape(run_dir.path, name, options.model_copy(update={"task": name}), progress=show,
+                                _base=base)

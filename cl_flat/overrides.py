@@ -1,0 +1,49 @@
+"""Command-line overrides of config values: `a.b.c=value`, applied to the raw YAML dict before validation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from cl_flat.errors import ConfigError
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], parsed value); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip().lstrip("-")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError("--set", [f"override {text!r}: expected KEY.PATH=VALUE, e.g. training.learning_rate=5e-4"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError("--set", [f"override {text!r}: value is not valid YAML ({exc.problem})"]) from None
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted path in the raw dict; list items are addressed by index (tasks.0.name)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = raw
+        for depth, part in enumerate(path[:-1]):
+            where = ".".join(path[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError("--set", [f"override {text!r}: {where} is not an index of a list of {len(node)}"])
+                node = node[int(part)]
+            elif isinstance(node, dict):
+                node = node.setdefault(part, {})
+            else:
+                raise ConfigError("--set", [f"override {text!r}: {where} is not a section"])
+        last = path[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError("--set", [f"override {text!r}: {last} is not an index of a list of {len(node)}"])
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError("--set", [f"override {text!r}: {'.'.join(path[:-1])} is not a section"])
+    return raw
