@@ -43,7 +43,7 @@ from cl_flat.flatness import build_method
 from cl_flat.flatness.noise import frozen_targets
 from cl_flat.loss import causal_lm_loss
 from cl_flat.models import load_model
-from cl_flat.train import EngineContext, TaskPlan, create_engine
+from cl_flat.train import BatchShape, EngineContext, TaskPlan, create_engine
 
 VARIANTS: dict[str, tuple[dict[str, Any] | None, int]] = {
     "none": ({"method": "none"}, 1),
@@ -142,7 +142,7 @@ def measure(config_path: str, label: str, updates: int, warmup: int) -> dict[str
         method = StoredNoiseRwp(config.flatness) if label == "rwp_full_stored_noise" else build_method(config.flatness)
         t = config.training
         total = warmup + updates * (3 if paired else 1)
-        plan = TaskPlan(t.micro_batch_size, t.gradient_accumulation_steps, world, total, total)
+        plan = TaskPlan(BatchShape.of(t, world), total, total)
         engine = create_engine(t, config.deepspeed, stack.model, list(params.values()), plan)
         method.begin_task(engine.module)
 

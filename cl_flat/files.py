@@ -1,5 +1,5 @@
 """Atomic file writes: write beside the target, then rename, so an interrupted run never leaves
-a half-written file that looks complete (DESIGN.md results contract); and the tool's cache root."""
+a half-written file that looks complete (the README's results contract); and the tool's cache root."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import matplotlib
@@ -30,7 +30,6 @@ __all__ = [
     "plot_learning_curves",
     "plot_landscape_1d",
     "plot_landscape_2d",
-    "plot_report",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -222,31 +221,4 @@ def plot_landscape_2d(csv_path: PathLike, out_png: PathLike) -> None:
     ax2.set_zlabel("loss")
     ax2.set_title("surface")
     fig.suptitle(f"2-D loss landscape: {os.path.basename(p)}")
-    _save(fig, out_png)
-
-
-def plot_report(rows: Sequence[Mapping[str, Any]], out_png: PathLike) -> None:
-    """Compare runs: one panel each for AA, BWT, F; one bar per run (None shown as n/a)."""
-    if not rows:
-        raise ValueError("plot_report needs at least one run")
-    labels = [f"{r['run']}\n({r['method']})" for r in rows]
-    keys = ("AA", "BWT", "F")
-    fig, axes = plt.subplots(1, len(keys), figsize=(max(9, 1.1 * len(rows) * len(keys) + 3), 4.5))
-    x = np.arange(len(rows))
-    colors = plt.get_cmap("tab10")(np.arange(len(rows)) % 10)
-    for ax, key in zip(axes, keys):
-        vals = [r.get(key) for r in rows]
-        heights = [0.0 if v is None else float(v) for v in vals]
-        bars = ax.bar(x, heights, color=colors)
-        for bar, v in zip(bars, vals):
-            ax.annotate("n/a" if v is None else f"{float(v):.2f}",
-                        (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom" if bar.get_height() >= 0 else "top", fontsize=8)
-        ax.axhline(0.0, color="black", linewidth=0.6)
-        ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
-        ax.set_title(key)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("percent points")
-    fig.suptitle("Run comparison")
-    fig.tight_layout()
     _save(fig, out_png)

@@ -51,34 +51,40 @@ class EngineContext(StepContext):
         self.engine.backward(loss, scale_wrt_gas=False)
 
 
-def global_batch(training: TrainingSection, world: int) -> int:
-    """Examples per update over all ranks: micro_batch_size × gradient_accumulation_steps × world."""
-    return training.micro_batch_size * training.gradient_accumulation_steps * world
-
-
 @dataclass(frozen=True)
-class TaskPlan:
-    """How one task is cut into updates: the batch shape over the ranks and the number of updates."""
+class BatchShape:
+    """One update's examples: micro_batch_size per micro-batch, `accumulation` micro-batches per rank."""
 
     micro_batch_size: int
     accumulation: int
     world: int
-    updates: int
-    updates_per_epoch: int
+
+    @classmethod
+    def of(cls, training: TrainingSection, world: int) -> BatchShape:
+        return cls(training.micro_batch_size, training.gradient_accumulation_steps, world)
 
     @property
     def global_batch(self) -> int:
+        """Examples per update over all ranks."""
         return self.micro_batch_size * self.accumulation * self.world
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    """How one task is cut into updates."""
+
+    batch: BatchShape
+    updates: int
+    updates_per_epoch: int
 
     @classmethod
     def for_task(cls, training: TrainingSection, n_examples: int, world: int, task_name: str) -> TaskPlan:
-        per_epoch = n_examples // global_batch(training, world)
+        batch = BatchShape.of(training, world)
+        per_epoch = n_examples // batch.global_batch
         if per_epoch == 0:
             raise UserError(f"tasks[{task_name}]: {n_examples} training examples are fewer than one global batch "
-                            f"({training.micro_batch_size} × {training.gradient_accumulation_steps} accumulation × "
-                            f"{world} ranks)")
-        return cls(training.micro_batch_size, training.gradient_accumulation_steps, world,
-                   training.max_steps or training.epochs * per_epoch, per_epoch)
+                            f"({batch.micro_batch_size} × {batch.accumulation} accumulation × {world} ranks)")
+        return cls(batch, training.max_steps or training.epochs * per_epoch, per_epoch)
 
 
 @dataclass(frozen=True)
@@ -96,8 +102,8 @@ def window_batches(task: TrainTask, plan: TaskPlan, update: int, seed: int, rank
     """Rank `rank`'s micro-batches of update `update` (see the module docstring)."""
     epoch, position = divmod(update, plan.updates_per_epoch)
     order = torch.randperm(len(task.examples), generator=keyed_generator(seed, "data", task.index, epoch))
-    mbs, n = plan.micro_batch_size, plan.accumulation
-    start = position * plan.global_batch + rank * mbs * n
+    mbs, n = plan.batch.micro_batch_size, plan.batch.accumulation
+    start = position * plan.batch.global_batch + rank * mbs * n
     mine = order[start:start + mbs * n].tolist()
     return [{k: v.to(device) for k, v in collate([task.examples[i] for i in mine[j * mbs:(j + 1) * mbs]],
                                                  task.pad_id).items()}
@@ -106,9 +112,9 @@ def window_batches(task: TrainTask, plan: TaskPlan, update: int, seed: int, rank
 
 def deepspeed_config(training: TrainingSection, section: DeepSpeedSection, plan: TaskPlan) -> dict[str, Any]:
     ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
-        "gradient_accumulation_steps": plan.accumulation,
-        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.batch.micro_batch_size,
+        "gradient_accumulation_steps": plan.batch.accumulation,
+        "train_batch_size": plan.batch.global_batch,
         "gradient_clipping": training.max_grad_norm or 0.0,
         "zero_optimization": {"stage": section.zero_stage},
         "bf16": {"enabled": section.bf16},
@@ -162,7 +168,7 @@ def create_engine(training: TrainingSection, section: DeepSpeedSection, model: t
                                            model_parameters=params, config=deepspeed_config(training, section, plan))
     if keep_grads:
         engine.zero_grad = functools.partial(optimizer.zero_grad, set_to_none=False)
-    if plan.world == 1 and section.zero_stage == 0:
+    if plan.batch.world == 1 and section.zero_stage == 0:
         # nothing to reduce: skip the flatten/all-reduce/copy-back of every gradient
         # (ZeRO-1/2 keep theirs: their optimizers do bookkeeping in the reduction)
         engine.enable_backward_allreduce = False

@@ -62,13 +62,13 @@ from cl_flat.landscape.geometry import (
     row_radii,
     sharpness_passes,
 )
-from cl_flat.landscape.perturbed_loss import SPACES, SPLITS, Moved, PerturbedLoss, held_out_batches, moved_weights
+from cl_flat.landscape.perturbed_loss import Moved, PerturbedLoss, held_out_batches, moved_weights
 from cl_flat.models import load_model
 from cl_flat.rundir import RunDir
 from cl_flat.seeding import keyed_generator
 
 __all__ = [
-    "SPACES", "SPLITS", "LandscapeOptions", "LandscapeResult", "Moved", "PerturbedLoss", "SharpnessEstimate",
+    "LandscapeOptions", "LandscapeResult", "Moved", "PerturbedLoss", "SharpnessEstimate",
     "combine", "compute_landscape", "compute_sharpness", "dot", "estimate_sharpness", "filter_normalize",
     "held_out_batches", "l2_norm", "landscape_stem", "landscapes", "loss_surface", "moved_weights", "orthogonalize",
     "project_rows", "radius_norm", "random_direction", "reference_norms", "resolve_tasks", "row_radii",

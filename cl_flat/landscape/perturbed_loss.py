@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +45,8 @@ from cl_flat.evaluate import eval_indices
 from cl_flat.landscape.geometry import Params
 from cl_flat.lora_layers import lora_layers, merged_row_norms, row_norms, stored_transposed
 
-SPACES = ("adapter", "merged")
-SPLITS = ("test", "train")
+Space = Literal["adapter", "merged"]
+Split = Literal["test", "train"]
 
 
 @dataclass
@@ -67,11 +68,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if type(model).__name__ == "DeepSpeedEngine" else model
 
 
-def moved_weights(model: nn.Module, space: str, adapter: str) -> list[Moved]:
+def moved_weights(model: nn.Module, space: Space, adapter: str) -> list[Moved]:
     """The tensors `space` perturbs (see the module docstring), sorted by name."""
     model = _unwrap(model)
-    if space not in SPACES:
-        raise UserError(f"space: expected one of {list(SPACES)}, got {space!r}")
     params = dict(model.named_parameters())
     moved: list[Moved] = []
     with torch.no_grad():
@@ -102,15 +101,13 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
 
 
 def held_out_batches(task, tokenizer, evaluation: EvaluationSection, *, max_length: int, seed: int,
-                     split: str = "test", max_samples: int | None = None, device: torch.device | str = "cpu",
+                     split: Split = "test", max_samples: int | None = None, device: torch.device | str = "cpu",
                      rank: int | None = None, world: int | None = None) -> list[dict[str, torch.Tensor]]:
     """The fixed held-out sample of `task` (this rank's share; cap: `max_samples`, default
     `evaluation.landscape_samples()`; `seed` the run seed), encoded as for training (prompt +
     target + EOS, `max_length` = training.max_seq_length), sorted by length, batched by
     evaluation.batch_size and collated once. `keep` marks the positions whose next token is a
     target; `targets` lists those tokens."""
-    if split not in SPLITS:
-        raise UserError(f"split: expected one of {list(SPLITS)}, got {split!r}")
     examples = task.test if split == "test" else task.train
     if not examples:
         raise UserError(f"task {task.name!r} has no {split} examples")

@@ -23,7 +23,7 @@ CASES = {
     "sam-rho0": {"flatness": {"method": "sam", "rho": 0.0}, "gas": 1},
 }
 
-# noise methods (issue 4): noise large enough that a wrong key or a lost perturbation shows
+# noise methods: noise large enough that a wrong key or a lost perturbation shows
 NOISE_CASES = {
     "rwp-lora": {"flatness": {"method": "rwp", "scope": "lora", "noise_std": 0.05}, "gas": 2},
     "rwp-full": {"flatness": {"method": "rwp", "scope": "full", "noise_std": 0.05, "noise_type": "gauss_element",

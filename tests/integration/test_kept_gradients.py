@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 SCRIPT = """
 import torch
 from cl_flat import dist as ds
-from cl_flat.train import TaskPlan, create_engine
+from cl_flat.train import BatchShape, TaskPlan, create_engine
 from cl_flat.adapters import AdapterStack
 from cl_flat.config import load_config
 from cl_flat.loss import causal_lm_loss
@@ -29,7 +29,7 @@ stack = AdapterStack(model, config.lora, 0)
 stack.add_task(0, "t")
 params = [p for p in stack.model.parameters() if p.requires_grad]
 t = config.training
-plan = TaskPlan(t.micro_batch_size, t.gradient_accumulation_steps, 1, 4, 4)
+plan = TaskPlan(BatchShape.of(t, 1), 4, 4)
 engine = create_engine(t, config.deepspeed, stack.model, params, plan)
 buffers = [p.grad for p in params]
 ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -83,7 +83,7 @@ def test_good_config_validates_and_prints_the_resolved_yaml(project):
     assert resolved["tasks"][0]["name"] == "senti"
     assert resolved["training"]["learning_rate"] == pytest.approx(5e-4)  # the override
     assert resolved["training"]["max_steps"] == 1
-    # defaults filled in (DESIGN.md's example values)
+    # defaults filled in (the README's example values)
     assert resolved["evaluation"]["metric"] == "accuracy"
     assert resolved["flatness"] == {"method": "none"}
     assert resolved["training"]["gradient_accumulation_steps"] >= 1

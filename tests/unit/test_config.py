@@ -1,4 +1,4 @@
-"""Config schema (DESIGN.md "Configuration (contract)"): every error names its dotted path and
+"""Config schema (the README's configuration contract): every error names its dotted path and
 what was expected, all errors at once; `--set` overrides are applied to the raw dict before
 validation and parsed as YAML. Expected paths and values below are written from the spec."""
 
@@ -44,7 +44,7 @@ def write_yaml(path: Path, data) -> Path:
 
 def test_minimal_config_is_valid_and_gets_design_defaults():
     config = validate_config(minimal())
-    # defaults written in DESIGN.md's example block
+    # the defaults of the README's example block
     assert config.training.micro_batch_size == 8
     assert config.training.learning_rate == pytest.approx(1.0e-3)
     assert config.lora.target_modules == ["q_proj", "v_proj"]

@@ -99,14 +99,3 @@ def test_plot_landscape_2d_rejects_incomplete_grid(tmp_path: Path) -> None:
     p.write_text("alpha,beta,loss\n0,0,1\n0,1,2\n1,0,3\n")  # (1,1) missing
     with pytest.raises(ValueError, match="full grid"):
         plots.plot_landscape_2d(p, tmp_path / "x.png")
-
-
-def test_plot_report(tmp_path: Path) -> None:
-    rows = [
-        {"run": "quick-none", "method": "none", "AA": 61.0, "BWT": -12.5, "F": 14.0},
-        {"run": "quick-sam", "method": "sam", "AA": 66.5, "BWT": -6.0, "F": 7.25},
-        {"run": "single", "method": "rwp", "AA": 70.0, "BWT": None, "F": None},  # T = 1
-    ]
-    out = tmp_path / "report" / "comparison.png"
-    plots.plot_report(rows, out)
-    assert_png(out)

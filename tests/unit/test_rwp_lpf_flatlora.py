@@ -256,6 +256,13 @@ def test_rwp_all_linear_targets_and_gradient():
         assert torch.allclose(g[name], noisy[name], atol=1e-6, rtol=1e-5), name
 
 
+def _merged_weight(model, base_name: str) -> torch.Tensor:
+    """W' = W0 + Σ_k s_k B_k A_k of one adapted layer of `_tiny_peft`, written out by hand."""
+    layer = model.get_submodule(base_name[: -len(".base_layer")])
+    return (layer.base_layer.weight + sum(layer.lora_B[k].weight @ layer.lora_A[k].weight * layer.scaling[k]
+                                          for k in ("old", "new"))).detach()
+
+
 def test_flat_lora_matches_independent_merged_weight_noise():
     model = _tiny_peft()
     b1, b2 = _batches()
@@ -268,9 +275,7 @@ def test_flat_lora_matches_independent_merged_weight_noise():
         frozen_eps = {}
         for name, module in model.named_modules():
             if name.endswith(".base_layer"):
-                layer = model.get_submodule(name[: -len(".base_layer")])
-                merged = module.weight.detach() + sum(layer.lora_B[k].weight @ layer.lora_A[k].weight * layer.scaling[k]
-                                                      for k in ("old", "new")).detach()
+                merged = _merged_weight(model, name)
                 std = ramp * sigma / math.sqrt(merged.shape[1]) * merged.norm(dim=1, keepdim=True)
                 eps = keyed_noise(module.weight.detach(), Scale(std), noise_key(4, step, 0, micro, name))
                 frozen_eps[name] = eps
@@ -382,3 +387,53 @@ def test_hundred_updates_leave_no_perturbation(run, dtype):
         else:
             assert torch.equal(p.detach(), shadow[n].detach()), n
     assert all((p.detach() - initial[n]).abs().max() > 1e-3 for n, p in params.items())  # it trained
+
+
+def test_rwp_flat_lora_noise_type_scales_w0_noise_by_the_merged_rows():
+    """`noise_type: flat_lora` means Flat-LoRA's noise: on W0 its std is σ/√n·‖W'_i‖ with the merged
+    W' = W0 + Σ s·BA (the trained-looking adapters make W' ≠ W0), as in the method `flat_lora`."""
+    model = _tiny_peft()
+    [batch] = _batches(1)
+    sigma = 0.3
+    g = reference_update({"method": "rwp", "scope": "base", "noise_type": "flat_lora", "noise_std": sigma,
+                          "a": 0.0, "b": 1.0}, model, [batch], _lm_loss, seed=4)
+    frozen_eps = {}
+    for name, module in model.named_modules():
+        if name.endswith(".base_layer"):
+            merged = _merged_weight(model, name)
+            assert not torch.allclose(merged.norm(dim=1), module.weight.norm(dim=1), rtol=1e-3)
+            std = sigma / math.sqrt(merged.shape[1]) * merged.norm(dim=1, keepdim=True)
+            frozen_eps[name] = keyed_noise(module.weight.detach(), Scale(std), noise_key(4, 0, 0, 0, name))
+    expected = _plain_grads(_noisy_copy(model, frozen_eps, {}), batch)
+    for name in g:
+        assert torch.allclose(g[name], expected[name], atol=1e-6, rtol=1e-5), name
+    # the same update as Flat-LoRA itself at ramp 1 with one micro-batch (same noise keys)
+    flat = reference_update({"method": "flat_lora", "noise_std": sigma, "ramp": "constant"}, model, [batch], _lm_loss,
+                            seed=4)
+    assert all(torch.equal(g[n], flat[n]) for n in g)
+
+
+def test_begin_task_restarts_the_fisher_estimate():
+    from cl_flat.flatness import TorchContext
+
+    model = _tiny_peft()
+    b1, b2 = _batches()
+    method = build_method({"method": "rwp", "scope": "full", "noise_type": "fisher", "noise_std": 0.02,
+                           "fisher_decay": 0.5})
+
+    def update(step, batch):
+        ctx = TorchContext(model, _lm_loss, step=step, total_steps=3, seed=0)
+        method.window(ctx, [batch])
+        grads = {n: p.grad.clone() for n, p in ctx.params.items()}
+        for p in ctx.params.values():
+            p.grad = None
+        return grads
+
+    method.begin_task(model)
+    first = update(0, b1)
+    update(1, b2)  # the EMA now holds two batches' estimate
+    carried = update(0, b1)  # the same batch and index, but the noise now sees the carried estimate
+    assert any(not torch.equal(first[n], carried[n]) for n in first)
+    method.begin_task(model)  # a new task: the estimate starts empty again, whatever the update index
+    again = update(0, b1)
+    assert all(torch.equal(first[n], again[n]) for n in first)

@@ -144,3 +144,17 @@ def test_two_micro_batches_direction_matches_independent():
     flat_e = torch.cat([expected[n].flatten() for n in params])
     flat_i = torch.cat([params[n].grad.flatten() for n in params])
     assert torch.nn.functional.cosine_similarity(flat_e, flat_i, dim=0) > 0.9999
+
+
+def test_register_refuses_a_duplicate_name():
+    from cl_flat.flatness import REGISTRY
+    from cl_flat.flatness.base import register
+
+    existing = REGISTRY["sam"]
+
+    class Other(existing):
+        name = "sam"
+
+    with pytest.raises(ValueError, match="already registered"):
+        register(Other)
+    assert REGISTRY["sam"] is existing
