@@ -12,6 +12,8 @@ Only rank 0 writes; every write is atomic (temp file, then rename).
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,17 @@ class RunDir:
 
     def landscape_csv(self, stem: str, dims: int) -> Path:
         return self.path / "landscape" / f"{stem}_{dims}d.csv"
+
+    def write_landscape(self, stem: str, coords: list[tuple[float, ...]], losses: list[float]) -> Path:
+        """landscape/<stem>_<d>d.csv: columns alpha,loss (1-D) or alpha,beta,loss (2-D), one row per grid point."""
+        dims = len(coords[0])
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(("alpha", "loss") if dims == 1 else ("alpha", "beta", "loss"))
+        writer.writerows([[repr(float(v)) for v in (*c, loss)] for c, loss in zip(coords, losses)])
+        path = self.landscape_csv(stem, dims)
+        atomic_write_text(path, buffer.getvalue())
+        return path
 
     def plot(self, name: str) -> Path:
         return self.path / "plots" / f"{name}.png"

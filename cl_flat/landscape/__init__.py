@@ -28,10 +28,8 @@ landscape of task T right after T was trained in the `adapter` space, `<task>_af
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +43,6 @@ from cl_flat.adapters import adapter_name
 from cl_flat.config import EvaluationSection, LandscapeOptions, RunConfig
 from cl_flat.data import load_task
 from cl_flat.errors import UserError
-from cl_flat.files import atomic_write_text
 from cl_flat.landscape.geometry import (
     SharpnessEstimate,
     combine,
@@ -62,7 +59,7 @@ from cl_flat.landscape.geometry import (
     row_radii,
     sharpness_passes,
 )
-from cl_flat.landscape.perturbed_loss import Moved, PerturbedLoss, held_out_batches, moved_weights
+from cl_flat.landscape.perturbed_loss import Moved, PerturbedLoss, held_out_batches, moved_weights, unwrap_engine
 from cl_flat.models import load_model
 from cl_flat.rundir import RunDir
 from cl_flat.seeding import keyed_generator
@@ -140,7 +137,7 @@ def compute_sharpness(model: nn.Module, tokenizer, task, adapter: str, evaluatio
     {"avg", "worst", "rho", "samples", "radius", "loss", "ascent_steps", "ball", "space", "split",
     "examples", "target_tokens"} plus "passes": {"forward", "forward_backward"}."""
     options = resolved(options or LandscapeOptions(), evaluation)
-    inner = model.module if type(model).__name__ == "DeepSpeedEngine" else model
+    inner = unwrap_engine(model)
     device = next(inner.parameters()).device
     moved = moved_weights(inner, options.space, adapter)
     batches = held_out_batches(task, tokenizer, evaluation, max_length=max_length, seed=seed, split=options.split,
@@ -162,14 +159,6 @@ def landscape_stem(task: str, after: str | None = None, space: str = "adapter") 
     """`<task>`, `<task>_after_<X>` (X != task), plus `_merged` for the merged space."""
     stem = task if after is None or after == task else f"{task}_after_{after}"
     return stem if space == "adapter" else f"{stem}_{space}"
-
-
-def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[float]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows([[repr(float(v)) for v in row] for row in rows])
-    atomic_write_text(path, buffer.getvalue())
 
 
 def resolve_tasks(run_dir: RunDir, config: RunConfig, task: str | None, after: str | None) -> list[str]:
@@ -262,9 +251,7 @@ def compute_landscape(path: str | Path, task: str, options: LandscapeOptions | N
         est = _sharpness(evaluator, moved, options, keyed_generator(seed, "sharpness", task, options.space,
                                                                     device=device), advance, base=base)
     record = _sharpness_record(est, options.model_copy(update={"after": after}), examples, evaluator.tokens)
-    csv_path = run_dir.landscape_csv(stem, options.dims)
-    header = ("alpha", "loss") if options.dims == 1 else ("alpha", "beta", "loss")
-    _write_csv(csv_path, header, [(*c, v) for c, v in zip(coords, losses)])
+    csv_path = run_dir.write_landscape(stem, coords, losses)
     png_path = run_dir.plot(f"landscape_{stem}_{options.dims}d")
     (plots.plot_landscape_1d if options.dims == 1 else plots.plot_landscape_2d)(csv_path, png_path)
     json_path = run_dir.merge_sharpness(stem, record)

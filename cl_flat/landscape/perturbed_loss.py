@@ -63,14 +63,14 @@ class Moved:
         return self.value.T.shape if self.transposed else self.value.shape
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_engine(model: nn.Module) -> nn.Module:
     """The trained module inside a DeepSpeed engine (a probe pass must not go through engine hooks)."""
     return model.module if type(model).__name__ == "DeepSpeedEngine" else model
 
 
 def moved_weights(model: nn.Module, space: Space, adapter: str) -> list[Moved]:
     """The tensors `space` perturbs (see the module docstring), sorted by name."""
-    model = _unwrap(model)
+    model = unwrap_engine(model)
     params = dict(model.named_parameters())
     moved: list[Moved] = []
     with torch.no_grad():
@@ -135,7 +135,7 @@ class PerturbedLoss:
     functionally to the `moved` tensors (nothing written). Callable: ε (or None) -> float."""
 
     def __init__(self, model: nn.Module, batches: list[dict[str, torch.Tensor]], moved: list[Moved]):
-        self.model = _unwrap(model)
+        self.model = unwrap_engine(model)
         self.batches = batches
         self.moved = {m.name: m for m in moved}
         self.keep_logits = _accepts_logits_to_keep(self.model)
