@@ -26,11 +26,8 @@ from pydantic import (
     model_validator,
 )
 
-from cl_flat.errors import ConfigError, UserError
+from cl_flat.errors import ConfigError
 from cl_flat.overrides import apply_overrides
-
-__all__ = ["ConfigError", "UserError", "RunConfig", "load_config", "validate_config", "validate_options",
-           "config_to_dict", "LandscapeOptions"]
 
 
 def _numbers(annotation: Any) -> bool:
@@ -167,6 +164,7 @@ class SamMethod(Strict):
     method: Literal["sam"]
     rho: float = Field(default=0.05, ge=0)
     adaptive: bool = False
+    eta: float = Field(default=0.01, ge=0, description="ASAM's T = |θ| + eta (adaptive only)")
     norm: Literal["global", "per_tensor"] = "global"
 
 

@@ -24,7 +24,7 @@ from cl_flat.config import EvaluationSection
 from cl_flat.data.batches import IGNORE, Encoded, collate, encode, prompt_ids, target_ids
 from cl_flat.data.sources import TaskData, load_tasks
 from cl_flat.metrics import read_acc_matrix
-from cl_flat.models import load_model
+from cl_flat.models import load_run_model
 from cl_flat.rundir import RunDir
 from cl_flat.seeding import keyed_generator
 
@@ -79,7 +79,9 @@ def _rank_classification(model, tokenizer, task: TaskData, indices: list[int], b
                                                      [ids[0] for ids in label_ids], tokenizer.pad_token_id, device)
         return [(i, labels[max(range(len(labels)), key=row.__getitem__)] == task.test[i].output)
                 for i, row in zip(indices, scores_per_prompt)]
-    pairs = [(i, encode(prompt_ids(tokenizer, task.prompt(task.test[i])), ids, max_length))
+    # every label is scored after the same prompt window: cut once, to fit the longest label
+    keep = max(max_length - max(len(ids) for ids in label_ids), 1)
+    pairs = [(i, encode(prompt_ids(tokenizer, task.prompt(task.test[i]))[-keep:], ids, max_length))
              for i in indices for ids in label_ids]
     scores: list[float] = []
     for start in range(0, len(pairs), batch_size):
@@ -145,7 +147,7 @@ def reevaluate(path: Path) -> Reevaluation:
     names, matrix, _ = read_acc_matrix(run_dir.matrix_path)
     dist.init_distributed()
     tasks = load_tasks(config)
-    model, tokenizer = load_model(config.model.name_or_path, config.model.dtype, config.run.seed)
+    model, tokenizer = load_run_model(config.model, config.deepspeed, config.run.seed)
     stack = run_dir.load_stack(model, config, names[-1])
     device = dist.device()
     stack.model.to(device)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cl_flat.config import DeepSpeedSection, ModelSection
 from cl_flat.errors import ConfigError, UserError
 from cl_flat.files import cache_root
 
@@ -190,6 +191,20 @@ def load_model(name_or_path: str, dtype: str = "fp32", seed: int = 0):
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def run_precision(model: ModelSection, deepspeed: DeepSpeedSection) -> str:
+    """The precision a run computes in: bf16 under `deepspeed.bf16` (DeepSpeed casts the whole
+    module, base and adapters, when training starts), else `model.dtype`. Every row of the accuracy
+    matrix (the zero-shot row included), `cl-flat eval` and `cl-flat landscape` use it too."""
+    return "bf16" if deepspeed.bf16 else model.dtype
+
+
+def load_run_model(model: ModelSection, deepspeed: DeepSpeedSection, seed: int):
+    """(model, tokenizer) of a run, in `run_precision`: loaded in `model.dtype`, then cast once, before
+    anything is evaluated (the cast DeepSpeed would do when the first engine starts)."""
+    loaded, tokenizer = load_model(model.name_or_path, model.dtype, seed)
+    return loaded.to(DTYPES[run_precision(model, deepspeed)]), tokenizer
 
 
 def module_names(name_or_path: str) -> set[str] | None:

@@ -18,7 +18,7 @@ import torch
 
 from cl_flat import dist, plots
 from cl_flat.adapters import AdapterStack
-from cl_flat.config import RunConfig, TrainingSection
+from cl_flat.config import RunConfig
 from cl_flat.data import load_tasks
 from cl_flat.data.batches import encode_examples
 from cl_flat.errors import ConfigError, UserError
@@ -26,7 +26,7 @@ from cl_flat.evaluate import evaluate_tasks
 from cl_flat.flatness import build_method
 from cl_flat.landscape import compute_sharpness, landscape_stem
 from cl_flat.metrics import ZERO_SHOT, compute_metrics
-from cl_flat.models import check_target_modules, load_model
+from cl_flat.models import check_target_modules, load_run_model, run_precision
 from cl_flat.rundir import Rows, RunDir
 from cl_flat.tracking import Tracker
 from cl_flat.train import BatchShape, TrainTask, train_task
@@ -49,7 +49,7 @@ def _git_commit() -> str | None:
         return None
 
 
-def run_metadata(training: TrainingSection) -> dict[str, Any]:
+def run_metadata(config: RunConfig) -> dict[str, Any]:
     """The "meta" block of config.yaml: what a rerun needs beyond the config."""
     import deepspeed
     import peft
@@ -58,7 +58,8 @@ def run_metadata(training: TrainingSection) -> dict[str, Any]:
     from cl_flat import __version__
 
     world = dist.world_size()
-    return {"world_size": world, "global_batch": BatchShape.of(training, world).global_batch,
+    return {"world_size": world, "global_batch": BatchShape.of(config.training, world).global_batch,
+            "evaluation_precision": run_precision(config.model, config.deepspeed),
             "versions": {"cl_flat": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
                          "transformers": transformers.__version__, "peft": peft.__version__,
                          "deepspeed": deepspeed.__version__},
@@ -73,7 +74,7 @@ def prepare(config: RunConfig):
     if problems:
         raise ConfigError("config", problems)
     tasks = load_tasks(config)
-    model, tokenizer = load_model(config.model.name_or_path, config.model.dtype, config.run.seed)
+    model, tokenizer = load_run_model(config.model, config.deepspeed, config.run.seed)
     check_target_modules(config.lora.target_modules, {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()})
     return method, tasks, model, tokenizer
 
@@ -138,7 +139,7 @@ def run_sequence(config: RunConfig, resume: bool = False) -> SequenceResult:
     model.to(device)
     if is_main:
         run_dir.path.mkdir(parents=True, exist_ok=True)
-        run_dir.save_config(config, run_metadata(config.training))
+        run_dir.save_config(config, run_metadata(config))
         if done:
             run_dir.truncate_log(done)
     names = [t.name for t in tasks]

@@ -18,7 +18,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from torch import nn
 
@@ -164,14 +163,12 @@ class RunDir:
         return [(name, self.adapter_dir(name)) for name in names[:names.index(upto) + 1]]
 
     def load_stack(self, base: nn.Module, config: RunConfig, upto: str) -> AdapterStack:
-        """The adapter stack right after task `upto` on `base` (cast to bf16 first when the run
-        trains in bf16): every adapter active and frozen; `add_task` may continue it."""
+        """The adapter stack right after task `upto` on `base` (loaded by `models.load_run_model`, in
+        the run's precision): every adapter active and frozen; `add_task` may continue it."""
         dirs = self.adapter_dirs(config, upto)
         missing = [str(d) for _, d in dirs if not d.is_dir()]
         if missing:
             raise UserError(f"{self.path}: adapter folder(s) missing: {missing}")
-        if config.deepspeed.bf16:
-            base.to(torch.bfloat16)
         return AdapterStack.load(base, config.lora, dirs, seed=config.run.seed)
 
     # ------------------------------------------------------------ sharpness

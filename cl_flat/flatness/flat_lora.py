@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 from cl_flat.config import FlatLoraMethod
 from cl_flat.flatness.base import FlatnessMethod, register
 from cl_flat.flatness.noise import NoiseBuffers, compact_scale, frozen_targets, noisy_mean_gradient
-
-
-def ramp_factor(kind: str, step: int, total_steps: int) -> float:
-    """The noise ramp at update `step` of `total_steps`: cosine ½(1 − cos(π t/(T−1))) and linear
-    t/(T−1) rise from 0 at t = 0 to exactly 1 at the last update t = T−1; constant is 1; T = 1 gives 1."""
-    if kind == "constant" or total_steps <= 1:
-        return 1.0
-    progress = min(step / (total_steps - 1), 1.0)
-    return progress if kind == "linear" else 0.5 * (1 - math.cos(math.pi * progress))
+from cl_flat.flatness.schedule import ramp_factor
 
 
 @register

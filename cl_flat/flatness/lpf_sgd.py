@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import math
-
 from cl_flat.config import LpfSgdMethod
 from cl_flat.flatness.base import FlatnessMethod, register
 from cl_flat.flatness.noise import NoiseBuffers, compact_scale, frozen_targets, noisy_mean_gradient
+from cl_flat.flatness.schedule import ramp_factor
 
 
 def lpf_radius(gamma0: float, alpha: float, step: int, total_steps: int) -> float:
-    """γ_t = γ0·(α/2·(1 − cos(π t/T)) + 1): γ_0 = γ0, γ_T = (α+1)·γ0."""
-    return gamma0 * (alpha / 2 * (1 - math.cos(math.pi * step / max(total_steps, 1))) + 1)
+    """γ_t = γ0·(α/2·(1 − cos(π t/(T−1))) + 1) for t = 0..T−1: γ0 at the first update, exactly
+    (α+1)·γ0 at the last (the cosine ramp of `schedule`; T = 1 gives (α+1)·γ0)."""
+    return gamma0 * (alpha * ramp_factor("cosine", step, total_steps) + 1)
 
 
 @register
@@ -22,9 +22,12 @@ class LpfSgd(FlatnessMethod):
     Optimization Landscape", AISTATS 2022:
 
         g = (1/N) Σ_{i=1..N} ∇L(θ + ε_i; B_i),   ε_i,jk ~ N(0, (γ_t‖W_j,:‖₂)²),
-        γ_t = γ0·(α/2·(1 − cos(π t/T)) + 1),  t = update index, T = the task's updates, α = radius_growth,
+        γ_t = γ0·(α/2·(1 − cos(π t/(T−1))) + 1),  t = 0..T−1 the update index, α = radius_growth,
 
-    i.e. filter-wise noise (rows = output channels) whose radius grows from γ0 to (α+1)·γ0.
+    i.e. filter-wise noise (rows = output channels) whose radius grows from γ0 at the first update
+    to exactly (α+1)·γ0 at the last (the paper's schedule runs t over [0, T]; over the T updates of a
+    task that would stop one step short of the end radius). γ is a standard deviation per row,
+    as in the authors' code (the paper writes the smoothing kernel's covariance as γ²).
     One noisy pass per micro-batch, fresh noise per micro-batch (key: seed, update, rank,
     micro-batch, tensor name); no clean pass. `scope`: lora = the current adapter's A, B (row norms
     of A and B, in place, restored from a copy); full = A, B and the frozen W0 of every adapted layer
@@ -34,7 +37,7 @@ class LpfSgd(FlatnessMethod):
 
     name = "lpf_sgd"
     config_class = LpfSgdMethod
-    formula = "g = (1/N) Σ_i ∇L(θ+ε_i; B_i), ε ~ N(0, (γ_t‖W_i,:‖)²), γ_t = γ0(α/2(1−cos(πt/T))+1)"
+    formula = "g = (1/N) Σ_i ∇L(θ+ε_i; B_i), ε ~ N(0, (γ_t‖W_i,:‖)²), γ_t = γ0(α/2(1−cos(πt/(T−1)))+1)"
 
     def __init__(self, config: LpfSgdMethod):
         super().__init__(config)

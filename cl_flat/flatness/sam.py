@@ -9,24 +9,24 @@ from cl_flat.flatness.base import FlatnessMethod, register
 
 
 def sam_perturbation(params: list[torch.Tensor], grads: list[torch.Tensor], rho: float, *,
-                     adaptive: bool, per_tensor: bool) -> list[torch.Tensor]:
-    """ε for SAM (ε = ρ g/‖g‖) or ASAM (ε = ρ T²g/‖Tg‖, T = |w|), computed in fp32.
+                     adaptive: bool, per_tensor: bool, eta: float = 0.0) -> list[torch.Tensor]:
+    """ε for SAM (ε = ρ g/‖g‖) or ASAM (ε = ρ T²g/‖Tg‖, T = |w| + eta), computed in fp32.
     `per_tensor` normalises each tensor by its own norm instead of the global one."""
-    scaled = [(p.detach().float().abs() * g.float()) if adaptive else g.float() for p, g in zip(params, grads)]
+    scales = [p.detach().float().abs() + eta if adaptive else None for p in params]
+    scaled = [g.float() if t is None else t * g.float() for t, g in zip(scales, grads)]
     if per_tensor:
         norms = [s.norm() for s in scaled]
     else:
         total = torch.linalg.vector_norm(torch.stack([s.norm() for s in scaled])) if scaled else torch.tensor(0.0)
         norms = [total] * len(scaled)
-    return [(p.detach().float().abs() * s if adaptive else s) * (rho / (n + 1e-12))
-            for p, s, n in zip(params, scaled, norms)]
+    return [(s if t is None else t * s) * (rho / (n + 1e-12)) for t, s, n in zip(scales, scaled, norms)]
 
 
 @register
 class Sam(FlatnessMethod):
     """SAM (Foret et al., ICLR 2021) / ASAM (Kwon et al., ICML 2021) on the current adapter.
 
-    g = ∇L(θ + ε; B_N) with ε = ρ g₀/‖g₀‖ (ASAM: ε = ρ T²g₀/‖T g₀‖, T = |θ|), where
+    g = ∇L(θ + ε; B_N) with ε = ρ g₀/‖g₀‖ (ASAM: ε = ρ T²g₀/‖T g₀‖, T = |θ| + η), where
     g₀ = Σ_{i=1..N} ∇L(θ; B_i) is the clean gradient summed over the N micro-batches of the
     update window and θ is the current task's LoRA (A, B); frozen weights are never perturbed.
     Window semantics (as distributed SAM implementations do): ε from the whole window, the adversarial
@@ -35,11 +35,15 @@ class Sam(FlatnessMethod):
     Several ranks: each rank computes ε from its own g₀ (as distributed SAM implementations
     do); the applied gradient is the all-reduced mean of the ranks' adversarial gradients.
     `norm: per_tensor` normalises A and B separately (each tensor by its own norm).
+    ASAM's T = |θ| + η (η = `eta`, 0.01 as in the ASAM authors' code; the paper writes T = |θ|): with
+    η = 0 a fresh IncLoRA adapter (B = 0) gets ε = 0 exactly, since ε_A ∝ |A|²g_A with g_A = 0 at
+    B = 0 and ε_B ∝ |B|² = 0, so its first update would be the plain gradient. The perturbation is
+    T²g (the ASAM paper's maximiser of the T⁻¹-scaled ball), not the T·g that some write-ups give.
     """
 
     name = "sam"
     config_class = SamMethod
-    formula = "g = ∇L(θ+ε; B_N), ε = ρ·g₀/‖g₀‖ (adaptive: ρ·T²g₀/‖Tg₀‖, T=|θ|), g₀ = Σ_i ∇L(θ; B_i)"
+    formula = "g = ∇L(θ+ε; B_N), ε = ρ·g₀/‖g₀‖ (adaptive: ρ·T²g₀/‖Tg₀‖, T=|θ|+η), g₀ = Σ_i ∇L(θ; B_i)"
 
     def window(self, ctx, micro_batches):
         params = list(ctx.params.values())
@@ -49,7 +53,7 @@ class Sam(FlatnessMethod):
             losses.append(loss)
             clean = grads if clean is None else [c + g for c, g in zip(clean, grads)]
         eps = sam_perturbation(params, clean, self.config.rho, adaptive=self.config.adaptive,
-                               per_tensor=self.config.norm == "per_tensor")
+                               per_tensor=self.config.norm == "per_tensor", eta=self.config.eta)
         eps_norm = torch.linalg.vector_norm(torch.stack([e.norm() for e in eps]))
         saved = [p.detach().clone() for p in params]
         with torch.no_grad():

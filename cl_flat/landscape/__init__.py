@@ -60,7 +60,7 @@ from cl_flat.landscape.geometry import (
     sharpness_passes,
 )
 from cl_flat.landscape.perturbed_loss import Moved, PerturbedLoss, held_out_batches, moved_weights, unwrap_engine
-from cl_flat.models import load_model
+from cl_flat.models import load_run_model
 from cl_flat.rundir import RunDir
 from cl_flat.seeding import keyed_generator
 
@@ -204,7 +204,7 @@ class _BaseModel:
 
     def stack(self, run_dir: RunDir, after: str):
         if self._loaded is None:
-            self._loaded = load_model(self.config.model.name_or_path, self.config.model.dtype, self.config.run.seed)
+            self._loaded = load_run_model(self.config.model, self.config.deepspeed, self.config.run.seed)
         base, tokenizer = self._loaded
         return run_dir.load_stack(copy.deepcopy(base), self.config, after).model, tokenizer
 

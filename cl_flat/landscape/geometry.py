@@ -11,6 +11,9 @@ implies ⟨d1, d2⟩ = 0 over the whole vector, and rescaling rows keeps it, so 
 orthogonal to d1 AND exactly filter-normalised (whole-vector Gram-Schmidt followed by
 re-normalisation would only be approximately orthogonal). A row of length 1 cannot be
 orthogonalised and stays 0 in d2. The loss at grid point (α, β) is L(θ + α d1 + β d2).
+Filter normalisation is implemented rather than a Gaussian direction of std σ|W| (the form some
+write-ups of the method use): each row has exactly the norm ‖W_i‖, so α is a relative step size that
+means the same for every layer and every run.
 
 **Sharpness** — filter-wise (adaptive) geometry, the same as the directions'. ρ is RELATIVE
 and PER ROW: row i of every moved tensor may move by at most r_i = ρ‖W_i‖, i.e. the ball is

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cl_flat.config import ConfigError, load_config, validate_config
+from cl_flat.config import load_config, validate_config
+from cl_flat.errors import ConfigError
 
 
 def minimal() -> dict:

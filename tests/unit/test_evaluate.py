@@ -25,3 +25,28 @@ def test_single_token_shortcut_equals_pair_scoring():
         logits = model(input_ids=torch.tensor([prompts[0]])).logits[0, -1]
     expected = torch.log_softmax(logits, -1)[candidates]
     assert torch.allclose(torch.tensor(fast[0]), expected, atol=1e-5)
+
+
+def test_truncated_prompt_is_the_same_window_for_every_label(monkeypatch):
+    """A prompt longer than max_length: every label is scored after the same prompt tokens (cut once
+    to fit the longest label), so labels of different lengths compete on the same context."""
+    from cl_flat import evaluate
+    from cl_flat.data.batches import IGNORE
+    from cl_flat.data.sources import Example, TaskData
+
+    model, tokenizer = load_model("tiny-random:llama", seed=4)
+    task = TaskData("t", "Pick.", ("a", "abcdefgh"), "accuracy", "{input}", (), (Example("x" * 80, "a"),))
+    seen = []
+    real = evaluate.target_logprobs
+
+    def spy(model, items, pad_id, device):
+        seen.extend(items)
+        return real(model, items, pad_id, device)
+
+    monkeypatch.setattr(evaluate, "target_logprobs", spy)
+    evaluate._rank_classification(model, tokenizer, task, [0], 8, 32, "cpu")
+    prompts = [item.input_ids[:sum(1 for t in item.labels if t == IGNORE)] for item in seen]
+    lengths = [len(target) for target in (evaluate.target_ids(tokenizer, label) for label in task.labels)]
+    assert lengths == [2, 9]  # byte-level: " a", " abcdefgh"
+    assert prompts[0] == prompts[1] and len(prompts[0]) == 32 - 9
+    assert all(len(item.input_ids) <= 32 for item in seen)

@@ -440,7 +440,8 @@ def _hashes(folder: Path) -> dict[str, str]:
 
 
 def test_compute_landscape_on_a_saved_run(tiny_stack, tmp_path):
-    from cl_flat.config import UserError, config_to_dict
+    from cl_flat.config import config_to_dict
+    from cl_flat.errors import UserError
 
     config, stack, tokenizer, tasks = tiny_stack
     run_dir = tmp_path / "run"
@@ -486,7 +487,8 @@ def test_cli_bad_input(tiny_stack, tmp_path):
     from typer.testing import CliRunner
 
     from cl_flat.cli import app
-    from cl_flat.config import UserError, config_to_dict
+    from cl_flat.config import config_to_dict
+    from cl_flat.errors import UserError
 
     config, _, _, _ = tiny_stack
     run_dir = tmp_path / "run"

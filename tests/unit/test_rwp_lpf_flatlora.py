@@ -12,11 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from cl_flat.config import LoraSection, RunConfig, UserError
+from cl_flat.config import LoraSection, RunConfig
+from cl_flat.errors import UserError
 from cl_flat.flatness import build_method, reference_update
-from cl_flat.flatness.flat_lora import ramp_factor
 from cl_flat.flatness.lpf_sgd import lpf_radius
 from cl_flat.flatness.noise import Scale, compact_scale, frozen_targets, keyed_noise, noise_key
+from cl_flat.flatness.schedule import ramp_factor
 
 F64 = torch.float64
 
@@ -131,10 +132,14 @@ def test_rwp_check_messages(monkeypatch):
 
 
 def test_lpf_radius_schedule():
-    assert lpf_radius(0.01, 6.0, 0, 100) == pytest.approx(0.01)
-    assert lpf_radius(0.01, 6.0, 50, 100) == pytest.approx(0.01 * 4)  # α/2·(1 − cos(π/2)) + 1 = 4
-    assert lpf_radius(0.01, 6.0, 100, 100) == pytest.approx(0.07)  # (α + 1)γ0
-    assert lpf_radius(0.01, 2.0, 25, 100) == pytest.approx(0.01 * (1 - math.cos(math.pi / 4) + 1))
+    # t = 0..T−1 over T = 101 updates: γ_t = γ0(α/2·(1 − cos(π t/100)) + 1)
+    assert lpf_radius(0.01, 6.0, 0, 101) == pytest.approx(0.01)
+    assert lpf_radius(0.01, 6.0, 50, 101) == pytest.approx(0.01 * 4)  # α/2·(1 − cos(π/2)) + 1 = 4
+    assert lpf_radius(0.01, 6.0, 100, 101) == 0.01 * 7.0  # the last update: exactly (α + 1)γ0
+    assert lpf_radius(0.01, 2.0, 25, 101) == pytest.approx(0.01 * (1 - math.cos(math.pi / 4) + 1))
+    # T = 5: the last update gets 7γ0 (t/T would give γ0(3(1 − cos(4π/5)) + 1) = 6.43γ0)
+    assert lpf_radius(1.0, 6.0, 4, 5) == 7.0
+    assert lpf_radius(1.0, 6.0, 0, 1) == 7.0  # a one-update task: the end radius
 
 
 def test_lpf_sgd_closed_form_and_sigma_zero():

@@ -36,11 +36,41 @@ def test_sam_closed_form():
 
 
 def test_asam_closed_form():
-    # T = |w| = (1, 2); T·g0 = (2, 4), |T g0| = √20; T²g0 = (2, 8). ρ = 0.05·√20 gives
+    # eta = 0: T = |w| = (1, 2); T·g0 = (2, 4), |T g0| = √20; T²g0 = (2, 8). ρ = 0.05·√20 gives
     # ε = (0.1, 0.4) and g = H(1.1, 2.4) = (2.2, 2.4).
     model = Quadratic([1.0, 2.0])
-    g = reference_update({"method": "sam", "rho": 0.05 * math.sqrt(20), "adaptive": True}, model, [H], quad_loss)
+    g = reference_update({"method": "sam", "rho": 0.05 * math.sqrt(20), "adaptive": True, "eta": 0.0}, model, [H],
+                         quad_loss)
     assert torch.allclose(g["ws.0"], torch.tensor([2.2, 2.4], dtype=torch.float64), atol=1e-12)
+    # eta = 0.5: T = (1.5, 2.5); T·g0 = (3, 5), |T g0| = √34; T²g0 = (4.5, 12.5). ρ = √34/10 gives
+    # ε = (0.45, 1.25) and g = H(1.45, 3.25) = (2.9, 3.25).
+    g = reference_update({"method": "sam", "rho": math.sqrt(34) / 10, "adaptive": True, "eta": 0.5}, model, [H],
+                         quad_loss)
+    assert torch.allclose(g["ws.0"], torch.tensor([2.9, 3.25], dtype=torch.float64), atol=1e-12)
+
+
+class LoraPair(nn.Module):
+    """L = (a·b − 1)² with a = 1, b = 0: a LoRA pair at the start of a task (B = 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+        self.b = nn.Parameter(torch.tensor(0.0, dtype=torch.float64))
+
+
+def pair_loss(model, batch):
+    return (model.a * model.b - 1) ** 2
+
+
+def test_asam_perturbs_a_fresh_adapter_only_with_eta():
+    # g0 = (2(ab−1)b, 2(ab−1)a) = (0, −2). eta = 0: T = (1, 0), Tg0 = 0, ε = 0: the plain gradient (0, −2).
+    # eta = η: T = (1+η, η); Tg0 = (0, −2η), ‖Tg0‖ = 2η; T²g0 = (0, −2η²); ε = (0, −ρη). At b' = −ρη:
+    # g = (2(b'−1)b', 2(b'−1)) = (2ρη(1+ρη), −2(1+ρη)); ρ = 0.5, η = 0.01: (0.01005, −2.01).
+    plain = reference_update({"method": "sam", "rho": 0.5, "adaptive": True, "eta": 0.0}, LoraPair(), [None],
+                             pair_loss)
+    assert [plain["a"].item(), plain["b"].item()] == [0.0, -2.0]
+    g = reference_update({"method": "sam", "rho": 0.5, "adaptive": True}, LoraPair(), [None], pair_loss)  # eta 0.01
+    assert [g["a"].item(), g["b"].item()] == pytest.approx([0.01005, -2.01], rel=1e-6)  # ε is formed in fp32
 
 
 def test_global_vs_per_tensor_norm():
@@ -111,7 +141,7 @@ def test_matches_independent_sam_on_peft(adaptive):
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     loss = _lm_loss(model, batch)
     loss.backward()
-    scale = [(p.abs() if adaptive else torch.ones_like(p)) for p in params]
+    scale = [(p.abs() + 0.01 if adaptive else torch.ones_like(p)) for p in params]  # ASAM's T = |w| + η
     grad_norm = torch.norm(torch.stack([(s * p.grad).norm(2) for s, p in zip(scale, params)]), 2)
     saved = [p.detach().clone() for p in params]
     with torch.no_grad():
