@@ -20,7 +20,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="override a config value: a.b=v (repeatable)")]
 
 
-NOISY_LIBRARIES = r"(torch|transformers|peft|deepspeed|datasets|wandb|pydantic)(\.|$)"
+NOISY_LIBRARIES = ("torch", "transformers", "peft", "deepspeed", "datasets", "huggingface_hub", "accelerate", "gguf",
+                   "wandb", "pydantic", "matplotlib")
 
 
 def _quiet_libraries() -> None:
@@ -32,7 +33,7 @@ def _quiet_libraries() -> None:
     import warnings
 
     for category in (UserWarning, FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category, module=NOISY_LIBRARIES)
+        warnings.filterwarnings("ignore", category=category, module=rf"({'|'.join(NOISY_LIBRARIES)})(\.|$)")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
