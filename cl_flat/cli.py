@@ -162,7 +162,7 @@ def eval_(run_dir: Path) -> None:
 
 LANDSCAPE_FLAGS = {"dims": "--dims", "points": "--points", "space": "--space", "split": "--split", "rho": "--rho",
                    "samples": "--samples", "ascent_steps": "--ascent-steps", "max_samples": "--max-samples",
-                   "task": "--task", "after": "--after"}
+                   "task": "--task", "after": "--after", "direction": "--direction"}
 
 
 @app.command()
@@ -188,6 +188,8 @@ def landscape(
     max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="cap on held-out examples "
                                                        "(default: min(evaluation.max_samples_per_task, "
                                                        "evaluation.landscape_max_samples))")] = None,
+    direction: Annotated[str, typer.Option("--direction", help="random: random filter-normalised axes; worst: "
+                                           "the first axis is the worst-case sharpness perturbation")] = "random",
 ) -> None:
     """Loss landscape (1-D/2-D, filter-normalised) and average/worst-case sharpness of a run's tasks:
     landscape/<task>_{1d,2d}.csv, plots/landscape_<task>_*.png, landscape/sharpness.json."""
@@ -195,7 +197,8 @@ def landscape(
     from cl_flat.landscape import landscapes
 
     values = {"task": task, "after": after, "dims": dims, "points": points, "space": space, "split": split,
-              "rho": rho, "samples": samples, "ascent_steps": ascent_steps, "max_samples": max_samples}
+              "rho": rho, "samples": samples, "ascent_steps": ascent_steps, "max_samples": max_samples,
+              "direction": direction}
     options = validate_options(LandscapeOptions, values, "cl-flat landscape", LANDSCAPE_FLAGS)
     for result in landscapes(run_dir, options):
         s = result.sharpness

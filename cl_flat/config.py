@@ -266,6 +266,7 @@ class LandscapeOptions(Strict):
     samples: int | None = Field(default=None, ge=1)
     ascent_steps: int | None = Field(default=None, ge=0)
     max_samples: int | None = Field(default=None, ge=1)
+    direction: Literal["random", "worst"] = "random"
 
 
 class RunConfig(Strict):

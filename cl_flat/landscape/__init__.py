@@ -4,6 +4,13 @@
 `perturbed_loss`: which weights move and the loss at θ + ε (nothing is written); this module:
 orchestration — the run's adapter stack, the options, the files (through `RunDir`).
 
+**Directions.** `random` (default): both axes are filter-normalised Gaussian directions.
+`worst`: the first axis is the worst-case perturbation the sharpness ascent found (the ε of
+`worst`), filter-normalised like a random direction (row i rescaled to ‖W_i‖), so alpha = ρ lies on
+the sharpness ball's boundary in the worst direction; the second axis (2-D) is a random direction
+orthogonalised to it. This is the "worst-direction" landscape of the method write-ups (find V_i, then
+V_j ⟂ V_i, plot L(W + a·V_i + b·V_j)).
+
 **Options** (`LandscapeOptions`, the flags of `cl-flat landscape`, validated like the config):
 space, rho, samples, ascent_steps and the held-out cap default to the run's `evaluation` section
 (sharpness_space, sharpness_rho, sharpness_samples, sharpness_ascent_steps,
@@ -21,8 +28,9 @@ P = 21, M = 8, K = 5, 30 forwards + 5 forward+backward. `compute_sharpness` (aft
 (alpha,beta,loss), `plots/landscape_<stem>_{1d,2d}.png`, and the entry `<stem>` of
 `landscape/sharpness.json` = {"avg", "worst", "rho", "samples", ...}, with stem = `<task>` for the
 landscape of task T right after T was trained in the `adapter` space, `<task>_after_<X>` with
-`--after X` (X later than T), and a `_merged` suffix for the merged space (e.g.
-`t1_after_t3_merged_1d.csv`). All written atomically.
+`--after X` (X later than T), a `_merged` suffix for the merged space and a `_worst` suffix for the
+worst-direction landscape (e.g. `t1_after_t3_merged_worst_1d.csv`); the sharpness entry has no
+`_worst` (both landscapes share it). All written atomically.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from cl_flat.landscape.geometry import (
     dot,
     estimate_sharpness,
     filter_normalize,
+    filter_rows,
     l2_norm,
     loss_surface,
     orthogonalize,
@@ -66,7 +75,7 @@ from cl_flat.seeding import keyed_generator
 
 __all__ = [
     "LandscapeOptions", "LandscapeResult", "Moved", "PerturbedLoss", "SharpnessEstimate",
-    "combine", "compute_landscape", "compute_sharpness", "dot", "estimate_sharpness", "filter_normalize",
+    "combine", "compute_landscape", "compute_sharpness", "dot", "estimate_sharpness", "filter_normalize", "filter_rows",
     "held_out_batches", "l2_norm", "landscape_stem", "landscapes", "loss_surface", "moved_weights", "orthogonalize",
     "project_rows", "radius_norm", "random_direction", "reference_norms", "resolve_tasks", "row_radii",
     "sharpness_passes",
@@ -155,10 +164,12 @@ def compute_sharpness(model: nn.Module, tokenizer, task, adapter: str, evaluatio
 # ---------------------------------------------------------------- landscapes of a saved run
 
 
-def landscape_stem(task: str, after: str | None = None, space: str = "adapter") -> str:
-    """`<task>`, `<task>_after_<X>` (X != task), plus `_merged` for the merged space."""
+def landscape_stem(task: str, after: str | None = None, space: str = "adapter", direction: str = "random") -> str:
+    """`<task>`, `<task>_after_<X>` (X != task), plus `_merged` for the merged space and `_worst` for
+    the worst-direction landscape."""
     stem = task if after is None or after == task else f"{task}_after_{after}"
-    return stem if space == "adapter" else f"{stem}_{space}"
+    stem = stem if space == "adapter" else f"{stem}_{space}"
+    return stem if direction == "random" else f"{stem}_{direction}"
 
 
 def resolve_tasks(run_dir: RunDir, config: RunConfig, task: str | None, after: str | None) -> list[str]:
@@ -234,27 +245,32 @@ def compute_landscape(path: str | Path, task: str, options: LandscapeOptions | N
     shapes = {m.name: m.shape for m in moved}
 
     grid = [-1.0 + 2.0 * i / (options.points - 1) for i in range(options.points)]
-    generator = keyed_generator(seed, "landscape", task, options.space, device=device)
-    directions = [random_direction(norms, shapes, generator)]
-    if options.dims == 2:
-        directions.append(orthogonalize(random_direction(norms, shapes, generator), directions[0], norms))
     coords = [(a,) for a in grid] if options.dims == 1 else [(a, b) for a in grid for b in grid]
     origin = sum(all(c == 0.0 for c in cs) for cs in coords)
     forwards, backwards = sharpness_passes(options.samples, options.ascent_steps, base=False)
-    stem = landscape_stem(task, after, options.space)
+    stem = landscape_stem(task, after, options.space, options.direction)
     examples = sum(len(b["input_ids"]) for b in batches)
     with _progress(progress, f"landscape {stem}", 1 + len(coords) - origin + forwards + backwards) as advance:
-        # L(θ) once: the grid's origin and the sharpness baseline reuse it
+        # L(θ) once: the grid's origin and the sharpness baseline reuse it; sharpness first, since
+        # the worst-direction landscape runs along the ε it finds
         base = evaluator(None)
         advance()
-        losses = loss_surface(lambda eps: base if eps is None else evaluator(eps), directions, coords, advance)
         est = _sharpness(evaluator, moved, options, keyed_generator(seed, "sharpness", task, options.space,
                                                                     device=device), advance, base=base)
+        generator = keyed_generator(seed, "landscape", task, options.space, device=device)
+        if options.direction == "worst":
+            first = {k: filter_rows(v, norms[k]) for k, v in est.worst_perturbation.items()}
+        else:
+            first = random_direction(norms, shapes, generator)
+        directions = [first]
+        if options.dims == 2:
+            directions.append(orthogonalize(random_direction(norms, shapes, generator), first, norms))
+        losses = loss_surface(lambda eps: base if eps is None else evaluator(eps), directions, coords, advance)
     record = _sharpness_record(est, options.model_copy(update={"after": after}), examples, evaluator.tokens)
     csv_path = run_dir.write_landscape(stem, coords, losses)
     png_path = run_dir.plot(f"landscape_{stem}_{options.dims}d")
     (plots.plot_landscape_1d if options.dims == 1 else plots.plot_landscape_2d)(csv_path, png_path)
-    json_path = run_dir.merge_sharpness(stem, record)
+    json_path = run_dir.merge_sharpness(landscape_stem(task, after, options.space), record)
     return LandscapeResult(stem, csv_path, png_path, json_path, base, losses, record, _passes(evaluator), examples,
                            time.perf_counter() - started)
 

@@ -29,8 +29,9 @@ Average case: M directions d_m as above, ε_m = ρ·d_m (every row on its sphere
 boundary of U; alpha = ρ on a 1-D landscape is one sample); avg = (1/M) Σ_m L(θ+ε_m) − L(θ). On a
 quadratic L = ½ wᵀHw around W (w = vec W), E[avg] = ρ²/(2n) Σ_i ‖W_i‖² tr(H_ii) (n = row length,
 H_ii the block of row i); for one row this is r²·tr(H)/(2n).
-Worst case: the larger of max_m L(θ+ε_m) and the best iterate of a projected, per-row normalised
-gradient ascent in U, started at the best random ε, K steps ε_i ← Π_i(ε_i + η·ρ‖W_i‖·g_i/‖g_i‖)
+Worst case (its ε is kept as `worst_perturbation`): the larger of max_m L(θ+ε_m) and the best
+iterate of a projected, per-row normalised gradient ascent in U, started at the best random ε, K
+steps ε_i ← Π_i(ε_i + η·ρ‖W_i‖·g_i/‖g_i‖)
 (η = 1; Π_i rescales a row that left its ball back onto its sphere — the exact projection onto
 U), minus L(θ); so worst ≥ max over the random samples by construction. On L = ½ wᵀHw at w = 0
 with H block-diagonal over rows (separable), max_U = Σ_i ½ r_i² λ_max(H_ii); with one row (U = the
@@ -41,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -84,12 +85,17 @@ def _rescale_rows(direction: torch.Tensor, norms: torch.Tensor | None) -> torch.
     return (rows * scale).view_as(direction)
 
 
+def filter_rows(direction: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
+    """d_i ← d_i/‖d_i‖·norms_i for every row i (rows with d_i = 0, and norms None, give 0)."""
+    return _rescale_rows(_at_least_fp32(direction), norms)
+
+
 def filter_normalize(direction: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """d_i ← d_i/‖d_i‖·‖W_i‖ for every output row i (dim 0); 0 for 1-D tensors (biases,
     norm weights) and for rows where d_i = 0."""
     if direction.shape != weight.shape:
         raise ValueError(f"direction shape {tuple(direction.shape)} != weight shape {tuple(weight.shape)}")
-    return _rescale_rows(_at_least_fp32(direction), reference_norms(weight))
+    return filter_rows(direction, reference_norms(weight))
 
 
 def random_direction(norms: Mapping[str, torch.Tensor | None], shapes: Mapping[str, torch.Size],
@@ -151,6 +157,7 @@ class SharpnessEstimate:
     radius: float         # sqrt(Σ_i r_i²): ‖ε‖ of every random sample (the largest ‖ε‖ in the ball)
     random: tuple[float, ...]  # L(θ+ε_m) − L(θ), m = 1..M
     ascent: tuple[float, ...]  # L − L(θ) at each ascent iterate (start included)
+    worst_perturbation: Params | None = field(default=None, compare=False, repr=False)  # the ε of `worst`
 
 
 def row_radii(norms: Mapping[str, torch.Tensor | None], rho: float) -> dict[str, torch.Tensor | None]:
@@ -208,7 +215,7 @@ def estimate_sharpness(loss: Callable[[Params | None], float], sample_direction:
         tick()
     base = float(base)
     randoms: list[float] = []
-    best, best_loss = None, -math.inf
+    best, best_loss = None, -math.inf  # the worst ε evaluated so far (the ascent starts at the best random one)
     for _ in range(samples):
         d = sample_direction()
         eps = {k: _rescale_rows(v, radii[k]) for k, v in d.items()}
@@ -217,6 +224,7 @@ def estimate_sharpness(loss: Callable[[Params | None], float], sample_direction:
         if value > best_loss:
             best, best_loss = eps, value
         tick()
+    worst_eps, worst_loss = best, best_loss
     ascent: list[float] = []
     size = radius_norm(radii)
     if ascent_steps > 0 and loss_and_grad is not None and size > 0:
@@ -224,6 +232,8 @@ def estimate_sharpness(loss: Callable[[Params | None], float], sample_direction:
         for _ in range(ascent_steps):
             value, grad = loss_and_grad(eps)
             ascent.append(float(value))
+            if value > worst_loss:
+                worst_eps, worst_loss = eps, float(value)
             tick()
             g = l2_norm(grad)
             if not math.isfinite(g) or g == 0.0:
@@ -232,10 +242,13 @@ def estimate_sharpness(loss: Callable[[Params | None], float], sample_direction:
             eps = project_rows(combine([(1.0, eps), (step_size, step)]), radii)
         else:
             ascent.append(float(loss(eps)))
+            if ascent[-1] > worst_loss:
+                worst_eps, worst_loss = eps, ascent[-1]
             tick()
     worst = max(randoms + ascent)
     return SharpnessEstimate(avg=sum(randoms) / len(randoms) - base, worst=worst - base, base=base, radius=size,
-                             random=tuple(v - base for v in randoms), ascent=tuple(v - base for v in ascent))
+                             random=tuple(v - base for v in randoms), ascent=tuple(v - base for v in ascent),
+                             worst_perturbation=worst_eps)
 
 
 def sharpness_passes(samples: int, ascent_steps: int, base: bool = True) -> tuple[int, int]:

@@ -179,6 +179,12 @@ def test_average_sharpness_isotropic_sphere_and_worst_case_ascent():
                                  loss_and_grad=loss_and_grad, ascent_steps=5)
     assert few.worst <= five.worst <= top * (1 + 1e-12) and five.worst > 0.9 * top
     assert len(five.ascent) == 6  # start + 5 iterates
+    # the worst ε is kept: its loss is the worst case, it lies in the ball, and it points along H's
+    # leading eigenvector (λ = 4): with c = cos to it, worst ≤ ½r²(4c² + 2(1 − c²)), so worst > 0.9·top
+    # = 0.9·½r²·4 needs c² > 0.8, |c| > 0.894
+    top_eps = five.worst_perturbation["w"]
+    assert loss(five.worst_perturbation) == five.worst + five.base and top_eps.norm() <= r * (1 + 1e-12)
+    assert abs(float(top_eps.flatten() @ Q[:, 0])) / float(top_eps.norm()) > 0.894
     assert five.random == few.random  # same draws: worst = max(best random, ascent) >= best random
     # a known L(θ) is not recomputed
     g4 = torch.Generator().manual_seed(3)
@@ -475,7 +481,37 @@ def test_compute_landscape_on_a_saved_run(tiny_stack, tmp_path):
         ls.compute_landscape(tmp_path / "missing", "t1", progress=False)
 
 
+def test_worst_direction_landscape_rises_at_least_as_fast_as_a_random_one(tiny_stack, tmp_path):
+    """--direction worst: the first axis is the sharpness ascent's worst ε, filter-normalised; at
+    alpha = rho (the ball's boundary) the loss along it is at least that along a random axis, and is
+    the worst case itself (every row of that ε lies on its sphere); files do not overwrite the random ones."""
+    from cl_flat.config import config_to_dict
+
+    config, stack, _, _ = tiny_stack
+    run_dir = tmp_path / "run"
+    (run_dir / "adapters").mkdir(parents=True)
+    stack.model.save_pretrained(str(tmp_path / "saved"), selected_adapters=["t1"])
+    saved = tmp_path / "saved" / "t1" if (tmp_path / "saved" / "t1").is_dir() else tmp_path / "saved"
+    saved.rename(run_dir / "adapters" / "t1")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config)))
+    (run_dir / "acc_matrix.csv").write_text("after_task,t1,t2\nzero_shot,50.0,50.0\nt1,50.0,50.0\n")
+    rho = config.evaluation.sharpness_rho
+    options = {"points": 41, "samples": 2, "ascent_steps": 3}  # alpha = -1 + 2i/40: i = 21 is alpha = rho = 0.05
+    random_run = ls.compute_landscape(run_dir, "t1", ls.LandscapeOptions(**options), progress=False)
+    worst_run = ls.compute_landscape(run_dir, "t1", ls.LandscapeOptions(direction="worst", **options), progress=False)
+    assert worst_run.csv == run_dir / "landscape" / "t1_worst_1d.csv" and random_run.csv.is_file()
+    assert worst_run.sharpness == random_run.sharpness  # one sharpness entry, "t1", for both
+    at_rho = 21
+    assert -1 + 2 * at_rho / 40 == pytest.approx(rho)
+    assert worst_run.grid[at_rho] >= random_run.grid[at_rho] > worst_run.loss
+    assert worst_run.grid[at_rho] == pytest.approx(worst_run.loss + worst_run.sharpness["worst"], rel=1e-4)
+    two_d = ls.compute_landscape(run_dir, "t1", ls.LandscapeOptions(direction="worst", dims=2, points=3, samples=2,
+                                                                     ascent_steps=1), progress=False)
+    assert two_d.csv == run_dir / "landscape" / "t1_worst_2d.csv"
+
+
 def test_stem_names():
+    assert ls.landscape_stem("t1", "t3", "merged", "worst") == "t1_after_t3_merged_worst"
     assert ls.landscape_stem("t1") == "t1"
     assert ls.landscape_stem("t1", "t1") == "t1"
     assert ls.landscape_stem("t1", "t3") == "t1_after_t3"
@@ -505,7 +541,8 @@ def test_cli_bad_input(tiny_stack, tmp_path):
              ([str(run_dir), "--split", "dev"], "--split"),
              ([str(run_dir), "--rho", "0"], "--rho"),
              ([str(run_dir), "--ascent-steps", "-1"], "--ascent-steps"),
-             ([str(run_dir), "--max-samples", "0"], "--max-samples")]
+             ([str(run_dir), "--max-samples", "0"], "--max-samples"),
+             ([str(run_dir), "--direction", "best"], "--direction")]
     for args, message in cases:
         result = CliRunner().invoke(app, ["landscape", *args])
         assert isinstance(result.exception, UserError), (args, result.output)
