@@ -143,8 +143,6 @@ def run_sequence(config: RunConfig, resume: bool = False) -> SequenceResult:
         if done:
             run_dir.truncate_log(done)
     names = [t.name for t in tasks]
-    train_sets = [TrainTask(i, t.name, encode_examples(t, tokenizer, t.train, config.training.max_seq_length),
-                            tokenizer.pad_token_id) for i, t in enumerate(tasks)]
     rows: Rows = []
 
     def evaluate(model) -> list[float]:
@@ -166,10 +164,12 @@ def run_sequence(config: RunConfig, resume: bool = False) -> SequenceResult:
             stack = AdapterStack(model, config.lora, config.run.seed)
         with _progress(is_main and config.logging.progress) as progress:
             bars = _Bars(progress) if progress is not None else None
-            for task, train_set in zip(tasks[done:], train_sets[done:]):
-                stack.add_task(train_set.index, task.name)
-                train_task(train_set, stack.model, method, config.training, config.deepspeed, config.run.seed,
-                           tracker.log_update, bars)
+            for index, task in enumerate(tasks[done:], start=done):
+                # encoded when its turn comes: tasks restored on resume are never tokenised
+                examples = encode_examples(task, tokenizer, task.train, config.training.max_seq_length)
+                stack.add_task(index, task.name)
+                train_task(TrainTask(index, task.name, examples, tokenizer.pad_token_id), stack.model, method,
+                           config.training, config.deepspeed, config.run.seed, tracker.log_update, bars)
                 stack.check_trainable()
                 if is_main:
                     stack.save_current(run_dir.adapter_dir(task.name))

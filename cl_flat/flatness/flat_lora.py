@@ -45,5 +45,6 @@ class FlatLora(FlatnessMethod):
     def window(self, ctx, micro_batches):
         factor = ramp_factor(self.config.ramp, ctx.step, ctx.total_steps)
         sigma = self.config.noise_std * factor
-        frozen = [(t, compact_scale("flat_lora", t.weight, sigma, rows=t.merged_rows())) for t in self.targets]
+        frozen = [(t, compact_scale("flat_lora", t.weight, sigma, rows=t.reference_rows("flat_lora")))
+                  for t in self.targets]
         return {"loss": noisy_mean_gradient(ctx, micro_batches, frozen, [], self.buffers), "ramp": factor}
