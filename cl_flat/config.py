@@ -182,7 +182,8 @@ class RwpMethod(Strict):
     two_batch: bool = False
     parallel: bool = False
     fisher_decay: float = Field(default=0.95, ge=0, lt=1)
-    fisher_eta: float = Field(default=1.0, ge=0)
+    fisher_eta: float = Field(default=1.0, ge=0, description="η on F normalised to mean 1 per layer")
+    fisher_estimate: Literal["minibatch", "per_token"] = "minibatch"
     noise_targets: Literal["adapted", "all_linear"] = "adapted"
 
 

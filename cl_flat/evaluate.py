@@ -1,8 +1,9 @@
 """Evaluate every task of the sequence, batched and sharded over ranks.
 
 - `accuracy`: rank classification. For each label, the mean log-probability of the label's
-  tokens after the prompt (length-normalised log-likelihood); the argmax label is the
-  prediction. No generation: deterministic and cheap.
+  tokens after the prompt (length-normalised log-likelihood), the label tokenised in context
+  as in training (`prompt_and_targets`); the argmax label is the prediction. No generation:
+  deterministic and cheap.
 - `exact_match`: greedy generation, compared after normalisation (case, spacing, trailing
   punctuation).
 The test set is capped by `max_samples_per_task` with a fixed sample (a permutation keyed by
@@ -21,7 +22,7 @@ import torch
 
 from cl_flat import dist
 from cl_flat.config import EvaluationSection
-from cl_flat.data.batches import IGNORE, Encoded, collate, encode, prompt_ids, target_ids
+from cl_flat.data.batches import IGNORE, Encoded, collate, encode, prompt_and_targets, prompt_ids
 from cl_flat.data.sources import TaskData, load_tasks
 from cl_flat.metrics import read_acc_matrix
 from cl_flat.models import load_run_model
@@ -53,40 +54,41 @@ def target_logprobs(model: torch.nn.Module, items: list[Encoded], pad_id: int, d
 
 
 @torch.no_grad()
-def next_token_logprobs(model: torch.nn.Module, prompts: list[list[int]], token_ids: list[int], pad_id: int,
+def next_token_logprobs(model: torch.nn.Module, prompts: list[list[int]], token_ids: list[list[int]], pad_id: int,
                         device) -> list[list[float]]:
-    """log p(token | prompt) for each prompt and each candidate token: one forward per prompt
-    (right padding; the distribution is read at each prompt's last real position)."""
+    """log p(token | prompt) for each prompt and each of its candidate tokens: one forward per
+    prompt (right padding; the distribution is read at each prompt's last real position)."""
     items = [Encoded(tuple(p), tuple([IGNORE] * len(p))) for p in prompts]
     batch = {k: v.to(device) for k, v in collate(items, pad_id).items()}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     last = batch["attention_mask"].sum(1) - 1
     rows = torch.log_softmax(logits[torch.arange(len(items), device=logits.device), last].float(), dim=-1)
-    return rows[:, token_ids].tolist()
+    return rows.gather(1, torch.tensor(token_ids, device=rows.device)).tolist()
 
 
 def _rank_classification(model, tokenizer, task: TaskData, indices: list[int], batch_size: int,
                          max_length: int, device) -> list[tuple[int, bool]]:
     labels = list(task.labels)
-    label_ids = [target_ids(tokenizer, label) for label in labels]
-    if all(len(ids) == 1 for ids in label_ids):
+    contexts = [prompt_and_targets(tokenizer, task.prompt(task.test[i]), labels) for i in indices]
+    if all(len(ids) == 1 for _, label_ids in contexts for ids in label_ids):
         # single-token labels: the length-normalised log-likelihood is the next-token log-prob,
         # so one forward per prompt scores every label
-        prompts = [prompt_ids(tokenizer, task.prompt(task.test[i]))[-(max_length - 1):] for i in indices]
-        scores_per_prompt: list[list[float]] = []
-        for start in range(0, len(prompts), batch_size):
-            scores_per_prompt += next_token_logprobs(model, prompts[start:start + batch_size],
-                                                     [ids[0] for ids in label_ids], tokenizer.pad_token_id, device)
-        return [(i, labels[max(range(len(labels)), key=row.__getitem__)] == task.test[i].output)
-                for i, row in zip(indices, scores_per_prompt)]
-    # every label is scored after the same prompt window: cut once, to fit the longest label
-    keep = max(max_length - max(len(ids) for ids in label_ids), 1)
-    pairs = [(i, encode(prompt_ids(tokenizer, task.prompt(task.test[i]))[-keep:], ids, max_length))
-             for i in indices for ids in label_ids]
-    scores: list[float] = []
-    for start in range(0, len(pairs), batch_size):
-        scores += target_logprobs(model, [p[1] for p in pairs[start:start + batch_size]], tokenizer.pad_token_id,
-                                  device)
+        scores: list[float] = []
+        for start in range(0, len(contexts), batch_size):
+            chunk = contexts[start:start + batch_size]
+            rows = next_token_logprobs(model, [prompt[-(max_length - 1):] for prompt, _ in chunk],
+                                       [[ids[0] for ids in label_ids] for _, label_ids in chunk],
+                                       tokenizer.pad_token_id, device)
+            scores += [s for row in rows for s in row]
+    else:
+        # every label is scored after the same prompt window: cut once, to fit the longest label
+        pairs = []
+        for prompt, label_ids in contexts:
+            keep = max(max_length - max(len(ids) for ids in label_ids), 1)
+            pairs += [encode(prompt[-keep:], ids, max_length) for ids in label_ids]
+        scores = []
+        for start in range(0, len(pairs), batch_size):
+            scores += target_logprobs(model, pairs[start:start + batch_size], tokenizer.pad_token_id, device)
     results = []
     for k, i in enumerate(indices):
         row = scores[k * len(labels):(k + 1) * len(labels)]

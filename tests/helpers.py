@@ -47,3 +47,24 @@ def write_jsonl_task(folder: Path, name: str, labels: list[str], n_train: int = 
                 handle.write(json.dumps({"input": f"{label} sample {i} of {split}", "output": label}) + "\n")
     return {"name": name, "source": "jsonl", "train": str(folder / f"{name}_train.jsonl"),
             "test": str(folder / f"{name}_test.jsonl"), "labels": labels}
+
+
+def sentencepiece_tokenizer(sentences: list[str], vocab_size: int = 200, split_words: bool = True):
+    """A Llama-2-style SentencePiece BPE tokenizer trained offline on `sentences`: spaces become
+    "▁", a "▁" is prepended, words split before each "▁" (unless not `split_words`: then pieces
+    may span words), a BOS is added. Like Llama-2's, it tokenises " positive" alone as a lone "▁"
+    then "▁positive"."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    core.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    if split_words:
+        core.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      decoders.Strip(" ", 1, 0)])
+    core.train_from_iterator(sentences, trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=["▁"],
+                                                            special_tokens=["<unk>", "<s>", "</s>"]))
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<unk>")

@@ -34,7 +34,8 @@ def describe_methods() -> list[dict[str, Any]]:
                                "default": info.get_default(call_default_factory=True),
                                "description": ", ".join(filter(None, [info.description, *bounds]))})
         summary = (cls.__doc__ or "").strip().splitlines()[0]
-        described.append({"method": name, "formula": cls.formula, "summary": summary, "parameters": parameters})
+        described.append({"method": name, "formula": cls.formula, "summary": summary,
+                          "versus_notes": cls.versus_notes, "parameters": parameters})
     return described
 
 

@@ -30,8 +30,10 @@ class Rwp(FlatnessMethod):
     frozen W0 of every adapted layer (functionally, W0 is never written); base = W0 only.
     `noise_type: flat_lora` on W0 scales with the rows of the merged weight W' = W0 + Σ s·BA (as the
     method `flat_lora`); on A, B with their own rows. `noise_targets: all_linear` extends W0 noise to
-    every linear layer of the base model except the output head. `fisher` shrinks the noise of rows with a large Fisher
-    (F estimated in the clean passes, see `cl_flat.flatness.noise.fisher`; needs a > 0). The EMA
+    every linear layer of the base model except the output head. `fisher` shrinks the noise of rows with a
+    large Fisher: S_i = σ‖W_i,:‖/√(1 + η·F̃_i), F̃ = the EMA of squared row gradients from the clean passes
+    divided by its mean over the layer (so η means the same at any batch size; `cl_flat.flatness.noise.fisher`;
+    needs a > 0). The EMA
     state lives in the method instance and restarts in `begin_task`; `reference_update` builds a
     fresh method, so it equals training exactly only for fisher_decay = 0 (or the first update).
     Noise key: (seed, update, rank, micro-batch index, tensor name).
@@ -48,11 +50,13 @@ class Rwp(FlatnessMethod):
     name = "rwp"
     config_class = RwpMethod
     formula = "g = a·(1/N) Σ_i ∇L(θ; B_i) + b·∇L(θ+ε; B_N), ε = Z ⊙ S(noise_type, σ)"
+    versus_notes = ("fisher: the notes' F_i = Σ_j EMA((∂L/∂W_ij)²) enters S as F_i / mean_k F_k (mean 1 per layer), "
+                    "so that η means the same at any batch size and EMA decay")
 
     def __init__(self, config: RwpMethod):
         super().__init__(config)
         self.targets = []
-        self.fisher = RowFisher(config.fisher_decay)
+        self.fisher = RowFisher(config.fisher_decay, config.fisher_estimate)
         self.buffers = NoiseBuffers()
 
     def begin_task(self, model):

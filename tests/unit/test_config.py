@@ -462,3 +462,12 @@ def test_validate_does_not_mutate_its_input():
     snapshot = copy.deepcopy(raw)
     validate_config(raw)
     assert raw == snapshot
+
+
+def test_methods_say_where_they_differ_from_the_method_notes():
+    """`cl-flat methods` states, one line per method, which form is implemented where the notes differ."""
+    from cl_flat.flatness import describe_methods
+
+    lines = {m["method"]: m["versus_notes"] for m in describe_methods()}
+    assert "T²" in lines["sam"] and "standard deviation" in lines["lpf_sgd"] and "mean" in lines["rwp"]
+    assert all("\n" not in line for line in lines.values())

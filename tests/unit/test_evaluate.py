@@ -16,7 +16,7 @@ def test_single_token_shortcut_equals_pair_scoring():
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 250, (n,), generator=gen).tolist() for n in (5, 9, 7)]
     candidates = [17, 42, 99]
-    fast = next_token_logprobs(model, prompts, candidates, tokenizer.pad_token_id, "cpu")
+    fast = next_token_logprobs(model, prompts, [candidates] * len(prompts), tokenizer.pad_token_id, "cpu")
     for prompt, row in zip(prompts, fast):
         pairs = target_logprobs(model, [encode(prompt, [c], 64) for c in candidates], tokenizer.pad_token_id, "cpu")
         assert torch.allclose(torch.tensor(row), torch.tensor(pairs), atol=1e-5)
@@ -46,7 +46,7 @@ def test_truncated_prompt_is_the_same_window_for_every_label(monkeypatch):
     monkeypatch.setattr(evaluate, "target_logprobs", spy)
     evaluate._rank_classification(model, tokenizer, task, [0], 8, 32, "cpu")
     prompts = [item.input_ids[:sum(1 for t in item.labels if t == IGNORE)] for item in seen]
-    lengths = [len(target) for target in (evaluate.target_ids(tokenizer, label) for label in task.labels)]
+    lengths = [len(t) for t in evaluate.prompt_and_targets(tokenizer, task.prompt(task.test[0]), task.labels)[1]]
     assert lengths == [2, 9]  # byte-level: " a", " abcdefgh"
     assert prompts[0] == prompts[1] and len(prompts[0]) == 32 - 9
     assert all(len(item.input_ids) <= 32 for item in seen)

@@ -1,5 +1,5 @@
 """Noise families (`noise_scale`) against hand-computed values, the statistics of the draws,
-keyed generators, the functional noise on frozen layers and the per-token row Fisher."""
+keyed generators, the functional noise on frozen layers and the row Fisher."""
 
 from __future__ import annotations
 
@@ -248,24 +248,50 @@ def test_trainable_perturbation_restored_exactly():
     assert torch.equal(p.detach(), before)
 
 
-def test_row_fisher_per_token_estimate():
-    """F̂_i = Σ_t δ_ti²‖x_t‖² = Σ_t ‖∂ℓ_t/∂W_i,:‖² (per-token gradients δ_t x_tᵀ), undoing the loss scale."""
-    gen = torch.Generator().manual_seed(1)
-    layer = nn.Linear(3, 2, bias=False).double()
-    x = torch.randn(2, 4, 3, generator=gen, dtype=torch.float64)
-    target = torch.randn(2, 4, 2, generator=gen, dtype=torch.float64)
-    fisher = RowFisher(decay=0.5)
-    with fisher.capture({"l": layer}, weight=1.0 / 0.25 ** 2):
-        loss = ((layer(x) - target) ** 2).sum()
-        (0.25 * loss).backward()  # a scaled backward, as the clean passes do
+def _captured(estimate: str, x, delta, decay=0.5, scale=0.25):
+    """A RowFisher fed one scaled backward whose output gradient is `delta` (loss = scale·Σ y ⊙ delta)."""
+    layer = nn.Linear(x.shape[-1], delta.shape[-1], bias=False).double()
+    fisher = RowFisher(decay=decay, estimate=estimate)
+    with fisher.capture({"l": layer}, weight=1.0 / scale ** 2):
+        (scale * (layer(x) * delta).sum()).backward()  # a scaled backward, as the clean passes do
     fisher.update()
-    delta = 2 * (layer(x) - target).detach()  # ∂loss/∂y per token
-    per_token = torch.einsum("bto,bti->btoi", delta, x)  # ∂ℓ_t/∂W
-    expected = per_token.square().sum(dim=(0, 1, 3))
-    assert torch.allclose(fisher.rows("l").double(), expected, rtol=1e-10)
-    fisher._window = {"l": torch.ones(2)}
-    fisher.update()  # EMA: F ← 0.5·F + F̂
-    assert torch.allclose(fisher.rows("l").double(), 0.5 * expected + 1, rtol=1e-10)
+    return fisher
+
+
+# two tokens x1 = (1, 0), x2 = (1, 2) with output gradients δ1 = (1, 1), δ2 = (1, 0)
+X = torch.tensor([[1.0, 0.0], [1.0, 2.0]], dtype=torch.float64)
+DELTA = torch.tensor([[1.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+
+
+def test_row_fisher_minibatch_estimate_by_hand():
+    """∂L/∂W = Σ_t δ_t x_tᵀ: row 0 = (1,0) + (1,2) = (2,2), ‖·‖² = 8; row 1 = (1,0), ‖·‖² = 1.
+    F = (8, 1) has mean 4.5, so the noise sees F̃ = (16/9, 2/9)."""
+    fisher = _captured("minibatch", X, DELTA)
+    assert torch.allclose(fisher.state["l"], torch.tensor([8.0, 1.0], dtype=torch.float64), rtol=1e-12)
+    assert torch.allclose(fisher.rows("l"), torch.tensor([16 / 9, 2 / 9], dtype=torch.float64), rtol=1e-12)
+    fisher._window = {"l": torch.tensor([2.0, 5.0], dtype=torch.float64)}
+    fisher.update()  # F ← 0.5·F + F̂ = (6, 5.5), mean 5.75
+    assert torch.allclose(fisher.rows("l"), torch.tensor([6 / 5.75, 5.5 / 5.75], dtype=torch.float64), rtol=1e-12)
+    # the normalised estimate does not depend on the loss scale of the batch (η means the same at any batch size)
+    halved = _captured("minibatch", X, DELTA / 2)
+    assert torch.allclose(halved.rows("l"), torch.tensor([16 / 9, 2 / 9], dtype=torch.float64), rtol=1e-12)
+    # S_i = σ‖W_i‖/√(1 + η F̃_i) with ‖W_0‖ = 5, ‖W_1‖ = 1, σ = 0.1, η = 1
+    W = torch.tensor([[3.0, 4.0], [0.0, 1.0]], dtype=torch.float64)
+    s = noise_scale("fisher", W, 0.1, fisher_rows=fisher.rows("l"), eta=1.0)
+    assert torch.allclose(s[:, 0], torch.tensor([0.5 / (1 + 6 / 5.75) ** 0.5, 0.1 / (1 + 5.5 / 5.75) ** 0.5],
+                                                 dtype=torch.float64), rtol=1e-12)
+
+
+def test_row_fisher_per_token_estimate_by_hand():
+    """Σ_t δ_ti²‖x_t‖²: row 0 = 1·1 + 1·5 = 6, row 1 = 1·1 + 0·5 = 1; F̃ = (12/7, 2/7)."""
+    fisher = _captured("per_token", X, DELTA)
+    assert torch.allclose(fisher.state["l"], torch.tensor([6.0, 1.0], dtype=torch.float64), rtol=1e-12)
+    assert torch.allclose(fisher.rows("l"), torch.tensor([12 / 7, 2 / 7], dtype=torch.float64), rtol=1e-12)
+
+
+def test_row_fisher_zero_gradient_is_no_shrinkage():
+    fisher = _captured("minibatch", X, torch.zeros_like(DELTA))
+    assert torch.equal(fisher.rows("l"), torch.zeros(2, dtype=torch.float64))
 
 
 def test_activation_checkpointing_sees_the_same_noise():

@@ -347,6 +347,30 @@ def test_fisher_estimate_and_limits():
         assert torch.allclose(grads[name], plain[name], atol=1e-6, rtol=1e-4), name
 
 
+def test_fisher_noise_differs_from_lpf_sgd_at_the_default_eta():
+    """With F normalised to mean 1 per layer, η = 1 shrinks a row of average Fisher to 1/√2 of its
+    lpf_sgd std; over a tiny model's noised tensors the total noise variance must fall well below
+    lpf_sgd's (the un-normalised per-token estimate gave 0.97-1.0×, the knob did nothing)."""
+    from cl_flat.flatness import TorchContext
+    from cl_flat.flatness.noise import compact_scale
+
+    model = _tiny_peft()
+    method = build_method({"method": "rwp", "noise_type": "fisher", "noise_std": 0.01})  # default η, decay, scope
+    method.begin_task(model)
+    for step, batch in enumerate(_batches(3)):
+        ctx = TorchContext(model, _lm_loss, step=step, total_steps=3, seed=0)
+        method.window(ctx, [batch])
+        for p in ctx.params.values():
+            p.grad = None
+    frozen, trainable = method._noise(ctx, True)
+    pairs = [(t.weight, scale, compact_scale("lpf_sgd", t.weight, 0.01, rows=t.reference_rows("lpf_sgd")))
+             for t, scale in frozen]
+    pairs += [(p, scale, compact_scale("lpf_sgd", p, 0.01)) for _, p, scale in trainable]
+    fisher = sum(s.full(w).square().sum() for w, s, _ in pairs)
+    lpf = sum(s.full(w).square().sum() for w, _, s in pairs)
+    assert len(pairs) == 4 + 8 and fisher / lpf < 0.8
+
+
 # ---------------------------------------------------------------- 100 updates leave nothing behind
 
 RUNS = {

@@ -1,15 +1,28 @@
-"""Row Fisher for the `fisher` noise type: an EMA of the per-row empirical Fisher.
+"""Row Fisher for the `fisher` noise type: the notes' EMA of squared gradients, per row, normalised.
 
-F_i ← λ·F_i + F̂_i (λ = `fisher_decay`, an EMA of squared gradients summed over the row, as in
-m-RWP's Fisher variant). F̂_i is the per-token empirical Fisher of row i of a linear map y = W x,
-captured in the clean passes without forming any weight gradient:
-F̂_i = Σ_t δ_ti²·‖x_t‖², where t runs over the tokens of the micro-batch, x_t is the layer input and
-δ_t = ∂L/∂y_t (L = the unscaled micro-batch loss); it is Σ_t ‖∂ℓ_t/∂W_i,:‖² (each token's gradient
-is the outer product δ_t x_tᵀ), averaged over the clean micro-batches of the window. Cost: a forward
-hook storing ‖x_t‖² (one float per token) and one tokens×rows product in backward, per layer. For a
-frozen W0 of an adapted layer δ is taken at the LoRA layer's output (= the base output's gradient);
-a frozen layer whose output carries no gradient in the clean pass (only layers upstream of every
-trainable adapter, with `all_linear`) keeps F = 0.
+The method notes (m-RWP's Fisher variant) keep Fisher_ij ← λ·Fisher_ij + (∂L/∂W_ij)² and use
+F_i = Σ_j Fisher_ij. The sum is linear, so one number per row suffices:
+
+    F_i ← λ·F_i + ‖∂L/∂W_i,:‖²        (λ = `fisher_decay`, L = a clean micro-batch's mean loss)
+
+and the noise uses F̃_i = F_i / mean_k F_k, the estimate divided by its mean over the tensor's
+rows. Why normalised: ‖∂L/∂W_i,:‖² of a mean loss falls with the number of target tokens in a
+micro-batch and grows as 1/(1−λ) with the EMA, so a raw η would mean something different at every
+batch size and decay; F̃ has mean 1 on every layer, so η = 1 halves the noise variance of a row
+of average Fisher whatever the batch. (A tensor whose gradient is still zero, such as A while
+B = 0 at the start of an IncLoRA task, has F̃ = 0: the `lpf_sgd` noise.)
+
+The row gradient is never stored, also for a frozen W0 (which has no .grad): for a linear map
+y = W x over the micro-batch's tokens t, ∂L/∂W_i,: = Σ_t δ_ti·x_tᵀ with δ_t = ∂L/∂y_t, so a forward
+hook keeps the layer input X (tokens × in) and a hook on the output's gradient forms Δᵀ X
+(rows × in, one layer at a time, discarded at once) and keeps its squared row norms. For W0 of an
+adapted layer δ is taken at the LoRA layer's output (= the base output's gradient). With gradient
+accumulation the estimate is the mean over the window's clean micro-batches (the square of their
+mean would need a weight-sized buffer per layer). A frozen layer whose output carries no gradient
+in the clean pass (layers upstream of every adapter, with `all_linear`) keeps F̃ = 0.
+
+`fisher_estimate: per_token` instead folds in the per-token empirical Fisher Σ_t ‖∂ℓ_t/∂W_i,:‖² =
+Σ_t δ_ti²‖x_t‖² (each token's gradient is δ_t x_tᵀ); it needs one float per token instead of X.
 """
 
 from __future__ import annotations
@@ -20,12 +33,17 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+ESTIMATES = ("minibatch", "per_token")
+
 
 class RowFisher:
-    """EMA of the per-row empirical Fisher: F_i ← decay·F_i + F̂_i (see the module docstring)."""
+    """F_i ← decay·F_i + F̂_i per named tensor; `rows` gives F_i / mean_k F_k (module docstring)."""
 
-    def __init__(self, decay: float):
+    def __init__(self, decay: float, estimate: str = "minibatch"):
+        if estimate not in ESTIMATES:
+            raise ValueError(f"unknown Fisher estimate {estimate!r}; expected one of {ESTIMATES}")
         self.decay = decay
+        self.estimate = estimate
         self.state: dict[str, torch.Tensor] = {}
         self._window: dict[str, torch.Tensor] = {}
 
@@ -33,24 +51,35 @@ class RowFisher:
         self.state, self._window = {}, {}
 
     def rows(self, name: str) -> torch.Tensor | None:
-        return self.state.get(name)
+        """F̃ of tensor `name` (mean 1 over its rows; zeros while its estimate is zero), or None."""
+        raw = self.state.get(name)
+        if raw is None:
+            return None
+        mean = raw.mean()
+        return raw / mean if mean > 0 else torch.zeros_like(raw)
 
     @contextmanager
     def capture(self, modules: dict[str, nn.Module], weight: float) -> Iterator[None]:
-        """Accumulate weight·Σ_t δ_ti²‖x_t‖² for each named linear-like module during the block's
-        forward and backward (`weight` undoes the loss scaling and averages over passes)."""
+        """Accumulate weight·F̂_i for each named linear-like module during the block's forward and
+        backward (`weight` undoes the squared loss scaling and averages over passes)."""
         handles = []
+        per_token = self.estimate == "per_token"
 
         def hook(name):
             def forward_hook(module, inputs, output):
                 if not (torch.is_tensor(output) and output.requires_grad):
                     return
                 x = inputs[0].detach()
-                x_sq = torch.linalg.vector_norm(x, dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
-                x_sq = x_sq.square().reshape(-1)
+                x = x.reshape(-1, x.shape[-1]).to(torch.promote_types(x.dtype, torch.float32))
+                kept = x.square().sum(-1) if per_token else x
 
                 def on_grad(delta):
-                    rows = delta.detach().to(x_sq.dtype).square().reshape(-1, delta.shape[-1]).t().mv(x_sq) * weight
+                    delta = delta.detach().reshape(-1, delta.shape[-1]).to(kept.dtype)
+                    if per_token:  # Σ_t δ_ti²‖x_t‖²
+                        rows = delta.square().t().mv(kept)
+                    else:  # ‖Σ_t δ_ti x_t‖²: the row norms of ∂L/∂W = Δᵀ X
+                        rows = (delta.t() @ kept).square().sum(-1)
+                    rows = rows * weight
                     self._window[name] = self._window[name] + rows if name in self._window else rows
 
                 output.register_hook(on_grad)

@@ -75,6 +75,7 @@ def noise_scale(noise_type: str, weight: torch.Tensor, sigma: float, *, fisher_r
     """(contract) The matrix S of standard deviations (shape of `weight`, ≥ fp32) that `noise_type`
     draws ε = Z ⊙ S with. Rows are output channels (dim 0):
     gauss_standard S = σ; gauss_matrix S = σ‖W‖_F; gauss_element S = σ|W_ij|;
-    lpf_sgd S_ij = σ‖W_i,:‖₂; fisher S_ij = σ‖W_i,:‖₂/√(1+ηF_i) (`fisher_rows` = F, one per row;
-    None = 0); flat_lora S_ij = σ‖W_i,:‖₂/√n with n the row length."""
+    lpf_sgd S_ij = σ‖W_i,:‖₂; fisher S_ij = σ‖W_i,:‖₂/√(1+ηF_i) (`fisher_rows` = F, one per row:
+    training passes the row Fisher normalised to mean 1, `RowFisher.rows`; None = 0);
+    flat_lora S_ij = σ‖W_i,:‖₂/√n with n the row length."""
     return compact_scale(noise_type, weight, sigma, fisher_rows=fisher_rows, eta=eta).full(weight)
