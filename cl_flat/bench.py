@@ -37,7 +37,7 @@ import torch
 from cl_flat import dist
 from cl_flat.adapters import AdapterStack
 from cl_flat.config import load_config
-from cl_flat.errors import UserError
+from cl_flat.errors import ConfigError, UserError
 from cl_flat.files import atomic_write_text
 from cl_flat.flatness import build_method
 from cl_flat.flatness.noise import frozen_targets
@@ -206,10 +206,12 @@ def run_bench(config_path: str, labels: list[str], updates: int, warmup: int, ro
     over rounds, and the largest peak memory."""
     config = load_config(config_path)
     unknown = [label for label in labels if label not in VARIANTS]
-    if unknown:
-        raise UserError(f"--methods: unknown variant(s) {unknown}; available: {list(VARIANTS)}")
-    if rounds < 1:
-        raise UserError(f"--rounds: expected at least 1, got {rounds}")
+    problems = [f"--methods: unknown variant(s) {unknown}; available: {list(VARIANTS)}"] if unknown else []
+    problems += [f"--{flag}: expected at least {low}, got {value}"
+                 for flag, value, low in (("updates", updates, 1), ("warmup", warmup, 0), ("rounds", rounds, 1))
+                 if value < low]
+    if problems:
+        raise ConfigError("cl-flat bench", problems, kind="options")
     needed = list(dict.fromkeys(
         (["none"] if any(VARIANTS[label][1] == 1 for label in labels) else [])
         + (["none_2ranks"] if any(VARIANTS[label][1] == 2 for label in labels) else []) + labels))

@@ -62,14 +62,17 @@ def _format_metrics(metrics: dict) -> str:
 
 @app.command()
 def train(config: Path, set_: SetOption = None,
-          resume: Annotated[bool, typer.Option("--resume", help="continue a started run")] = False) -> None:
+          resume: Annotated[bool, typer.Option("--resume", help="continue a started run")] = False,
+          allow_config_change: Annotated[bool, typer.Option(
+              "--allow-config-change", help="with --resume: train the remaining tasks with a changed config "
+              "(recorded in config.yaml meta.config_changes)")] = False) -> None:
     """Run the task sequence and write results/<run.name>/."""
     from cl_flat import dist
     from cl_flat.config import load_config
     from cl_flat.run import run_sequence
 
     cfg = load_config(config, set_ or [])
-    result = run_sequence(cfg, resume=resume)
+    result = run_sequence(cfg, resume=resume, allow_config_change=allow_config_change)
     if dist.is_main():
         _print_matrix(result.tasks, result.rows, result.metrics)
         typer.echo(f"results: {result.run_dir}")
@@ -125,12 +128,16 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] 
 @app.command()
 def metrics(matrix: Path, as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """Forgetting metrics (AA, BWT, FWT, F, AIA, OP) of an acc_matrix.csv."""
-    from cl_flat.errors import UserError
+    from cl_flat.errors import ConfigError, MatrixFormatError
     from cl_flat.metrics import compute_metrics, read_acc_matrix
 
     if not matrix.is_file():
-        raise UserError(f"{matrix}: file not found")
-    names, rows, zero_shot = read_acc_matrix(matrix)
+        problem = "a folder, not a csv file" if matrix.is_dir() else "file not found"
+        raise ConfigError(str(matrix), [f"{matrix}: {problem}"], kind="accuracy matrix")
+    try:
+        names, rows, zero_shot = read_acc_matrix(matrix)
+    except MatrixFormatError as exc:
+        raise ConfigError(str(matrix), [str(exc)], kind="accuracy matrix") from None
     result = compute_metrics(rows, zero_shot)
     typer.echo(json.dumps(result, indent=2) if as_json else _format_metrics(result))
 
@@ -140,7 +147,11 @@ def eval_(run_dir: Path) -> None:
     """Reload the saved adapters in order and re-evaluate every task."""
     from cl_flat import dist
     from cl_flat.evaluate import reevaluate
+    from cl_flat.rundir import RunDir
 
+    run = RunDir(run_dir)
+    config, trained = run.require_run()
+    run.require_adapters(config, trained[-1:])
     result = reevaluate(run_dir)
     is_main = dist.is_main()
     dist.shutdown()
@@ -199,12 +210,16 @@ def landscape(
     normalisation; the notes' N(0, σ²‖W_i,:‖²) differs by a random factor per row), so alpha means the
     same step in every layer and run."""
     from cl_flat.config import LandscapeOptions, validate_options
-    from cl_flat.landscape import landscapes
+    from cl_flat.landscape import landscapes, resolve_tasks
+    from cl_flat.rundir import RunDir
 
     values = {"task": task, "after": after, "dims": dims, "points": points, "space": space, "split": split,
               "rho": rho, "samples": samples, "ascent_steps": ascent_steps, "max_samples": max_samples,
               "direction": direction}
     options = validate_options(LandscapeOptions, values, "cl-flat landscape", LANDSCAPE_FLAGS)
+    run = RunDir(run_dir)
+    config, _ = run.require_run(complete=False, tasks={"--task": task, "--after": after})
+    run.require_adapters(config, [after or name for name in resolve_tasks(run, config, task, after)])
     for result in landscapes(run_dir, options):
         s = result.sharpness
         typer.echo(f"{result.stem} [{s['space']}, {s['split']}, {s['examples']} examples]: loss {s['loss']:.4f}; "
@@ -227,12 +242,41 @@ def bench(config: Path,
           as_json: Annotated[bool, typer.Option("--json", help="print the JSON result")] = False) -> None:
     """Seconds per update and peak memory of each flatness method vs plain training."""
     from cl_flat.bench import VARIANTS, markdown_table, run_bench, save_bench
+    from cl_flat.errors import ConfigError
 
+    if out.exists() and not out.is_dir():
+        raise ConfigError("cl-flat bench", [f"--out: {out} exists and is not a folder"], kind="options")
     labels = [m.strip() for m in methods.split(",")] if methods else list(VARIANTS)
     result = run_bench(str(config), labels, updates, warmup, rounds)
     json_path, md_path = save_bench(result, out)
     typer.echo(json.dumps(result, indent=2) if as_json else markdown_table(result))
     typer.echo(f"saved: {json_path} {md_path}", err=True)
+
+
+@app.command()
+def report(
+    runs: Annotated[list[str], typer.Argument(help="run folders, folders of run folders, or globs (quoted globs "
+                                                   "are expanded too)")],
+    out: Annotated[Path, typer.Option("--out", help="folder for report.md, report.csv and the figures")],
+    baseline: Annotated[Optional[list[str]], typer.Option("--baseline", help="KEY=VALUE: the group to compare "
+                                                          "with, paired by seed (repeatable; default "
+                                                          "flatness.method=none when present)")] = None,
+    group_by: Annotated[Optional[str], typer.Option("--group-by", help="comma-separated dotted keys to group by, "
+                                                    "e.g. flatness.method,flatness.scope (default: the whole "
+                                                    "config but seed, name, paths, logging)")] = None,
+    allow_mixed: Annotated[bool, typer.Option("--allow-mixed", help="compare runs of different task "
+                                              "sequences")] = False,
+) -> None:
+    """Compare finished runs: per group of seeds n, mean ± 95% t-interval of AA, BWT, FWT, F, AIA, paired
+    differences against a baseline; report.md, report.csv, OP curves, metric bars, heatmaps."""
+    from cl_flat.report import build_report, render_markdown, write_report
+
+    result = build_report(runs, group_by=group_by, baseline=baseline or [], allow_mixed=allow_mixed)
+    written = write_report(result, out)
+    typer.echo(render_markdown(result), nl=False)
+    for path in result.skipped:
+        typer.echo(f"skipped (incomplete, no metrics.json): {path}", err=True)
+    typer.echo(f"saved: {out / 'report.md'} {out / 'report.csv'} and {len(written) - 2} figures", err=True)
 
 
 def main() -> None:
@@ -248,6 +292,24 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted; results of completed tasks are kept", err=True)
         sys.exit(130)
+    except Exception as exc:
+        if not _lost_peer(exc):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        typer.echo(f"error: rank {os.environ.get('RANK', '0')} of {os.environ.get('WORLD_SIZE', '1')}: a collective "
+                   f"failed, another process died or did not answer within deepspeed.timeout_minutes ({first}). "
+                   "Completed tasks and the newest in-task checkpoint are saved; rerun with --resume", err=True)
+        sys.exit(1)
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """Whether `exc` is a collective failing because another rank is gone or timed out."""
+    import torch.distributed as torch_dist
+
+    if isinstance(exc, torch_dist.DistError):
+        return True
+    markers = ("gloo", "NCCL", "Connection closed", "Connection reset", "timed out", "Timed out", "timeout")
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in markers)
 
 
 if __name__ == "__main__":

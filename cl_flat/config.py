@@ -151,6 +151,10 @@ class TrainingSection(Strict):
     warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     max_seq_length: int = Field(default=256, ge=8)
+    checkpoint_every: int = Field(default=500, ge=0, description="updates between in-task checkpoints; 0 = none")
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_fraction: float = Field(default=0.05, ge=0, le=1,
+                                        description="skip: stop once more of a task's updates were skipped")
 
 
 # ---- flatness method blocks (contract: names as users write them) ----
@@ -228,6 +232,7 @@ class EvaluationSection(Strict):
 class DeepSpeedSection(Strict):
     zero_stage: Literal[0, 1, 2] = 0
     bf16: bool = False
+    timeout_minutes: float = Field(default=5.0, gt=0, description="a collective waiting longer ends the run")
     extra: dict[str, Any] = Field(default_factory=dict, description="merged into the DeepSpeed config")
 
     @field_validator("extra")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -27,21 +28,32 @@ def _grouped() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
 
 
-def init_distributed() -> None:
-    """Start (once) the process group DeepSpeed uses; a lone process becomes rank 0 of 1."""
+def init_distributed(timeout_minutes: float | None = None) -> None:
+    """Start (once) the process group DeepSpeed uses; a lone process becomes rank 0 of 1.
+    `timeout_minutes`: how long a collective may wait for the other ranks before it fails (a
+    dead rank then ends the run instead of hanging it; `deepspeed.timeout_minutes`)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
     if torch_dist.is_available() and torch_dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+    lone = "RANK" not in os.environ
+    if lone:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    timeout = {} if timeout_minutes is None else {"timeout": timedelta(minutes=timeout_minutes)}
+    for attempt in range(5):
+        if lone:  # a free port can be taken by another process before the store binds it: draw again
+            os.environ["MASTER_PORT"] = str(_free_port())
+        try:
+            deepspeed.init_distributed(dist_backend=backend, verbose=False, **timeout)
+            return
+        except (RuntimeError, torch_dist.DistError) as exc:
+            if not (lone and "address already in use" in str(exc).lower()) or attempt == 4:
+                raise
 
 
 def shutdown() -> None:

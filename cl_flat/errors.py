@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 class UserError(Exception):
-    """A problem with the user's input: reported as one clear message, exit code 1."""
+    """A problem the user can fix (a run folder's state, a diverged update): one clear message, exit code 1.
+    Malformed input (config, options, data files, result files) exits 2."""
 
     exit_code = 1
 
@@ -20,9 +21,17 @@ class ConfigError(UserError):
         super().__init__(f"invalid {kind} {source}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+class NonFiniteUpdate(UserError):
+    """An update produced a non-finite loss or gradient (`training.on_nonfinite: stop`, or too many skipped)."""
+
+
 class DataError(UserError):
     """A data file is missing or malformed; the message names file:line."""
+
+    exit_code = 2
 
 
 class MatrixFormatError(UserError, ValueError):
     """An accuracy-matrix csv does not follow the results-folder contract; the message names file:line."""
+
+    exit_code = 2

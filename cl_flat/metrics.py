@@ -213,18 +213,30 @@ def read_acc_matrix(path: str | os.PathLike[str], *, allow_partial: bool = False
     Format: header `after_task,<task_1>,...,<task_T>`; optional first row `zero_shot,...`;
     then exactly T rows, one per trained task in header order (first cell = task name).
     `allow_partial` accepts fewer rows (a run in progress; used by --resume).
-    Empty cells are missing (None). Raises MatrixFormatError naming `path:line`.
+    Empty cells are missing (None): allowed in the zero_shot row and above the diagonal only.
+    Raises MatrixFormatError naming `path:line`.
     """
     path = os.fspath(path)
-    # utf-8-sig: tolerate a BOM from spreadsheet exports.
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        records: list[tuple[int, list[str]]] = []
-        reader = csv.reader(f)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise MatrixFormatError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        text = data.decode("utf-8-sig")  # utf-8-sig: tolerate a BOM from spreadsheet exports
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise MatrixFormatError(f"{path}:{line}: not UTF-8 text") from None
+    records: list[tuple[int, list[str]]] = []
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
         for row in reader:
             if not row or all(c.strip() == "" for c in row):
                 continue  # blank lines (e.g. trailing newline) carry no data
             records.append((reader.line_num, row))
-        last_line = reader.line_num
+    except csv.Error as exc:
+        raise MatrixFormatError(f"{path}:{max(reader.line_num, 1)}: {exc}") from None
+    last_line = reader.line_num
 
     if not records:
         raise MatrixFormatError(f"{path}:1: empty file; expected header "
@@ -269,6 +281,10 @@ def read_acc_matrix(path: str | os.PathLike[str], *, allow_partial: bool = False
         if name != expected:
             raise MatrixFormatError(f"{where}: expected row for task {expected!r} "
                                     f"(rows follow the header's task order), got {name!r}")
+        empty = [task for task, v in zip(tasks[:len(matrix) + 1], values) if v is None]
+        if empty:
+            raise MatrixFormatError(f"{where}: no score for {', '.join(map(repr, empty))}; every task trained "
+                                    "by then (on or below the diagonal) needs one")
         matrix.append(values)
 
     if len(matrix) != T and not allow_partial:

@@ -1,4 +1,5 @@
-"""Command-line overrides of config values: `a.b.c=value`, applied to the raw YAML dict before validation."""
+"""Dotted config keys: command-line overrides `a.b.c=value` (applied to the raw YAML dict before validation)
+and the flat view of a config as dotted keys."""
 
 from __future__ import annotations
 
@@ -47,3 +48,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         else:
             raise ConfigError("--set", [f"override {text!r}: {'.'.join(path[:-1])} is not a section"])
     return raw
+
+
+def dotted_keys(tree: dict[str, Any] | list[Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys: {"a": {"b": 1}, "tasks": [{"name": "x"}]} -> {"a.b": 1, "tasks.0.name": "x"}.
+    Lists of plain values (target_modules) and empty mappings stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in (tree.items() if isinstance(tree, dict) else enumerate(tree)):
+        if (isinstance(value, dict) and value) or (isinstance(value, list) and value and all(
+                isinstance(v, dict) for v in value)):
+            flat.update(dotted_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -18,6 +18,7 @@ import torch
 
 from cl_flat import dist, plots
 from cl_flat.adapters import AdapterStack
+from cl_flat.checkpoint import TaskCheckpoints
 from cl_flat.config import RunConfig
 from cl_flat.data import load_tasks
 from cl_flat.data.batches import encode_examples
@@ -60,6 +61,7 @@ def run_metadata(config: RunConfig) -> dict[str, Any]:
     world = dist.world_size()
     return {"world_size": world, "global_batch": BatchShape.of(config.training, world).global_batch,
             "evaluation_precision": run_precision(config.model, config.deepspeed),
+            "results_format": RunDir.RESULTS_FORMAT,
             "versions": {"cl_flat": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
                          "transformers": transformers.__version__, "peft": peft.__version__,
                          "deepspeed": deepspeed.__version__},
@@ -102,12 +104,21 @@ class _Bars:
         self.progress.update(bar, **fields)
 
 
-def _completed_rows(run_dir: RunDir, config: RunConfig, resume: bool) -> Rows:
-    """Rank 0 reads the folder; every rank gets its rows or its error."""
-    outcome: Rows | str = []
+@dataclass(frozen=True)
+class Restart:
+    """Where a run starts: the saved rows it keeps and the config changes it accepted."""
+
+    rows: Rows
+    changes: list[str]
+
+
+def _restart(run_dir: RunDir, config: RunConfig, resume: bool, allow_changes: bool) -> Restart:
+    """Rank 0 reads the folder; every rank gets the same answer or the same error."""
+    outcome: Restart | str = Restart([], [])
     if dist.is_main():
         try:
-            outcome = run_dir.completed_rows(config, resume)
+            rows = run_dir.completed_rows(config, resume, allow_changes)
+            outcome = Restart(rows, run_dir.config_changes(config) if rows and allow_changes else [])
         except UserError as exc:
             outcome = str(exc)
     outcome = dist.broadcast_object(outcome)
@@ -125,24 +136,39 @@ def _record_sharpness(config: RunConfig, run_dir: RunDir, stack: AdapterStack, t
         run_dir.merge_sharpness(landscape_stem(task.name, None, config.evaluation.sharpness_space), record)
 
 
-def run_sequence(config: RunConfig, resume: bool = False) -> SequenceResult:
+def run_sequence(config: RunConfig, resume: bool = False, allow_config_change: bool = False) -> SequenceResult:
     """Train and evaluate the sequence. With `resume`, tasks whose adapter and matrix row are
-    saved are reloaded, not retrained; per-task randomness is keyed by (seed, task index), so
-    the final matrix equals that of an uninterrupted run."""
-    dist.init_distributed()
+    saved are reloaded, not retrained, and the in-flight task continues from its newest in-task
+    checkpoint; all randomness is keyed by (seed, task, update), so the final matrix equals that
+    of an uninterrupted run. `allow_config_change`: resume although the config differs (the
+    changes are recorded in meta.config_changes; the in-flight task restarts from its start)."""
+    dist.init_distributed(config.deepspeed.timeout_minutes)
     is_main = dist.is_main()
     run_dir = RunDir.of(config)
-    restored = _completed_rows(run_dir, config, resume)
+    restart = _restart(run_dir, config, resume, allow_config_change)
+    restored = restart.rows
     done = max(len(restored) - 1, 0)
     method, tasks, model, tokenizer = prepare(config)
     device = dist.device()
     model.to(device)
+    names = [t.name for t in tasks]
+
+    def checkpoints(index: int) -> TaskCheckpoints:
+        return TaskCheckpoints(run_dir.checkpoint_dir(names[index]), config.training.checkpoint_every)
+
     if is_main:
         run_dir.path.mkdir(parents=True, exist_ok=True)
-        run_dir.save_config(config, run_metadata(config))
-        if done:
-            run_dir.truncate_log(done)
-    names = [t.name for t in tasks]
+        meta = run_metadata(config)
+        if restart.changes:
+            meta["config_changes"] = run_dir.stored_meta().get("config_changes", []) + [
+                {"before_task": names[done] if done < len(names) else None, "changes": restart.changes}]
+            if done < len(names):
+                checkpoints(done).remove()
+        elif resume:
+            meta["config_changes"] = run_dir.stored_meta().get("config_changes", [])
+        run_dir.save_config(config, meta)
+        if resume:
+            run_dir.truncate_log(done, checkpoints(done).latest() if done < len(names) else 0)
     rows: Rows = []
 
     def evaluate(model) -> list[float]:
@@ -169,14 +195,17 @@ def run_sequence(config: RunConfig, resume: bool = False) -> SequenceResult:
                 examples = encode_examples(task, tokenizer, task.train, config.training.max_seq_length)
                 stack.add_task(index, task.name)
                 train_task(TrainTask(index, task.name, examples, tokenizer.pad_token_id), stack.model, method,
-                           config.training, config.deepspeed, config.run.seed, tracker.log_update, bars)
+                           config.training, config.deepspeed, config.run.seed, tracker.log_update, bars,
+                           checkpoints(index))
                 stack.check_trainable()
                 if is_main:
                     stack.save_current(run_dir.adapter_dir(task.name))
                 record(task.name, evaluate(stack.model))
                 if config.evaluation.sharpness:
                     _record_sharpness(config, run_dir, stack, tokenizer, task)
+                checkpoints(index).remove()
         metrics = compute_metrics([r for _, r in rows[1:]], rows[0][1])
+        metrics["skipped_updates"] = run_dir.skipped_updates(names) if is_main else None
         if config.evaluation.sharpness:
             metrics["sharpness"] = run_dir.saved_sharpness(names) if is_main else None
         if is_main:

@@ -5,6 +5,7 @@
     metrics.json       written last: its presence marks a complete run
     train_log.jsonl    one line per update
     adapters/<task>/   the peft adapter each task trained
+    checkpoints/<task>/  the in-flight task's newest in-task checkpoint (removed once its row is written)
     landscape/         <stem>_1d.csv, <stem>_2d.csv, sharpness.json
     plots/             PNGs drawn from the files above
 Only rank 0 writes; every write is atomic (temp file, then rename).
@@ -21,11 +22,13 @@ from typing import Any
 import yaml
 from torch import nn
 
+from cl_flat import __version__
 from cl_flat.adapters import AdapterStack, adapter_name
 from cl_flat.config import RunConfig, config_to_dict, validate_config
-from cl_flat.errors import UserError
+from cl_flat.errors import ConfigError, MatrixFormatError, UserError
 from cl_flat.files import atomic_write_text
 from cl_flat.metrics import ZERO_SHOT, read_acc_matrix, write_acc_matrix
+from cl_flat.overrides import dotted_keys
 
 Rows = list[tuple[str, list[float]]]
 
@@ -65,6 +68,9 @@ class RunDir:
 
     def adapter_dir(self, task: str) -> Path:
         return self.path / "adapters" / task
+
+    def checkpoint_dir(self, task: str) -> Path:
+        return self.path / "checkpoints" / task
 
     def landscape_csv(self, stem: str, dims: int) -> Path:
         return self.path / "landscape" / f"{stem}_{dims}d.csv"
@@ -115,9 +121,19 @@ class RunDir:
 
     # ------------------------------------------------------------ starting and resuming
 
-    def completed_rows(self, config: RunConfig, resume: bool) -> Rows:
+    def config_changes(self, config: RunConfig) -> list[str]:
+        """Each field where `config` differs from the stored one: "key: stored → new"."""
+        def shown(values: dict[str, Any], key: str) -> str:
+            return repr(values[key]) if key in values else "(absent)"
+
+        ours, theirs = dotted_keys(config_to_dict(config)), dotted_keys(config_to_dict(self.load_config()))
+        return [f"{key}: {shown(theirs, key)} → {shown(ours, key)}" for key in sorted(set(ours) | set(theirs))
+                if key not in ours or key not in theirs or ours[key] != theirs[key]]
+
+    def completed_rows(self, config: RunConfig, resume: bool, allow_changes: bool = False) -> Rows:
         """The saved rows (zero_shot + completed tasks) to resume from, or an error if the folder
-        is in use; empty for a fresh start."""
+        is in use; empty for a fresh start. A resumed config must equal the stored one unless
+        `allow_changes` (then the changes apply to the tasks still to train)."""
         if not resume:
             if self.metrics_path.exists():
                 raise UserError(f"{self.path} already holds a complete run; choose another run.name "
@@ -130,11 +146,12 @@ class RunDir:
             raise UserError(f"{self.path} is already complete; nothing to resume")
         if not self.matrix_path.exists():
             return []
-        ours, theirs = config_to_dict(config), config_to_dict(self.load_config())
-        if ours != theirs:
-            changed = sorted(k for k in ours if ours[k] != theirs.get(k))
-            raise UserError(f"--resume: the config differs from the one in {self.path} (sections {changed}); "
-                            "resume with the same config and overrides")
+        changes = self.config_changes(config)
+        if changes and not allow_changes:
+            raise UserError(f"--resume: the config differs from {self.config_path}:\n"
+                            + "".join(f"  - {c}\n" for c in changes)
+                            + "resume with the same config and overrides, or pass --allow-config-change to train "
+                              "the remaining tasks with the new values (the in-flight task restarts)")
         names, rows, zero_shot = read_acc_matrix(self.matrix_path, allow_partial=True)
         if zero_shot is None:
             return []
@@ -145,11 +162,38 @@ class RunDir:
             done += 1
         return [(ZERO_SHOT, zero_shot)] + [(names[i], rows[i]) for i in range(done)]
 
-    def truncate_log(self, done: int) -> None:
-        """Drop log lines of tasks from index `done` on, so the log reads as one uninterrupted run."""
+    def stored_meta(self) -> dict[str, Any]:
+        """The "meta" block of the stored config.yaml (empty if there is none)."""
+        if not self.config_path.is_file():
+            return {}
+        return (yaml.safe_load(self.config_path.read_text()) or {}).get("meta") or {}
+
+    def skipped_updates(self, names: list[str]) -> dict[str, int]:
+        """Per task, the updates dropped as non-finite (`on_nonfinite: skip`), read from the log."""
+        counts = dict.fromkeys(names, 0)
         if self.log_path.exists():
-            kept = [line for line in self.log_path.read_text().splitlines() if json.loads(line)["task_index"] < done]
-            atomic_write_text(self.log_path, "".join(line + "\n" for line in kept))
+            for line in self.log_path.read_text().splitlines():
+                record = json.loads(line)
+                if record.get("skipped") and record["task"] in counts:
+                    counts[record["task"]] += 1
+        return counts
+
+    def truncate_log(self, done: int, updates: int = 0) -> None:
+        """Keep the log lines of the first `done` tasks and of the next task's first `updates`
+        updates (those its checkpoint holds), so the log reads as one uninterrupted run."""
+        if self.log_path.exists():
+            def kept(record: dict[str, Any]) -> bool:
+                return record["task_index"] < done or (record["task_index"] == done and record["step"] <= updates)
+
+            lines = []
+            for line in self.log_path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # the line a kill cut short
+                    continue
+                if kept(record):
+                    lines.append(line)
+            atomic_write_text(self.log_path, "".join(line + "\n" for line in lines))
 
     # ------------------------------------------------------------ adapters
 
@@ -189,3 +233,63 @@ class RunDir:
         """The sharpness.json entries of tasks in `names` (stems `<task>` and `<task>_merged`)."""
         saved = json.loads(self.sharpness_path.read_text()) if self.sharpness_path.is_file() else {}
         return {key: value for key, value in saved.items() if key.split("_merged")[0] in names}
+
+    # ------------------------------------------------------------ checks before a command reads a saved run
+
+    RESULTS_FORMAT = 1
+    """Major version of this folder layout, saved as meta.results_format. A config.yaml without it (written
+    before the field existed, or by hand) is read as format 1: that is its layout."""
+    ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+    def _refuse(self, *problems: str, kind: str = "run folder") -> None:
+        if problems:
+            raise ConfigError(str(self.path), list(problems), kind=kind)
+
+    def require_run(self, *, complete: bool = True, tasks: dict[str, str | None] | None = None
+                    ) -> tuple[RunConfig, list[str]]:
+        """Check the folder before any model is loaded or file written: a cl-flat run folder of the results
+        format this code reads, an acc_matrix.csv with a row per trained task (every task if `complete`),
+        and `tasks` ({flag: name}) naming trained tasks. Returns the config and the trained tasks; raises
+        ConfigError (exit 2) naming the file (file:line) or the flag."""
+        if not self.path.is_dir():
+            self._refuse(f"{self.path}: {'not a folder' if self.path.exists() else 'run folder not found'}")
+        if not self.config_path.is_file():
+            self._refuse(f"{self.path}: not a cl-flat run folder ({self.config_path.name} is missing)")
+        try:
+            raw = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            mark = getattr(exc, "problem_mark", None)
+            self._refuse(f"{self.config_path}{f':{mark.line + 1}' if mark else ''}: not readable YAML")
+        meta = (raw.get("meta") if isinstance(raw, dict) else None) or {}
+        found = meta.get("results_format", 1) if isinstance(meta, dict) else "unknown"
+        if str(found).split(".")[0] != str(self.RESULTS_FORMAT):
+            versions = meta.get("versions") if isinstance(meta, dict) else None
+            written_by = versions.get("cl_flat", "?") if isinstance(versions, dict) else "?"
+            self._refuse(f"{self.config_path}: results format {found} (written by cl-flat {written_by}); this "
+                         f"cl-flat {__version__} reads format {self.RESULTS_FORMAT}: use the cl-flat version that "
+                         "wrote it, or train the run again")
+        config = self.load_config()
+        names = [t.name for t in config.tasks]
+        if not self.matrix_path.is_file():
+            self._refuse(f"{self.matrix_path}: missing: no task was evaluated yet")
+        try:
+            columns, rows, _ = read_acc_matrix(self.matrix_path, allow_partial=not complete)
+        except MatrixFormatError as exc:
+            self._refuse(str(exc))
+        if columns != names:
+            self._refuse(f"{self.matrix_path}:1: tasks {columns} differ from {self.config_path.name}'s {names}")
+        trained = names[:len(rows)]
+        if not trained:
+            self._refuse(f"{self.matrix_path}: no task trained yet")
+        self._refuse(*(f"{flag} {name!r}: unknown task; the run's tasks are {names}" if name not in names
+                       else f"{flag} {name!r}: not trained yet (trained: {trained})"
+                       for flag, name in (tasks or {}).items() if name is not None and name not in trained),
+                     kind="options for run")
+        return config, trained
+
+    def require_adapters(self, config: RunConfig, stacks: list[str]) -> None:
+        """Check that the adapters of the stack after each task in `stacks` are saved (ConfigError, exit 2)."""
+        folders = dict.fromkeys(folder for upto in stacks for _, folder in self.adapter_dirs(config, upto))
+        self._refuse(*(f"{folder}: the adapter of task {folder.name!r} is missing ("
+                       + (f"no {self.ADAPTER_WEIGHTS})" if folder.is_dir() else "no such folder)")
+                       for folder in folders if not (folder / self.ADAPTER_WEIGHTS).is_file()))

@@ -8,6 +8,7 @@ A context manager: however the block ends, the jsonl file is closed and the wand
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,9 @@ class Tracker:
     def log_update(self, record: dict[str, Any]) -> None:
         if not self.active:
             return
-        self._handle.write(json.dumps(record) + "\n")
+        # strict JSON: a non-finite value is written as null (the record names it under "nonfinite")
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self._handle.write(json.dumps(clean, allow_nan=False) + "\n")
         self._handle.flush()
         if self._wandb is not None:
             self._wandb.log({f"train/{k}": v for k, v in record.items() if isinstance(v, (int, float))})

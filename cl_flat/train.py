@@ -22,9 +22,10 @@ from typing import Any
 import torch
 
 from cl_flat import dist
+from cl_flat.checkpoint import TaskCheckpoints
 from cl_flat.config import DeepSpeedSection, TrainingSection
 from cl_flat.data.batches import Encoded, collate
-from cl_flat.errors import UserError
+from cl_flat.errors import NonFiniteUpdate, UserError
 from cl_flat.flatness.base import FlatnessMethod, StepContext
 from cl_flat.loss import causal_lm_loss
 from cl_flat.seeding import derive_seed, keyed_generator
@@ -182,41 +183,97 @@ def _grad_norm(params: dict[str, torch.nn.Parameter]) -> float | None:
     return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item() if grads else None
 
 
+def _nonfinite(values: dict[str, float | None]) -> list[str]:
+    """This update's non-finite quantities, the same list on every rank (any rank's counts)."""
+    local = [k for k, v in values.items() if v is not None and not math.isfinite(v)]
+    flags = dist.all_reduce_sum(torch.tensor([float(k in local) for k in values], device=dist.device()))
+    return [k for k, flag in zip(values, flags.tolist()) if flag > 0]
+
+
+def _step(engine, params, stats: dict[str, float], plain_fp32: bool) -> tuple[list[str], float | None]:
+    """engine.step() unless the update is non-finite; (what was non-finite, the gradient norm).
+
+    Plain fp32 ZeRO-0 (a torch optimizer stepped as is) is checked here before the step, on the
+    losses of every pass and the gradient norm, and then not stepped. DeepSpeed's own optimizers
+    (bf16, ZeRO-1/2) check the gradient themselves and drop a non-finite step (no optimizer or
+    scheduler step); the loop reads that back through `was_step_applied` (there, a non-finite
+    loss with a finite gradient would be reported although DeepSpeed stepped)."""
+    plain_norm = _grad_norm(params) if plain_fp32 else None
+    bad = _nonfinite({**stats, "grad_norm": plain_norm})
+    if bad and plain_fp32:
+        engine.zero_grad()
+        return bad, plain_norm
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    norm = plain_norm if norm is None else float(norm)
+    if not engine.was_step_applied() and "grad_norm" not in bad:
+        bad.append("grad_norm")
+    return bad, norm
+
+
 def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, training: TrainingSection,
                section: DeepSpeedSection, seed: int, log: Callable[[dict[str, Any]], None],
-               progress=None) -> dict[str, float]:
+               progress=None, checkpoints: TaskCheckpoints | None = None) -> dict[str, float]:
     """Train the trainable parameters of `model` (the current adapter) on one task under DeepSpeed;
-    `seed` is the run seed. Returns summary stats."""
+    `seed` is the run seed. With `checkpoints`, continue from the newest in-task checkpoint and
+    write one every `checkpoints.every` updates. A non-finite update stops the run
+    (`on_nonfinite: stop`, NonFiniteUpdate) or is dropped and counted (`skip`).
+    Returns summary stats."""
     world, rank = dist.world_size(), dist.rank()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     plan = TaskPlan.for_task(training, len(task.examples), world, task.name)
     engine = create_engine(training, section, model, list(params.values()), plan)
     device = engine.device
     method.begin_task(engine.module)
+    start, skipped = checkpoints.load(engine, method) if checkpoints is not None else (0, 0)
     method_seed = derive_seed(seed, "method", task.index)
+    plain_fp32 = section.zero_stage == 0 and not section.bf16
     bar = progress.add_task(task.name, total=plan.updates) if progress is not None else None
+    if bar is not None:
+        progress.update(bar, advance=start)
     started = time.perf_counter()
     losses: list[float] = []
     engine.train()
-    for update in range(plan.updates):
+    for update in range(start, plan.updates):
+        # dropout draws from torch's global generator: seeded per update, so a resumed task and a
+        # rerun draw the same masks
+        torch.manual_seed(derive_seed(seed, "dropout", task.index, update))
         batches = window_batches(task, plan, update, seed, rank, device)
         ctx = EngineContext(engine, causal_lm_loss, params, step=update, total_steps=plan.updates,
                             seed=method_seed, rank=rank, world_size=world)
         lr = engine.get_lr()[0]
-        stats = method.window(ctx, batches)
-        plain_norm = _grad_norm(params) if section.zero_stage == 0 else None
-        engine.step()
+        before = method.state_dict()  # references: a dropped update must not change the method either
+        stats = {k: float(v) for k, v in method.window(ctx, batches).items()}
+        bad, grad_norm = _step(engine, params, stats, plain_fp32)
+        if bad:
+            method.load_state_dict(before)
         loss = dist.all_reduce_mean(stats.pop("loss"))
-        losses.append(loss)
-        grad_norm = engine.get_global_grad_norm()
-        grad_norm = plain_norm if grad_norm is None else grad_norm
         elapsed = time.perf_counter() - started
-        log({"task": task.name, "task_index": task.index, "step": update + 1, "loss": loss, "lr": lr,
-             "grad_norm": None if grad_norm is None else float(grad_norm),
-             "seconds": elapsed, **{k: float(v) for k, v in stats.items()}})
+        record = {"task": task.name, "task_index": task.index, "step": update + 1, "loss": loss, "lr": lr,
+                  "grad_norm": grad_norm, "seconds": elapsed, **stats}
+        if bad:
+            skipped += 1
+            log(record | {"skipped": True, "nonfinite": bad})
+            what = ", ".join(f"{k} = {record.get(k)}" for k in bad)
+            where = f"task {task.name!r} (index {task.index}), update {update + 1} of {plan.updates}"
+            if training.on_nonfinite == "stop":
+                raise NonFiniteUpdate(f"{where}: non-finite {what} in the {method.name} update; the step was not "
+                                      "applied. Completed tasks' results are intact: change the config (e.g. "
+                                      "training.learning_rate, the method's noise or radius, or "
+                                      "training.on_nonfinite: skip) and continue with --resume --allow-config-change")
+            if skipped > training.max_skipped_fraction * plan.updates:
+                raise NonFiniteUpdate(f"{where}: {skipped} skipped non-finite updates exceed "
+                                      f"training.max_skipped_fraction = {training.max_skipped_fraction} of "
+                                      f"{plan.updates}; last: {what}")
+        else:
+            losses.append(loss)
+            log(record)
         if bar is not None:
-            progress.update(bar, advance=1, loss=loss, rate=(update + 1) / max(elapsed, 1e-9))
+            progress.update(bar, advance=1, loss=loss, rate=(update + 1 - start) / max(elapsed, 1e-9))
+        if checkpoints is not None and checkpoints.due(update + 1, plan.updates):
+            checkpoints.save(engine, method, update + 1, skipped)
     engine.destroy()
     for p in params.values():  # the adapter is frozen next: free its gradient buffers
         p.grad = None
-    return {"updates": plan.updates, "final_loss": losses[-1], "seconds": time.perf_counter() - started}
+    return {"updates": plan.updates, "skipped": skipped, "final_loss": losses[-1] if losses else float("nan"),
+            "seconds": time.perf_counter() - started}

@@ -91,6 +91,14 @@ class FlatnessMethod(ABC):
         """Called once before the first update of a task with the plain module to be trained
         (its new adapter trainable, everything else frozen); resets per-task state."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """The state an in-task checkpoint must keep to continue the task exactly (this rank's;
+        caches that are rebuilt on demand are not state)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` after `begin_task`, when a task resumes from a checkpoint."""
+
     @abstractmethod
     def window(self, ctx: StepContext, micro_batches: list[Any]) -> dict[str, float]:
         """Run the passes of one update over its micro-batches; return stats for the log

@@ -64,6 +64,12 @@ class Rwp(FlatnessMethod):
         self.buffers.clear()
         self.targets = frozen_targets(model, self.config.noise_targets) if self.config.scope in ("full", "base") else []
 
+    def state_dict(self):
+        return {"fisher": dict(self.fisher.state)}
+
+    def load_state_dict(self, state):
+        self.fisher.state = dict(state["fisher"])
+
     def check(self, training: TrainingSection) -> list[str]:
         c, problems = self.config, []
         n = training.gradient_accumulation_steps

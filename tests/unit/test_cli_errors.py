@@ -5,7 +5,6 @@ no completed run left behind. Plus a valid config and `cl-flat metrics` on a han
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import quiet_env
+
 
 def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+    env = quiet_env()
     env.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
                 "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     return subprocess.run([sys.executable, "-m", "cl_flat.cli", *args], cwd=cwd, env=env,

@@ -12,10 +12,10 @@ PACKAGE = Path(__file__).resolve().parents[2] / "cl_flat"
 LEVELS = [
     {"errors", "files", "seeding", "overrides"},
     {"config"},
-    {"dist", "lora_layers", "loss", "metrics", "data"},
-    {"models", "adapters", "flatness", "plots", "tracking"},
+    {"dist", "lora_layers", "loss", "metrics", "data", "stats"},
+    {"models", "adapters", "checkpoint", "flatness", "plots", "tracking"},
     {"rundir", "evaluate"},
-    {"landscape", "train"},
+    {"landscape", "train", "report"},
     {"run", "bench"},
     {"cli"},
 ]

@@ -1,0 +1,99 @@
+"""In-task checkpoints: resume a task at the update it was interrupted at, bit for bit.
+
+Every `training.checkpoint_every` updates the in-flight task's state is saved under
+checkpoints/<task>/update-<u>/ (u = updates done):
+- DeepSpeed's engine checkpoint of the trainable parameters only (the current adapter; the frozen
+  base and earlier adapters are reloaded from the model and adapters/), the optimizer state (each
+  ZeRO rank its partition) and the lr scheduler;
+- method_rank<r>.pt: the flatness method's own state on rank r (e.g. RWP's Fisher EMA, which is
+  per rank);
+- state.json: the updates done, the updates skipped as non-finite so far, and the world size.
+Nothing else is needed: data order, noise and dropout are keyed by (seed, task, update), never
+carried in a generator. Atomic: all ranks write into a hidden `.tmp-update-<u>` folder, then rank
+0 renames it; a kill at any moment leaves either the complete folder or a temp folder that resume
+ignores and removes. Older checkpoints are removed after the new one is in place, and the task's
+whole folder once its matrix row is written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cl_flat import dist
+from cl_flat.errors import UserError
+from cl_flat.files import atomic_write_text
+
+PREFIX = "update-"
+TEMP = ".tmp-"
+
+
+@dataclass(frozen=True)
+class TaskCheckpoints:
+    """The checkpoints of one task: `folder` (checkpoints/<task>/), written every `every` updates (0 = never)."""
+
+    folder: Path
+    every: int
+
+    def due(self, updates_done: int, total: int) -> bool:
+        """Checkpoint after `updates_done` updates? (never after the last: the adapter is saved then)."""
+        return self.every > 0 and updates_done % self.every == 0 and updates_done < total
+
+    def latest(self) -> int:
+        """Updates done by the newest complete checkpoint (0: none)."""
+        if not self.folder.is_dir():
+            return 0
+        done = [int(p.name[len(PREFIX):]) for p in self.folder.iterdir()
+                if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()]
+        return max(done, default=0)
+
+    def _path(self, updates_done: int) -> Path:
+        return self.folder / f"{PREFIX}{updates_done:07d}"
+
+    def save(self, engine, method, updates_done: int, skipped: int) -> None:
+        """Collective: every rank calls it after the update's `engine.step()`."""
+        tag = f"{TEMP}{PREFIX}{updates_done:07d}"
+        temp = self.folder / tag
+        if dist.is_main():
+            shutil.rmtree(temp, ignore_errors=True)
+            self.folder.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        engine.save_checkpoint(str(self.folder), tag=tag, save_latest=False, exclude_frozen_parameters=True)
+        torch.save(method.state_dict(), temp / f"method_rank{dist.rank()}.pt")
+        dist.barrier()
+        if dist.is_main():
+            atomic_write_text(temp / "state.json", json.dumps({"updates": updates_done, "skipped": skipped,
+                                                               "world_size": dist.world_size()}) + "\n")
+            final = self._path(updates_done)
+            temp.rename(final)
+            for old in self.folder.iterdir():
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        dist.barrier()
+
+    def load(self, engine, method) -> tuple[int, int]:
+        """Restore the newest complete checkpoint into `engine` and `method`: (updates done, updates
+        skipped), (0, 0) if there is none."""
+        done = dist.broadcast_object(self.latest() if dist.is_main() else None)
+        if not done:
+            return 0, 0
+        path = self._path(done)
+        state = json.loads((path / "state.json").read_text())
+        saved_world = state["world_size"]
+        if saved_world != dist.world_size():
+            raise UserError(f"{path}: saved by {saved_world} processes, resumed with {dist.world_size()}; "
+                            "resume with the same number of processes (or delete the folder to restart the task)")
+        engine.load_checkpoint(str(self.folder), tag=path.name, load_module_strict=False,
+                               load_optimizer_states=True, load_lr_scheduler_states=True)
+        method.load_state_dict(torch.load(path / f"method_rank{dist.rank()}.pt", map_location=engine.device,
+                                          weights_only=True))
+        return done, state["skipped"]
+
+    def remove(self) -> None:
+        """Rank 0: the task is complete (adapter saved, row written)."""
+        if dist.is_main():
+            shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,130 @@
+"""`training.on_nonfinite` (issue 15): a non-finite update stops the run naming the task, the
+update and the pass (stop), or is dropped without any state change and counted (skip); the log
+stays strict JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from cl_flat import dist
+from cl_flat.adapters import AdapterStack
+from cl_flat.config import validate_config
+from cl_flat.data.batches import Encoded
+from cl_flat.flatness import build_method
+from cl_flat.models import load_model
+from cl_flat.train import TrainTask, train_task
+from helpers import run_cli
+
+pytestmark = pytest.mark.integration
+
+
+def _strict_json(line: str) -> dict:
+    def refuse(constant):
+        raise ValueError(f"non-JSON constant {constant}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_skip_drops_the_update_without_any_state_change():
+    dist.init_distributed()
+    config = validate_config({
+        "run": {"name": "nan", "seed": 3}, "model": {"name_or_path": "tiny-random:llama"},
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "tasks": [{"name": "a", "source": "builtin"}],
+        "training": {"micro_batch_size": 2, "max_steps": 4, "learning_rate": 0.02, "on_nonfinite": "skip",
+                     "max_skipped_fraction": 0.25},
+        "flatness": {"method": "rwp", "noise_type": "fisher", "noise_std": 0.05, "fisher_decay": 0.5},
+        "logging": {"progress": False}})
+    model, _ = load_model("tiny-random:llama", seed=3)
+    stack = AdapterStack(model, config.lora, seed=3)
+    stack.add_task(0, "a")
+    generator = torch.Generator().manual_seed(11)
+    examples = [Encoded(tuple(ids := torch.randint(3, 250, (9,), generator=generator).tolist()),
+                        tuple([-100] * 5 + ids[5:])) for _ in range(16)]
+    method = build_method(config.flatness)
+    window, calls = method.window, []
+
+    def poisoned(ctx, batches):  # update 2's gradient and loss are NaN
+        stats = window(ctx, batches)
+        calls.append(1)
+        if len(calls) == 2:
+            for p in ctx.params.values():
+                p.grad.fill_(math.nan)
+            stats["loss"] = math.nan
+        return stats
+
+    method.window = poisoned
+    trainable = {n: p for n, p in stack.model.named_parameters() if p.requires_grad}
+    after, fisher, records = [], [], []
+
+    def log(record):
+        records.append(record)
+        after.append({n: p.detach().clone() for n, p in trainable.items()})
+        fisher.append(dict(method.fisher.state))
+
+    stats = train_task(TrainTask(0, "a", examples, 256), stack.model, method, config.training, config.deepspeed,
+                       config.run.seed, log)
+    assert stats["skipped"] == 1 and [r.get("skipped", False) for r in records] == [False, True, False, False]
+    assert records[1]["nonfinite"] == ["loss", "grad_norm"]
+    assert all(torch.equal(after[1][n], after[0][n]) for n in trainable)  # no step
+    assert all(fisher[1][k] is fisher[0][k] for k in fisher[0])  # the Fisher EMA did not fold the NaN pass in
+    assert any(not torch.equal(after[2][n], after[1][n]) for n in trainable)  # the next update steps again
+    assert all(torch.isfinite(p).all() for p in trainable.values())
+    for record in records:
+        _strict_json(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                 for k, v in record.items()}, allow_nan=False))
+
+
+def _write(tmp_path, tiny_config, **training):
+    tiny_config["training"].update(training)
+    tiny_config["flatness"] = {"method": "rwp", "noise_std": 1.0e38}  # the noisy pass overflows
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    return path
+
+
+def test_stop_names_task_update_and_pass_and_the_run_resumes_with_a_changed_config(tmp_path, tiny_config):
+    path = _write(tmp_path, tiny_config)
+    run_dir = tmp_path / "results" / "tiny"
+    proc = run_cli(["train", str(path)], cwd=tmp_path)
+    assert proc.returncode == 1
+    message = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(message) == 1 and "Traceback" not in proc.stderr
+    assert "task 't1' (index 0), update 1 of 3: non-finite noisy_loss = None" in message[0] or \
+        "task 't1' (index 0), update 1 of 3: non-finite noisy_loss = nan" in message[0], message
+    assert "in the rwp update" in message[0]
+    lines = (run_dir / "train_log.jsonl").read_text().splitlines()
+    assert [_strict_json(line)["nonfinite"] for line in lines] == [["noisy_loss", "grad_norm"]]
+    assert (run_dir / "acc_matrix.csv").read_text().splitlines()[1].startswith("zero_shot")
+    # the same config again: refused, naming the field to change; a changed config continues
+    proc = run_cli(["train", str(path), "--resume", "--set", "flatness.noise_std=0.001"], cwd=tmp_path)
+    assert proc.returncode != 0 and "flatness.noise_std: 1e+38 → 0.001" in proc.stderr, proc.stderr[-2000:]
+    proc = run_cli(["train", str(path), "--resume", "--allow-config-change", "--set", "flatness.noise_std=0.001"],
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = yaml.safe_load((run_dir / "config.yaml").read_text())["meta"]
+    assert meta["config_changes"] == [{"before_task": "t1", "changes": ["flatness.noise_std: 1e+38 → 0.001"]}]
+    log = [_strict_json(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["task"], r["step"]) for r in log] == [(t, s) for t in ("t1", "t2") for s in (1, 2, 3)]
+
+
+def test_skip_counts_and_stops_past_the_allowed_fraction(tmp_path, tiny_config):
+    path = _write(tmp_path, tiny_config, on_nonfinite="skip", max_skipped_fraction=1.0)
+    run_dir = tmp_path / "results" / "tiny"
+    proc = run_cli(["train", str(path)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["skipped_updates"] == {"t1": 3, "t2": 3}
+    log = [_strict_json(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["skipped"] and r["noisy_loss"] is None for r in log)
+
+    path = _write(tmp_path, tiny_config, on_nonfinite="skip", max_skipped_fraction=0.5)
+    proc = run_cli(["train", str(path), "--set", "run.name=tiny2"], cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "task 't1' (index 0), update 2 of 3: 2 skipped non-finite updates exceed " \
+           "training.max_skipped_fraction = 0.5 of 3" in proc.stderr, proc.stderr[-2000:]

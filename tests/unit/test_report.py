@@ -1,0 +1,288 @@
+"""`cl-flat report` on hand-made result folders: 2 methods × 3 seeds with hand-chosen scores, checked
+against statistics derived by hand (t_{0.975,2} = 4.302653 for n = 3), plus the files written, the
+refusals (mixed sequences, bad paths), skipped incomplete runs, globs and n = 1."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+
+from cl_flat import stats
+from cl_flat.config import validate_config
+from cl_flat.errors import UserError
+from cl_flat.report import build_report, render_markdown, write_report
+from cl_flat.rundir import RunDir
+from helpers import run_cli
+
+T975_2 = 4.302653  # Student t quantile t_{0.975, 2} (n = 3 runs); tables give 4.3027
+T975_1 = 12.706205  # t_{0.975, 1} = tan(0.475 π)
+SEQUENCE = ("food_sentiment", "service_sentiment")
+SAM = {"method": "sam", "rho": 0.05}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# Hand-chosen accuracy matrices, T = 2 (zero_shot, after task 1, after task 2), and their metrics by hand:
+# AA = (R21 + R22)/2, BWT = R21 − R11, F = R11 − R21, FWT = R12 − b2, OP = [R11, AA], AIA = (R11 + AA)/2.
+ZERO_SHOT = [50.0, 40.0]
+RUNS = {
+    ("none", 1): ([80, 45], [60, 80], {"AA": 70, "BWT": -20, "FWT": 5, "F": 20, "AIA": 75, "OP": [80, 70]}),
+    ("none", 2): ([82, 46], [64, 80], {"AA": 72, "BWT": -18, "FWT": 6, "F": 18, "AIA": 77, "OP": [82, 72]}),
+    ("none", 3): ([84, 47], [70, 84], {"AA": 77, "BWT": -14, "FWT": 7, "F": 14, "AIA": 80.5, "OP": [84, 77]}),
+    ("sam", 1): ([81, 44], [71, 81], {"AA": 76, "BWT": -10, "FWT": 4, "F": 10, "AIA": 78.5, "OP": [81, 76]}),
+    ("sam", 2): ([83, 46], [75, 81], {"AA": 78, "BWT": -8, "FWT": 6, "F": 8, "AIA": 80.5, "OP": [83, 78]}),
+    ("sam", 3): ([85, 50], [77, 85], {"AA": 81, "BWT": -8, "FWT": 10, "F": 8, "AIA": 83, "OP": [85, 81]}),
+}
+SAM_LABEL = "flatness.method=sam"  # its parameters are at their defaults (rho 0.05): not shown
+NONE_LABEL = "flatness.method=none"
+
+
+def make_run(root: Path, name: str, seed: int, flatness: dict, rows: list[list[float]] | None,
+             metrics: dict | None, tasks: tuple[str, ...] = SEQUENCE) -> Path:
+    """A result folder as cl-flat writes it (RunDir.save_config / write_matrix / write_metrics)."""
+    raw = {"run": {"name": name, "output_dir": str(root), "seed": seed},
+           "model": {"name_or_path": "tiny-random:llama"},
+           "tasks": [{"name": task, "source": "builtin"} for task in tasks],
+           "flatness": flatness, "logging": {"progress": False}}
+    config = validate_config(raw)
+    run = RunDir.of(config)
+    run.save_config(config, {"world_size": 1, "git_commit": f"commit-of-{name}"})
+    if rows is not None:
+        run.write_matrix(list(tasks), [("zero_shot", ZERO_SHOT)] + list(zip(tasks, rows)))
+    if metrics is not None:
+        run.write_metrics(metrics)
+    return run.path
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    root = tmp_path / "results"
+    for (method, seed), (after_1, after_2, metrics) in RUNS.items():
+        make_run(root, f"{method}-s{seed}", seed, SAM if method == "sam" else {"method": "none"},
+                 [after_1, after_2], metrics)
+    return root
+
+
+def by_label(report, label):
+    return next(group for group in report.groups if group.label == label)
+
+
+# ---------------------------------------------------------------- the statistics
+
+
+def test_t_quantile_against_closed_forms_and_tables():
+    # ν = 1: tan(π(p − ½)); ν = 2: t = q·sqrt(2/(1 − q²)), q = 2p − 1 = 0.95
+    assert stats.t_quantile(0.975, 1) == pytest.approx(math.tan(0.475 * math.pi), rel=1e-12)
+    assert stats.t_quantile(0.975, 2) == pytest.approx(0.95 * math.sqrt(2 / (1 - 0.95 ** 2)), rel=1e-12)
+    assert stats.t_quantile(0.975, 2) == pytest.approx(T975_2, abs=1e-6)
+    assert stats.t_quantile(0.975, 1) == pytest.approx(T975_1, abs=1e-6)
+    assert stats.t_quantile(0.975, 4) == pytest.approx(2.776445, abs=1e-6)  # printed t tables
+    assert stats.t_quantile(0.975, 30) == pytest.approx(2.042272, abs=1e-6)
+    assert stats.t_quantile(0.025, 2) == pytest.approx(-T975_2, abs=1e-6)
+    assert stats.t_cdf(0.0, 7) == pytest.approx(0.5)
+
+
+def test_summary_by_hand_and_n1_is_undefined_not_zero():
+    # [70, 72, 77]: mean 73, deviations −3, −1, 4 -> s² = 26/2 = 13
+    summary = stats.summarize([70, 72, 77])
+    assert (summary.n, summary.mean) == (3, pytest.approx(73))
+    assert summary.std == pytest.approx(math.sqrt(13))
+    assert summary.half_width == pytest.approx(T975_2 * math.sqrt(13) / math.sqrt(3), rel=1e-6)
+    assert summary.ci_low == pytest.approx(73 - T975_2 * math.sqrt(13 / 3), rel=1e-6)
+    one = stats.summarize([70])
+    assert one.mean == 70 and math.isnan(one.std) and math.isnan(one.half_width)
+    assert stats.summarize_defined([1.0, None]) is None and stats.summarize_defined([]) is None
+
+
+# ---------------------------------------------------------------- grouping, baseline, paired differences
+
+
+def test_groups_of_seeds_mean_std_and_ci(results):
+    report = build_report([str(results)])
+    assert [g.label for g in report.groups] == [NONE_LABEL, SAM_LABEL]  # the baseline first
+    none, sam = report.groups
+    assert (len(none.runs), none.seeds, len(sam.runs)) == (3, [1, 2, 3], 3)
+    aa = none.metrics["AA"]
+    assert (aa.mean, aa.std) == (pytest.approx(73), pytest.approx(math.sqrt(13)))
+    assert aa.half_width == pytest.approx(T975_2 * math.sqrt(13 / 3), rel=1e-6)
+    # sam AA [76, 78, 81]: mean 235/3, deviations −7/3, −1/3, 8/3 -> s² = (114/9)/2 = 19/3
+    assert sam.metrics["AA"].mean == pytest.approx(235 / 3)
+    assert sam.metrics["AA"].std == pytest.approx(math.sqrt(19 / 3))
+    # none BWT [−20, −18, −14]: mean −52/3, deviations −8/3, −2/3, 10/3 -> s² = (168/9)/2 = 28/3
+    assert none.metrics["BWT"].mean == pytest.approx(-52 / 3)
+    assert none.metrics["BWT"].std == pytest.approx(math.sqrt(28 / 3))
+    # none FWT [5, 6, 7]: mean 6, s 1, h = t/√3
+    assert none.metrics["FWT"].half_width == pytest.approx(T975_2 / math.sqrt(3), rel=1e-6)
+    # OP_1 of none [80, 82, 84]: mean 82, s 2; OP_2 = AA
+    assert [s.mean for s in none.op] == [pytest.approx(82), pytest.approx(73)]
+    assert none.op[0].half_width == pytest.approx(T975_2 * 2 / math.sqrt(3), rel=1e-6)
+
+
+def test_paired_difference_against_the_default_baseline(results):
+    report = build_report([str(results)])
+    assert report.baseline.label == NONE_LABEL
+    (paired,) = report.paired
+    assert paired.group.label == SAM_LABEL and paired.seeds == [1, 2, 3]
+    # ΔAA per seed: 76−70, 78−72, 81−77 = [6, 6, 4]: mean 16/3, s² = (24/9)/2 = 4/3, h = t·sqrt(4/3)/√3 = 2t/3
+    d_aa = paired.metrics["AA"]
+    assert (d_aa.n, d_aa.mean, d_aa.std) == (3, pytest.approx(16 / 3), pytest.approx(math.sqrt(4 / 3)))
+    assert d_aa.half_width == pytest.approx(2 * T975_2 / 3, rel=1e-6)
+    assert d_aa.ci_low == pytest.approx(16 / 3 - 2 * T975_2 / 3, rel=1e-6)
+    # ΔBWT: [10, 10, 6]: mean 26/3, s² = (96/9)/2 = 16/3, h = t·(4/√3)/√3 = 4t/3; ΔF is its negative
+    assert paired.metrics["BWT"].mean == pytest.approx(26 / 3)
+    assert paired.metrics["BWT"].half_width == pytest.approx(4 * T975_2 / 3, rel=1e-6)
+    assert paired.metrics["F"].mean == pytest.approx(-26 / 3)
+    # ΔFWT: [−1, 0, 3]: mean 2/3, s² = (78/9)/2 = 13/3
+    assert paired.metrics["FWT"].std == pytest.approx(math.sqrt(13 / 3))
+
+
+def test_explicit_baseline_and_errors_naming_the_key(results):
+    report = build_report([str(results)], baseline=["flatness.method=sam"])
+    assert report.baseline.label == SAM_LABEL
+    assert report.paired[0].metrics["AA"].mean == pytest.approx(-16 / 3)  # none − sam
+    assert build_report([str(results)], baseline=["flatness.rho=5e-2"]).baseline.label == SAM_LABEL  # a number
+    with pytest.raises(UserError, match=r"flatness\.method=rwp.*values of flatness\.method: none, sam"):
+        build_report([str(results)], baseline=["flatness.method=rwp"])
+    with pytest.raises(UserError, match="no run has this key"):
+        build_report([str(results)], baseline=["flatness.nothing=1"])
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        build_report([str(results)], baseline=["flatness.method"])
+
+
+def test_group_by_keys_and_labels_of_differing_keys(results):
+    for seed in (1, 2):
+        make_run(results, f"sam01-s{seed}", seed, {"method": "sam", "rho": 0.1}, [[80, 40], [70, 80]],
+                 {"AA": 75, "BWT": -10, "FWT": 0, "F": 10, "AIA": 77.5, "OP": [80, 75]})
+    default = build_report([str(results)])  # rho differs between the sam groups: both labels show it
+    assert [g.label for g in default.groups] == [NONE_LABEL, "flatness.method=sam, flatness.rho=0.05",
+                                                 "flatness.method=sam, flatness.rho=0.1"]
+    # a parameter away from its default is shown even when no other group has it
+    labels = [g.label for g in build_report([str(results / "none-*"), str(results / "sam01-*")]).groups]
+    assert labels == [NONE_LABEL, "flatness.method=sam, flatness.rho=0.1"]
+    grouped = build_report([str(results)], group_by="flatness.method")
+    assert [(g.label, len(g.runs)) for g in grouped.groups] == [("flatness.method=none", 3), ("flatness.method=sam", 5)]
+    # seeds 1 and 2 repeat in the sam group: only seed 3 pairs, and the others are named in a note
+    assert grouped.paired[0].seeds == [3]
+    assert any("seed(s) 1, 2 not paired" in note for note in grouped.notes)
+    with pytest.raises(UserError, match="--group-by: no run has the key"):
+        build_report([str(results)], group_by="flatness.nothing")
+
+
+def test_n1_group_has_no_interval(tmp_path):
+    root = tmp_path / "results"
+    for method, seed in (("none", 1), ("sam", 1)):
+        after_1, after_2, metrics = RUNS[(method, seed)]
+        make_run(root, f"{method}-s{seed}", seed, SAM if method == "sam" else {"method": "none"},
+                 [after_1, after_2], metrics)
+    report = build_report([str(root)])
+    sam = by_label(report, SAM_LABEL)
+    assert sam.metrics["AA"].mean == 76 and math.isnan(sam.metrics["AA"].std)
+    assert math.isnan(sam.metrics["AA"].half_width)
+    markdown = render_markdown(report)
+    assert "76.00 (n=1)" in markdown and "6.00 (n=1)" in markdown  # the group, and its one pair 76 − 70
+    write_report(report, tmp_path / "out")
+    rows = list(csv.DictReader((tmp_path / "out" / "report.csv").open()))
+    group = next(r for r in rows if r["kind"] == "group" and r["group"] == SAM_LABEL)
+    assert (group["n"], group["AA_mean"], group["AA_std"], group["AA_ci_low"], group["AA_ci_high"]) == \
+        ("1", "76.0", "", "", "")
+
+
+# ---------------------------------------------------------------- files written
+
+
+def test_files_written_and_their_columns(results, tmp_path):
+    out = tmp_path / "report"
+    report = build_report([str(results)])
+    write_report(report, out)
+    assert sorted(p.name for p in out.iterdir()) == ["heatmaps", "metrics_bars.png", "op_curves.png", "report.csv",
+                                                      "report.md"]
+    names = sorted(f"{m}-s{s}.png" for m, s in RUNS)
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == names
+    for png in [out / "metrics_bars.png", out / "op_curves.png", *(out / "heatmaps").iterdir()]:
+        assert png.read_bytes().startswith(PNG_MAGIC)
+    with (out / "report.csv").open() as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+    metric_columns = [f"{m}_{part}" for m in ("AA", "BWT", "FWT", "F", "AIA")
+                      for part in ("mean", "std", "ci_low", "ci_high")]
+    assert reader.fieldnames == ["kind", "group", "baseline", "run", "path", "seed", "method", "tasks", "n",
+                                 "AA", "BWT", "FWT", "F", "AIA", *metric_columns]
+    assert [r["kind"] for r in rows].count("run") == 6
+    assert [(r["kind"], r["group"]) for r in rows if r["kind"] != "run"] == \
+        [("group", NONE_LABEL), ("group", SAM_LABEL), ("paired", SAM_LABEL)]
+    run = next(r for r in rows if r["run"] == "sam-s3")
+    assert (run["seed"], run["method"], run["tasks"], run["n"], float(run["AA"]), run["AA_mean"]) == \
+        ("3", "sam", "food_sentiment > service_sentiment", "1", 81.0, "")
+    none = next(r for r in rows if r["kind"] == "group" and r["group"] == NONE_LABEL)
+    assert (none["seed"], none["n"], float(none["AA_mean"])) == ("1 2 3", "3", 73.0)
+    assert float(none["AA_ci_high"]) == pytest.approx(73 + T975_2 * math.sqrt(13 / 3), rel=1e-6)
+    paired = next(r for r in rows if r["kind"] == "paired")
+    assert (paired["baseline"], paired["n"], float(paired["AA_mean"])) == (NONE_LABEL, "3", pytest.approx(16 / 3))
+    markdown = (out / "report.md").read_text()
+    # none AA: 73 ± 4.302653·sqrt(13/3) = 73 ± 8.96; sam AA 78.33 ± 4.302653·sqrt(19/9) = ± 6.25; ΔAA 5.33 ± 2.87
+    for cell in ("73.00 ± 8.96", "78.33 ± 6.25", "5.33 ± 2.87", "8.67 ± 5.74", f"`{NONE_LABEL}`"):
+        assert cell in markdown, cell
+    assert "## Skipped incomplete runs (no metrics.json)\n\nnone" in markdown
+
+
+def test_incomplete_runs_are_listed_and_skipped(results, tmp_path):
+    started = make_run(results, "sam-s4", 4, SAM, [[80, 40]], None)  # one row, no metrics.json
+    report = build_report([str(results)])
+    assert report.skipped == [started]
+    assert len(by_label(report, SAM_LABEL).runs) == 3  # never averaged in
+    assert f"- {started}" in render_markdown(report)
+
+
+def test_glob_expanded_and_folders_of_runs(results):
+    assert len(build_report([str(results / "*")]).runs) == 6
+    report = build_report([str(results / "none-s[12]"), str(results / "sam-s1")])
+    assert sorted(run.name for run in report.runs) == ["none-s1", "none-s2", "sam-s1"]
+    assert len(build_report([str(results), str(results / "none-s1")]).runs) == 6  # each run once
+    with pytest.raises(UserError, match=r"nothing-\*: matches no path"):
+        build_report([str(results / "nothing-*")])
+
+
+def test_mixed_sequences_refused_naming_both_unless_allowed(results, tmp_path):
+    other = ("food_sentiment", "price_sentiment")
+    make_run(results, "none-other", 1, {"method": "none"}, [[80, 45], [60, 80]], RUNS[("none", 1)][2], tasks=other)
+    with pytest.raises(UserError) as caught:
+        build_report([str(results)])
+    assert "food_sentiment > service_sentiment" in str(caught.value)
+    assert "food_sentiment > price_sentiment" in str(caught.value) and "--allow-mixed" in str(caught.value)
+    report = build_report([str(results)], allow_mixed=True)
+    assert len(report.groups) == 3  # the other sequence is its own group
+    markdown = render_markdown(report)
+    assert "| tasks |" in markdown and "food_sentiment > price_sentiment" in markdown
+
+
+def test_bad_inputs_name_the_path(results, tmp_path):
+    (results / "none-s1" / "metrics.json").write_text('{"AA": 70,')
+    with pytest.raises(UserError, match=r"none-s1/metrics\.json: not valid JSON"):
+        build_report([str(results)])
+    (results / "none-s1" / "metrics.json").write_text('{"AA": "high"}')
+    with pytest.raises(UserError, match=r"none-s1/metrics\.json: AA must be a finite number"):
+        build_report([str(results)])
+    (results / "none-s1" / "metrics.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(UserError, match=r"none-s1/metrics\.json: not valid JSON"):
+        build_report([str(results)])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="empty: not a cl-flat run folder"):
+        build_report([str(tmp_path / "empty")])
+
+
+def test_cli_bad_path_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    result = run_cli(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "out")], cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: no such file or folder"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_report(results, tmp_path):
+    result = run_cli(["report", str(results / "*"), "--out", str(tmp_path / "out"), "--group-by", "flatness.method"],
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "## Groups (by flatness.method)" in result.stdout
+    assert "| flatness.method=sam | 3 | 1 2 3 |" in result.stdout
+    assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "report.csv").is_file()
