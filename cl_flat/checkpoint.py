@@ -62,7 +62,15 @@ class TaskCheckpoints:
             shutil.rmtree(temp, ignore_errors=True)
             self.folder.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        engine.save_checkpoint(str(self.folder), tag=tag, save_latest=False, exclude_frozen_parameters=True)
+        # DeepSpeed's exclude_frozen_parameters misses a frozen weight tied under a second name (the
+        # output head tied to the embedding: 28M parameters in SmolLM2): keep trainable keys only
+        trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
+        full_state = engine.module_state_dict
+        engine.module_state_dict = lambda **kw: {k: v for k, v in full_state(**kw).items() if k in trainable}
+        try:
+            engine.save_checkpoint(str(self.folder), tag=tag, save_latest=False, exclude_frozen_parameters=True)
+        finally:
+            del engine.module_state_dict
         torch.save(method.state_dict(), temp / f"method_rank{dist.rank()}.pt")
         dist.barrier()
         if dist.is_main():

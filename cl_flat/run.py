@@ -7,6 +7,7 @@ plots and, last, metrics.json, whose presence marks a complete run. Only rank 0 
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from contextlib import nullcontext
@@ -29,6 +30,7 @@ from cl_flat.landscape import compute_sharpness, landscape_stem
 from cl_flat.metrics import ZERO_SHOT, compute_metrics
 from cl_flat.models import check_target_modules, load_run_model, run_precision
 from cl_flat.rundir import Rows, RunDir
+from cl_flat.seeding import deterministic_kernels
 from cl_flat.tracking import Tracker
 from cl_flat.train import BatchShape, TrainTask, train_task
 
@@ -143,6 +145,8 @@ def run_sequence(config: RunConfig, resume: bool = False, allow_config_change: b
     of an uninterrupted run. `allow_config_change`: resume although the config differs (the
     changes are recorded in meta.config_changes; the in-flight task restarts from its start)."""
     dist.init_distributed(config.deepspeed.timeout_minutes)
+    if os.environ.get("CL_FLAT_DETERMINISTIC") == "1":
+        deterministic_kernels()
     is_main = dist.is_main()
     run_dir = RunDir.of(config)
     restart = _restart(run_dir, config, resume, allow_config_change)

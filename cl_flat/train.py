@@ -28,7 +28,7 @@ from cl_flat.data.batches import Encoded, collate
 from cl_flat.errors import NonFiniteUpdate, UserError
 from cl_flat.flatness.base import FlatnessMethod, StepContext
 from cl_flat.loss import causal_lm_loss
-from cl_flat.seeding import derive_seed, keyed_generator
+from cl_flat.seeding import derive_seed, keyed_generator, seed_dropout
 
 
 class EngineContext(StepContext):
@@ -235,9 +235,7 @@ def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, 
     losses: list[float] = []
     engine.train()
     for update in range(start, plan.updates):
-        # dropout draws from torch's global generator: seeded per update, so a resumed task and a
-        # rerun draw the same masks
-        torch.manual_seed(derive_seed(seed, "dropout", task.index, update))
+        seed_dropout(seed, task.index, update)
         batches = window_batches(task, plan, update, seed, rank, device)
         ctx = EngineContext(engine, causal_lm_loss, params, step=update, total_steps=plan.updates,
                             seed=method_seed, rank=rank, world_size=world)

@@ -122,3 +122,20 @@ def test_sharpness_after_each_task_lands_in_metrics(tmp_path, tiny_config):
     for record in metrics["sharpness"].values():
         assert record["worst"] >= record["avg"] - 1e-12 and record["rho"] == 0.05 and record["samples"] == 2
     assert json.loads((run_dir / "landscape" / "sharpness.json").read_text()) == metrics["sharpness"]
+
+
+def test_the_same_config_and_seed_twice_gives_identical_results(tmp_path, tiny_config):
+    """CPU runs are deterministic: LoRA dropout (torch's global generator, seeded per update) and
+    RWP noise (keyed) draw the same values in a second run, so matrix and log match exactly."""
+    tiny_config["lora"]["dropout"] = 0.1
+    tiny_config["flatness"] = {"method": "rwp", "noise_std": 0.05}
+    path = write_config(tmp_path, tiny_config)
+    outcomes = []
+    for name in ("first", "second"):
+        proc = run_cli(["train", str(path), "--set", f"run.name={name}"], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_dir = tmp_path / "results" / name
+        log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+        outcomes.append(((run_dir / "acc_matrix.csv").read_text(),
+                         [{k: v for k, v in r.items() if k != "seconds"} for r in log]))
+    assert outcomes[0] == outcomes[1]
