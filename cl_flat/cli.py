@@ -86,14 +86,11 @@ def validate(config: Path, set_: SetOption = None) -> None:
 
     from cl_flat.config import config_to_dict, load_config
     from cl_flat.data import check_local_data
-    from cl_flat.errors import ConfigError
-    from cl_flat.flatness import build_method
     from cl_flat.models import check_target_modules, module_names
+    from cl_flat.run import task_methods
 
     cfg = load_config(config, set_ or [])
-    problems = build_method(cfg.flatness).check(cfg.training)
-    if problems:
-        raise ConfigError(str(config), problems)
+    task_methods(cfg, str(config))
     notes = check_local_data(cfg)
     names = module_names(cfg.model.name_or_path)
     if names is not None:

@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from cl_flat.errors import ConfigError
-from cl_flat.overrides import apply_overrides
+from cl_flat.overrides import apply_overrides, with_task_settings
 
 
 def _numbers(annotation: Any) -> bool:
@@ -85,6 +85,9 @@ class TaskBase(Strict):
     prompt_template: str = DEFAULT_TEMPLATE
     metric: Literal["accuracy", "exact_match"] | None = None  # None: evaluation.metric
     max_train_samples: int | None = Field(default=None, ge=1, description="a fixed random subset of train")
+    # this task's effective settings where it overrides the run-level blocks (see RunConfig.task_training)
+    training: TrainingSection | None = None
+    flatness: FlatnessConfig | None = None
 
     @field_validator("prompt_template")
     @classmethod
@@ -286,6 +289,14 @@ class RunConfig(Strict):
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
 
+    def task_training(self, index: int) -> TrainingSection:
+        """The training settings of task `index`: its own block (run-level + its overrides) or the run's."""
+        return self.tasks[index].training or self.training
+
+    def task_flatness(self, index: int):
+        """The flatness method block of task `index`: its own or the run's."""
+        return self.tasks[index].flatness or self.flatness
+
 
 # ---- loading ----
 
@@ -336,7 +347,13 @@ def _cross_checks(raw: dict[str, Any]) -> list[str]:
     evaluation = raw.get("evaluation")
     default_metric = (evaluation.get("metric") if isinstance(evaluation, dict) else None) \
         or EvaluationSection.model_fields["metric"].default
+    training = raw.get("training") if isinstance(raw.get("training"), dict) else {}
+    run_length = training.get("max_seq_length", TrainingSection.model_fields["max_seq_length"].default)
     for i, task in enumerate(tasks):
+        own = task.get("training") if isinstance(task, dict) else None
+        if isinstance(own, dict) and "max_seq_length" in own and own["max_seq_length"] != run_length:
+            problems.append(f"tasks.{i}.training.max_seq_length: one length serves the whole run (every task is "
+                            "evaluated after every task); set training.max_seq_length instead")
         if isinstance(task, dict) and task.get("source") in {"jsonl", "hf"} and task.get("labels") is None \
                 and (task.get("metric") or default_metric) == "accuracy":
             problems.append(f"tasks.{i}.labels: metric 'accuracy' (rank classification) needs the "
@@ -368,7 +385,7 @@ def validate_config(raw: Any, source: str = "config") -> RunConfig:
         raise ConfigError(source, ["(top level): expected a mapping of sections (run, model, tasks, ...)"])
     problems: list[str] = []
     try:
-        config = RunConfig.model_validate(raw)
+        config = RunConfig.model_validate(with_task_settings(raw))
     except ValidationError as exc:
         problems = _problems(exc)
     problems += _cross_checks(raw)

@@ -61,3 +61,25 @@ def dotted_keys(tree: dict[str, Any] | list[Any], prefix: str = "") -> dict[str,
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def with_task_settings(raw: dict[str, Any]) -> dict[str, Any]:
+    """Each task's `training` and `flatness` blocks merged onto the run-level ones, so a task's block
+    validates (at `tasks.<i>.training.<field>`) and is saved as its effective settings. A task's
+    flatness block naming another method replaces the run-level block (that method's defaults)."""
+    tasks = raw.get("tasks")
+    if not isinstance(tasks, list):
+        return raw
+    defaults = {"training": {}, "flatness": {"method": "none"}}
+    merged = []
+    for task in tasks:
+        if isinstance(task, dict):
+            task = dict(task)
+            for section, default in defaults.items():
+                own, base = task.get(section), raw.get(section)
+                base = base if isinstance(base, dict) else default
+                if isinstance(own, dict):
+                    same_method = section != "flatness" or own.get("method", base.get("method")) == base.get("method")
+                    task[section] = {**base, **own} if same_method else own
+        merged.append(task)
+    return {**raw, "tasks": merged}

@@ -25,7 +25,7 @@ from cl_flat.data import load_tasks
 from cl_flat.data.batches import encode_examples
 from cl_flat.errors import ConfigError, UserError
 from cl_flat.evaluate import evaluate_tasks
-from cl_flat.flatness import build_method
+from cl_flat.flatness import FlatnessMethod, build_method
 from cl_flat.landscape import compute_sharpness, landscape_stem
 from cl_flat.metrics import ZERO_SHOT, compute_metrics
 from cl_flat.models import check_target_modules, load_run_model, run_precision
@@ -70,17 +70,28 @@ def run_metadata(config: RunConfig) -> dict[str, Any]:
             "git_commit": _git_commit()}
 
 
-def prepare(config: RunConfig):
-    """Everything that can fail on bad input, before any file is written:
-    the method's own checks, every task's data, the model and its target modules."""
-    method = build_method(config.flatness)
-    problems = method.check(config.training)
+def task_methods(config: RunConfig, source: str = "config") -> list[FlatnessMethod]:
+    """One flatness method per task (its own block or the run's), each checked under that task's
+    training settings; a ConfigError lists every problem (at tasks.<i>. where the task has its own)."""
+    methods, problems = [], []
+    for index, task in enumerate(config.tasks):
+        methods.append(build_method(config.task_flatness(index)))
+        where = f"tasks.{index}." if task.flatness is not None or task.training is not None else ""
+        problems += [where + p for p in methods[-1].check(config.task_training(index))]
     if problems:
-        raise ConfigError("config", problems)
+        raise ConfigError(source, list(dict.fromkeys(problems)))
+    return methods
+
+
+def prepare(config: RunConfig):
+    """Everything that can fail on bad input, before any file is written: each task's method and
+    its checks, every task's data, the model and its target modules.
+    Returns (methods, one per task; tasks; model; tokenizer)."""
+    methods = task_methods(config)
     tasks = load_tasks(config)
     model, tokenizer = load_run_model(config.model, config.deepspeed, config.run.seed)
     check_target_modules(config.lora.target_modules, {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()})
-    return method, tasks, model, tokenizer
+    return methods, tasks, model, tokenizer
 
 
 def _progress(enabled: bool):
@@ -152,13 +163,13 @@ def run_sequence(config: RunConfig, resume: bool = False, allow_config_change: b
     restart = _restart(run_dir, config, resume, allow_config_change)
     restored = restart.rows
     done = max(len(restored) - 1, 0)
-    method, tasks, model, tokenizer = prepare(config)
+    methods, tasks, model, tokenizer = prepare(config)
     device = dist.device()
     model.to(device)
     names = [t.name for t in tasks]
 
     def checkpoints(index: int) -> TaskCheckpoints:
-        return TaskCheckpoints(run_dir.checkpoint_dir(names[index]), config.training.checkpoint_every)
+        return TaskCheckpoints(run_dir.checkpoint_dir(names[index]), config.task_training(index).checkpoint_every)
 
     if is_main:
         run_dir.path.mkdir(parents=True, exist_ok=True)
@@ -198,9 +209,9 @@ def run_sequence(config: RunConfig, resume: bool = False, allow_config_change: b
                 # encoded when its turn comes: tasks restored on resume are never tokenised
                 examples = encode_examples(task, tokenizer, task.train, config.training.max_seq_length)
                 stack.add_task(index, task.name)
-                train_task(TrainTask(index, task.name, examples, tokenizer.pad_token_id), stack.model, method,
-                           config.training, config.deepspeed, config.run.seed, tracker.log_update, bars,
-                           checkpoints(index))
+                train_task(TrainTask(index, task.name, examples, tokenizer.pad_token_id), stack.model,
+                           methods[index], config.task_training(index), config.deepspeed, config.run.seed,
+                           tracker.log_update, bars, checkpoints(index))
                 stack.check_trainable()
                 if is_main:
                     stack.save_current(run_dir.adapter_dir(task.name))

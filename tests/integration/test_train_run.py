@@ -139,3 +139,27 @@ def test_the_same_config_and_seed_twice_gives_identical_results(tmp_path, tiny_c
         outcomes.append(((run_dir / "acc_matrix.csv").read_text(),
                          [{k: v for k, v in r.items() if k != "seconds"} for r in log]))
     assert outcomes[0] == outcomes[1]
+
+
+def test_per_task_settings_apply_to_their_task(tmp_path, tiny_config):
+    """tasks[1] trains 5 updates with SAM while tasks[0] trains the run's 3 with plain training;
+    a per-task method problem is reported at its task's path before anything is written."""
+    tiny_config["tasks"][1]["training"] = {"max_steps": 5, "learning_rate": 0.02}
+    tiny_config["tasks"][1]["flatness"] = {"method": "sam", "rho": 0.05}
+    path = write_config(tmp_path, tiny_config)
+    proc = run_cli(["train", str(path)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "results" / "tiny"
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["task"], r["step"]) for r in log] == [("t1", s) for s in (1, 2, 3)] + [("t2", s) for s in range(1, 6)]
+    assert all("adv_loss" not in r for r in log[:3]) and all("adv_loss" in r for r in log[3:])
+    assert {r["lr"] for r in log[:3]} == {0.01} and {r["lr"] for r in log[3:]} == {0.02}
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["tasks"][1]["training"]["max_steps"] == 5 and saved["tasks"][1]["flatness"]["method"] == "sam"
+
+    tiny_config["run"]["name"] = "bad"
+    tiny_config["tasks"][1]["flatness"] = {"method": "rwp", "two_batch": True}  # needs ≥ 2 micro-batches
+    tiny_config["tasks"][1]["training"] = {"gradient_accumulation_steps": 1}
+    proc = run_cli(["train", str(write_config(tmp_path, tiny_config))], cwd=tmp_path)
+    assert proc.returncode == 2 and "tasks.1.flatness.two_batch" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "results" / "bad").exists()

@@ -471,3 +471,36 @@ def test_methods_say_where_they_differ_from_the_method_notes():
     lines = {m["method"]: m["versus_notes"] for m in describe_methods()}
     assert "T²" in lines["sam"] and "standard deviation" in lines["lpf_sgd"] and "mean" in lines["rwp"]
     assert all("\n" not in line for line in lines.values())
+
+
+def _per_task(**task_b):
+    return {"model": {"name_or_path": "tiny-random:llama"}, "training": {"epochs": 1, "learning_rate": 0.01},
+            "flatness": {"method": "sam", "rho": 0.05},
+            "tasks": [{"name": "a", "source": "builtin"}, {"name": "b", "source": "builtin", **task_b}]}
+
+
+def test_per_task_settings_override_the_run_level_blocks():
+    config = validate_config(_per_task(training={"epochs": 3}, flatness={"rho": 0.1}))
+    assert (config.task_training(0).epochs, config.task_training(1).epochs) == (1, 3)
+    assert config.task_training(1).learning_rate == 0.01  # not overridden: the run's value, not the default
+    assert (config.task_flatness(0).rho, config.task_flatness(1).rho) == (0.05, 0.1)
+    assert config.task_flatness(1).method == "sam"
+    # another method replaces the block: its own defaults, nothing of sam's
+    other = validate_config(_per_task(flatness={"method": "rwp", "scope": "base"})).task_flatness(1)
+    assert (other.method, other.scope, other.noise_std) == ("rwp", "base", 0.0015)
+    # saved and read back (config.yaml), the effective blocks are stable
+    from cl_flat.config import config_to_dict
+
+    saved = config_to_dict(config)
+    assert saved["tasks"][1]["training"]["epochs"] == 3 and saved["tasks"][0]["training"] is None
+    assert config_to_dict(validate_config(saved)) == saved
+
+
+def test_per_task_errors_name_their_dotted_path():
+    raw = _per_task(training={"epochs": 0, "max_seq_length": 64, "learning_rte": 1}, flatness={"rhoo": 1})
+    with pytest.raises(ConfigError) as info:
+        validate_config(raw)
+    text = str(info.value)
+    for path in ("tasks.1.training.epochs", "tasks.1.training.learning_rte", "tasks.1.flatness.rhoo",
+                 "tasks.1.training.max_seq_length: one length serves the whole run"):
+        assert path in text, (path, text)
