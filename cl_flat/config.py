@@ -68,11 +68,13 @@ class ModelSection(Strict):
 
 
 class LoraSection(Strict):
-    strategy: Literal["inclora", "seqlora"] = "inclora"
+    strategy: Literal["inclora", "seqlora", "olora"] = "inclora"
     r: int = Field(default=8, ge=1)
     alpha: float = Field(default=16.0, gt=0)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    lambda_orth: float = Field(default=0.5, ge=0, description="olora: weight of Σ|A_k A_tᵀ| (k < t)")
+    lambda_l2: float = Field(default=0.0, ge=0, description="olora: weight of Σ (‖A_t‖_F + ‖B_t‖_F)")
 
 
 DEFAULT_TEMPLATE = "{instruction}\nOptions: {options}\nInput: {input}\nAnswer:"

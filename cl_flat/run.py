@@ -29,6 +29,7 @@ from cl_flat.flatness import FlatnessMethod, build_method
 from cl_flat.landscape import compute_sharpness, landscape_stem
 from cl_flat.metrics import ZERO_SHOT, compute_metrics
 from cl_flat.models import check_target_modules, load_run_model, run_precision
+from cl_flat.olora import OrthogonalPenalty
 from cl_flat.rundir import Rows, RunDir
 from cl_flat.seeding import deterministic_kernels
 from cl_flat.tracking import Tracker
@@ -209,9 +210,12 @@ def run_sequence(config: RunConfig, resume: bool = False, allow_config_change: b
                 # encoded when its turn comes: tasks restored on resume are never tokenised
                 examples = encode_examples(task, tokenizer, task.train, config.training.max_seq_length)
                 stack.add_task(index, task.name)
+                penalty = (OrthogonalPenalty.of(stack.model, stack.current, stack.adapters[:-1],
+                                                config.lora.lambda_orth, config.lora.lambda_l2)
+                           if config.lora.strategy == "olora" else None)
                 train_task(TrainTask(index, task.name, examples, tokenizer.pad_token_id), stack.model,
                            methods[index], config.task_training(index), config.deepspeed, config.run.seed,
-                           tracker.log_update, bars, checkpoints(index))
+                           tracker.log_update, bars, checkpoints(index), penalty)
                 stack.check_trainable()
                 if is_main:
                     stack.save_current(run_dir.adapter_dir(task.name))

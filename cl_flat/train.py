@@ -213,9 +213,11 @@ def _step(engine, params, stats: dict[str, float], plain_fp32: bool) -> tuple[li
 
 def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, training: TrainingSection,
                section: DeepSpeedSection, seed: int, log: Callable[[dict[str, Any]], None],
-               progress=None, checkpoints: TaskCheckpoints | None = None) -> dict[str, float]:
+               progress=None, checkpoints: TaskCheckpoints | None = None,
+               regulariser: Callable[[torch.nn.Module], torch.Tensor] | None = None) -> dict[str, float]:
     """Train the trainable parameters of `model` (the current adapter) on one task under DeepSpeed;
-    `seed` is the run seed. With `checkpoints`, continue from the newest in-task checkpoint and
+    `seed` is the run seed. `regulariser(module)` (O-LoRA's terms) is added to the loss of every
+    pass; its `stats()` are logged per update. With `checkpoints`, continue from the newest in-task checkpoint and
     write one every `checkpoints.every` updates. A non-finite update stops the run
     (`on_nonfinite: stop`, NonFiniteUpdate) or is dropped and counted (`skip`).
     Returns summary stats."""
@@ -228,6 +230,7 @@ def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, 
     start, skipped = checkpoints.load(engine, method) if checkpoints is not None else (0, 0)
     method_seed = derive_seed(seed, "method", task.index)
     plain_fp32 = section.zero_stage == 0 and not section.bf16
+    loss_fn = causal_lm_loss if regulariser is None else (lambda m, b: causal_lm_loss(m, b) + regulariser(m))
     bar = progress.add_task(task.name, total=plan.updates) if progress is not None else None
     if bar is not None:
         progress.update(bar, advance=start)
@@ -237,8 +240,9 @@ def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, 
     for update in range(start, plan.updates):
         seed_dropout(seed, task.index, update)
         batches = window_batches(task, plan, update, seed, rank, device)
-        ctx = EngineContext(engine, causal_lm_loss, params, step=update, total_steps=plan.updates,
+        ctx = EngineContext(engine, loss_fn, params, step=update, total_steps=plan.updates,
                             seed=method_seed, rank=rank, world_size=world)
+        terms = regulariser.stats() if regulariser is not None else {}
         lr = engine.get_lr()[0]
         before = method.state_dict()  # references: a dropped update must not change the method either
         stats = {k: float(v) for k, v in method.window(ctx, batches).items()}
@@ -248,7 +252,7 @@ def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, 
         loss = dist.all_reduce_mean(stats.pop("loss"))
         elapsed = time.perf_counter() - started
         record = {"task": task.name, "task_index": task.index, "step": update + 1, "loss": loss, "lr": lr,
-                  "grad_norm": grad_norm, "seconds": elapsed, **stats}
+                  "grad_norm": grad_norm, "seconds": elapsed, **stats, **terms}
         if bad:
             skipped += 1
             log(record | {"skipped": True, "nonfinite": bad})

@@ -163,3 +163,20 @@ def test_per_task_settings_apply_to_their_task(tmp_path, tiny_config):
     proc = run_cli(["train", str(write_config(tmp_path, tiny_config))], cwd=tmp_path)
     assert proc.returncode == 2 and "tasks.1.flatness.two_batch" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "results" / "bad").exists()
+
+
+def test_olora_strategy_end_to_end(tmp_path, tiny_config):
+    """O-LoRA with SAM: the IncLoRA stack plus its terms, logged per update (zero orthogonality on
+    the first task, positive after), and evaluable like any IncLoRA run."""
+    tiny_config["lora"].update({"strategy": "olora", "lambda_orth": 0.5, "lambda_l2": 0.01})
+    tiny_config["flatness"] = {"method": "sam", "rho": 0.05}
+    path = write_config(tmp_path, tiny_config)
+    proc = run_cli(["train", str(path)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "results" / "tiny"
+    check_results_contract(run_dir, ["t1", "t2"], world=1, global_batch=8)
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["olora_orth"] == 0 for r in log[:3]) and all(r["olora_orth"] > 0 for r in log[3:])
+    assert all(r["olora_l2"] > 0 for r in log)
+    proc = run_cli(["eval", str(run_dir)], cwd=tmp_path)
+    assert proc.returncode == 0 and "reproduced exactly" in proc.stdout, proc.stdout + proc.stderr[-2000:]

@@ -13,7 +13,7 @@ LEVELS = [
     {"errors", "files", "seeding", "overrides"},
     {"config"},
     {"dist", "lora_layers", "loss", "metrics", "data", "stats"},
-    {"models", "adapters", "checkpoint", "flatness", "plots", "tracking"},
+    {"models", "adapters", "checkpoint", "flatness", "olora", "plots", "tracking"},
     {"rundir", "evaluate"},
     {"landscape", "train", "report"},
     {"run", "bench"},
