@@ -206,8 +206,8 @@ def landscape(
     Directions: each row of a Gaussian direction is rescaled to the norm of W's row (Li et al.'s filter
     normalisation; the notes' N(0, σ²‖W_i,:‖²) differs by a random factor per row), so alpha means the
     same step in every layer and run."""
-    from cl_flat.config import LandscapeOptions, validate_options
-    from cl_flat.landscape import landscapes, resolve_tasks
+    from cl_flat.config import validate_options
+    from cl_flat.landscape import LandscapeOptions, landscapes, resolve_tasks
     from cl_flat.rundir import RunDir
 
     values = {"task": task, "after": after, "dims": dims, "points": points, "space": space, "split": split,

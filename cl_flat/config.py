@@ -1,10 +1,10 @@
 """Typed run configuration: the YAML schema of the README as pydantic models.
 
-Every default lives here and nowhere else. `load_config(path, overrides)` reads the YAML,
+Every default of a run lives here and nowhere else. `load_config(path, overrides)` reads the YAML,
 applies `--set a.b=v` overrides to the raw dict *before* validation, validates everything
 at once and raises `ConfigError` listing each problem with its dotted path. Command options
-that are not part of a run's config (`cl-flat landscape`) are validated by the same machinery
-(`validate_options`).
+that are not part of a run's config (`cl-flat landscape`'s, declared next to their command's code)
+are validated by the same machinery (`validate_options`).
 """
 
 from __future__ import annotations
@@ -264,20 +264,9 @@ class LoggingSection(Strict):
     progress: bool = True
 
 
-class LandscapeOptions(Strict):
-    """The options of `cl-flat landscape` (None: the run's `evaluation` value)."""
-
-    task: str | None = None
-    after: str | None = None
-    dims: Literal[1, 2] = 1
-    points: int = Field(default=21, ge=2)
-    space: Literal["adapter", "merged"] | None = None
-    split: Literal["test", "train"] = "test"
-    rho: float | None = Field(default=None, gt=0)
-    samples: int | None = Field(default=None, ge=1)
-    ascent_steps: int | None = Field(default=None, ge=0)
-    max_samples: int | None = Field(default=None, ge=1)
-    direction: Literal["random", "worst"] = "random"
+class ReplaySection(Strict):
+    examples_per_task: int = Field(default=0, ge=0, description="experience replay: training examples of each "
+                                   "earlier task mixed into every later task's training set; 0 = none")
 
 
 class RunConfig(Strict):
@@ -290,6 +279,7 @@ class RunConfig(Strict):
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    replay: ReplaySection = Field(default_factory=ReplaySection)
 
     def task_training(self, index: int) -> TrainingSection:
         """The training settings of task `index`: its own block (run-level + its overrides) or the run's."""

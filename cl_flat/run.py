@@ -21,7 +21,7 @@ from cl_flat import dist, plots
 from cl_flat.adapters import AdapterStack
 from cl_flat.checkpoint import TaskCheckpoints
 from cl_flat.config import RunConfig
-from cl_flat.data import load_tasks
+from cl_flat.data import load_tasks, replay_examples
 from cl_flat.data.batches import encode_examples
 from cl_flat.errors import ConfigError, UserError
 from cl_flat.evaluate import evaluate_tasks
@@ -141,6 +141,19 @@ def _restart(run_dir: RunDir, config: RunConfig, resume: bool, allow_changes: bo
     return outcome
 
 
+def _training_examples(config: RunConfig, tasks: list, index: int, tokenizer) -> tuple[list, int]:
+    """Task `index`'s tokenised training set and how many of it are replayed from earlier tasks
+    (`replay`; each keeps its own task's prompt). Encoded when the task's turn comes, so tasks
+    restored on resume are never tokenised."""
+    length = config.training.max_seq_length
+    examples = encode_examples(tasks[index], tokenizer, tasks[index].train, length)
+    own = len(examples)
+    for earlier in tasks[:index]:
+        sample = replay_examples([earlier], config.replay.examples_per_task, config.run.seed)
+        examples += encode_examples(earlier, tokenizer, sample, length)
+    return examples, len(examples) - own
+
+
 def _record_sharpness(config: RunConfig, run_dir: RunDir, stack: AdapterStack, tokenizer, task) -> None:
     """Sharpness of the solution just trained (collective: every rank calls it), saved under
     landscape/sharpness.json keyed by task, like `cl-flat landscape`."""
@@ -207,14 +220,13 @@ def run_sequence(config: RunConfig, resume: bool = False, allow_config_change: b
         with _progress(is_main and config.logging.progress) as progress:
             bars = _Bars(progress) if progress is not None else None
             for index, task in enumerate(tasks[done:], start=done):
-                # encoded when its turn comes: tasks restored on resume are never tokenised
-                examples = encode_examples(task, tokenizer, task.train, config.training.max_seq_length)
+                examples, replayed = _training_examples(config, tasks, index, tokenizer)
                 stack.add_task(index, task.name)
                 penalty = (OrthogonalPenalty.of(stack.model, stack.current, stack.adapters[:-1],
                                                 config.lora.lambda_orth, config.lora.lambda_l2)
                            if config.lora.strategy == "olora" else None)
-                train_task(TrainTask(index, task.name, examples, tokenizer.pad_token_id), stack.model,
-                           methods[index], config.task_training(index), config.deepspeed, config.run.seed,
+                train_task(TrainTask(index, task.name, examples, tokenizer.pad_token_id, replayed),
+                           stack.model, methods[index], config.task_training(index), config.deepspeed, config.run.seed,
                            tracker.log_update, bars, checkpoints(index), penalty)
                 stack.check_trainable()
                 if is_main:

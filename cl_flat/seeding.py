@@ -7,6 +7,7 @@ Key namespace of `derive_seed(run_seed, namespace, ...)` (sha256 of the '/'-join
 - `"method", task_index`: the seed a flatness method keys its noise with (see `noise_key`);
 - `"eval", task_name`: the fixed test sample of a task (accuracy and landscape alike);
 - `"train-subset", task_name`: the fixed subset kept by `max_train_samples`;
+- `"replay", task_name`: the training examples of a task replayed in later tasks (`replay`);
 - `"landscape", task_name, space`: the directions of a loss landscape;
 - `"sharpness", task_name, space`: the random directions of the sharpness estimate;
 - `"dropout", task_index, update`: torch's global generator before update `update` (`seed_dropout`).

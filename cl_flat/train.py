@@ -94,8 +94,9 @@ class TrainTask:
 
     index: int                 # 0-based position in the sequence
     name: str
-    examples: list[Encoded]    # tokenised training examples
+    examples: list[Encoded]    # tokenised training examples (the replayed ones of earlier tasks included)
     pad_id: int
+    replayed: int = 0          # how many of `examples` are replayed from earlier tasks
 
 
 def window_batches(task: TrainTask, plan: TaskPlan, update: int, seed: int, rank: int,
@@ -253,6 +254,8 @@ def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, 
         elapsed = time.perf_counter() - started
         record = {"task": task.name, "task_index": task.index, "step": update + 1, "loss": loss, "lr": lr,
                   "grad_norm": grad_norm, "seconds": elapsed, **stats, **terms}
+        if task.replayed:
+            record["replayed_examples"] = task.replayed
         if bad:
             skipped += 1
             log(record | {"skipped": True, "nonfinite": bad})

@@ -41,14 +41,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from cl_flat import dist, plots
 from cl_flat.adapters import adapter_name
-from cl_flat.config import EvaluationSection, LandscapeOptions, RunConfig
+from cl_flat.config import EvaluationSection, RunConfig, Strict
 from cl_flat.data import load_task
 from cl_flat.errors import UserError
 from cl_flat.landscape.geometry import (
@@ -80,6 +81,22 @@ __all__ = [
     "project_rows", "radius_norm", "random_direction", "reference_norms", "resolve_tasks", "row_radii",
     "sharpness_passes",
 ]
+
+
+class LandscapeOptions(Strict):
+    """The options of `cl-flat landscape` (None: the run's `evaluation` value)."""
+
+    task: str | None = None
+    after: str | None = None
+    dims: Literal[1, 2] = 1
+    points: int = Field(default=21, ge=2)
+    space: Literal["adapter", "merged"] | None = None
+    split: Literal["test", "train"] = "test"
+    rho: float | None = Field(default=None, gt=0)
+    samples: int | None = Field(default=None, ge=1)
+    ascent_steps: int | None = Field(default=None, ge=0)
+    max_samples: int | None = Field(default=None, ge=1)
+    direction: Literal["random", "worst"] = "random"
 
 
 def resolved(options: LandscapeOptions, evaluation: EvaluationSection) -> LandscapeOptions:

@@ -180,3 +180,15 @@ def test_olora_strategy_end_to_end(tmp_path, tiny_config):
     assert all(r["olora_l2"] > 0 for r in log)
     proc = run_cli(["eval", str(run_dir)], cwd=tmp_path)
     assert proc.returncode == 0 and "reproduced exactly" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_replay_mixes_earlier_examples_into_later_tasks(tmp_path, tiny_config):
+    tiny_config["replay"] = {"examples_per_task": 8}
+    tiny_config["training"].pop("max_steps")  # one epoch: 32 examples → 4 updates, 40 → 5 with replay
+    path = write_config(tmp_path, tiny_config)
+    proc = run_cli(["train", str(path)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "results/tiny/train_log.jsonl").read_text().splitlines()]
+    t1, t2 = [r for r in log if r["task"] == "t1"], [r for r in log if r["task"] == "t2"]
+    assert len(t1) == 4 and all("replayed_examples" not in r for r in t1)
+    assert len(t2) == 5 and all(r["replayed_examples"] == 8 for r in t2)
