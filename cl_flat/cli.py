@@ -49,7 +49,8 @@ def _print_matrix(names: list[str], rows: list[tuple[str, list[float]]], metrics
         table.add_row(after, *("" if s is None else f"{s:.1f}" for s in scores))
     console = Console()
     console.print(table)
-    console.print(_format_metrics(metrics))
+    if metrics:
+        console.print(_format_metrics(metrics))
 
 
 def _format_metrics(metrics: dict) -> str:
@@ -57,6 +58,7 @@ def _format_metrics(metrics: dict) -> str:
         return "null" if v is None else f"{v:.2f}"
 
     line = "  ".join(f"{k}={fmt(metrics[k])}" for k in ("AA", "BWT", "FWT", "F", "AIA"))
+    line += "".join(f"  {k}={fmt(metrics[k])}" for k in ("FWT_alone", "gap_joint") if k in metrics)
     return line + "  OP=[" + ", ".join(fmt(v) for v in metrics["OP"]) + "]"
 
 
@@ -65,13 +67,25 @@ def train(config: Path, set_: SetOption = None,
           resume: Annotated[bool, typer.Option("--resume", help="continue a started run")] = False,
           allow_config_change: Annotated[bool, typer.Option(
               "--allow-config-change", help="with --resume: train the remaining tasks with a changed config "
-              "(recorded in config.yaml meta.config_changes)")] = False) -> None:
-    """Run the task sequence and write results/<run.name>/."""
+              "(recorded in config.yaml meta.config_changes)")] = False,
+          reference: Annotated[Optional[str], typer.Option(
+              "--reference", help="per_task: each task on a fresh adapter alone; joint: one adapter on all "
+              "tasks' data; written to results/<run.name>-<kind>/")] = None) -> None:
+    """Run the task sequence and write results/<run.name>/ (or one of its reference runs)."""
     from cl_flat import dist
     from cl_flat.config import load_config
     from cl_flat.run import run_sequence
 
     cfg = load_config(config, set_ or [])
+    if reference is not None:
+        from cl_flat.reference_runs import run_reference
+
+        ref = run_reference(cfg, reference)
+        if dist.is_main():
+            _print_matrix(ref.tasks, [("zero_shot", ref.zero_shot), (ref.kind, ref.scores)], {})
+            typer.echo(f"mean {sum(ref.scores) / len(ref.scores):.2f}; results: {ref.run_dir}")
+        dist.shutdown()
+        return
     result = run_sequence(cfg, resume=resume, allow_config_change=allow_config_change)
     if dist.is_main():
         _print_matrix(result.tasks, result.rows, result.metrics)
@@ -123,10 +137,17 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] 
 
 
 @app.command()
-def metrics(matrix: Path, as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
-    """Forgetting metrics (AA, BWT, FWT, F, AIA, OP) of an acc_matrix.csv."""
+def metrics(matrix: Path, as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+            per_task_reference: Annotated[Optional[Path], typer.Option(
+                "--per-task-reference", help="a --reference per_task run of the sequence: adds FWT_alone")] = None,
+            joint_reference: Annotated[Optional[Path], typer.Option(
+                "--joint-reference", help="a --reference joint run of the sequence: adds gap_joint")] = None
+            ) -> None:
+    """Forgetting metrics (AA, BWT, FWT, F, AIA, OP) of an acc_matrix.csv; with reference runs also
+    FWT_alone = mean_{i≥2} (R[i,i] − P_i) and gap_joint = mean_i J_i − AA."""
     from cl_flat.errors import ConfigError, MatrixFormatError
-    from cl_flat.metrics import compute_metrics, read_acc_matrix
+    from cl_flat.metrics import compute_metrics, forward_transfer_vs_alone, gap_to_joint, read_acc_matrix
+    from cl_flat.rundir import RunDir
 
     if not matrix.is_file():
         problem = "a folder, not a csv file" if matrix.is_dir() else "file not found"
@@ -136,6 +157,14 @@ def metrics(matrix: Path, as_json: Annotated[bool, typer.Option("--json", help="
     except MatrixFormatError as exc:
         raise ConfigError(str(matrix), [str(exc)], kind="accuracy matrix") from None
     result = compute_metrics(rows, zero_shot)
+    for folder, kind, key, measure in ((per_task_reference, "per_task", "FWT_alone", forward_transfer_vs_alone),
+                                       (joint_reference, "joint", "gap_joint", gap_to_joint)):
+        if folder is not None:
+            tasks, scores = RunDir(folder).read_reference(kind)
+            if tasks != names:
+                raise ConfigError(str(folder), [f"{folder}: tasks {tasks} differ from {matrix}'s {names}"],
+                                  kind="reference run")
+            result[key] = measure(rows, scores)
     typer.echo(json.dumps(result, indent=2) if as_json else _format_metrics(result))
 
 

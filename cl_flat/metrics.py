@@ -185,6 +185,30 @@ def compute_metrics(matrix: MatrixLike,
     }
 
 
+def forward_transfer_vs_alone(matrix: MatrixLike, alone: Sequence[Any]) -> float | None:
+    """FWT_alone = (1/(T−1)) Σ_{i=2..T} (R[i,i] − P_i), P_i the score on task i of an adapter trained
+    on task i alone (the PerTaskFT reference, `cl-flat train --reference per_task`): how much
+    learning the earlier tasks first helps (> 0) or hinders (< 0) learning task i. Task 1 is left
+    out: it is trained alone in both. None if T = 1 or a needed score is missing."""
+    R = _as_matrix(matrix)
+    P = _as_row(alone, len(R))
+    if len(R) < 2 or P is None:
+        return None
+    terms = [(R[i][i], P[i]) for i in range(1, len(R))]
+    if any(r is None or p is None for r, p in terms):
+        return None
+    return sum(r - p for r, p in terms) / (len(R) - 1)
+
+
+def gap_to_joint(matrix: MatrixLike, joint: Sequence[Any]) -> float | None:
+    """Gap = mean_i J_i − AA, J_i the score on task i of one adapter trained on all tasks' data
+    jointly (the multi-task upper bound, `--reference joint`). None if a score is missing."""
+    J = _as_row(joint, len(_as_matrix(matrix)))
+    if J is None or any(j is None for j in J):
+        return None
+    return sum(J) / len(J) - average_accuracy(matrix)
+
+
 # ---------------------------------------------------------------------------
 # csv I/O (results-folder contract: acc_matrix.csv)
 # ---------------------------------------------------------------------------

@@ -119,6 +119,32 @@ class RunDir:
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         atomic_write_text(self.metrics_path, json.dumps(metrics, indent=2) + "\n")
 
+    # ------------------------------------------------------------ reference runs (--reference)
+
+    @property
+    def reference_path(self) -> Path:
+        return self.path / "reference.csv"
+
+    def write_reference(self, kind: str, names: list[str], zero_shot: list[float], scores: list[float]) -> None:
+        """reference.csv (rows zero_shot and `kind`: the score of each task) and metrics.json, written last."""
+        write_acc_matrix(self.reference_path, names, [(ZERO_SHOT, zero_shot), (kind, scores)])
+        self.write_metrics({"reference": kind, "tasks": names, "scores": scores,
+                            "mean": sum(scores) / len(scores)})
+
+    def read_reference(self, kind: str) -> tuple[list[str], list[float]]:
+        """(tasks, scores) of a finished reference run of `kind`, or a ConfigError naming the folder."""
+        problem = None
+        if not self.metrics_path.is_file():
+            problem = f"{self.path}: not a finished reference run ({self.metrics_path.name} is missing)"
+        else:
+            saved = json.loads(self.metrics_path.read_text())
+            if saved.get("reference") != kind:
+                problem = (f"{self.metrics_path}: a {saved.get('reference') or 'sequential'} run, not a "
+                           f"{kind} reference (cl-flat train CONFIG --reference {kind})")
+        if problem:
+            raise ConfigError(str(self.path), [problem], kind="reference run")
+        return saved["tasks"], saved["scores"]
+
     # ------------------------------------------------------------ starting and resuming
 
     def config_changes(self, config: RunConfig) -> list[str]:

@@ -270,3 +270,14 @@ def test_malformed_csv_names_file_and_line(tmp_path: Path, content: str, line: i
     assert f"{p}:{line}:" in msg
     assert fragment in msg
     assert isinstance(exc.value, ValueError)
+
+
+def test_forward_transfer_against_learning_alone_and_the_gap_to_joint_by_hand():
+    from cl_flat.metrics import forward_transfer_vs_alone, gap_to_joint
+
+    R = [[80.0, None, None], [60.0, 70.0, None], [50.0, 65.0, 90.0]]
+    # FWT_alone = ((70 − 75) + (90 − 84)) / 2 = 0.5 (task 1 is left out)
+    assert forward_transfer_vs_alone(R, [80.0, 75.0, 84.0]) == pytest.approx(0.5)
+    # gap = mean(J) − AA = (85 + 80 + 90)/3 − (50 + 65 + 90)/3 = 85 − 68.333…
+    assert gap_to_joint(R, [85.0, 80.0, 90.0]) == pytest.approx(85.0 - 205.0 / 3)
+    assert forward_transfer_vs_alone([[80.0]], [80.0]) is None and gap_to_joint(R, [85.0, None, 90.0]) is None

@@ -17,6 +17,7 @@ LEVELS = [
     {"rundir", "evaluate"},
     {"landscape", "train", "report"},
     {"run", "bench"},
+    {"reference_runs"},
     {"cli"},
 ]
 LEVEL = {name: i for i, names in enumerate(LEVELS) for name in names}
