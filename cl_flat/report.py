@@ -274,7 +274,10 @@ def build_report(inputs: Sequence[str], group_by: str | None = None, baseline: S
     if keys is not None and not all(keys):
         raise ReportInputError(f"--group-by {group_by}: expected comma-separated dotted keys, "
                                "e.g. flatness.method,flatness.scope")
-    folders = find_run_folders(inputs)
+    found = find_run_folders(inputs)
+    # reference runs (--reference) hold no sequence matrix: listed in the notes, not grouped
+    references = [f for f in found if not RunDir(f).matrix_path.exists() and RunDir(f).reference_path.is_file()]
+    folders = [f for f in found if f not in references]
     complete = [folder for folder in folders if RunDir(folder).metrics_path.is_file()]
     skipped = [folder for folder in folders if folder not in complete]
     if not complete:
@@ -298,6 +301,8 @@ def build_report(inputs: Sequence[str], group_by: str | None = None, baseline: S
         if unpaired:
             notes.append(f"{comparison.group.label}: seed(s) {', '.join(map(str, unpaired))} not paired "
                          "(no baseline run with that seed, or the seed repeats in a group)")
+    notes += [f"{f}: a reference run, not grouped (its measures: cl-flat metrics --per-task-reference / "
+              "--joint-reference)" for f in references]
     notes += [f"{group.label}: its runs have different task sequences; OP_t is averaged over the first "
               f"{len(group.op)} tasks only" for group in groups if len({run.tasks for run in group.runs}) > 1]
     return Report(groups, chosen, paired, skipped, notes, f"by {', '.join(keys)}" if keys else Report.grouping)
