@@ -334,7 +334,7 @@ def _lost_peer(exc: BaseException) -> bool:
 
     if isinstance(exc, torch_dist.DistError):
         return True
-    markers = ("gloo", "NCCL", "Connection closed", "Connection reset", "timed out", "Timed out", "timeout")
+    markers = ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer")
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in markers)
 
 
