@@ -128,3 +128,20 @@ def test_skip_counts_and_stops_past_the_allowed_fraction(tmp_path, tiny_config):
     assert proc.returncode == 1
     assert "task 't1' (index 0), update 2 of 3: 2 skipped non-finite updates exceed " \
            "training.max_skipped_fraction = 0.5 of 3" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_diverging_learning_rate_stops_in_its_task_and_keeps_the_completed_ones(tmp_path, tiny_config):
+    """GPT-2 at lr 1e30 overflows on its second update: t1 (a sane lr) completes and keeps its row,
+    t2 (its own lr, a per-task setting) stops at update 2 with exit 1."""
+    tiny_config["model"]["name_or_path"] = "tiny-random:gpt2"
+    tiny_config["lora"]["target_modules"] = ["c_attn"]
+    tiny_config["tasks"][1]["training"] = {"learning_rate": 1.0e30}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    proc = run_cli(["train", str(path)], cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "task 't2' (index 1), update 2 of 3: non-finite loss = nan, grad_norm = nan in the none update" \
+        in proc.stderr, proc.stderr[-2000:]
+    rows = (tmp_path / "results/tiny/acc_matrix.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["after_task", "zero_shot", "t1"]
+    assert (tmp_path / "results/tiny/adapters/t1/adapter_model.safetensors").is_file()
