@@ -130,7 +130,7 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] 
         typer.echo(f"{method['method']}: {method['formula']}")
         typer.echo(f"    {method['summary']}")
         if method["versus_notes"]:
-            typer.echo(f"    vs the method notes: {method['versus_notes']}")
+            typer.echo(f"    other write-ups: {method['versus_notes']}")
         for p in method["parameters"]:
             extra = f"  # {p['description']}" if p["description"] else ""
             typer.echo(f"    {p['name']}: {p['type']} = {p['default']!r}{extra}")
@@ -233,7 +233,7 @@ def landscape(
     """Loss landscape (1-D/2-D, filter-normalised) and average/worst-case sharpness of a run's tasks:
     landscape/<task>_{1d,2d}.csv, plots/landscape_<task>_*.png, landscape/sharpness.json.
     Directions: each row of a Gaussian direction is rescaled to the norm of W's row (Li et al.'s filter
-    normalisation; the notes' N(0, σ²‖W_i,:‖²) differs by a random factor per row), so alpha means the
+    normalisation; a Gaussian direction of std σ‖W_i,:‖ differs by a random factor per row), so alpha means the
     same step in every layer and run."""
     from cl_flat.config import validate_options
     from cl_flat.landscape import LandscapeOptions, landscapes, resolve_tasks

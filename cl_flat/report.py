@@ -275,7 +275,7 @@ def build_report(inputs: Sequence[str], group_by: str | None = None, baseline: S
         raise ReportInputError(f"--group-by {group_by}: expected comma-separated dotted keys, "
                                "e.g. flatness.method,flatness.scope")
     found = find_run_folders(inputs)
-    # reference runs (--reference) hold no sequence matrix: listed in the notes, not grouped
+    # reference runs (--reference) hold no sequence matrix: listed under "Notes" in report.md, not grouped
     references = [f for f in found if not RunDir(f).matrix_path.exists() and RunDir(f).reference_path.is_file()]
     folders = [f for f in found if f not in references]
     complete = [folder for folder in folders if RunDir(folder).metrics_path.is_file()]

@@ -188,13 +188,13 @@ def run_sequence(config: RunConfig, resume: bool = False, allow_config_change: b
     if is_main:
         run_dir.path.mkdir(parents=True, exist_ok=True)
         meta = run_metadata(config)
+        if resume:  # the changes accepted by earlier resumes are kept, this one's appended
+            meta["config_changes"] = run_dir.stored_meta().get("config_changes") or []
         if restart.changes:
-            meta["config_changes"] = run_dir.stored_meta().get("config_changes", []) + [
-                {"before_task": names[done] if done < len(names) else None, "changes": restart.changes}]
+            meta["config_changes"].append({"before_task": names[done] if done < len(names) else None,
+                                           "changes": restart.changes})
             if done < len(names):
                 checkpoints(done).remove()
-        elif resume:
-            meta["config_changes"] = run_dir.stored_meta().get("config_changes", [])
         run_dir.save_config(config, meta)
         if resume:
             run_dir.truncate_log(done, checkpoints(done).latest() if done < len(names) else 0)

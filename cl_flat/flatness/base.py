@@ -77,7 +77,7 @@ class FlatnessMethod(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[BaseModel]]
     formula: ClassVar[str]  # one line for `cl-flat methods`
-    # where the method notes write the method differently: what is implemented and why, one line
+    # where common write-ups of the method differ from the published form: what is implemented and why, one line
     versus_notes: ClassVar[str] = ""
 
     def __init__(self, config: BaseModel):

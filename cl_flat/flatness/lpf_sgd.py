@@ -38,7 +38,7 @@ class LpfSgd(FlatnessMethod):
     name = "lpf_sgd"
     config_class = LpfSgdMethod
     formula = "g = (1/N) Σ_i ∇L(θ+ε_i; B_i), ε ~ N(0, (γ_t‖W_i,:‖)²), γ_t = γ0(α/2(1−cos(πt/(T−1)))+1)"
-    versus_notes = ("the notes write ε ~ N(0, γ_t·‖W_i,:‖) (a variance); implemented: γ_t·‖W_i,:‖ as the standard "
+    versus_notes = ("some write-ups give ε ~ N(0, γ_t·‖W_i,:‖) (a variance); implemented: γ_t·‖W_i,:‖ as the standard "
                     "deviation, as in the LPF-SGD authors' code, so the noise scales with the weights")
 
     def __init__(self, config: LpfSgdMethod):

@@ -50,7 +50,7 @@ class Rwp(FlatnessMethod):
     name = "rwp"
     config_class = RwpMethod
     formula = "g = a·(1/N) Σ_i ∇L(θ; B_i) + b·∇L(θ+ε; B_N), ε = Z ⊙ S(noise_type, σ)"
-    versus_notes = ("fisher: the notes' F_i = Σ_j EMA((∂L/∂W_ij)²) enters S as F_i / mean_k F_k (mean 1 per layer), "
+    versus_notes = ("fisher: m-RWP's F_i = Σ_j EMA((∂L/∂W_ij)²) enters S as F_i / mean_k F_k (mean 1 per layer), "
                     "so that η means the same at any batch size and EMA decay")
 
     def __init__(self, config: RwpMethod):

@@ -44,7 +44,7 @@ class Sam(FlatnessMethod):
     name = "sam"
     config_class = SamMethod
     formula = "g = ∇L(θ+ε; B_N), ε = ρ·g₀/‖g₀‖ (adaptive: ρ·T²g₀/‖Tg₀‖, T=|θ|+η), g₀ = Σ_i ∇L(θ; B_i)"
-    versus_notes = ("the notes write ASAM's ε = ρ·|W|g/‖|W|g‖ (T once); implemented: ρ·T²g/‖Tg‖ as in the ASAM "
+    versus_notes = ("some write-ups give ASAM's ε = ρ·|W|g/‖|W|g‖ (T once); implemented: ρ·T²g/‖Tg‖ as in the ASAM "
                     "paper and code, the exact maximiser of the linearised loss over ‖T⁻¹ε‖ ≤ ρ")
 
     def window(self, ctx, micro_batches):

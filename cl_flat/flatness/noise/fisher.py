@@ -1,6 +1,6 @@
-"""Row Fisher for the `fisher` noise type: the notes' EMA of squared gradients, per row, normalised.
+"""Row Fisher for the `fisher` noise type: an EMA of squared gradients, per row, normalised.
 
-The method notes (m-RWP's Fisher variant) keep Fisher_ij ← λ·Fisher_ij + (∂L/∂W_ij)² and use
+m-RWP's Fisher variant keeps Fisher_ij ← λ·Fisher_ij + (∂L/∂W_ij)² and use
 F_i = Σ_j Fisher_ij. The sum is linear, so one number per row suffices:
 
     F_i ← λ·F_i + ‖∂L/∂W_i,:‖²        (λ = `fisher_decay`, L = a clean micro-batch's mean loss)
