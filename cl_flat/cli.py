@@ -62,8 +62,8 @@ def _format_metrics(metrics: dict) -> str:
     return line + "  OP=[" + ", ".join(fmt(v) for v in metrics["OP"]) + "]"
 
 
-@app.command()
-def train(config: Path, set_: SetOption = None,
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(ctx: typer.Context, config: Path, set_: SetOption = None,
           resume: Annotated[bool, typer.Option("--resume", help="continue a started run")] = False,
           allow_config_change: Annotated[bool, typer.Option(
               "--allow-config-change", help="with --resume: train the remaining tasks with a changed config "
@@ -71,12 +71,18 @@ def train(config: Path, set_: SetOption = None,
           reference: Annotated[Optional[str], typer.Option(
               "--reference", help="per_task: each task on a fresh adapter alone; joint: one adapter on all "
               "tasks' data; written to results/<run.name>-<kind>/")] = None) -> None:
-    """Run the task sequence and write results/<run.name>/ (or one of its reference runs)."""
+    """Run the task sequence and write results/<run.name>/ (or one of its reference runs).
+
+    Overrides follow CONFIG, in any form a wandb agent writes:
+    --set k=v, --k=v (${args}), --k v (${args_no_equals}) or k=v (${args_no_hyphens}).
+    --set ones apply last; a later value wins."""
     from cl_flat import dist
     from cl_flat.config import load_config
+    from cl_flat.overrides import overrides_from_args
     from cl_flat.run import run_sequence
+    from cl_flat.tracking import sweep_run_id
 
-    cfg = load_config(config, set_ or [])
+    cfg = load_config(config, overrides_from_args(ctx.args) + (set_ or []), sweep_run_id=sweep_run_id())
     if reference is not None:
         from cl_flat.reference_runs import run_reference
 
@@ -303,6 +309,35 @@ def report(
     for path in result.skipped:
         typer.echo(f"skipped (incomplete, no metrics.json): {path}", err=True)
     typer.echo(f"saved: {out / 'report.md'} {out / 'report.csv'} and {len(written) - 2} figures", err=True)
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Benchmark data for offline runs.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    benchmark: Annotated[str, typer.Argument(help="standard (DBpedia, Amazon, Yahoo, AG News) or long (the 15 "
+                                                  "tasks of O-LoRA's long sequence)")],
+    out: Annotated[Path, typer.Option("--out", help="folder to write <task>/{train,test}.jsonl and prepared.json "
+                                      "into (the shipped configs read data/olora)")],
+    source: Annotated[str, typer.Option("--source", help="hub (download through `datasets`) or the path of a "
+                                        "local copy of O-LoRA's CL_Benchmark/ folder")] = "hub",
+    seed: Annotated[int, typer.Option("--seed", min=0, help="seed of the samples drawn from larger splits")] = 42,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --out (only once the new "
+                                            "preparation is complete)")] = False,
+) -> None:
+    """O-LoRA's benchmark as jsonl, sampled as published (1000 training examples per class, the published
+    test sizes), written atomically with a prepared.json manifest (sizes, seed, sha256 of each file)."""
+    from cl_flat.data.prepare import prepare_benchmark
+
+    def report_split(task: str, split: str, rows) -> None:
+        dropped = sum(rows.dropped.values())
+        note = f" (dropped {dropped} rows with labels outside the task's: {dict(rows.dropped)})" if dropped else ""
+        typer.echo(f"{task}/{split}.jsonl: {len(rows.pairs)} examples{note}", err=True)
+
+    manifest = prepare_benchmark(benchmark, out, source, seed=seed, overwrite=overwrite, progress=report_split)
+    typer.echo(f"{out}: {benchmark} benchmark, {len(manifest['tasks'])} tasks, manifest {out / 'prepared.json'}")
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from cl_flat.errors import ConfigError
-from cl_flat.overrides import apply_overrides, with_task_settings
+from cl_flat.overrides import apply_overrides, fill_name_template, names_every_key, override_keys, with_task_settings
 
 
 def _numbers(annotation: Any) -> bool:
@@ -52,10 +52,13 @@ class Strict(BaseModel):
 
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]*$"
+_KEY = r"\{[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*\}"  # a placeholder of run.name: {dotted.key}
+RUN_NAME_TEMPLATE = rf"^(?:[A-Za-z0-9]|{_KEY})(?:[A-Za-z0-9_.\-]|{_KEY})*$"
 
 
 class RunSection(Strict):
-    name: str = Field(default="run", pattern=NAME_PATTERN)
+    name: str = Field(default="run", pattern=RUN_NAME_TEMPLATE, description="the results folder's name; "
+                      "{dotted.key} placeholders are filled from the validated config (load_config)")
     output_dir: Path = Path("results")
     seed: int = Field(default=42, ge=0)
 
@@ -257,6 +260,7 @@ class WandbSection(Strict):
     entity: str | None = None
     group: str | None = None
     tags: list[str] = Field(default_factory=list)
+    init_timeout: float = Field(default=30.0, gt=0, description="seconds to reach the server; then offline")
 
 
 class LoggingSection(Strict):
@@ -380,13 +384,18 @@ def validate_config(raw: Any, source: str = "config") -> RunConfig:
         config = RunConfig.model_validate(with_task_settings(raw))
     except ValidationError as exc:
         problems = _problems(exc)
+    else:
+        config.run.name, problems = fill_name_template(config.run.name, config)
     problems += _cross_checks(raw)
     if problems:
         raise ConfigError(source, problems)
     return config
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None, sweep_run_id: str | None = None) -> RunConfig:
+    """The validated config of a YAML file with `overrides` applied, its run.name template filled. Under a
+    sweep (`sweep_run_id`: the wandb run id) "-<id>" is appended unless the template names every key the
+    overrides set (`names_every_key`), so that two runs of one sweep never share a results folder."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), [f"{path}: file not found"])
@@ -398,6 +407,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(str(path), [f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
     raw = apply_overrides(raw if raw is not None else {}, overrides or [])
     config = validate_config(raw, str(path))
+    template = raw["run"]["name"] if "name" in (raw.get("run") or {}) else config.run.name
+    if sweep_run_id and not names_every_key(template, override_keys(overrides or [])):
+        config.run.name = f"{config.run.name}-{sweep_run_id}"
     return resolve_paths(config, path.parent)
 
 

@@ -32,8 +32,10 @@ from cl_flat.models import check_target_modules, load_run_model, run_precision
 from cl_flat.olora import OrthogonalPenalty
 from cl_flat.rundir import Rows, RunDir
 from cl_flat.seeding import deterministic_kernels
-from cl_flat.tracking import Tracker
+from cl_flat.tracking import RankLog, Tracker
 from cl_flat.train import BatchShape, TrainTask, train_task
+
+PLOTS = ("acc_matrix", "op_curve", "learning_curves")  # the figures a run draws; also logged to wandb
 
 
 @dataclass(frozen=True)
@@ -169,12 +171,14 @@ def run_sequence(config: RunConfig, resume: bool = False, allow_config_change: b
     checkpoint; all randomness is keyed by (seed, task, update), so the final matrix equals that
     of an uninterrupted run. `allow_config_change`: resume although the config differs (the
     changes are recorded in meta.config_changes; the in-flight task restarts from its start)."""
+    rank_log = RankLog().start()  # console output held in memory until the folder is accepted
     dist.init_distributed(config.deepspeed.timeout_minutes)
     if os.environ.get("CL_FLAT_DETERMINISTIC") == "1":
         deterministic_kernels()
     is_main = dist.is_main()
     run_dir = RunDir.of(config)
     restart = _restart(run_dir, config, resume, allow_config_change)
+    rank_log.attach(run_dir.rank_log(dist.rank()), dist.rank(), dist.world_size())
     restored = restart.rows
     done = max(len(restored) - 1, 0)
     methods, tasks, model, tokenizer = prepare(config)
@@ -185,6 +189,7 @@ def run_sequence(config: RunConfig, resume: bool = False, allow_config_change: b
     def checkpoints(index: int) -> TaskCheckpoints:
         return TaskCheckpoints(run_dir.checkpoint_dir(names[index]), config.task_training(index).checkpoint_every)
 
+    meta: dict[str, Any] = {}
     if is_main:
         run_dir.path.mkdir(parents=True, exist_ok=True)
         meta = run_metadata(config)
@@ -204,10 +209,10 @@ def run_sequence(config: RunConfig, resume: bool = False, allow_config_change: b
         return evaluate_tasks(model, tokenizer, tasks, config.evaluation, config.training.max_seq_length,
                               config.run.seed, device)
 
-    with Tracker(config, run_dir.log_path, active=is_main) as tracker:
+    with Tracker(config, run_dir.log_path, active=is_main, meta=meta) as tracker:
         def record(after: str, scores: list[float]) -> None:
             rows.append((after, scores))
-            tracker.log_scores(after, names, scores)
+            tracker.log_row(names, rows)
             if is_main:
                 run_dir.write_matrix(names, rows)
 
@@ -244,6 +249,6 @@ def run_sequence(config: RunConfig, resume: bool = False, allow_config_change: b
             plots.plot_op_curve(run_dir.matrix_path, run_dir.plot("op_curve"))
             plots.plot_learning_curves(run_dir.log_path, run_dir.plot("learning_curves"))
             run_dir.write_metrics(metrics | {"tasks": names})
-        tracker.log_summary(metrics)
+        tracker.log_results(names, rows, metrics, {name: run_dir.plot(name) for name in PLOTS})
     dist.barrier()
     return SequenceResult(run_dir, names, rows, metrics)

@@ -8,7 +8,9 @@
     checkpoints/<task>/  the in-flight task's newest in-task checkpoint (removed once its row is written)
     landscape/         <stem>_1d.csv, <stem>_2d.csv, sharpness.json
     plots/             PNGs drawn from the files above
-Only rank 0 writes; every write is atomic (temp file, then rename).
+    logs/rank<k>.log   everything process k printed (stdout and stderr), every attempt appended
+    wandb/             the wandb run's local files (logging.wandb.mode online or offline)
+Only rank 0 writes (but each rank its logs/rank<k>.log); every write is atomic (temp file, then rename).
 """
 
 from __future__ import annotations
@@ -88,6 +90,9 @@ class RunDir:
 
     def plot(self, name: str) -> Path:
         return self.path / "plots" / f"{name}.png"
+
+    def rank_log(self, rank: int) -> Path:
+        return self.path / "logs" / f"rank{rank}.log"
 
     # ------------------------------------------------------------ config
 

@@ -1,24 +1,57 @@
-"""Run logging: `train_log.jsonl` (one line per update) and wandb. Rank 0 only; the
-tracker of other ranks does nothing. wandb `disabled` costs nothing; tests use `offline`.
+"""Run logging: `train_log.jsonl` (one line per update) and wandb, rank 0 only (the tracker of other ranks does
+nothing); and `RankLog`, every rank's console output copied into logs/rank<k>.log.
 
-A context manager: however the block ends, the jsonl file is closed and the wandb run finished
+wandb `disabled` costs nothing; tests use `offline`. `WANDB_MODE`, when set to online, offline or disabled,
+overrides `logging.wandb.mode` (a node without network, a test). Under a wandb agent (`WANDB_SWEEP_ID` set) the
+run is the agent's: wandb.init takes its id from `WANDB_RUN_ID` and its sweep parameters from the agent. An online
+run whose server does not answer within `logging.wandb.init_timeout` seconds logs offline instead, with one
+warning (upload it later with `wandb sync`).
+
+The Tracker is a context manager: however the block ends, the jsonl file is closed and the wandb run finished
 (marked failed when the block raised).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
+import select
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
-from cl_flat.config import RunConfig, config_to_dict
+from cl_flat.config import RunConfig, WandbSection, config_to_dict
+from cl_flat.errors import UserError
+from cl_flat.metrics import online_performance
+from cl_flat.overrides import dotted_keys
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def sweep_run_id() -> str | None:
+    """The wandb run id a sweep agent started this process for (`WANDB_RUN_ID`), None outside a sweep."""
+    if not os.environ.get("WANDB_SWEEP_ID"):
+        return None
+    run_id = os.environ.get("WANDB_RUN_ID")
+    if not run_id:
+        raise UserError("WANDB_SWEEP_ID is set but WANDB_RUN_ID is not: start sweep runs with `wandb agent`")
+    return run_id
+
+
+def wandb_mode(section: WandbSection) -> str:
+    """`WANDB_MODE` when it names a mode, else `logging.wandb.mode`."""
+    forced = os.environ.get("WANDB_MODE", "").strip().lower()
+    return forced if forced in WANDB_MODES else section.mode
 
 
 class Tracker:
-    def __init__(self, config: RunConfig, log_path: Path, active: bool):
+    def __init__(self, config: RunConfig, log_path: Path, active: bool, meta: dict[str, Any] | None = None):
         self.config = config
+        self.meta = meta or {}
         self.active = active
         self.log_path = log_path
         self._handle = None
@@ -28,16 +61,32 @@ class Tracker:
         if not self.active:
             return self
         self._handle = self.log_path.open("a", encoding="utf-8")
-        section = self.config.logging.wandb
-        if section.mode != "disabled":
-            import wandb
-
-            os.environ.setdefault("WANDB_SILENT", "true")
-            self._wandb = wandb.init(project=section.project, entity=section.entity, group=section.group,
-                                     tags=section.tags, name=self.config.run.name, mode=section.mode,
-                                     dir=str(self.log_path.parent), config=config_to_dict(self.config),
-                                     reinit="finish_previous")
+        mode = wandb_mode(self.config.logging.wandb)
+        if mode != "disabled":
+            self._wandb = self._start_wandb(mode)
         return self
+
+    def _start_wandb(self, mode: str):
+        """wandb.init with the resolved config and meta as dotted keys (the names sweep parameters use)."""
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        section = self.config.logging.wandb
+        options = dict(project=section.project, entity=section.entity, group=section.group, tags=section.tags,
+                       name=self.config.run.name, dir=str(self.log_path.parent), reinit="finish_previous",
+                       config=dotted_keys(config_to_dict(self.config) | {"meta": self.meta}),
+                       settings=wandb.Settings(init_timeout=section.init_timeout))
+        try:
+            run = wandb.init(mode=mode, **options)
+        except Exception as exc:  # no key, unreachable or slow server: the run must not wait for it
+            if mode != "online":
+                raise
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            print(f"warning: wandb: no online run ({reason}); logging offline under {self.log_path.parent / 'wandb'}"
+                  " (upload it later with `wandb sync`)", file=sys.stderr, flush=True)
+            run = wandb.init(mode="offline", **options)
+        run.define_metric("eval/*", step_metric="eval/after_task")
+        return run
 
     def __exit__(self, exc_type, exc, traceback) -> None:
         if self._handle is not None:
@@ -48,19 +97,155 @@ class Tracker:
             self._wandb = None
 
     def log_update(self, record: dict[str, Any]) -> None:
+        """One update: a strict-JSON line of train_log.jsonl (a non-finite value is null there; the record names it
+        under "nonfinite") and its numbers as wandb `train/<key>` (loss, lr, grad_norm, method statistics)."""
         if not self.active:
             return
-        # strict JSON: a non-finite value is written as null (the record names it under "nonfinite")
         clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         self._handle.write(json.dumps(clean, allow_nan=False) + "\n")
         self._handle.flush()
         if self._wandb is not None:
             self._wandb.log({f"train/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
 
-    def log_scores(self, after_task: str, task_names: list[str], scores: list[float]) -> None:
-        if self._wandb is not None:
-            self._wandb.log({f"eval/{after_task}/{name}": s for name, s in zip(task_names, scores)})
+    def log_row(self, names: list[str], rows: list[tuple[str, list[float]]]) -> None:
+        """The newest row of the accuracy matrix (`rows`: zero_shot first) as `eval/acc/<task>` at
+        `eval/after_task` = t (0: zero-shot), and OP_t for t ≥ 1."""
+        if self._wandb is None:
+            return
+        after, scores = rows[-1]
+        values: dict[str, Any] = {"eval/after_task": len(rows) - 1}
+        values |= {f"eval/acc/{name}": score for name, score in zip(names, scores)}
+        t = len(rows) - 1
+        if t:  # OP_t of the square matrix of the first t tasks after tasks 1..t
+            values["eval/OP"] = online_performance([r[:t] for _, r in rows[1:]])[-1]
+        self._wandb.log(values)
 
     def log_summary(self, metrics: dict[str, Any]) -> None:
+        """Values of the whole run into the wandb summary; null ones are left out."""
         if self._wandb is not None:
             self._wandb.summary.update({k: v for k, v in metrics.items() if v is not None})
+
+    def log_results(self, names: list[str], rows: list[tuple[str, list[float]]], metrics: dict[str, Any],
+                    images: dict[str, Path]) -> None:
+        """The end of a run: metrics (AA, BWT, FWT, F, AIA, OP, sharpness, ...) into the summary, the accuracy
+        matrix as the table `acc_matrix`, and each existing PNG as the image `plots/<name>`."""
+        if self._wandb is None:
+            return
+        import wandb
+
+        self.log_summary(metrics)
+        table = wandb.Table(columns=["after_task", *names], data=[[after, *scores] for after, scores in rows])
+        self._wandb.log({"acc_matrix": table} | {f"plots/{name}": wandb.Image(str(path))
+                                                  for name, path in images.items() if path.is_file()})
+
+
+class _Terminal:
+    """A text stream that writes through `stream` but reports whether the console is a terminal, as before
+    RankLog put a pipe under it (rich draws live progress bars only on a terminal)."""
+
+    def __init__(self, stream, is_terminal: bool):
+        self._stream = stream
+        self._is_terminal = is_terminal
+
+    def isatty(self) -> bool:
+        return self._is_terminal
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+class RankLog:
+    """Copies everything this process writes to stdout and stderr (file descriptors 1 and 2: print, Python
+    warnings, logging, DeepSpeed, C++ libraries, child processes) into a log file, while it still reaches the
+    console as before. Output before `attach` is held in memory (at most HELD_BYTES) and written first; if the
+    run never gets its folder (it was refused) nothing is written. Lasts until the process exits (`close`)."""
+
+    HELD_BYTES = 1 << 20
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held = bytearray()
+        self._file = None
+        self._consoles: dict[int, int] = {}  # fd -> a duplicate of what it was (the console)
+        self._streams: dict[str, Any] = {}
+        self._threads: list[threading.Thread] = []
+        self._closing = threading.Event()
+
+    def start(self) -> RankLog:
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            stream = getattr(sys, name)
+            stream.flush()
+            console = os.dup(fd)
+            read, write = os.pipe()
+            os.dup2(write, fd)
+            os.close(write)
+            thread = threading.Thread(target=self._copy, args=(read, console), daemon=True, name=f"rank-log-{name}")
+            thread.start()
+            self._consoles[fd], self._streams[name] = console, stream
+            self._threads.append(thread)
+            setattr(sys, name, _Terminal(stream, os.isatty(console)))
+        atexit.register(self.close)
+        return self
+
+    def attach(self, path: Path, rank: int, world: int) -> None:
+        """From now on (and what was held) into `path`, appended to what earlier attempts (a resume) wrote."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            self._file = path.open("ab")
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            self._file.write(f"==== cl-flat {' '.join(sys.argv[1:])} | rank {rank} of {world} | pid {os.getpid()}"
+                             f" | {stamp} ====\n".encode())
+            self._file.write(bytes(self._held))
+            self._file.flush()
+            self._held.clear()
+
+    def _copy(self, read: int, console: int) -> None:
+        """Pipe -> console and log, until EOF or, once closing, until the pipe is empty (a library may hold a
+        duplicate of fd 2 for the life of the process: EOF would never come)."""
+        waiting = select.poll()
+        waiting.register(read, select.POLLIN)
+        while True:
+            if not waiting.poll(100):
+                if self._closing.is_set():
+                    break
+                continue
+            chunk = os.read(read, 1 << 16)
+            if not chunk:
+                break
+            try:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(console, view):]
+            except OSError:  # the console went away: keep the log
+                pass
+            with self._lock:
+                if self._file is not None:
+                    self._file.write(chunk)
+                    self._file.flush()
+                elif len(self._held) < self.HELD_BYTES:
+                    self._held += chunk
+        os.close(read)
+
+    def close(self) -> None:
+        """Put the console back under fd 1 and 2 and copy what is still in the pipes."""
+        if not self._consoles:
+            return
+        for name, stream in self._streams.items():
+            try:
+                getattr(sys, name).flush()
+            except (OSError, ValueError):
+                pass
+            setattr(sys, name, stream)
+        for fd, console in self._consoles.items():
+            os.dup2(console, fd)
+        self._closing.set()
+        for thread in self._threads:
+            thread.join(timeout=2)  # never wait long for a writer that keeps writing
+        if not any(thread.is_alive() for thread in self._threads):
+            for console in self._consoles.values():
+                os.close(console)
+        self._consoles.clear()
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
