@@ -1,0 +1,193 @@
+"""Typed run configuration: loading and validating the YAML schema of `cl_flat.config.sections`.
+
+`load_config(path, overrides)` reads the YAML, applies `--set a.b=v` overrides to the raw dict
+*before* validation, validates everything at once and raises `ConfigError` listing each problem
+with its dotted path. Command options that are not part of a run's config (`cl-flat landscape`'s,
+declared next to their command's code) are validated by the same machinery (`validate_options`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import TypeAdapter, ValidationError
+
+from cl_flat.config.sections import (
+    FLATNESS_METHODS,
+    BuiltinTaskConfig,
+    DeepSpeedSection,
+    EvaluationSection,
+    FlatLoraMethod,
+    FlatnessAdapter,
+    HfTaskConfig,
+    JsonlTaskConfig,
+    LoraSection,
+    LpfSgdMethod,
+    ModelSection,
+    NoneMethod,
+    RunConfig,
+    RwpMethod,
+    SamMethod,
+    Strict,
+    TaskConfig,
+    TrainingSection,
+    WandbSection,
+)
+from cl_flat.errors import ConfigError
+from cl_flat.overrides import apply_overrides, fill_name_template, names_every_key, override_keys, with_task_settings
+
+__all__ = [
+    "BuiltinTaskConfig", "DeepSpeedSection", "EvaluationSection", "FlatLoraMethod", "FlatnessAdapter", "HfTaskConfig",
+    "JsonlTaskConfig", "LoraSection", "LpfSgdMethod", "ModelSection", "NoneMethod", "RunConfig", "RwpMethod",
+    "SamMethod", "Strict", "TaskConfig", "TrainingSection", "WandbSection",
+    "config_to_dict", "load_config", "resolve_paths", "validate_config", "validate_options",
+]
+
+
+UNION_TAGS = {"builtin", "jsonl", "hf"} | {m.model_fields["method"].annotation.__args__[0] for m in FLATNESS_METHODS}
+
+
+UNION_MEMBER_LABELS = {"str", "int", "float", "bool"}
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [str(p) for p in error["loc"]]
+    # drop the discriminator tag pydantic inserts into union locations (tasks.0.jsonl.train)
+    loc = [p for p in loc if p not in UNION_TAGS or p == loc[-1]]
+    # and the member labels of plain unions (data_files.str, data_files.list[str], ...)
+    loc = [p for p in loc if "[" not in p and p not in UNION_MEMBER_LABELS]
+    path = ".".join(loc) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] == "union_tag_invalid":
+        message = f"{message.split(':')[0]}: expected one of {error['ctx']['expected_tags']}"
+    elif error["type"] == "missing":
+        message = "required field is missing"
+    if "input" in error and error["type"] not in {"missing", "union_tag_invalid", "model_type"} \
+            and not isinstance(error["input"], (dict, list)):
+        message += f" (got {error['input']!r})"
+    return f"{path}: {message}"
+
+
+def _cross_checks(raw: dict[str, Any]) -> list[str]:
+    """Checks that span sections, on the raw dict so they are reported together with the
+    schema errors (a pydantic after-validator only runs when every field is valid)."""
+    problems = []
+    tasks = raw.get("tasks") if isinstance(raw.get("tasks"), list) else []
+    names = [t["name"] for t in tasks if isinstance(t, dict) and isinstance(t.get("name"), str)]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        problems.append(f"tasks: duplicate task name(s) {duplicates}; names must be unique")
+    model, deepspeed = raw.get("model"), raw.get("deepspeed")
+    ds_bf16 = deepspeed.get("bf16", False) if isinstance(deepspeed, dict) else False
+    try:
+        ds_bf16 = TypeAdapter(bool).validate_python(ds_bf16)
+    except ValidationError:
+        ds_bf16 = True  # reported by the schema check already
+    if isinstance(model, dict) and model.get("dtype") == "bf16" and not ds_bf16:
+        problems.append("model.dtype: bf16 needs deepspeed.bf16: true (DeepSpeed keeps fp32 master weights)")
+    evaluation = raw.get("evaluation")
+    default_metric = (evaluation.get("metric") if isinstance(evaluation, dict) else None) \
+        or EvaluationSection.model_fields["metric"].default
+    training = raw.get("training") if isinstance(raw.get("training"), dict) else {}
+    run_length = training.get("max_seq_length", TrainingSection.model_fields["max_seq_length"].default)
+    for i, task in enumerate(tasks):
+        own = task.get("training") if isinstance(task, dict) else None
+        if isinstance(own, dict) and "max_seq_length" in own and own["max_seq_length"] != run_length:
+            problems.append(f"tasks.{i}.training.max_seq_length: one length serves the whole run (every task is "
+                            "evaluated after every task); set training.max_seq_length instead")
+        if isinstance(task, dict) and task.get("source") in {"jsonl", "hf"} and task.get("labels") is None \
+                and (task.get("metric") or default_metric) == "accuracy":
+            problems.append(f"tasks.{i}.labels: metric 'accuracy' (rank classification) needs the "
+                            "task's label strings; list them or set metric: exact_match")
+    return problems
+
+
+def _problems(exc: ValidationError, names: dict[str, str] | None = None) -> list[str]:
+    """One line per invalid path (its messages joined); `names` renames top-level paths (field -> --flag)."""
+    merged: dict[str, list[str]] = {}
+    for error in exc.errors():
+        path, _, message = _describe(error).partition(": ")
+        path = (names or {}).get(path, path)
+        if message not in merged.setdefault(path, []):
+            merged[path].append(message)
+    return [f"{path}: {' or '.join(messages)}" for path, messages in merged.items()]
+
+
+def validate_options(model: type[Strict], values: dict[str, Any], source: str, flags: dict[str, str]):
+    """A command's options validated like a config section; errors name the option (`flags`: field -> --flag)."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(source, _problems(exc, flags), kind="options") from None
+
+
+def validate_config(raw: Any, source: str = "config") -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(source, ["(top level): expected a mapping of sections (run, model, tasks, ...)"])
+    problems: list[str] = []
+    try:
+        config = RunConfig.model_validate(with_task_settings(raw))
+    except ValidationError as exc:
+        problems = _problems(exc)
+    else:
+        config.run.name, problems = fill_name_template(config.run.name, config)
+    problems += _cross_checks(raw)
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, sweep_run_id: str | None = None) -> RunConfig:
+    """The validated config of a YAML file with `overrides` applied, its run.name template filled. Under a
+    sweep (`sweep_run_id`: the wandb run id) "-<id>" is appended unless the template names every key the
+    overrides set (`names_every_key`), so that two runs of one sweep never share a results folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), [f"{path}: file not found"])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(str(path), [f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    raw = apply_overrides(raw if raw is not None else {}, overrides or [])
+    config = validate_config(raw, str(path))
+    template = raw["run"]["name"] if "name" in (raw.get("run") or {}) else config.run.name
+    if sweep_run_id and not names_every_key(template, override_keys(overrides or [])):
+        config.run.name = f"{config.run.name}-{sweep_run_id}"
+    return resolve_paths(config, path.parent)
+
+
+def _resolve(value: str | Path, base: Path) -> str | Path:
+    path = Path(value)
+    if path.is_absolute():
+        return value
+    chosen = base / path if (base / path).exists() else path
+    return type(value)(chosen.resolve())
+
+
+def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
+    """Relative data paths are relative to the config file's folder when they exist there,
+    else to the working directory (how users expect `data/x.jsonl` next to the YAML to work).
+    They are stored absolute, so a saved run config works from any directory (cl-flat eval)."""
+    for task in config.tasks:
+        if isinstance(task, JsonlTaskConfig):
+            task.train, task.test = _resolve(task.train, base), _resolve(task.test, base)
+        elif isinstance(task, HfTaskConfig) and task.data_files is not None:
+            files = task.data_files
+            if isinstance(files, dict):
+                task.data_files = {k: [_resolve(f, base) for f in v] if isinstance(v, list) else _resolve(v, base)
+                                   for k, v in files.items()}
+            elif isinstance(files, list):
+                task.data_files = [_resolve(f, base) for f in files]
+            else:
+                task.data_files = _resolve(files, base)
+    return config
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json")
