@@ -46,3 +46,12 @@ def test_reference_runs_and_the_measures_they_give(tmp_path, tiny_config):
     proc = run_cli(["metrics", str(results / "tiny/acc_matrix.csv"), "--joint-reference", str(results / "tiny")],
                    cwd=tmp_path)
     assert proc.returncode == 2 and "not a joint reference" in proc.stderr, proc.stderr[-2000:]
+    # cl-flat report places both references beside the sequence and measures the sequence against them
+    proc = run_cli(["report", str(results), "--out", str(tmp_path / "report")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["kind"] + ":" + r["group"]: r for r in csv.DictReader((tmp_path / "report/report.csv").open())}
+    assert float(rows["reference:reference per_task"]["AA_mean"]) == pytest.approx(sum(P) / 2)
+    assert float(rows["reference:reference joint"]["AA_mean"]) == pytest.approx(sum(J) / 2)
+    group = rows["group:flatness.method=none"]
+    assert float(group["FWT_alone_mean"]) == pytest.approx(measured["FWT_alone"])
+    assert float(group["gap_joint_mean"]) == pytest.approx(measured["gap_joint"])

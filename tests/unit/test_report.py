@@ -207,7 +207,9 @@ def test_files_written_and_their_columns(results, tmp_path):
     metric_columns = [f"{m}_{part}" for m in ("AA", "BWT", "FWT", "F", "AIA")
                       for part in ("mean", "std", "ci_low", "ci_high")]
     assert reader.fieldnames == ["kind", "group", "baseline", "run", "path", "seed", "method", "tasks", "n",
-                                 "AA", "BWT", "FWT", "F", "AIA", *metric_columns]
+                                 "AA", "BWT", "FWT", "F", "AIA", *metric_columns, "FWT_alone", "gap_joint",
+                                 *(f"{m}_{part}" for m in ("FWT_alone", "gap_joint")
+                                   for part in ("mean", "std", "ci_low", "ci_high"))]
     assert [r["kind"] for r in rows].count("run") == 6
     assert [(r["kind"], r["group"]) for r in rows if r["kind"] != "run"] == \
         [("group", NONE_LABEL), ("group", SAM_LABEL), ("paired", SAM_LABEL)]
@@ -286,3 +288,57 @@ def test_cli_report(results, tmp_path):
     assert "## Groups (by flatness.method)" in result.stdout
     assert "| flatness.method=sam | 3 | 1 2 3 |" in result.stdout
     assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "report.csv").is_file()
+
+
+# ---------------------------------------------------------------- reference runs beside the groups
+
+
+def make_reference(root: Path, name: str, kind: str, seed: int, scores: list[float]) -> Path:
+    """A finished `--reference kind` folder as cl-flat writes it (meta.reference, reference.csv, metrics.json)."""
+    path = make_run(root, name, seed, {"method": "none"}, None, None)
+    run = RunDir(path)
+    run.save_config(run.load_config(), {"world_size": 1, "reference": kind})
+    run.write_reference(kind, list(SEQUENCE), ZERO_SHOT, scores)
+    return path
+
+
+def test_references_are_grouped_beside_the_runs_and_give_their_measures(results, tmp_path):
+    # per_task P for seeds 1, 2, 3; FWT_alone = R[2,2] − P_2 (T = 2):
+    # none R22 = 80, 80, 84 -> 20, 18, 14 (mean 52/3); sam R22 = 81, 81, 85 -> 21, 19, 15; Δ = 1 for every seed
+    for seed, p2 in ((1, 60), (2, 62), (3, 70)):
+        make_reference(results, f"ref-per_task-s{seed}", "per_task", seed, [90.0, p2])
+    # one joint J = (85, 83), mean 84, of seed 7: used for every run; gap = 84 − AA
+    make_reference(results, "ref-joint", "joint", 7, [85.0, 83.0])
+    report = build_report([str(results)])
+    none, sam = report.groups
+    assert len(report.runs) == 6 and report.measures == ("AA", "BWT", "FWT", "F", "AIA", "FWT_alone", "gap_joint")
+    assert none.metrics["FWT_alone"].mean == pytest.approx(52 / 3)
+    assert sam.metrics["FWT_alone"].mean == pytest.approx(55 / 3)
+    assert none.metrics["gap_joint"].mean == pytest.approx((14 + 12 + 7) / 3)  # AA 70, 72, 77
+    assert sam.metrics["gap_joint"].mean == pytest.approx((8 + 6 + 3) / 3)     # AA 76, 78, 81
+    (paired,) = report.paired
+    assert (paired.metrics["FWT_alone"].mean, paired.metrics["FWT_alone"].std) == (pytest.approx(1), 0)
+    joint, per_task = report.references
+    assert (joint.label, joint.seeds, joint.mean.mean) == ("reference joint", [7], pytest.approx(84))
+    assert (per_task.label, per_task.seeds) == ("reference per_task", [1, 2, 3])
+    assert per_task.mean.mean == pytest.approx((75 + 76 + 80) / 3)
+    assert any("gap_joint of" in note and "another seed" in note for note in report.notes)
+    text = render_markdown(report)
+    assert "| reference per_task | 3 | 1 2 3 | 77.00 ± " in text
+    assert "| FWT_alone | gap_joint |" in text
+    write_report(report, tmp_path / "out")
+    rows = list(csv.DictReader((tmp_path / "out" / "report.csv").open()))
+    assert [r["group"] for r in rows if r["kind"] == "reference"] == ["reference joint", "reference per_task"]
+    assert float(next(r for r in rows if r["run"] == "none-s3")["FWT_alone"]) == 14
+    assert float(next(r for r in rows if r["run"] == "ref-joint")["AA"]) == 84
+
+
+def test_a_run_without_a_reference_of_its_seed_among_several_is_undefined(results):
+    for seed in (1, 2):
+        make_reference(results, f"ref-per_task-s{seed}", "per_task", seed, [90.0, 60.0])
+    report = build_report([str(results)])
+    assert report.groups[0].metrics["FWT_alone"] is None  # none-s3 has no per_task reference
+    assert {run.name: run.metrics["FWT_alone"] for run in report.runs if run.seed != 3} == \
+        {"none-s1": 20, "none-s2": 20, "sam-s1": 21, "sam-s2": 21}
+    assert any(note.startswith("FWT_alone undefined for none-s3, sam-s3") for note in report.notes)
+    assert "gap_joint" not in report.measures

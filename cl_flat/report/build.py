@@ -1,4 +1,4 @@
-"""`cl-flat report`: compare finished runs, grouped over seeds, from their result files only (never a model).
+"""Reading and comparing finished runs for `cl-flat report`, from their result files only (never a model).
 
 Inputs: run folders, folders of them, or globs (expanded here, so a quoted glob works), read through
 RunDir (config.yaml, acc_matrix.csv, metrics.json). A run without metrics.json is incomplete: listed and
@@ -14,18 +14,19 @@ h = t_{0.975, n−1}·s/√n; for n = 1, s and h are undefined (NaN; empty in th
 of a group is undefined for the group. Paired difference vs the baseline group: for each seed s found
 once in both groups, d_s = M(group, s) − M(baseline, s), summarised the same way (n = pairs).
 
-report.csv (CSV_COLUMNS): kind (group | run | paired), group (label), baseline (paired rows), run and
-path (run rows), seed (group/paired rows: the seeds), method, tasks ("a > b"), n (1, runs, or pairs), M for
-M in AA BWT FWT F AIA (run rows), M_mean, M_std, M_ci_low, M_ci_high (group and paired rows); README
-"Comparing runs" explains each. An empty cell is undefined, never 0.
+Reference runs (`cl-flat train --reference per_task|joint`, meta.reference in config.yaml) are not grouped
+with the sequences: they form reference groups of their own (kind, settings), whose value is the mean over
+tasks of their per-task scores. Each sequential run is measured against the reference of each kind with
+its task sequence and seed (among several, the one whose settings equal the run's; a kind's only
+reference when none has the seed): FWT_alone against per_task, gap_joint against joint
+(cl_flat.metrics). The measures are summarised per group like the others.
 """
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import functools
 import glob
-import io
 import json
 import math
 import os
@@ -35,28 +36,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
-import numpy as np
 import yaml
 
-from cl_flat import plots  # selects matplotlib's headless Agg backend before any figure exists
 from cl_flat.config import FlatnessAdapter, config_to_dict
-from cl_flat.errors import MatrixFormatError, UserError
-from cl_flat.files import atomic_path, atomic_write_text
-from cl_flat.metrics import read_acc_matrix
+from cl_flat.errors import ConfigError, MatrixFormatError, UserError
+from cl_flat.metrics import forward_transfer_vs_alone, gap_to_joint, read_acc_matrix
 from cl_flat.overrides import dotted_keys
 from cl_flat.rundir import RunDir
 from cl_flat.stats import Summary, summarize, summarize_defined
 
 METRICS = ("AA", "BWT", "FWT", "F", "AIA")
-BAR_METRICS = ("AA", "BWT", "F")
+REFERENCE_MEASURES = {"per_task": ("FWT_alone", forward_transfer_vs_alone), "joint": ("gap_joint", gap_to_joint)}
 DEFAULT_BASELINE = "flatness.method=none"
 RUN_IDENTITY_KEYS = frozenset({"run.seed", "run.name", "run.output_dir"})
 PATH_OR_LOGGING_KEY = re.compile(r"logging\..*|tasks\.\d+\.(train|test|data_files)(\..*)?")
 UNSET = "(unset)"
-SUMMARY_PARTS = ("mean", "std", "ci_low", "ci_high")
-CSV_COLUMNS = ["kind", "group", "baseline", "run", "path", "seed", "method", "tasks", "n", *METRICS,
-               *(f"{m}_{part}" for m in METRICS for part in SUMMARY_PARTS)]
 
 
 class ReportInputError(UserError):
@@ -72,8 +66,36 @@ class RunResult:
     seed: int
     settings: dict[str, Any]           # the resolved config, flattened to dotted keys
     tasks: tuple[str, ...]
-    metrics: dict[str, float | None]   # METRICS; None where metrics.json says null
+    metrics: dict[str, float | None]   # METRICS (+ reference measures); None where undefined
     op: tuple[float, ...]              # OP_t, t = 1..T
+    matrix: tuple[tuple[float | None, ...], ...] = ()  # R[t][i], the trained rows of acc_matrix.csv
+
+
+@dataclass(frozen=True)
+class ReferenceRun:
+    path: Path
+    name: str
+    kind: str                          # per_task | joint
+    seed: int
+    settings: dict[str, Any]
+    tasks: tuple[str, ...]
+    scores: tuple[float, ...]          # the score of each task under its reference adapter
+
+    @property
+    def mean(self) -> float:
+        return sum(self.scores) / len(self.scores)
+
+
+@dataclass
+class ReferenceGroup:
+    label: str                         # "reference <kind>" and the keys that differ between its groups
+    kind: str
+    runs: list[ReferenceRun]
+    mean: Summary                      # over the runs of the mean score over tasks
+
+    @property
+    def seeds(self) -> list[int]:
+        return [run.seed for run in self.runs]
 
 
 @dataclass
@@ -103,6 +125,8 @@ class Report:
     skipped: list[Path]                 # incomplete runs (no metrics.json)
     notes: list[str] = field(default_factory=list)
     grouping: str = "runs that differ only in run.seed"
+    references: list[ReferenceGroup] = field(default_factory=list)
+    measures: tuple[str, ...] = METRICS  # METRICS and the reference measures the inputs allow
 
     @property
     def runs(self) -> list[RunResult]:
@@ -150,13 +174,13 @@ def load_run(folder: Path, name: str) -> RunResult:
     if not run_dir.matrix_path.is_file():
         raise ReportInputError(f"{run_dir.matrix_path}: missing, though metrics.json marks the run complete")
     try:
-        tasks, _, _ = read_acc_matrix(run_dir.matrix_path)
+        tasks, matrix, _ = read_acc_matrix(run_dir.matrix_path)
     except MatrixFormatError as exc:
         raise ReportInputError(str(exc)) from None
     configured = [task.name for task in config.tasks]
     if tasks != configured:
-        raise ReportInputError(f"{run_dir.matrix_path}: tasks {_sequence(tasks)} differ from those of "
-                               f"{run_dir.config_path.name} ({_sequence(configured)})")
+        raise ReportInputError(f"{run_dir.matrix_path}: tasks {sequence_label(tasks)} differ from those of "
+                               f"{run_dir.config_path.name} ({sequence_label(configured)})")
     path = run_dir.metrics_path
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -174,7 +198,90 @@ def load_run(folder: Path, name: str) -> RunResult:
                                f"got {op!r}")
     metrics = {key: None if data[key] is None else float(data[key]) for key in METRICS}
     return RunResult(folder, name, config.run.seed, dotted_keys(config_to_dict(config)), tuple(tasks), metrics,
-                     tuple(float(v) for v in op))
+                     tuple(float(v) for v in op), tuple(tuple(row) for row in matrix))
+
+
+def is_reference(folder: Path) -> bool:
+    return RunDir(folder).stored_meta().get("reference") is not None
+
+
+def load_reference(folder: Path, name: str) -> ReferenceRun:
+    """One finished reference run from its config.yaml and metrics.json (scores per task)."""
+    run_dir = RunDir(folder)
+    kind = run_dir.stored_meta()["reference"]
+    if kind not in REFERENCE_MEASURES:
+        raise ReportInputError(f"{run_dir.config_path}: meta.reference must be one of {list(REFERENCE_MEASURES)}, "
+                               f"got {kind!r}")
+    try:
+        tasks, scores = run_dir.read_reference(kind)
+    except ConfigError as exc:
+        raise ReportInputError("; ".join(exc.problems)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ReportInputError(f"{run_dir.metrics_path}: not valid JSON ({exc})") from None
+    if not isinstance(tasks, list) or not isinstance(scores, list) or len(scores) != len(tasks) or not tasks \
+            or not all(_finite(v) for v in scores):
+        raise ReportInputError(f"{run_dir.metrics_path}: scores must be a list of finite numbers, one per task")
+    config = run_dir.load_config()
+    return ReferenceRun(folder, name, kind, config.run.seed, dotted_keys(config_to_dict(config)), tuple(tasks),
+                        tuple(float(v) for v in scores))
+
+
+def match_reference(run: RunResult, references: list[ReferenceRun]) -> tuple[ReferenceRun | None, bool]:
+    """The reference (of one kind) a run is measured against, or None, and whether it has the run's seed:
+    those of the run's task sequence; of these the ones with its seed, and among several of those the one
+    whose comparable settings equal the run's; with no reference of its seed, the sequence's only one."""
+    same_tasks = [ref for ref in references if ref.tasks == run.tasks]
+    same_seed = [ref for ref in same_tasks if ref.seed == run.seed]
+    if len(same_seed) > 1:
+        same_seed = [ref for ref in same_seed
+                     if comparable_settings(ref.settings) == comparable_settings(run.settings)]
+    if len(same_seed) == 1:
+        return same_seed[0], True
+    if not same_seed and len(same_tasks) == 1:
+        return same_tasks[0], False
+    return None, False
+
+
+def with_reference_measures(runs: list[RunResult], references: list[ReferenceRun]) -> tuple[list[RunResult],
+                                                                                            list[str]]:
+    """The runs with FWT_alone / gap_joint added for each reference kind present, and the notes."""
+    notes: list[str] = []
+    for kind, (key, measure) in REFERENCE_MEASURES.items():
+        of_kind = [ref for ref in references if ref.kind == kind]
+        if not of_kind:
+            continue
+        measured, unmatched, other_seed = [], [], {}
+        for run in runs:
+            ref, by_seed = match_reference(run, of_kind)
+            if ref is None:
+                unmatched.append(run.name)
+            elif not by_seed:
+                other_seed.setdefault(ref.path, []).append(run.name)
+            value = None if ref is None else measure([list(row) for row in run.matrix], list(ref.scores))
+            measured.append(dataclasses.replace(run, metrics={**run.metrics, key: value}))
+        runs = measured
+        notes += [f"{key} of {', '.join(names)}: against {path}, the sequence's only {kind} reference, of "
+                  "another seed" for path, names in other_seed.items()]
+        if unmatched:
+            notes.append(f"{key} undefined for {', '.join(unmatched)}: no {kind} reference of that task sequence, "
+                         "or several and none with the run's seed and settings")
+    return runs, notes
+
+
+def group_references(references: list[ReferenceRun]) -> list[ReferenceGroup]:
+    """Reference runs grouped by kind and comparable settings; labelled by kind and the keys that differ."""
+    buckets: dict[str, list[ReferenceRun]] = {}
+    for ref in references:
+        buckets.setdefault(_canonical([ref.kind, comparable_settings(ref.settings)]), []).append(ref)
+    settings = [comparable_settings(members[0].settings) for members in buckets.values()]
+    keys = list(dict.fromkeys(key for values in settings for key in values))
+    differing = [key for key in keys if len({_canonical(values.get(key, UNSET)) for values in settings}) > 1]
+    groups = []
+    for members, values in zip(buckets.values(), settings):
+        label = ", ".join([f"reference {members[0].kind}",
+                           *(f"{k}={_format_value(values[k])}" for k in differing if k in values)])
+        groups.append(ReferenceGroup(label, members[0].kind, members, summarize([ref.mean for ref in members])))
+    return sorted(groups, key=lambda group: group.label)
 
 
 def comparable_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -182,7 +289,7 @@ def comparable_settings(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k not in RUN_IDENTITY_KEYS and not PATH_OR_LOGGING_KEY.fullmatch(k)}
 
 
-_sequence = " > ".join  # ("a", "b") -> "a > b"
+sequence_label = " > ".join  # ("a", "b") -> "a > b"
 _finite = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 _canonical = functools.partial(json.dumps, sort_keys=True, default=str)
 
@@ -214,7 +321,7 @@ def group_runs(runs: list[RunResult], group_by: list[str] | None = None) -> list
         label = ", ".join(f"{k}={_format_value(values[k])}" for k in label_keys
                           if k in values and not (k in only_present and defaults.get(k, UNSET) == values[k]))
         steps = range(min(len(run.op) for run in members))
-        metrics = {m: summarize_defined([run.metrics[m] for run in members]) for m in METRICS}
+        metrics = {m: summarize_defined([run.metrics[m] for run in members]) for m in members[0].metrics}
         groups.append(Group(label, members, metrics, [summarize([run.op[t] for run in members]) for t in steps]))
     return sorted(groups, key=lambda group: group.label)
 
@@ -262,9 +369,10 @@ def compare_paired(group: Group, baseline: Group) -> PairedComparison:
     group is not paired) and summarises d_s = M(group, s) − M(baseline, s) per metric."""
     mine, theirs = ({run.seed: run for run in g.runs if g.seeds.count(run.seed) == 1} for g in (group, baseline))
     seeds = sorted(set(mine) & set(theirs))
-    pairs = {m: [(mine[s].metrics[m], theirs[s].metrics[m]) for s in seeds] for m in METRICS}
+    keys = group.runs[0].metrics
+    pairs = {m: [(mine[s].metrics[m], theirs[s].metrics[m]) for s in seeds] for m in keys}
     return PairedComparison(group, seeds, {m: summarize_defined([None if a is None or b is None else a - b
-                                                                 for a, b in pairs[m]]) for m in METRICS})
+                                                                 for a, b in pairs[m]]) for m in keys})
 
 
 def build_report(inputs: Sequence[str], group_by: str | None = None, baseline: Sequence[str] = (),
@@ -275,24 +383,28 @@ def build_report(inputs: Sequence[str], group_by: str | None = None, baseline: S
         raise ReportInputError(f"--group-by {group_by}: expected comma-separated dotted keys, "
                                "e.g. flatness.method,flatness.scope")
     found = find_run_folders(inputs)
-    # reference runs (--reference) hold no sequence matrix: listed under "Notes" in report.md, not grouped
-    references = [f for f in found if not RunDir(f).matrix_path.exists() and RunDir(f).reference_path.is_file()]
-    folders = [f for f in found if f not in references]
+    reference_folders = [f for f in found if is_reference(f)]  # --reference runs: grouped on their own
+    finished = [f for f in reference_folders if RunDir(f).metrics_path.is_file()]
+    references = [load_reference(f, f.name) for f in finished]
+    folders = [f for f in found if f not in reference_folders]
     complete = [folder for folder in folders if RunDir(folder).metrics_path.is_file()]
     skipped = [folder for folder in folders if folder not in complete]
+    skipped += [folder for folder in reference_folders if folder not in finished]
     if not complete:
         raise ReportInputError("no complete run (with metrics.json) among " + ", ".join(map(str, skipped)))
     # heatmaps/<name>.png: the folder name, made unique
     names = [f"{f.parent.name}_{f.name}" if [g.name for g in complete].count(f.name) > 1 else f.name for f in complete]
     names = [name if names.index(name) == i else f"{name}_{i}" for i, name in enumerate(names)]
     runs = [load_run(folder, name) for folder, name in zip(complete, names)]
+    runs, notes = with_reference_measures(runs, references)
     for run in runs[1:]:  # runs of different task sequences are not comparable
         if run.tasks != runs[0].tasks and not allow_mixed:
-            raise ReportInputError(f"runs have different task sequences: {_sequence(runs[0].tasks)} "
-                                   f"({runs[0].path}) and {_sequence(run.tasks)} ({run.path}); compare runs of "
+            raise ReportInputError(f"runs have different task sequences: {sequence_label(runs[0].tasks)} "
+                                   f"({runs[0].path}) and {sequence_label(run.tasks)} ({run.path}); compare runs of "
                                    "one sequence, or pass --allow-mixed")
     groups = group_runs(runs, keys)
-    chosen, notes = choose_baseline(groups, list(baseline))
+    chosen, baseline_notes = choose_baseline(groups, list(baseline))
+    notes = baseline_notes + notes
     if chosen is not None:
         groups = [chosen, *(group for group in groups if group is not chosen)]
     paired = [compare_paired(group, chosen) for group in groups if chosen is not None and group is not chosen]
@@ -301,141 +413,10 @@ def build_report(inputs: Sequence[str], group_by: str | None = None, baseline: S
         if unpaired:
             notes.append(f"{comparison.group.label}: seed(s) {', '.join(map(str, unpaired))} not paired "
                          "(no baseline run with that seed, or the seed repeats in a group)")
-    notes += [f"{f}: a reference run, not grouped (its measures: cl-flat metrics --per-task-reference / "
-              "--joint-reference)" for f in references]
     notes += [f"{group.label}: its runs have different task sequences; OP_t is averaged over the first "
               f"{len(group.op)} tasks only" for group in groups if len({run.tasks for run in group.runs}) > 1]
-    return Report(groups, chosen, paired, skipped, notes, f"by {', '.join(keys)}" if keys else Report.grouping)
+    measures = (*METRICS, *(key for kind, (key, _) in REFERENCE_MEASURES.items()
+                            if any(ref.kind == kind for ref in references)))
+    return Report(groups, chosen, paired, skipped, notes, f"by {', '.join(keys)}" if keys else Report.grouping,
+                  group_references(references), measures)
 
-
-def _cell(summary: Summary | None) -> str:
-    if summary is None:
-        return "—"
-    return f"{summary.mean:.2f} (n=1)" if summary.n == 1 else f"{summary.mean:.2f} ± {summary.half_width:.2f}"
-
-
-def _tasks_of(runs: list[RunResult]) -> str:
-    return " | ".join(dict.fromkeys(_sequence(run.tasks) for run in runs))
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
-def render_markdown(report: Report) -> str:
-    """report.md: groups (mean ± 95% CI half-width), paired differences vs the baseline, notes, skipped runs."""
-    sequences = list(dict.fromkeys(run.tasks for run in report.runs))
-    mixed = len(sequences) > 1
-    lines = ["# cl-flat report", "",
-             f"{len(report.runs)} complete run(s) in {len(report.groups)} group(s); "
-             + ("task sequences differ (--allow-mixed), see the tasks column." if mixed
-                else f"task sequence {_sequence(sequences[0])}."), "",
-             "Scores in percent. A cell is mean ± h, the half-width of the 95% confidence interval "
-             "(Student t with n − 1 degrees of freedom, h = t·s/√n, s the sample standard deviation). "
-             "\"n=1\": one run, no interval. —: undefined (null in metrics.json). A label omits method "
-             "parameters at their defaults (cl-flat methods).", "",
-             f"## Groups ({report.grouping})", ""]
-    lines += _table(["group", "n", "seeds", *(["tasks"] if mixed else []), *METRICS],
-                    [[g.label, str(len(g.runs)), " ".join(map(str, g.seeds)), *([_tasks_of(g.runs)] if mixed else []),
-                      *(_cell(g.metrics[m]) for m in METRICS)] for g in report.groups])
-    if report.baseline is not None:
-        lines += ["", f"## Paired difference vs baseline `{report.baseline.label}`", "",
-                  "Mean over seeds of (group − baseline) for runs with the same run.seed, ± the 95% CI half-width "
-                  "of those differences.", ""]
-        lines += _table(["group", "pairs", "seeds", *(f"Δ{m}" for m in METRICS)],
-                        [[c.group.label, str(len(c.seeds)), " ".join(map(str, c.seeds)) or "—",
-                          *(_cell(c.metrics[m]) for m in METRICS)] for c in report.paired])
-    if report.notes:
-        lines += ["", "## Notes", "", *(f"- {note}" for note in report.notes)]
-    lines += ["", "## Skipped incomplete runs (no metrics.json)", ""]
-    lines += [f"- {path}" for path in report.skipped] or ["none"]
-    return "\n".join(lines) + "\n"
-
-
-def _number(value: float | None) -> str:
-    return "" if value is None or math.isnan(value) else repr(float(value))
-
-
-def _summary_cells(metrics: dict[str, Summary | None]) -> dict[str, str]:
-    return {f"{m}_{part}": "" if s is None else _number(getattr(s, part))
-            for m, s in metrics.items() for part in SUMMARY_PARTS}
-
-
-def _methods(runs: list[RunResult]) -> str:
-    return " ".join(dict.fromkeys(str(run.settings.get("flatness.method", "")) for run in runs))
-
-
-def render_csv(report: Report) -> str:
-    """report.csv: the columns of the module docstring (CSV_COLUMNS)."""
-    def summary_row(kind: str, group: Group, seeds: list[int], metrics: dict[str, Summary | None]) -> dict[str, Any]:
-        return {"kind": kind, "group": group.label, "seed": " ".join(map(str, seeds)), "method": _methods(group.runs),
-                "tasks": _tasks_of(group.runs), "n": len(seeds), **_summary_cells(metrics)}
-
-    rows: list[dict[str, Any]] = []
-    for group in report.groups:
-        rows.append(summary_row("group", group, group.seeds, group.metrics))
-        rows += [{"kind": "run", "group": group.label, "run": run.name, "path": str(run.path), "seed": run.seed,
-                  "method": _methods([run]), "tasks": _sequence(run.tasks), "n": 1,
-                  **{m: _number(run.metrics[m]) for m in METRICS}} for run in group.runs]
-    rows += [summary_row("paired", c.group, c.seeds, c.metrics) | {"baseline": report.baseline.label}
-             for c in report.paired]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, restval="", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def _save_figure(fig: Any, ax: Any, title: str, out_png: Path) -> None:
-    """Title, legend below the axes, then savefig to a temp file and rename; always closes the figure."""
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))
-    try:
-        with atomic_path(out_png, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-
-
-def plot_op_curves(groups: list[Group], out_png: Path) -> None:
-    """OP_t (mean over a group's runs) against t, one line per group, its 95% CI as a band (n ≥ 2)."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for group in groups:
-        ts = np.arange(1, len(group.op) + 1)
-        (line,) = ax.plot(ts, [s.mean for s in group.op], marker="o", label=f"{group.label} (n={len(group.runs)})")
-        if len(group.runs) > 1:
-            ax.fill_between(ts, [s.ci_low for s in group.op], [s.ci_high for s in group.op],
-                            color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set(xticks=range(1, max(len(group.op) for group in groups) + 1), xlabel="after task t", ylabel="OP$_t$ (%)")
-    ax.grid(alpha=0.3)
-    _save_figure(fig, ax, "Online performance: mean over seeds, 95% CI band", out_png)
-
-
-def plot_metric_bars(groups: list[Group], out_png: Path) -> None:
-    """AA, BWT and F: one bar per group (the mean), error bars the 95% CI (none for n = 1 or undefined)."""
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) + 4), 4.5))
-    width, xs = 0.8 / len(groups), np.arange(len(BAR_METRICS))
-    for k, group in enumerate(groups):
-        summaries = [group.metrics[m] for m in BAR_METRICS]
-        ax.bar(xs + (k - (len(groups) - 1) / 2) * width, [math.nan if s is None else s.mean for s in summaries],
-               width, yerr=[math.nan if s is None else s.half_width for s in summaries], capsize=3,
-               label=f"{group.label} (n={len(group.runs)})")
-    ax.axhline(0.0, color="grey", linewidth=0.5)
-    ax.set(xticks=xs, xticklabels=BAR_METRICS, ylabel="percent points")
-    _save_figure(fig, ax, "AA, BWT, F: mean over seeds, 95% CI", out_png)
-
-
-def write_report(report: Report, out: str | os.PathLike[str]) -> list[Path]:
-    """DIR/report.md, DIR/report.csv, DIR/op_curves.png, DIR/metrics_bars.png, DIR/heatmaps/<run>.png; every
-    file written atomically, figures drawn only from the files read. Returns the paths written."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ReportInputError(f"--out {out}: exists and is not a folder")
-    heatmaps = [out / "heatmaps" / f"{run.name}.png" for run in report.runs]
-    for run, png in zip(report.runs, heatmaps):
-        plots.plot_acc_matrix(RunDir(run.path).matrix_path, png)
-    plot_op_curves(report.groups, out / "op_curves.png")
-    plot_metric_bars(report.groups, out / "metrics_bars.png")
-    atomic_write_text(out / "report.csv", render_csv(report))
-    atomic_write_text(out / "report.md", render_markdown(report))
-    return [*heatmaps, out / "op_curves.png", out / "metrics_bars.png", out / "report.csv", out / "report.md"]
