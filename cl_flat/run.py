@@ -178,10 +178,10 @@ def run_sequence(config: RunConfig, resume: bool = False, allow_config_change: b
     is_main = dist.is_main()
     run_dir = RunDir.of(config)
     restart = _restart(run_dir, config, resume, allow_config_change)
-    rank_log.attach(run_dir.rank_log(dist.rank()), dist.rank(), dist.world_size())
     restored = restart.rows
     done = max(len(restored) - 1, 0)
     methods, tasks, model, tokenizer = prepare(config)
+    rank_log.attach(run_dir.rank_log(dist.rank()), dist.rank(), dist.world_size())  # input accepted
     device = dist.device()
     model.to(device)
     names = [t.name for t in tasks]
