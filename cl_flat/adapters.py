@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from cl_flat.config import LoraSection
+from cl_flat.family import CAUSAL, Family, family_of, lora_targets
 from cl_flat.seeding import adapter_init_seed
 
 SEQLORA_ADAPTER = "seqlora"
@@ -30,11 +31,12 @@ def adapter_name(strategy: str, task_name: str) -> str:
     return SEQLORA_ADAPTER if strategy == "seqlora" else task_name
 
 
-def lora_config(section: LoraSection):
+def lora_config(section: LoraSection, family: Family = CAUSAL):
+    """peft's LoraConfig of one adapter; target names as `cl_flat.family.lora_targets` resolves them."""
     from peft import LoraConfig
 
     return LoraConfig(r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
-                      target_modules=list(section.target_modules), bias="none")
+                      target_modules=lora_targets(section.target_modules, family), bias="none")
 
 
 def adapter_parameters(model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
@@ -82,9 +84,9 @@ class AdapterStack:
         if self.model is None:
             for param in self.base.parameters():
                 param.requires_grad_(False)
-            self.model = get_peft_model(self.base, lora_config(self.section), adapter_name=name)
+            self.model = get_peft_model(self.base, lora_config(self.section, family_of(self.base)), adapter_name=name)
         else:
-            self.model.add_adapter(name, lora_config(self.section))
+            self.model.add_adapter(name, lora_config(self.section, family_of(self.base)))
         self.adapters.append(name)
         _init_adapter(self.model, name, adapter_seed)
         self._activate()

@@ -106,7 +106,7 @@ def validate(config: Path, set_: SetOption = None) -> None:
 
     from cl_flat.config import config_to_dict, load_config
     from cl_flat.data import check_local_data
-    from cl_flat.models import check_target_modules, module_names
+    from cl_flat.models import check_target_modules, model_family, module_names
     from cl_flat.run import task_methods
 
     cfg = load_config(config, set_ or [])
@@ -114,7 +114,7 @@ def validate(config: Path, set_: SetOption = None) -> None:
     notes = check_local_data(cfg)
     names = module_names(cfg.model.name_or_path)
     if names is not None:
-        check_target_modules(cfg.lora.target_modules, names)
+        check_target_modules(cfg.lora.target_modules, names, model_family(cfg.model.name_or_path))
     else:
         notes.append(f"model {cfg.model.name_or_path!r}: target modules checked when training starts")
     typer.echo(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), nl=False)

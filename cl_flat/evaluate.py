@@ -4,8 +4,10 @@
   tokens after the prompt (length-normalised log-likelihood), the label tokenised in context
   as in training (`prompt_and_targets`); the argmax label is the prediction. No generation:
   deterministic and cheap.
-- `exact_match`: greedy generation, compared after normalisation (case, spacing, trailing
-  punctuation).
+  Encoder-decoder models (`cl_flat.family`): the label tokenised alone + EOS, scored through the
+  decoder given the prompt in the encoder: (1/n) Σ_t log p(y_t | prompt, y_<t), n = label tokens + 1.
+- `exact_match`: greedy generation (causal: the continuation after the prompt; encoder-decoder:
+  the decoder's output), compared after normalisation (case, spacing, trailing punctuation).
 The test set is capped by `max_samples_per_task` with a fixed sample (a permutation keyed by
 (seed, task name)); rank r scores every world-th example; the results are all-gathered, so
 each task's score is its per-sample mean over the same sample whatever the world size.
@@ -22,8 +24,19 @@ import torch
 
 from cl_flat import dist
 from cl_flat.config import EvaluationSection
-from cl_flat.data.batches import IGNORE, Encoded, collate, encode, prompt_and_targets, prompt_ids
+from cl_flat.data.batches import (
+    IGNORE,
+    Encoded,
+    Seq2SeqEncoded,
+    collate,
+    encode,
+    encode_seq2seq,
+    prompt_and_targets,
+    prompt_ids,
+    target_ids,
+)
 from cl_flat.data.sources import TaskData, load_tasks
+from cl_flat.family import SEQ2SEQ, family_of
 from cl_flat.metrics import read_acc_matrix
 from cl_flat.models import load_run_model
 from cl_flat.rundir import RunDir
@@ -42,11 +55,18 @@ def normalise(text: str) -> str:
 
 
 @torch.no_grad()
-def target_logprobs(model: torch.nn.Module, items: list[Encoded], pad_id: int, device) -> list[float]:
-    """Mean log-probability of each item's target tokens given its prompt."""
+def target_logprobs(model: torch.nn.Module, items: list[Encoded] | list[Seq2SeqEncoded], pad_id: int,
+                    device) -> list[float]:
+    """Mean log-probability of each item's target tokens given its prompt (`Seq2SeqEncoded`: the
+    decoder's, position t predicting label t; `Encoded`: position t predicting token t + 1)."""
     batch = {k: v.to(device) for k, v in collate(items, pad_id).items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
+    if "decoder_input_ids" in batch:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=batch["decoder_input_ids"]).logits
+        labels = batch["labels"]
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
     mask = labels != IGNORE
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
@@ -66,9 +86,22 @@ def next_token_logprobs(model: torch.nn.Module, prompts: list[list[int]], token_
     return rows.gather(1, torch.tensor(token_ids, device=rows.device)).tolist()
 
 
+def _seq2seq_pairs(tokenizer, task: TaskData, indices: list[int], max_length: int) -> list[Seq2SeqEncoded]:
+    """(prompt, label + EOS) for every example and label, label-major within an example."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    label_ids = [target_ids(tokenizer, label) + eos for label in task.labels]
+    return [encode_seq2seq(prompt_ids(tokenizer, task.prompt(task.test[i])), ids, max_length)
+            for i in indices for ids in label_ids]
+
+
 def _rank_classification(model, tokenizer, task: TaskData, indices: list[int], batch_size: int,
                          max_length: int, device) -> list[tuple[int, bool]]:
     labels = list(task.labels)
+    if family_of(model) == SEQ2SEQ:
+        pairs = _seq2seq_pairs(tokenizer, task, indices, max_length)
+        scores = [s for start in range(0, len(pairs), batch_size)
+                  for s in target_logprobs(model, pairs[start:start + batch_size], tokenizer.pad_token_id, device)]
+        return _predictions(task, indices, labels, scores)
     contexts = [prompt_and_targets(tokenizer, task.prompt(task.test[i]), labels) for i in indices]
     if all(len(ids) == 1 for _, label_ids in contexts for ids in label_ids):
         # single-token labels: the length-normalised log-likelihood is the next-token log-prob,
@@ -89,6 +122,11 @@ def _rank_classification(model, tokenizer, task: TaskData, indices: list[int], b
         scores = []
         for start in range(0, len(pairs), batch_size):
             scores += target_logprobs(model, pairs[start:start + batch_size], tokenizer.pad_token_id, device)
+    return _predictions(task, indices, labels, scores)
+
+
+def _predictions(task: TaskData, indices: list[int], labels: list[str], scores: list[float]) -> list[tuple[int, bool]]:
+    """(index, argmax label == gold) per example; `scores` holds len(labels) per example, in order."""
     results = []
     for k, i in enumerate(indices):
         row = scores[k * len(labels):(k + 1) * len(labels)]
@@ -107,7 +145,9 @@ def _exact_match(model, tokenizer, task: TaskData, indices: list[int], batch_siz
         batch = collate(items, tokenizer.pad_token_id, left_pad=True)
         out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        # a causal LM's output starts with its prompt; a decoder's with its start token (special)
+        prompt_width = 0 if family_of(model) == SEQ2SEQ else batch["input_ids"].shape[1]
+        texts = tokenizer.batch_decode(out[:, prompt_width:], skip_special_tokens=True)
         results += [(i, normalise(text) == normalise(task.test[i].output)) for i, text in zip(chunk, texts)]
     return results
 

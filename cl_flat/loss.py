@@ -1,11 +1,14 @@
-"""The training loss: mean next-token cross-entropy over the target tokens of a micro-batch.
+"""The training loss: mean cross-entropy over the target tokens of a micro-batch.
 
     L = (1/|T|) Σ_{t∈T} (logsumexp(z_t) − z_t[y_t]),   z_t = W h_t,
 
-h_t the final hidden state at position t, W the output head, y_t the label of position t + 1 and
-T the positions whose y_t is not -100: transformers' causal-LM loss, `model(**batch).loss`.
+W the output head and T the positions whose y_t is not -100. Causal LMs: h_t the final hidden
+state at position t, y_t the label of position t + 1 (transformers' causal-LM loss). Encoder-decoder
+LMs (T5 family): h_t the decoder's final hidden state at position t (times d_model^-0.5 where T5
+ties the head to the embedding, `scale_decoder_outputs`), y_t the label of position t itself
+(transformers' seq2seq loss). Either way `model(**batch).loss`.
 
-Where the logits are the plain head product (the architectures in `FUSED_HEAD_MODEL_TYPES`, a
+Where the logits are the plain head product (`FUSED_HEAD_MODEL_TYPES`, `FUSED_SEQ2SEQ_MODEL_TYPES`; a
 frozen bias-free head), head and loss are fused (`LinearCrossEntropy`): tokens pass in chunks of
 about `CHUNK_BYTES` of fp32 logits, and each chunk's gradient dL/dh_t = (softmax(z_t) − e_{y_t})ᵀW/|T|
 is formed at once, so the [tokens × vocab] logits, their log-softmax and their gradients never
@@ -26,6 +29,8 @@ IGNORE = -100
 CHUNK_BYTES = 32 * 2**20
 # logits = lm_head(final hidden state), nothing else (no soft-capping, no logit scale)
 FUSED_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2"})
+# encoder-decoder: logits = lm_head(decoder output [× d_model^-0.5 when scale_decoder_outputs])
+FUSED_SEQ2SEQ_MODEL_TYPES = frozenset({"t5", "mt5"})
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -60,19 +65,50 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * (grad_loss / count).to(grad_hidden.dtype), None, None
 
 
+def _frozen_plain_head(lm: nn.Module) -> nn.Linear | None:
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad:
+        return None
+    return head
+
+
 def fused_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     """(decoder body, output head) of a causal LM whose loss can be fused, else None."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    if (getattr(lm.config, "model_type", None) not in FUSED_HEAD_MODEL_TYPES or type(head) is not nn.Linear
-            or head.bias is not None or head.weight.requires_grad):
+    head = _frozen_plain_head(lm)
+    if getattr(lm.config, "model_type", None) not in FUSED_HEAD_MODEL_TYPES or head is None:
         return None
     body = getattr(lm, lm.base_model_prefix, None)
     return None if body is None else (body, head)
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the target tokens of the micro-batch (see the module docstring)."""
+def fused_seq2seq_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """(T5-family model, output head) of an encoder-decoder LM whose loss can be fused, else None."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = _frozen_plain_head(lm)
+    if getattr(lm.config, "model_type", None) not in FUSED_SEQ2SEQ_MODEL_TYPES or head is None:
+        return None
+    return lm, head
+
+
+def _seq2seq_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    parts = fused_seq2seq_head(model)
+    if parts is None:
+        return model(**batch).loss
+    lm, head = parts
+    encoded = lm.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = lm.decoder(input_ids=batch["decoder_input_ids"], encoder_hidden_states=encoded,
+                        encoder_attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+    if getattr(lm.config, "scale_decoder_outputs", False):
+        hidden = hidden * (lm.config.d_model ** -0.5)
+    return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, batch["labels"].reshape(-1))
+
+
+def target_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens of the micro-batch, either family (see the module
+    docstring); an encoder-decoder batch is recognised by its `decoder_input_ids`."""
+    if "decoder_input_ids" in batch:
+        return _seq2seq_loss(model, batch)
     parts = fused_head(model)
     if parts is None:
         return model(**batch).loss
@@ -81,3 +117,6 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     hidden = body(**inputs, use_cache=False).last_hidden_state
     labels = F.pad(batch["labels"], (0, 1), value=IGNORE)[:, 1:]  # position t predicts token t + 1
     return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels.reshape(-1))
+
+
+causal_lm_loss = target_loss  # the name the training loop and the bench import

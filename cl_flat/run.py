@@ -25,6 +25,7 @@ from cl_flat.data import load_tasks, replay_examples
 from cl_flat.data.batches import encode_examples
 from cl_flat.errors import ConfigError, UserError
 from cl_flat.evaluate import evaluate_tasks
+from cl_flat.family import family_of
 from cl_flat.flatness import FlatnessMethod, build_method
 from cl_flat.landscape import compute_sharpness, landscape_stem
 from cl_flat.metrics import ZERO_SHOT, compute_metrics
@@ -93,7 +94,8 @@ def prepare(config: RunConfig):
     methods = task_methods(config)
     tasks = load_tasks(config)
     model, tokenizer = load_run_model(config.model, config.deepspeed, config.run.seed)
-    check_target_modules(config.lora.target_modules, {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()})
+    check_target_modules(config.lora.target_modules, {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()},
+                         family_of(model))
     return methods, tasks, model, tokenizer
 
 

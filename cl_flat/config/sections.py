@@ -57,7 +57,7 @@ class RunSection(Strict):
 
 class ModelSection(Strict):
     name_or_path: str = Field(
-        description="HF id, local folder, builtin:smollm2-135m, tiny-random:llama or tiny-random:gpt2"
+        description="HF id, local folder, builtin:smollm2-135m, tiny-random:llama, tiny-random:gpt2 or tiny-random:t5"
     )
     dtype: Literal["fp32", "bf16"] = "fp32"
 

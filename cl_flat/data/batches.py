@@ -1,9 +1,13 @@
-"""Tokenised training examples and padded batches for causal LMs.
+"""Tokenised training examples and padded batches, for both model families (`cl_flat.family`).
 
-A target is tokenised in context: `prompt + " " + target` is tokenised whole and the target's
-tokens are what follows the prompt tokens (`prompt_and_targets`), so training and rank
-classification both use exactly the tokens the model reads in running text. Only target
-tokens carry a loss (prompt and padding are -100).
+Causal LMs (`Encoded`): a target is tokenised in context: `prompt + " " + target` is tokenised
+whole and the target's tokens are what follows the prompt tokens (`prompt_and_targets`), so
+training and rank classification both use exactly the tokens the model reads in running text.
+Only target tokens carry a loss (prompt and padding are -100).
+
+Encoder-decoder LMs (`Seq2SeqEncoded`): the encoder reads the prompt tokens; the labels are the
+target tokenised alone + EOS; the decoder reads them shifted right behind the start token
+(the pad token: decoder_input_ids = [pad, y_1, …, y_{n−1}]), so decoder position t predicts y_t.
 """
 
 from __future__ import annotations
@@ -13,11 +17,22 @@ from dataclasses import dataclass
 
 import torch
 
+from cl_flat.family import SEQ2SEQ, tokenizer_family
+
 IGNORE = -100
 
 
 @dataclass(frozen=True)
 class Encoded:
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Seq2SeqEncoded:
+    """An encoder-decoder example: `input_ids` = encoder tokens (the prompt), `labels` = the
+    decoder's target tokens (every one carries a loss)."""
+
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
 
@@ -51,8 +66,23 @@ def encode(prompt: list[int], target: list[int], max_length: int) -> Encoded:
     return Encoded(tuple(prompt + target), tuple([IGNORE] * len(prompt) + target))
 
 
-def encode_examples(task, tokenizer, examples, max_length: int, with_eos: bool = True) -> list[Encoded]:
+def target_ids(tokenizer, target: str) -> list[int]:
+    """An encoder-decoder target's tokens: `target` alone, no special tokens (EOS is added by the caller)."""
+    return tokenizer(target, add_special_tokens=False)["input_ids"]
+
+
+def encode_seq2seq(prompt: list[int], target: list[int], max_length: int) -> Seq2SeqEncoded:
+    """Encoder input = the prompt's last `max_length` tokens; labels = the target's first `max_length`."""
+    return Seq2SeqEncoded(tuple(prompt[-max_length:]), tuple(target[:max_length]))
+
+
+def encode_examples(task, tokenizer, examples, max_length: int,
+                    with_eos: bool = True) -> list[Encoded] | list[Seq2SeqEncoded]:
+    """Training encodings of `examples` for the tokenizer's family (see the module docstring)."""
     eos = [tokenizer.eos_token_id] if with_eos and tokenizer.eos_token_id is not None else []
+    if tokenizer_family(tokenizer) == SEQ2SEQ:
+        return [encode_seq2seq(prompt_ids(tokenizer, task.prompt(example)), target_ids(tokenizer, example.output) + eos,
+                               max_length) for example in examples]
     encoded = []
     for example in examples:
         prompt, (target,) = prompt_and_targets(tokenizer, task.prompt(example), [example.output])
@@ -60,7 +90,12 @@ def encode_examples(task, tokenizer, examples, max_length: int, with_eos: bool =
     return encoded
 
 
-def collate(items: list[Encoded], pad_id: int, left_pad: bool = False) -> dict[str, torch.Tensor]:
+def collate(items: list[Encoded] | list[Seq2SeqEncoded], pad_id: int,
+            left_pad: bool = False) -> dict[str, torch.Tensor]:
+    """Padded batch: input_ids (pad_id), attention_mask, labels (-100 at padding); for encoder-decoder
+    items also decoder_input_ids = labels shifted right behind pad_id (-100 read as pad_id)."""
+    if items and isinstance(items[0], Seq2SeqEncoded):
+        return _collate_seq2seq(items, pad_id, left_pad)
     width = max(len(item.input_ids) for item in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
@@ -72,3 +107,15 @@ def collate(items: list[Encoded], pad_id: int, left_pad: bool = False) -> dict[s
         labels[row, span] = torch.tensor(item.labels)
         mask[row, span] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _collate_seq2seq(items: list[Seq2SeqEncoded], pad_id: int, left_pad: bool) -> dict[str, torch.Tensor]:
+    encoder = collate([Encoded(item.input_ids, item.input_ids) for item in items], pad_id, left_pad)
+    width = max(len(item.labels) for item in items)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    for row, item in enumerate(items):
+        labels[row, :len(item.labels)] = torch.tensor(item.labels, dtype=torch.long)
+    decoder = torch.cat([torch.full((len(items), 1), pad_id, dtype=torch.long), labels[:, :-1]], 1)
+    decoder[decoder == IGNORE] = pad_id
+    return {"input_ids": encoder["input_ids"], "attention_mask": encoder["attention_mask"], "labels": labels,
+            "decoder_input_ids": decoder}

@@ -107,7 +107,7 @@ def held_out_batches(task, tokenizer, evaluation: EvaluationSection, *, max_leng
     `evaluation.landscape_samples()`; `seed` the run seed), encoded as for training (prompt +
     target + EOS, `max_length` = training.max_seq_length), sorted by length, batched by
     evaluation.batch_size and collated once. `keep` marks the positions whose next token is a
-    target; `targets` lists those tokens."""
+    target (encoder-decoder: the decoder positions of target tokens); `targets` lists those tokens."""
     examples = task.test if split == "test" else task.train
     if not examples:
         raise UserError(f"task {task.name!r} has no {split} examples")
@@ -122,10 +122,14 @@ def held_out_batches(task, tokenizer, evaluation: EvaluationSection, *, max_leng
     batches = []
     for start in range(0, len(encoded), size):
         batch = collate(encoded[start:start + size], tokenizer.pad_token_id)
-        keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
-        keep[:, :-1] = batch["labels"][:, 1:] != IGNORE
-        batch["keep"] = keep
-        batch["targets"] = batch["labels"][:, 1:][keep[:, :-1]]
+        if "decoder_input_ids" in batch:  # encoder-decoder: decoder position t predicts label t
+            batch["keep"] = batch["labels"] != IGNORE
+            batch["targets"] = batch["labels"][batch["keep"]]
+        else:
+            keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+            keep[:, :-1] = batch["labels"][:, 1:] != IGNORE
+            batch["keep"] = keep
+            batch["targets"] = batch["labels"][:, 1:][keep[:, :-1]]
         batches.append({k: v.to(device) for k, v in batch.items()})
     return batches
 
@@ -161,6 +165,10 @@ class PerturbedLoss:
 
     def _ce_sum(self, batch: dict[str, torch.Tensor], overrides: dict[str, torch.Tensor]) -> torch.Tensor:
         kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if "decoder_input_ids" in batch:
+            kwargs["decoder_input_ids"] = batch["decoder_input_ids"]
+            logits = torch.func.functional_call(self.model, overrides, args=(), kwargs=kwargs).logits
+            return F.cross_entropy(logits[batch["keep"]].float(), batch["targets"], reduction="sum")
         if self.keep_logits:
             kwargs["logits_to_keep"] = batch["keep"]
         logits = torch.func.functional_call(self.model, overrides, args=(), kwargs=kwargs).logits

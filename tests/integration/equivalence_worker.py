@@ -2,8 +2,9 @@
 replay the same updates in plain torch with `reference_update` (mean over ranks), then
 compare. Usage: python equivalence_worker.py OUT.json '<json list of cases>'
 
-Each case is a dict of overrides (flatness, gas, clip, zero); all cases run in one process
-group (imports and start-up are paid once) and OUT.json gets one result per case."""
+Each case is a dict of overrides (flatness, gas, clip, zero, model: tiny-random:llama by default or
+tiny-random:t5, whose examples are encoder-decoder ones); all cases run in one process group
+(imports and start-up are paid once) and OUT.json gets one result per case."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from cl_flat import dist as ds
 from cl_flat.adapters import AdapterStack
 from cl_flat.config import validate_config
-from cl_flat.data.batches import Encoded
+from cl_flat.data.batches import Encoded, Seq2SeqEncoded
 from cl_flat.flatness import build_method, reference_update
 from cl_flat.loss import causal_lm_loss
 from cl_flat.models import load_model
@@ -27,10 +28,11 @@ from cl_flat.train import TaskPlan, TrainTask, train_task, window_batches
 def run_case(overrides: dict) -> dict:
     overrides = dict(overrides)
     bf16 = overrides.pop("bf16", False)  # model in bf16 under DeepSpeed bf16 (the replay is then approximate)
+    name = overrides.pop("model", "tiny-random:llama")
     raw = {
         "run": {"name": "eq", "seed": 3},
-        "model": {"name_or_path": "tiny-random:llama", "dtype": "bf16" if bf16 else "fp32"},
-        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "model": {"name_or_path": name, "dtype": "bf16" if bf16 else "fp32"},
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},  # T5: q, v
         "tasks": [{"name": "a", "source": "builtin"}, {"name": "b", "source": "builtin"}],
         "training": {"micro_batch_size": 2, "gradient_accumulation_steps": overrides.pop("gas", 1),
                      "max_steps": 3, "learning_rate": 0.01, "max_grad_norm": overrides.pop("clip", None)},
@@ -39,7 +41,7 @@ def run_case(overrides: dict) -> dict:
         "logging": {"progress": False},
     }
     config = validate_config(raw)
-    model, _ = load_model("tiny-random:llama", "bf16" if bf16 else "fp32", seed=3)
+    model, _ = load_model(name, "bf16" if bf16 else "fp32", seed=3)
     stack = AdapterStack(model, config.lora, seed=3)
     stack.add_task(0, "a")
     with torch.no_grad():  # a trained-looking first adapter, so the frozen stack matters
@@ -52,8 +54,13 @@ def run_case(overrides: dict) -> dict:
     initial = {n: p.detach().clone() for n, p in reference.named_parameters() if p.requires_grad}
     frozen_before = {n: p.detach().clone() for n, p in stack.model.named_parameters() if not p.requires_grad}
     generator = torch.Generator().manual_seed(11)
-    examples = [Encoded(tuple(ids := torch.randint(3, 250, (9,), generator=generator).tolist()),
-                        tuple([-100] * 5 + ids[5:])) for _ in range(64)]
+    if name == "tiny-random:t5":  # encoder: 5 to 9 tokens; decoder target: 2 to 4 tokens (padding on both sides)
+        examples = [Seq2SeqEncoded(tuple(torch.randint(3, 250, (5 + k % 5,), generator=generator).tolist()),
+                                   tuple(torch.randint(3, 250, (2 + k % 3,), generator=generator).tolist()))
+                    for k in range(64)]
+    else:
+        examples = [Encoded(tuple(ids := torch.randint(3, 250, (9,), generator=generator).tolist()),
+                            tuple([-100] * 5 + ids[5:])) for _ in range(64)]
     method = build_method(config.flatness)
     logs: list[dict] = []
     task = TrainTask(1, "b", examples, 256)

@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "cl_flat"
 LEVELS = [
     {"errors", "files", "seeding", "overrides"},
     {"config"},
+    {"family"},
     {"dist", "lora_layers", "loss", "metrics", "data", "stats"},
     {"models", "adapters", "checkpoint", "flatness", "olora", "plots", "tracking"},
     {"rundir", "evaluate"},
