@@ -102,7 +102,9 @@ class FlatnessMethod(ABC):
     @abstractmethod
     def window(self, ctx: StepContext, micro_batches: list[Any]) -> dict[str, float]:
         """Run the passes of one update over its micro-batches; return stats for the log
-        (at least `loss`, the mean clean or first-pass loss)."""
+        (at least `loss`, the mean clean or first-pass loss): 0-dim tensors left on the device
+        (the loop brings all of an update's values to the host in one transfer, so a method never
+        synchronises the host itself) or host floats."""
 
 
 REGISTRY: dict[str, type[FlatnessMethod]] = {}

@@ -136,8 +136,7 @@ class Rwp(FlatnessMethod):
         with perturbed(frozen, trainable, (ctx.seed, ctx.step, ctx.rank, n - 1), self.buffers):
             noisy = ctx.accumulate(micro_batches[-1], c.b, last=True)
         clean = torch.stack(losses).mean() if losses else noisy
-        values = torch.stack([clean.float(), noisy.float()]).tolist()  # one host sync
-        return {"loss": values[0], "noisy_loss": values[1]}
+        return {"loss": clean.float(), "noisy_loss": noisy.float()}
 
     def _parallel(self, ctx, micro_batches):
         c = self.config
@@ -153,5 +152,5 @@ class Rwp(FlatnessMethod):
         for i, batch in enumerate(micro_batches):
             with perturbed(*noise, (ctx.seed, ctx.step, ctx.rank, i), self.buffers) if noisy_rank else nullcontext():
                 losses.append(ctx.accumulate(batch, weight, last=i == len(micro_batches) - 1))
-        return {"loss": torch.stack(losses).float().mean().item(), "noisy_rank": float(noisy_rank)}
+        return {"loss": torch.stack(losses).float().mean(), "noisy_rank": float(noisy_rank)}
 
