@@ -81,3 +81,28 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     hidden = body(**inputs, use_cache=False).last_hidden_state
     labels = F.pad(batch["labels"], (0, 1), value=IGNORE)[:, 1:]  # position t predicts token t + 1
     return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels.reshape(-1))
+
+
+def _mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token CE over the targets of [rows, T, V] logits (fp32, as transformers; 0 without targets)."""
+    shifted = F.pad(labels, (0, 1), value=IGNORE)[:, 1:].reshape(-1)
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted, ignore_index=IGNORE, reduction="sum")
+    return total / (shifted != IGNORE).sum().clamp_min(1)
+
+
+def causal_lm_split_losses(model: nn.Module, batch: dict[str, torch.Tensor],
+                           split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L(batch[:split]), L(batch[split:])) from ONE forward over the whole micro-batch, each the
+    mean cross-entropy over its own rows' target tokens (the module docstring's L on each half)."""
+    inputs: dict[str, Any] = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"]
+    parts = fused_head(model)
+    if parts is None:
+        logits = model(**inputs).logits
+        return _mean_ce(logits[:split], labels[:split]), _mean_ce(logits[split:], labels[split:])
+    body, head = parts
+    hidden = body(**inputs, use_cache=False).last_hidden_state
+    shifted = F.pad(labels, (0, 1), value=IGNORE)[:, 1:]
+    d = hidden.shape[-1]
+    return tuple(LinearCrossEntropy.apply(hidden[rows].reshape(-1, d), head.weight, shifted[rows].reshape(-1))
+                 for rows in (slice(None, split), slice(split, None)))

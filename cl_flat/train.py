@@ -27,7 +27,7 @@ from cl_flat.config import DeepSpeedSection, TrainingSection
 from cl_flat.data.batches import Encoded, collate
 from cl_flat.errors import NonFiniteUpdate, UserError
 from cl_flat.flatness.base import FlatnessMethod, StepContext
-from cl_flat.loss import causal_lm_loss
+from cl_flat.loss import causal_lm_loss, causal_lm_split_losses
 from cl_flat.seeding import derive_seed, keyed_generator, seed_dropout
 
 
@@ -273,6 +273,9 @@ def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, 
     method_seed = derive_seed(seed, "method", task.index)
     plain_fp32 = section.zero_stage == 0 and not section.bf16
     loss_fn = causal_lm_loss if regulariser is None else (lambda m, b: causal_lm_loss(m, b) + regulariser(m))
+    # the losses of a batch's two halves from one forward (RWP one_pass); O-LoRA's terms depend on θ
+    # alone and would enter both halves at θ, so with them one_pass runs its serial form
+    split_loss_fn = causal_lm_split_losses if regulariser is None else None
     bar = progress.add_task(task.name, total=plan.updates) if progress is not None else None
     if bar is not None:
         progress.update(bar, advance=start)
@@ -283,7 +286,7 @@ def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, 
         seed_dropout(seed, task.index, update)
         batches = window_batches(task, plan, update, seed, rank, device)
         ctx = EngineContext(engine, loss_fn, params, step=update, total_steps=plan.updates,
-                            seed=method_seed, rank=rank, world_size=world)
+                            seed=method_seed, rank=rank, world_size=world, split_loss_fn=split_loss_fn)
         terms = regulariser.stats() if regulariser is not None else {}
         lr = engine.get_lr()[0]
         before = method.state_dict()  # references: a dropped update must not change the method either
