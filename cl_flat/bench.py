@@ -1,5 +1,6 @@
 """`cl-flat bench`: seconds per update and peak memory of every flatness method, as ratios
-against plain training (`none`) measured in the same invocation.
+against plain training (`none`) and against the hand-written torch + peft floor (`floor`), both
+measured in the same invocation.
 
 Each variant runs in a fresh process (a fresh peak-memory count: the CUDA allocator's peak
 on GPU, the process's peak resident memory on CPU) through the real update path: a DeepSpeed
@@ -17,6 +18,13 @@ the same model and batch (no DeepSpeed, no tool code), and `rwp_full_stored_nois
 with noise on the whole model implemented naively (every layer's ε drawn, stored and added in
 place, as the reference code does), to show what not storing the noise saves. Variants whose
 label ends in `_2ranks` run in two processes and are compared with `none_2ranks`.
+
+Against the floor: `floor` runs in every invocation with a one-process variant, and a variant's
+`time_ratio_floor` per round is its time ratio to `none` times none's time over floor's time in
+that round (for a paired variant: its in-process ratio to `none`, chained to none/floor across
+processes), the median over rounds. Two-process variants have no two-process floor (null).
+`rwp_full_one_pass` is two-batch RWP with `one_pass: true` (clean half and noisy half of the
+micro-batch in one forward).
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from cl_flat.errors import ConfigError, UserError
 from cl_flat.files import atomic_write_text
 from cl_flat.flatness import build_method
 from cl_flat.flatness.noise import frozen_targets
-from cl_flat.loss import causal_lm_loss
+from cl_flat.loss import causal_lm_loss, target_split_losses
 from cl_flat.models import load_model
 from cl_flat.train import BatchShape, EngineContext, TaskPlan, create_engine
 
@@ -53,6 +61,7 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, int]] = {
     "rwp_lora": ({"method": "rwp", "scope": "lora"}, 1),
     "rwp_full": ({"method": "rwp", "scope": "full"}, 1),
     "rwp_base": ({"method": "rwp", "scope": "base"}, 1),
+    "rwp_full_one_pass": ({"method": "rwp", "scope": "full", "two_batch": True, "one_pass": True}, 1),
     "rwp_full_stored_noise": ({"method": "rwp", "scope": "full"}, 1),
     "lpf_sgd": ({"method": "lpf_sgd"}, 1),
     "flat_lora": ({"method": "flat_lora"}, 1),
@@ -149,7 +158,8 @@ def measure(config_path: str, label: str, updates: int, warmup: int) -> dict[str
         def update(method, step: int) -> float:
             start = time.perf_counter()
             ctx = EngineContext(engine, causal_lm_loss, params, step=step, total_steps=total,
-                                seed=config.run.seed, rank=dist.rank(), world_size=world)
+                                seed=config.run.seed, rank=dist.rank(), world_size=world,
+                                split_loss_fn=target_split_losses)
             method.window(ctx, batches)
             engine.step()
             _synchronize()
@@ -213,7 +223,7 @@ def run_bench(config_path: str, labels: list[str], updates: int, warmup: int, ro
     if problems:
         raise ConfigError("cl-flat bench", problems, kind="options")
     needed = list(dict.fromkeys(
-        (["none"] if any(VARIANTS[label][1] == 1 for label in labels) else [])
+        (["none", "floor"] if any(VARIANTS[label][1] == 1 for label in labels) else [])
         + (["none_2ranks"] if any(VARIANTS[label][1] == 2 for label in labels) else []) + labels))
     raw: dict[str, list[dict[str, Any]]] = {label: [] for label in needed}
     for _ in range(rounds):
@@ -225,10 +235,13 @@ def run_bench(config_path: str, labels: list[str], updates: int, warmup: int, ro
         runs, base = raw[label], raw[base_label]
         ratios = [r.get("paired_time_ratio", r["seconds_per_update"] / b["seconds_per_update"])
                   for r, b in zip(runs, base)]
+        floor_ratios = ([ratio * b["seconds_per_update"] / f["seconds_per_update"]
+                         for ratio, b, f in zip(ratios, base, raw["floor"])] if base_label == "none" else None)
         methods[label] = {
             "seconds_per_update": statistics.median(r["seconds_per_update"] for r in runs),
             "time_ratio": statistics.median(ratios),
             "time_ratio_paired_in_process": "paired_time_ratio" in runs[0],
+            "time_ratio_floor": statistics.median(floor_ratios) if floor_ratios else None,
             "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs),
             "memory_ratio": statistics.median(r["peak_memory_bytes"] / b["peak_memory_bytes"]
                                               for r, b in zip(runs, base)),
@@ -249,12 +262,15 @@ def markdown_table(result: dict[str, Any]) -> str:
              f"LoRA r={result['lora']['r']} on {', '.join(result['lora']['target_modules'])}; "
              f"median of {result['updates']} updates after {result['warmup']} warm-up, "
              f"{result.get('rounds', 1)} round(s), each variant in a fresh process; time ratios of methods paired "
-             f"update by update with `none` in the same process, others within a round",
+             f"update by update with `none` in the same process, others within a round; × floor: the ratio to "
+             f"the hand-written torch + peft loop of the same round (× none times none/floor)",
              "",
-             "| method | s/update | time ratio | peak memory (MiB) | memory ratio | vs |",
-             "|---|---:|---:|---:|---:|---|"]
+             "| method | s/update | time × none | time × floor | peak memory (MiB) | memory ratio | vs |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for label, m in result["methods"].items():
+        floor = m.get("time_ratio_floor")
         lines.append(f"| {label} | {m['seconds_per_update']:.3f} | {m['time_ratio']:.3f} | "
+                     f"{'—' if floor is None else f'{floor:.3f}'} | "
                      f"{m['peak_memory_bytes'] / 2**20:.0f} | {m['memory_ratio']:.3f} | {m['compared_with']} |")
     return "\n".join(lines) + "\n"
 

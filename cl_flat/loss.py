@@ -120,3 +120,33 @@ def target_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
 
 
 causal_lm_loss = target_loss  # the name the training loop and the bench import
+
+
+def _mean_ce(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> torch.Tensor:
+    """Mean CE over the targets of [rows, T, V] logits (fp32, as transformers; 0 without targets); `shift`:
+    position t predicts label t + 1 (causal), else label t (encoder-decoder)."""
+    shifted = (F.pad(labels, (0, 1), value=IGNORE)[:, 1:] if shift else labels).reshape(-1)
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted, ignore_index=IGNORE, reduction="sum")
+    return total / (shifted != IGNORE).sum().clamp_min(1)
+
+
+def target_split_losses(model: nn.Module, batch: dict[str, torch.Tensor],
+                           split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L(batch[:split]), L(batch[split:])) from ONE forward over the whole micro-batch, each the
+    mean cross-entropy over its own rows' target tokens (the module docstring's L on each half)."""
+    inputs: dict[str, Any] = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"]
+    if "decoder_input_ids" in batch:  # encoder-decoder: the model's logits (scaled as its own loss does)
+        logits = model(**inputs).logits
+        return (_mean_ce(logits[:split], labels[:split], shift=False),
+                _mean_ce(logits[split:], labels[split:], shift=False))
+    parts = fused_head(model)
+    if parts is None:
+        logits = model(**inputs).logits
+        return _mean_ce(logits[:split], labels[:split]), _mean_ce(logits[split:], labels[split:])
+    body, head = parts
+    hidden = body(**inputs, use_cache=False).last_hidden_state
+    shifted = F.pad(labels, (0, 1), value=IGNORE)[:, 1:]
+    d = hidden.shape[-1]
+    return tuple(LinearCrossEntropy.apply(hidden[rows].reshape(-1, d), head.weight, shifted[rows].reshape(-1))
+                 for rows in (slice(None, split), slice(split, None)))

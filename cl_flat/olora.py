@@ -65,9 +65,10 @@ class OrthogonalPenalty:
         return total
 
     @torch.no_grad()
-    def stats(self) -> dict[str, float]:
-        """The two terms (unweighted), for the training log."""
-        return {"olora_orth": self.orthogonality().item(), "olora_l2": self.l2().item()}
+    def stats(self) -> dict[str, torch.Tensor]:
+        """The two terms (unweighted), for the training log: 0-dim tensors on the device (the loop
+        fetches them with the update's other values, in one transfer)."""
+        return {"olora_orth": self.orthogonality(), "olora_l2": self.l2()}
 
     def _zero(self) -> torch.Tensor:
         device = self.new[0].device if self.new else "cpu"

@@ -27,7 +27,7 @@ from cl_flat.config import DeepSpeedSection, TrainingSection
 from cl_flat.data.batches import Encoded, collate
 from cl_flat.errors import NonFiniteUpdate, UserError
 from cl_flat.flatness.base import FlatnessMethod, StepContext
-from cl_flat.loss import causal_lm_loss
+from cl_flat.loss import causal_lm_loss, target_split_losses
 from cl_flat.seeding import derive_seed, keyed_generator, seed_dropout
 
 
@@ -177,39 +177,80 @@ def create_engine(training: TrainingSection, section: DeepSpeedSection, model: t
     return engine
 
 
-def _grad_norm(params: dict[str, torch.nn.Parameter]) -> float | None:
-    """‖g‖ of the (already reduced) gradient before clipping; DeepSpeed reports it only for
-    ZeRO and mixed precision, so plain fp32 ZeRO-0 computes it here."""
+def _grad_norm(params: dict[str, torch.nn.Parameter]) -> torch.Tensor | None:
+    """‖g‖ = ‖(‖g_1‖, …, ‖g_P‖)‖ of the (already reduced) gradient before clipping, as a device
+    tensor (one fused per-tensor norm, no host sync); DeepSpeed reports it only for ZeRO and mixed
+    precision, so plain fp32 ZeRO-0 computes it here."""
     grads = [p.grad for p in params.values() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item() if grads else None
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) if grads else None
 
 
-def _nonfinite(values: dict[str, float | None]) -> list[str]:
-    """This update's non-finite quantities, the same list on every rank (any rank's counts)."""
-    local = [k for k, v in values.items() if v is not None and not math.isfinite(v)]
-    flags = dist.all_reduce_sum(torch.tensor([float(k in local) for k in values], device=dist.device()))
-    return [k for k, flag in zip(values, flags.tolist()) if flag > 0]
+def _fetch(values: dict[str, Any], grad_norm: torch.Tensor | None, device: torch.device,
+           unchecked: dict[str, Any] | None = None) -> tuple[dict[str, float | None], list[str]]:
+    """The update's one device→host transfer: (host values, the names that are non-finite).
+
+    `values` (the method's stats: 0-dim tensors still on the device, or host floats) and the
+    gradient norm are checked for non-finite values on the device; with several ranks the flags are
+    summed over the ranks in the same collective as the loss (every rank takes the same decision, and
+    `loss` comes back as the mean over ranks); then one `.tolist()` brings everything to the host.
+    `unchecked` (e.g. O-LoRA's terms) comes in the same transfer but is not checked."""
+    checked = {**values, **({} if grad_norm is None else {"grad_norm": grad_norm})}
+    unchecked = {k: v for k, v in (unchecked or {}).items() if k not in checked}
+    host = {k: None if v is None else float(v) for k, v in {**checked, **unchecked}.items() if not torch.is_tensor(v)}
+    world = dist.world_size()
+    if world == 1:  # host floats stay on the host
+        on_device = {k: v for k, v in {**checked, **unchecked}.items() if torch.is_tensor(v)}
+        n_checked = sum(1 for k in on_device if k in checked)
+    else:  # everything into one vector (host floats by one small asynchronous copy)
+        host = {k: v for k, v in host.items() if v is None}
+        on_device = {k: v if torch.is_tensor(v) else torch.tensor(float(v)).to(device, non_blocking=True)
+                     for k, v in {**checked, **unchecked}.items() if v is not None}
+        n_checked = sum(1 for k in on_device if k in checked)
+    names = list(on_device)  # checked ones first (dict order)
+    local = (torch.stack([v.detach().reshape(()).to(device, torch.float32) for v in on_device.values()])
+             if names else torch.zeros(0, device=device))
+    shared = (~torch.isfinite(local[:n_checked])).float()
+    if world > 1:
+        shared = dist.all_reduce_sum(torch.cat([shared, local[names.index("loss")].reshape(1)
+                                                if "loss" in on_device else local.new_zeros(0)]))
+    fetched = torch.cat([local, shared]).tolist()  # the one host sync of the update
+    got = dict(zip(names, fetched))
+    flagged = {k for k, flag in zip(names[:n_checked], fetched[len(names):]) if flag > 0}
+    flagged |= {k for k, v in host.items() if k in checked and v is not None and not math.isfinite(v)}
+    bad = [k for k in checked if k in flagged]  # in the method's order, the gradient norm last
+    if world > 1 and "loss" in on_device:
+        got["loss"] = fetched[-1] / world
+    return {**host, **got}, bad
 
 
-def _step(engine, params, stats: dict[str, float], plain_fp32: bool) -> tuple[list[str], float | None]:
-    """engine.step() unless the update is non-finite; (what was non-finite, the gradient norm).
+def _step(engine, params, values: dict[str, Any], plain_fp32: bool,
+          unchecked: dict[str, Any] | None = None) -> tuple[list[str], dict[str, float | None]]:
+    """engine.step() unless the update is non-finite; (what was non-finite, the host values: the
+    method's stats with `loss` averaged over ranks, `grad_norm`, and `unchecked`). One host sync.
 
     Plain fp32 ZeRO-0 (a torch optimizer stepped as is) is checked here before the step, on the
     losses of every pass and the gradient norm, and then not stepped. DeepSpeed's own optimizers
     (bf16, ZeRO-1/2) check the gradient themselves and drop a non-finite step (no optimizer or
-    scheduler step); the loop reads that back through `was_step_applied` (there, a non-finite
+    scheduler step): they are stepped first and everything is fetched after, with the norm DeepSpeed
+    reports; the loop reads a dropped step back through `was_step_applied` (there, a non-finite
     loss with a finite gradient would be reported although DeepSpeed stepped)."""
-    plain_norm = _grad_norm(params) if plain_fp32 else None
-    bad = _nonfinite({**stats, "grad_norm": plain_norm})
-    if bad and plain_fp32:
-        engine.zero_grad()
-        return bad, plain_norm
+    if plain_fp32:
+        host, bad = _fetch(values, _grad_norm(params), engine.device, unchecked)
+        if bad:
+            engine.zero_grad()
+        else:
+            engine.step()
+        return bad, host
     engine.step()
     norm = engine.get_global_grad_norm()
-    norm = plain_norm if norm is None else float(norm)
+    host, bad = _fetch(values, norm if torch.is_tensor(norm) else None, engine.device, unchecked)
+    if not torch.is_tensor(norm):
+        host["grad_norm"] = None if norm is None else float(norm)
+        if norm is not None and not math.isfinite(host["grad_norm"]):
+            bad.append("grad_norm")
     if not engine.was_step_applied() and "grad_norm" not in bad:
         bad.append("grad_norm")
-    return bad, norm
+    return bad, host
 
 
 def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, training: TrainingSection,
@@ -232,6 +273,9 @@ def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, 
     method_seed = derive_seed(seed, "method", task.index)
     plain_fp32 = section.zero_stage == 0 and not section.bf16
     loss_fn = causal_lm_loss if regulariser is None else (lambda m, b: causal_lm_loss(m, b) + regulariser(m))
+    # the losses of a batch's two halves from one forward (RWP one_pass); O-LoRA's terms depend on θ
+    # alone and would enter both halves at θ, so with them one_pass runs its serial form
+    split_loss_fn = target_split_losses if regulariser is None else None
     bar = progress.add_task(task.name, total=plan.updates) if progress is not None else None
     if bar is not None:
         progress.update(bar, advance=start)
@@ -242,18 +286,18 @@ def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, 
         seed_dropout(seed, task.index, update)
         batches = window_batches(task, plan, update, seed, rank, device)
         ctx = EngineContext(engine, loss_fn, params, step=update, total_steps=plan.updates,
-                            seed=method_seed, rank=rank, world_size=world)
+                            seed=method_seed, rank=rank, world_size=world, split_loss_fn=split_loss_fn)
         terms = regulariser.stats() if regulariser is not None else {}
         lr = engine.get_lr()[0]
         before = method.state_dict()  # references: a dropped update must not change the method either
-        stats = {k: float(v) for k, v in method.window(ctx, batches).items()}
-        bad, grad_norm = _step(engine, params, stats, plain_fp32)
+        bad, host = _step(engine, params, method.window(ctx, batches), plain_fp32, terms)
         if bad:
             method.load_state_dict(before)
-        loss = dist.all_reduce_mean(stats.pop("loss"))
+        loss, grad_norm = host.pop("loss"), host.pop("grad_norm", None)
+        stats = {k: v for k, v in host.items() if k not in terms}
         elapsed = time.perf_counter() - started
         record = {"task": task.name, "task_index": task.index, "step": update + 1, "loss": loss, "lr": lr,
-                  "grad_norm": grad_norm, "seconds": elapsed, **stats, **terms}
+                  "grad_norm": grad_norm, "seconds": elapsed, **stats, **{k: host[k] for k in terms}}
         if task.replayed:
             record["replayed_examples"] = task.replayed
         if bad:

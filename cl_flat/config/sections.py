@@ -184,6 +184,8 @@ class RwpMethod(Strict):
     a: float = Field(default=0.5, ge=0, description="weight of the clean gradient")
     b: float = Field(default=0.5, ge=0, description="weight of the noisy gradient")
     two_batch: bool = False
+    one_pass: bool = Field(default=False, description="two_batch in one forward: first half of each micro-batch "
+                                                      "clean, second half noisy")
     parallel: bool = False
     fisher_decay: float = Field(default=0.95, ge=0, lt=1)
     fisher_eta: float = Field(default=1.0, ge=0, description="η on F normalised to mean 1 per layer")

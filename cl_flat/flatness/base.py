@@ -16,7 +16,11 @@ A method's lifetime is explicit: the loop calls `begin_task(model)` once before 
 of every task (state such as a Fisher estimate or the noise targets starts there), then
 `window(ctx, micro_batches)` once per update.
 Because both paths run the same method code, training applies exactly `reference_update`
-(averaged over ranks by DeepSpeed's all-reduce).
+(averaged over ranks by DeepSpeed's all-reduce). One exception, by design: `split_losses(batch,
+split)` (the losses of a batch's first rows and of the rest from one forward) exists only where the
+context has a row-splittable loss (training without O-LoRA's terms); RWP's `one_pass` uses it there,
+and elsewhere (`reference_update`) computes the same gradient by its serial definition, two passes
+on the halves; the equivalence tests hold the two equal.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ class StepContext(ABC):
     """What one update may do. `step` is the 0-based update index within the task."""
 
     def __init__(self, params: dict[str, torch.nn.Parameter], *, step: int, total_steps: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, split_loss_fn: Callable | None = None):
         self.params = params
+        self.split_loss_fn = split_loss_fn
         self.step = step
         self.total_steps = total_steps
         self.seed = seed
@@ -50,6 +55,15 @@ class StepContext(ABC):
 
     @abstractmethod
     def loss(self, batch: Any) -> torch.Tensor: ...
+
+    def split_losses(self, batch: Any, split: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(L(batch[:split]), L(batch[split:])) from ONE forward (each the mean over its own
+        targets), or None where this context's loss cannot be cut by rows (`split_loss_fn`
+        absent: `reference_update`, or a loss with O-LoRA's terms); a method then runs the halves
+        as two passes."""
+        if self.split_loss_fn is None:
+            return None
+        return self.split_loss_fn(self.module, batch, split)
 
     def grads(self, loss: torch.Tensor) -> list[torch.Tensor]:
         params = list(self.params.values())
@@ -102,7 +116,9 @@ class FlatnessMethod(ABC):
     @abstractmethod
     def window(self, ctx: StepContext, micro_batches: list[Any]) -> dict[str, float]:
         """Run the passes of one update over its micro-batches; return stats for the log
-        (at least `loss`, the mean clean or first-pass loss)."""
+        (at least `loss`, the mean clean or first-pass loss): 0-dim tensors left on the device
+        (the loop brings all of an update's values to the host in one transfer, so a method never
+        synchronises the host itself) or host floats."""
 
 
 REGISTRY: dict[str, type[FlatnessMethod]] = {}

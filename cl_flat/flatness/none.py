@@ -22,4 +22,4 @@ class Plain(FlatnessMethod):
     def window(self, ctx, micro_batches):
         n = len(micro_batches)
         losses = [ctx.accumulate(batch, 1 / n, last=i == n - 1) for i, batch in enumerate(micro_batches)]
-        return {"loss": torch.stack(losses).float().mean().item()}
+        return {"loss": torch.stack(losses).float().mean()}

@@ -11,6 +11,7 @@ from cl_flat.config import RwpMethod, TrainingSection
 from cl_flat.errors import UserError
 from cl_flat.flatness.base import FlatnessMethod, register
 from cl_flat.flatness.noise import NoiseBuffers, RowFisher, compact_scale, frozen_targets, param_module, perturbed
+from cl_flat.flatness.noise.split import split_perturbed, split_rows
 
 
 @register
@@ -26,6 +27,21 @@ class Rwp(FlatnessMethod):
     backward scaled by a/N), then one noisy pass on the last, B_N (scaled by b). `two_batch`: the
     clean mean runs over B_1..B_{N-1} only and the noisy pass over B_N (the paper's two-batch
     variant; needs N ≥ 2). With a = 0 the clean passes are skipped.
+    `one_pass` (with `two_batch`): the two batches are the two halves of every micro-batch B_i of m
+    examples, C_i = its first ⌊m/2⌋ examples (clean) and D_i = the other ⌈m/2⌉ (noisy), one ε per
+    update with the key of the serial two-batch's noisy pass on the window [C_i, D_i], (seed, update,
+    rank, 1):
+
+        g = (1/N) Σ_{i=1..N} [a·∇L(θ; C_i) + b·∇L(θ+ε; D_i)],
+
+    i.e. the mean over i of the serial two-batch formula on [C_i, D_i] (for N = 1 exactly the serial
+    two-batch on [C_1, D_1]), each L the mean over its own half's target tokens. In training it runs in
+    ONE forward and backward per micro-batch: the rows of C_i compute with W0 and θ, those of D_i with
+    W0 + ε and θ + ε (`noise.split`: one W0 + ε per layer and two matmuls; the adapter's perturbed
+    copy for the noisy rows), and the pass's loss is a·L(C_i) + b·L(D_i) (`StepContext.split_losses`).
+    Where the context cannot split its loss (`reference_update`; O-LoRA's terms) the same formula runs
+    as two passes per micro-batch. Needs micro_batch_size ≥ 2; not with `fisher` (its estimate needs
+    clean-only passes) nor `parallel`; LoRA dropout draws other masks than the serial passes.
     `scope`: lora = the current adapter's A, B (in place, restored from a copy); full = A, B and the
     frozen W0 of every adapted layer (functionally, W0 is never written); base = W0 only.
     `noise_type: flat_lora` on W0 scales with the rows of the merged weight W' = W0 + Σ s·BA (as the
@@ -73,9 +89,16 @@ class Rwp(FlatnessMethod):
     def check(self, training: TrainingSection) -> list[str]:
         c, problems = self.config, []
         n = training.gradient_accumulation_steps
-        if c.two_batch and n < 2:
+        if c.two_batch and n < 2 and not c.one_pass:
             problems.append("flatness.two_batch: needs training.gradient_accumulation_steps ≥ 2 "
-                            "(clean gradient on B_1..B_{N-1}, noisy on B_N)")
+                            "(clean gradient on B_1..B_{N-1}, noisy on B_N), or one_pass: true")
+        if c.one_pass:
+            if not c.two_batch:
+                problems.append("flatness.one_pass: needs two_batch: true (it is the two-batch formula in one pass)")
+            if training.micro_batch_size < 2:
+                problems.append("flatness.one_pass: needs training.micro_batch_size ≥ 2 (a clean and a noisy half)")
+            if c.noise_type == "fisher":
+                problems.append("flatness.one_pass: noise_type fisher needs clean-only passes; set one_pass: false")
         if c.parallel:
             world = os.environ.get("WORLD_SIZE")
             if world is not None and int(world) < 2:
@@ -116,6 +139,8 @@ class Rwp(FlatnessMethod):
     def window(self, ctx, micro_batches):
         c = self.config
         n = len(micro_batches)
+        if c.one_pass:
+            return self._one_pass(ctx, micro_batches)
         if c.two_batch and n < 2:
             raise UserError("flatness.two_batch: needs training.gradient_accumulation_steps ≥ 2")
         model = ctx.module
@@ -136,8 +161,46 @@ class Rwp(FlatnessMethod):
         with perturbed(frozen, trainable, (ctx.seed, ctx.step, ctx.rank, n - 1), self.buffers):
             noisy = ctx.accumulate(micro_batches[-1], c.b, last=True)
         clean = torch.stack(losses).mean() if losses else noisy
-        values = torch.stack([clean.float(), noisy.float()]).tolist()  # one host sync
-        return {"loss": values[0], "noisy_loss": values[1]}
+        return {"loss": clean.float(), "noisy_loss": noisy.float()}
+
+    def _one_pass(self, ctx, micro_batches):
+        """two_batch on the halves of every micro-batch (class docstring); one pass each where the
+        context splits its loss, else the serial formula on the halves."""
+        c = self.config
+        if not c.two_batch or c.parallel or c.noise_type == "fisher":
+            raise UserError("flatness.one_pass: needs two_batch: true, parallel: false and a noise_type other than "
+                            "fisher")
+        n, a, b = len(micro_batches), c.a / len(micro_batches), c.b / len(micro_batches)
+        halves = [split_rows(batch) for batch in micro_batches]
+        if any(split == 0 for split, _, _ in halves):
+            raise UserError("flatness.one_pass: needs training.micro_batch_size ≥ 2 (a clean and a noisy half)")
+        frozen, trainable = self._noise(ctx, False)
+        key = (ctx.seed, ctx.step, ctx.rank, 1)  # the serial two-batch's noisy pass on [C_i, D_i]
+        clean, noisy = [], []
+        if ctx.split_loss_fn is not None:
+            model = ctx.module
+            linears = []
+            for name, _, scale in trainable:
+                module = param_module(model, name)
+                if module is None:
+                    raise UserError(f"flatness.one_pass: trainable parameter {name} is not an nn.Linear weight")
+                linears.append((name, module, scale))
+            for i, (batch, (split, _, _)) in enumerate(zip(micro_batches, halves)):
+                rows = next(iter(batch.values())).shape[0]
+                with split_perturbed(frozen, linears, key, self.buffers, split, rows):
+                    lc, ln = ctx.split_losses(batch, split)
+                    # a half whose weight is 0 adds nothing (not even a non-finite value's NaN)
+                    terms = [w * loss for w, loss in ((a, lc), (b, ln)) if w > 0]
+                    ctx.backward(sum(terms[1:], terms[0]) if terms else ln * 0, last=i == n - 1)
+                clean.append(lc.detach())
+                noisy.append(ln.detach())
+        else:
+            if c.a > 0:
+                clean = [ctx.accumulate(first, a, last=False) for _, first, _ in halves]
+            with perturbed(frozen, trainable, key, self.buffers):
+                noisy = [ctx.accumulate(second, b, last=i == n - 1) for i, (_, _, second) in enumerate(halves)]
+        noisy_mean = torch.stack(noisy).float().mean()
+        return {"loss": torch.stack(clean).float().mean() if clean else noisy_mean, "noisy_loss": noisy_mean}
 
     def _parallel(self, ctx, micro_batches):
         c = self.config
@@ -153,5 +216,5 @@ class Rwp(FlatnessMethod):
         for i, batch in enumerate(micro_batches):
             with perturbed(*noise, (ctx.seed, ctx.step, ctx.rank, i), self.buffers) if noisy_rank else nullcontext():
                 losses.append(ctx.accumulate(batch, weight, last=i == len(micro_batches) - 1))
-        return {"loss": torch.stack(losses).float().mean().item(), "noisy_rank": float(noisy_rank)}
+        return {"loss": torch.stack(losses).float().mean(), "noisy_rank": float(noisy_rank)}
 

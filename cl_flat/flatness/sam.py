@@ -15,9 +15,9 @@ def sam_perturbation(params: list[torch.Tensor], grads: list[torch.Tensor], rho:
     scales = [p.detach().float().abs() + eta if adaptive else None for p in params]
     scaled = [g.float() if t is None else t * g.float() for t, g in zip(scales, grads)]
     if per_tensor:
-        norms = [s.norm() for s in scaled]
+        norms = list(torch._foreach_norm(scaled)) if scaled else []
     else:
-        total = torch.linalg.vector_norm(torch.stack([s.norm() for s in scaled])) if scaled else torch.tensor(0.0)
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(scaled))) if scaled else torch.tensor(0.0)
         norms = [total] * len(scaled)
     return [(s if t is None else t * s) * (rho / (n + 1e-12)) for t, s, n in zip(scales, scaled, norms)]
 
@@ -53,14 +53,16 @@ class Sam(FlatnessMethod):
         for batch in micro_batches:
             loss, grads = ctx.probe(batch)
             losses.append(loss)
-            clean = grads if clean is None else [c + g for c, g in zip(clean, grads)]
+            if clean is None:
+                clean = grads
+            else:
+                torch._foreach_add_(clean, grads)
         eps = sam_perturbation(params, clean, self.config.rho, adaptive=self.config.adaptive,
                                per_tensor=self.config.norm == "per_tensor", eta=self.config.eta)
-        eps_norm = torch.linalg.vector_norm(torch.stack([e.norm() for e in eps]))
+        eps_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(eps)))
         saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, e in zip(params, eps):
-                p.add_(e.to(p.dtype))  # trainable adapter only; restored from `saved` below
+        with torch.no_grad():  # trainable adapter only; restored from `saved` below
+            torch._foreach_add_(params, [e.to(p.dtype) for p, e in zip(params, eps)])
         # the probe gradients were allocated during the clean backward, among the freed
         # activations: release them before the adversarial forward (CPU heap fragmentation)
         del clean, grads, eps
@@ -68,7 +70,6 @@ class Sam(FlatnessMethod):
             adversarial = ctx.accumulate(micro_batches[-1], 1, last=True)
         finally:
             with torch.no_grad():
-                for p, s in zip(params, saved):
-                    p.copy_(s)
-        values = torch.stack([torch.stack(losses).float().mean(), adversarial.float(), eps_norm.float()]).tolist()
-        return {"loss": values[0], "adv_loss": values[1], "eps_norm": values[2]}
+                torch._foreach_copy_(params, saved)
+        return {"loss": torch.stack(losses).float().mean(), "adv_loss": adversarial.float(),
+                "eps_norm": eps_norm.float()}

@@ -27,7 +27,14 @@ def test_bench_writes_documented_format(tmp_path: Path):
     saved = json.loads((tmp_path / "out" / "bench-cpu.json").read_text())
     assert printed == saved
     assert saved["model"] == "tiny-random:llama" and saved["device"].startswith("cpu")
-    assert set(saved["methods"]) == {"none", "none_2ranks", "sam", "rwp_parallel_2ranks"}
+    # floor and none come with every one-process variant, none_2ranks with every two-process one
+    assert set(saved["methods"]) == {"none", "floor", "none_2ranks", "sam", "rwp_parallel_2ranks"}
+    m = saved["methods"]
+    assert m["floor"]["time_ratio_floor"] == pytest.approx(1.0)
+    assert m["none"]["time_ratio_floor"] == pytest.approx(m["none"]["seconds_per_update"]
+                                                          / m["floor"]["seconds_per_update"])
+    assert m["sam"]["time_ratio_floor"] == pytest.approx(m["sam"]["time_ratio"] * m["none"]["time_ratio_floor"])
+    assert m["rwp_parallel_2ranks"]["time_ratio_floor"] is None and m["none_2ranks"]["time_ratio_floor"] is None
     for label, entry in saved["methods"].items():
         assert entry["seconds_per_update"] > 0 and entry["peak_memory_bytes"] > 0
         base = saved["methods"][entry["compared_with"]]
@@ -40,6 +47,7 @@ def test_bench_writes_documented_format(tmp_path: Path):
     assert saved["methods"]["rwp_parallel_2ranks"]["ranks"] == 2
     table = (tmp_path / "out" / "bench-cpu.md").read_text()
     assert "| rwp_parallel_2ranks |" in table and "| none |" in table
+    assert "| time × none | time × floor |" in table and "| floor |" in table
 
 
 def test_rounds_pair_ratios_within_a_round(tmp_path: Path, monkeypatch):
@@ -50,8 +58,8 @@ def test_rounds_pair_ratios_within_a_round(tmp_path: Path, monkeypatch):
               "tasks": [{"name": "food_sentiment", "source": "builtin"}]}
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(config))
-    seconds = {"none": [1.0, 2.0, 1.0], "sam": [2.1, 4.0, 1.9]}
-    memory = {"none": [100, 100, 110], "sam": [103, 104, 102]}
+    seconds = {"none": [1.0, 2.0, 1.0], "floor": [0.8, 1.6, 1.0], "sam": [2.1, 4.0, 1.9]}
+    memory = {"none": [100, 100, 110], "floor": [120, 120, 120], "sam": [103, 104, 102]}
     calls: list[str] = []
 
     def fake(config_path, label, updates, warmup):
@@ -62,13 +70,14 @@ def test_rounds_pair_ratios_within_a_round(tmp_path: Path, monkeypatch):
 
     monkeypatch.setattr(bench, "_run_variant", fake)
     result = bench.run_bench(str(path), ["sam"], 2, 0, rounds=3)
-    assert calls == ["none", "sam"] * 3  # interleaved
+    assert calls == ["none", "floor", "sam"] * 3  # interleaved
     sam = result["methods"]["sam"]
     assert sam["seconds_per_update"] == 2.1                   # median of 2.1, 4.0, 1.9
     assert sam["time_ratio"] == pytest.approx(2.0)            # median of 2.1, 2.0, 1.9
     assert sam["peak_memory_bytes"] == 104
     assert sam["memory_ratio"] == pytest.approx(1.03)         # median of 1.03, 1.04, 102/110
     assert sam["rounds"] == [2.1, 4.0, 1.9] and result["rounds"] == 3
+    assert sam["time_ratio_floor"] == pytest.approx(2.5)       # median of 2.1/0.8, 4.0/1.6, 1.9/1.0
 
 
 def test_in_process_pairs_decide_the_time_ratio(tmp_path: Path, monkeypatch):
@@ -94,4 +103,6 @@ def test_in_process_pairs_decide_the_time_ratio(tmp_path: Path, monkeypatch):
     assert methods["sam"]["time_ratio"] == pytest.approx(2.0)      # median of 1.98, 2.02 (not 2.3)
     assert methods["sam"]["time_ratio_paired_in_process"]
     assert methods["floor"]["time_ratio"] == pytest.approx(1.0)    # median of 1.1, 0.9
+    # against the floor: the paired ratio chained with none/floor of the same round
+    assert methods["sam"]["time_ratio_floor"] == pytest.approx((1.98 / 1.1 + 2.02 / 0.9) / 2)
     assert not methods["floor"]["time_ratio_paired_in_process"]

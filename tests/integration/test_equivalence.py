@@ -31,6 +31,17 @@ NOISE_CASES = {
     "rwp-base-all-linear": {"flatness": {"method": "rwp", "scope": "base", "noise_std": 0.05, "noise_type": "lpf_sgd",
                                          "noise_targets": "all_linear"}, "gas": 1},
     "rwp-two-batch": {"flatness": {"method": "rwp", "scope": "full", "noise_std": 0.05, "two_batch": True}, "gas": 2},
+    # one_pass: the loop runs one forward per micro-batch (clean rows through W0, θ; noisy rows through
+    # W0 + ε, θ + ε); reference_update the serial two-batch formula on the same halves (two passes)
+    "rwp-one-pass-full": {"flatness": {"method": "rwp", "scope": "full", "noise_std": 0.05, "two_batch": True,
+                                       "one_pass": True, "a": 0.3, "b": 0.7}, "gas": 1, "clip": 0.5},
+    "rwp-one-pass-lora": {"flatness": {"method": "rwp", "scope": "lora", "noise_std": 0.05, "two_batch": True,
+                                       "one_pass": True, "noise_type": "gauss_element"}, "gas": 2},
+    # (a = b = 0.5 here ends 1.5e-5 apart after the 3 AdamW steps on one rank, 2e-7 with a = 0.3: Adam's
+    # g/√v amplifies the rounding of a near-zero gradient entry; the gradients themselves agree to 1e-5
+    # in tests/unit/test_rwp_one_pass.py)
+    "rwp-one-pass-base": {"flatness": {"method": "rwp", "scope": "base", "noise_std": 0.05, "two_batch": True,
+                                       "one_pass": True, "noise_type": "lpf_sgd", "a": 0.3, "b": 0.7}, "gas": 1},
     # reference_update is stateless: the EMA is exact against it with decay 0
     "rwp-fisher": {"flatness": {"method": "rwp", "scope": "full", "noise_std": 0.05, "noise_type": "fisher",
                                 "fisher_decay": 0.0, "fisher_eta": 100.0}, "gas": 2},

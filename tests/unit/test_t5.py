@@ -258,3 +258,33 @@ def test_landscape_loss_is_the_training_loss_on_the_held_out_sample(t5):
             loss = stack.model(input_ids=torch.tensor([prompt]), labels=torch.tensor([target])).loss
             total, count = total + loss.item() * len(target), count + len(target)
     assert PerturbedLoss(stack.model, batches, [])(None) == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.parametrize("scope", ["lora", "base"])
+def test_rwp_one_pass_on_t5_equals_the_serial_two_batch_on_the_halves(t5, scope):
+    """Each half's loss from one T5 forward equals the loss of that half alone; one-pass RWP (clean rows
+    through W0, noisy rows through W0 + ε, in encoder, decoder and cross-attention) equals the serial
+    two-batch form of reference_update on the same halves."""
+    from cl_flat.flatness import build_method
+    from cl_flat.flatness.reference import TorchContext
+    from cl_flat.loss import target_split_losses
+
+    stack, tokenizer = t5
+    model = stack.model
+    task = make_task(5)
+    batch = collate(encode_examples(task, tokenizer, task.train, 128), tokenizer.pad_token_id)
+    with torch.no_grad():
+        first, second = target_split_losses(model, batch, 2)
+        for got, rows in ((first, slice(None, 2)), (second, slice(2, None))):
+            assert got.item() == pytest.approx(target_loss(model, {k: v[rows] for k, v in batch.items()}).item(),
+                                               rel=1e-5)
+    cfg = {"method": "rwp", "scope": scope, "noise_std": 0.05, "a": 0.3, "b": 0.7, "two_batch": True,
+           "one_pass": True}
+    serial = reference_update(cfg, model, [batch], target_loss, step=2, total_steps=10, seed=4)
+    method = build_method(cfg)
+    method.begin_task(model)
+    ctx = TorchContext(model, target_loss, step=2, total_steps=10, seed=4, split_loss_fn=target_split_losses)
+    method.window(ctx, [batch])
+    for name, p in ctx.params.items():
+        assert (p.grad - serial[name]).abs().max().item() <= 1e-5, name
+        p.grad = None

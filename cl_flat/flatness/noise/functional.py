@@ -124,7 +124,7 @@ class NoiseBuffers:
         return buffer.copy_(param.detach())
 
 
-class _FrozenNoise:
+class FrozenNoise:
     """Regenerates W0 + ε for one layer and one pass from its key (into the pass's scratch buffer)."""
 
     def __init__(self, module: nn.Module, scale: Scale, key: int, buffers: NoiseBuffers):
@@ -140,7 +140,7 @@ class _NoisyLinear(torch.autograd.Function):
     (skipped when no gradient w.r.t. x is needed, e.g. the first layer's projections)."""
 
     @staticmethod
-    def forward(ctx, x, bias, noise: _FrozenNoise):
+    def forward(ctx, x, bias, noise: FrozenNoise):
         ctx.noise = noise
         return F.linear(x, noise.perturbed_weight(), bias)
 
@@ -152,7 +152,7 @@ class _NoisyLinear(torch.autograd.Function):
 
 
 @contextmanager
-def _replaced_forward(module: nn.Module, forward) -> Iterator[None]:
+def replaced_forward(module: nn.Module, forward) -> Iterator[None]:
     had = "forward" in vars(module)
     old = vars(module).get("forward")
     module.forward = forward
@@ -185,13 +185,13 @@ def perturbed(frozen: list[tuple[FrozenTarget, Scale]], trainable: list[tuple[st
                 for name, param, scale in trainable:
                     param.add_(scale.draw(param.detach(), noise_key(*key, name), out=buffers.scratch_like(param)))
             for target, scale in frozen:
-                noise = _FrozenNoise(target.module, scale, noise_key(*key, target.name), buffers)
+                noise = FrozenNoise(target.module, scale, noise_key(*key, target.name), buffers)
                 bias = target.module.bias
 
                 def forward(x, *args, _noise=noise, _bias=bias, **kwargs):
                     return _NoisyLinear.apply(x, _bias, _noise)
 
-                stack.enter_context(_replaced_forward(target.module, forward))
+                stack.enter_context(replaced_forward(target.module, forward))
             yield
         finally:
             with torch.no_grad():
@@ -199,12 +199,13 @@ def perturbed(frozen: list[tuple[FrozenTarget, Scale]], trainable: list[tuple[st
                     param.copy_(copy)
 
 
-def noisy_mean_gradient(ctx, micro_batches: list, frozen: list, trainable: list, buffers: NoiseBuffers) -> float:
+def noisy_mean_gradient(ctx, micro_batches: list, frozen: list, trainable: list, buffers: NoiseBuffers) -> torch.Tensor:
     """One noisy pass per micro-batch with fresh noise each (key: seed, update, rank, micro-batch):
-    applies g = (1/N) Σ_i ∇L(θ+ε_i; B_i); returns the mean noisy loss (one-pass methods)."""
+    applies g = (1/N) Σ_i ∇L(θ+ε_i; B_i); returns the mean noisy loss (one-pass methods), a
+    0-dim tensor on the device (the loop fetches it)."""
     n = len(micro_batches)
     losses = []
     for i, batch in enumerate(micro_batches):
         with perturbed(frozen, trainable, (ctx.seed, ctx.step, ctx.rank, i), buffers):
             losses.append(ctx.accumulate(batch, 1 / n, last=i == n - 1))
-    return torch.stack(losses).float().mean().item()
+    return torch.stack(losses).float().mean()

@@ -1,0 +1,96 @@
+"""One pass, two weights: the first rows of a batch compute with the clean weights, the rest with
+the perturbed ones (RWP's `one_pass`), nothing written.
+
+Within `split_perturbed(frozen, trainable, key, buffers, split, rows)`, every layer's input x is
+batch-first ([rows, ...]); rows x[:split] (the clean half) compute with W0 and θ, rows x[split:]
+(the noisy half) with W0 + ε and θ + ε:
+- frozen targets: `_SplitNoisyLinear`, y = [x[:split]·W0ᵀ ; x[split:]·(W0+ε)ᵀ] + b. W0 + ε is
+  materialised once per layer in the forward (the shared scratch buffer, as for `perturbed`) and
+  once in backward (grad_x = [δ[:split]·W0 ; δ[split:]·(W0+ε)]): two matmuls whose FLOPs add up to
+  one full-batch matmul. Only the key is kept.
+- trainable linear weights θ (LoRA's A, B): y = [x[:split]·θᵀ ; x[split:]·(θ+ε)ᵀ], θ + ε a
+  differentiable function of θ (ε a constant), so ∂/∂θ collects ∇ at θ from the clean rows and ∇
+  at θ+ε from the noisy rows. ε (adapter-sized) is kept for the pass.
+ε is the same as `perturbed`'s for the same key (each tensor's: `key` + its name), so one pass over
+a batch equals the serial clean pass over its first rows plus the serial noisy pass over the rest,
+row by row. Examples never mix inside a causal LM (attention is per sequence), so a row's
+activations depend only on its own weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cl_flat.flatness.noise.functional import FrozenNoise, FrozenTarget, NoiseBuffers, replaced_forward
+from cl_flat.flatness.noise.scales import Scale
+from cl_flat.lora_layers import linear_weight
+from cl_flat.seeding import noise_key
+
+
+def _check_rows(x: torch.Tensor, rows: int, name: str) -> None:
+    if x.shape[0] != rows:
+        raise RuntimeError(f"rwp one_pass: layer {name} got an input of shape {tuple(x.shape)}, whose first dim is not "
+                           f"the micro-batch's {rows} examples; this model reshapes the batch dimension, so its rows "
+                           "cannot be split into a clean and a noisy half (set one_pass: false)")
+
+
+class _SplitNoisyLinear(torch.autograd.Function):
+    """y = [x[:s]·W0ᵀ ; x[s:]·(W0+ε)ᵀ] + b with W0, b frozen; ε regenerated in backward."""
+
+    @staticmethod
+    def forward(ctx, x, bias, noise: FrozenNoise, split: int):
+        ctx.noise, ctx.split = noise, split
+        clean = F.linear(x[:split], linear_weight(noise.module), bias)
+        return torch.cat([clean, F.linear(x[split:], noise.perturbed_weight(), bias)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        s = ctx.split
+        clean = grad[:s].matmul(linear_weight(ctx.noise.module))
+        return torch.cat([clean, grad[s:].matmul(ctx.noise.perturbed_weight())]), None, None, None
+
+
+@contextmanager
+def split_perturbed(frozen: list[tuple[FrozenTarget, Scale]], trainable: list[tuple[str, nn.Linear, Scale]],
+                    key: tuple, buffers: NoiseBuffers, split: int, rows: int) -> Iterator[None]:
+    """Within the block (run the forward AND backward inside it), rows [split:] of the batch compute
+    with W0 + ε and θ + ε, rows [:split] with W0 and θ (see the module docstring). `trainable`:
+    (parameter name, the nn.Linear whose weight it is, scale). `key` = (seed, step, rank, micro-batch)
+    as for `perturbed`; each tensor's ε is keyed by `key` + its name."""
+    buffers.reserve([target.weight for target, _ in frozen])
+    with ExitStack() as stack:
+        for name, module, scale in trainable:
+            eps = scale.draw(module.weight.detach(), noise_key(*key, name))
+
+            def forward(x, *args, _m=module, _eps=eps, _name=name, **kwargs):
+                _check_rows(x, rows, _name)
+                clean = F.linear(x[:split], _m.weight, _m.bias)
+                return torch.cat([clean, F.linear(x[split:], _m.weight + _eps, _m.bias)])
+
+            stack.enter_context(replaced_forward(module, forward))
+        for target, scale in frozen:
+            noise = FrozenNoise(target.module, scale, noise_key(*key, target.name), buffers)
+
+            def frozen_forward(x, *args, _noise=noise, _bias=target.module.bias, _name=target.name, **kwargs):
+                _check_rows(x, rows, _name)
+                return _SplitNoisyLinear.apply(x, _bias, _noise, split)
+
+            stack.enter_context(replaced_forward(target.module, frozen_forward))
+        yield
+
+
+def split_rows(batch) -> tuple[int, dict, dict]:
+    """(split, clean half, noisy half) of a micro-batch of m examples: its first ⌊m/2⌋ examples
+    and the other ⌈m/2⌉ (every tensor cut along dim 0)."""
+    if not isinstance(batch, dict):
+        raise TypeError("rwp one_pass: a micro-batch must be a dict of tensors (cut by example along dim 0)")
+    rows = next(iter(batch.values())).shape[0]
+    split = rows // 2
+    return split, {k: v[:split] for k, v in batch.items()}, {k: v[split:] for k, v in batch.items()}
