@@ -49,7 +49,7 @@ from cl_flat.errors import ConfigError, UserError
 from cl_flat.files import atomic_write_text
 from cl_flat.flatness import build_method
 from cl_flat.flatness.noise import frozen_targets
-from cl_flat.loss import causal_lm_loss, target_split_losses
+from cl_flat.loss import target_loss, target_split_losses
 from cl_flat.models import load_model
 from cl_flat.train import BatchShape, EngineContext, TaskPlan, create_engine
 
@@ -157,7 +157,7 @@ def measure(config_path: str, label: str, updates: int, warmup: int) -> dict[str
 
         def update(method, step: int) -> float:
             start = time.perf_counter()
-            ctx = EngineContext(engine, causal_lm_loss, params, step=step, total_steps=total,
+            ctx = EngineContext(engine, target_loss, params, step=step, total_steps=total,
                                 seed=config.run.seed, rank=dist.rank(), world_size=world,
                                 split_loss_fn=target_split_losses)
             method.window(ctx, batches)

@@ -99,29 +99,27 @@ def _rank_classification(model, tokenizer, task: TaskData, indices: list[int], b
     labels = list(task.labels)
     if family_of(model) == SEQ2SEQ:
         pairs = _seq2seq_pairs(tokenizer, task, indices, max_length)
-        scores = [s for start in range(0, len(pairs), batch_size)
-                  for s in target_logprobs(model, pairs[start:start + batch_size], tokenizer.pad_token_id, device)]
-        return _predictions(task, indices, labels, scores)
-    contexts = [prompt_and_targets(tokenizer, task.prompt(task.test[i]), labels) for i in indices]
-    if all(len(ids) == 1 for _, label_ids in contexts for ids in label_ids):
-        # single-token labels: the length-normalised log-likelihood is the next-token log-prob,
-        # so one forward per prompt scores every label
-        scores: list[float] = []
-        for start in range(0, len(contexts), batch_size):
-            chunk = contexts[start:start + batch_size]
-            rows = next_token_logprobs(model, [prompt[-(max_length - 1):] for prompt, _ in chunk],
-                                       [[ids[0] for ids in label_ids] for _, label_ids in chunk],
-                                       tokenizer.pad_token_id, device)
-            scores += [s for row in rows for s in row]
     else:
+        contexts = [prompt_and_targets(tokenizer, task.prompt(task.test[i]), labels) for i in indices]
+        if all(len(ids) == 1 for _, label_ids in contexts for ids in label_ids):
+            # single-token labels: the length-normalised log-likelihood is the next-token log-prob,
+            # so one forward per prompt scores every label
+            scores: list[float] = []
+            for start in range(0, len(contexts), batch_size):
+                chunk = contexts[start:start + batch_size]
+                rows = next_token_logprobs(model, [prompt[-(max_length - 1):] for prompt, _ in chunk],
+                                           [[ids[0] for ids in label_ids] for _, label_ids in chunk],
+                                           tokenizer.pad_token_id, device)
+                scores += [s for row in rows for s in row]
+            return _predictions(task, indices, labels, scores)
         # every label is scored after the same prompt window: cut once, to fit the longest label
         pairs = []
         for prompt, label_ids in contexts:
             keep = max(max_length - max(len(ids) for ids in label_ids), 1)
             pairs += [encode(prompt[-keep:], ids, max_length) for ids in label_ids]
-        scores = []
-        for start in range(0, len(pairs), batch_size):
-            scores += target_logprobs(model, pairs[start:start + batch_size], tokenizer.pad_token_id, device)
+    scores = []
+    for start in range(0, len(pairs), batch_size):
+        scores += target_logprobs(model, pairs[start:start + batch_size], tokenizer.pad_token_id, device)
     return _predictions(task, indices, labels, scores)
 
 

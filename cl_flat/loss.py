@@ -119,9 +119,6 @@ def target_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
     return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels.reshape(-1))
 
 
-causal_lm_loss = target_loss  # the name the training loop and the bench import
-
-
 def _mean_ce(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> torch.Tensor:
     """Mean CE over the targets of [rows, T, V] logits (fp32, as transformers; 0 without targets); `shift`:
     position t predicts label t + 1 (causal), else label t (encoder-decoder)."""

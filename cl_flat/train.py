@@ -27,7 +27,7 @@ from cl_flat.config import DeepSpeedSection, TrainingSection
 from cl_flat.data.batches import Encoded, collate
 from cl_flat.errors import NonFiniteUpdate, UserError
 from cl_flat.flatness.base import FlatnessMethod, StepContext
-from cl_flat.loss import causal_lm_loss, target_split_losses
+from cl_flat.loss import target_loss, target_split_losses
 from cl_flat.seeding import derive_seed, keyed_generator, seed_dropout
 
 
@@ -272,7 +272,7 @@ def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, 
     start, skipped = checkpoints.load(engine, method) if checkpoints is not None else (0, 0)
     method_seed = derive_seed(seed, "method", task.index)
     plain_fp32 = section.zero_stage == 0 and not section.bf16
-    loss_fn = causal_lm_loss if regulariser is None else (lambda m, b: causal_lm_loss(m, b) + regulariser(m))
+    loss_fn = target_loss if regulariser is None else (lambda m, b: target_loss(m, b) + regulariser(m))
     # the losses of a batch's two halves from one forward (RWP one_pass); O-LoRA's terms depend on θ
     # alone and would enter both halves at θ, so with them one_pass runs its serial form
     split_loss_fn = target_split_losses if regulariser is None else None

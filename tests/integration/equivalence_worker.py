@@ -19,7 +19,7 @@ from cl_flat.adapters import AdapterStack
 from cl_flat.config import validate_config
 from cl_flat.data.batches import Encoded, Seq2SeqEncoded
 from cl_flat.flatness import build_method, reference_update
-from cl_flat.loss import causal_lm_loss
+from cl_flat.loss import target_loss
 from cl_flat.models import load_model
 from cl_flat.seeding import derive_seed
 from cl_flat.train import TaskPlan, TrainTask, train_task, window_batches
@@ -75,7 +75,7 @@ def run_case(overrides: dict) -> dict:
     for update in range(plan.updates):
         per_rank = [reference_update(config.flatness, reference,
                                      window_batches(task, plan, update, config.run.seed, r, ds.device()),
-                                     causal_lm_loss, step=update, total_steps=plan.updates, seed=seed,
+                                     target_loss, step=update, total_steps=plan.updates, seed=seed,
                                      rank=r, world_size=world)
                     for r in range(world)]
         for n, p in ref_params.items():

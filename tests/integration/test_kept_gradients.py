@@ -19,7 +19,7 @@ from cl_flat import dist as ds
 from cl_flat.train import BatchShape, TaskPlan, create_engine
 from cl_flat.adapters import AdapterStack
 from cl_flat.config import load_config
-from cl_flat.loss import causal_lm_loss
+from cl_flat.loss import target_loss
 from cl_flat.models import load_model
 
 ds.init_distributed()
@@ -37,7 +37,7 @@ batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids
 for update in range(2):
     for last in (False, True):  # two micro-batches per update
         engine.set_gradient_accumulation_boundary(last)
-        engine.backward(causal_lm_loss(engine.module, batch), scale_wrt_gas=False)
+        engine.backward(target_loss(engine.module, batch), scale_wrt_gas=False)
     assert any(bool(g.any()) for g in buffers), "backward did not reach the kept buffers"
     engine.step()
     assert all(p.grad is b for p, b in zip(params, buffers)), "a .grad buffer was replaced"

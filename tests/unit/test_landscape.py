@@ -341,7 +341,7 @@ def test_moved_weights_per_space(tiny_stack):
 def test_loss_is_training_loss_and_perturbation_equals_inplace_edit(tiny_stack):
     config, stack, tokenizer, tasks = tiny_stack
     from cl_flat.data.batches import collate, encode_examples
-    from cl_flat.train import causal_lm_loss
+    from cl_flat.train import target_loss
 
     model = stack.model
     model.eval()
@@ -356,7 +356,7 @@ def test_loss_is_training_loss_and_perturbation_equals_inplace_edit(tiny_stack):
         whole = collate(encode_examples(tasks[0], tokenizer, tasks[0].test, config.training.max_seq_length),
                         tokenizer.pad_token_id)
         with torch.no_grad():
-            reference = causal_lm_loss(model, whole).item()
+            reference = target_loss(model, whole).item()
         assert f(None) == pytest.approx(reference, rel=1e-5)
         assert f.keep_logits  # logits only at target positions ...
         f.keep_logits = False
@@ -370,7 +370,7 @@ def test_loss_is_training_loss_and_perturbation_equals_inplace_edit(tiny_stack):
             for name, p in twin.named_parameters():
                 if name in d:
                     p.add_(0.5 * d[name])
-            edited = causal_lm_loss(twin, whole).item()
+            edited = target_loss(twin, whole).item()
         assert f({k: 0.5 * v for k, v in d.items()}) == pytest.approx(edited, rel=1e-5)
         assert abs(edited - reference) > 1e-4  # the perturbation does something
         # gradient w.r.t. ε against a central finite difference along d

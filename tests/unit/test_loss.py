@@ -11,7 +11,7 @@ import torch
 import cl_flat.loss as loss_module
 from cl_flat.adapters import AdapterStack
 from cl_flat.config import LoraSection
-from cl_flat.loss import IGNORE, LinearCrossEntropy, causal_lm_loss, fused_head
+from cl_flat.loss import IGNORE, LinearCrossEntropy, fused_head, target_loss
 from cl_flat.models import load_model
 
 
@@ -75,7 +75,7 @@ def test_fused_loss_equals_transformers_loss(family, monkeypatch):
     params = [p for p in model.parameters() if p.requires_grad]
     reference = model(**batch).loss
     expected = torch.autograd.grad(reference, params)
-    fused = causal_lm_loss(model, batch)
+    fused = target_loss(model, batch)
     got = torch.autograd.grad(fused, params)
     assert fused.item() == pytest.approx(reference.item(), rel=1e-6)
     for g, e in zip(got, expected):
@@ -87,7 +87,7 @@ def test_fused_loss_in_bf16_matches_transformers_within_bf16():
     batch = batch_with_padding(model.config.vocab_size)
     params = [p for p in model.parameters() if p.requires_grad]
     expected = torch.autograd.grad(model(**batch).loss, params)
-    got = torch.autograd.grad(causal_lm_loss(model, batch), params)
+    got = torch.autograd.grad(target_loss(model, batch), params)
     for g, e in zip(got, expected):
         assert (g.float() - e.float()).norm() <= 0.02 * e.float().norm()
 
@@ -97,7 +97,7 @@ def test_other_heads_use_the_model_loss():
     batch = batch_with_padding(model.config.vocab_size)
     model.get_base_model().lm_head.weight.requires_grad_(True)  # a trained head is not fused
     assert fused_head(model) is None
-    assert torch.equal(causal_lm_loss(model, batch), model(**batch).loss)
+    assert torch.equal(target_loss(model, batch), model(**batch).loss)
     model.get_base_model().lm_head.weight.requires_grad_(False)
     model.config.model_type = "gemma2"  # logits soft-capped: not the plain head product
     assert fused_head(model) is None

@@ -17,7 +17,7 @@ from cl_flat.errors import UserError
 from cl_flat.flatness import build_method, reference_update
 from cl_flat.flatness.noise import compact_scale, frozen_targets, keyed_noise, noise_key
 from cl_flat.flatness.reference import TorchContext
-from cl_flat.loss import causal_lm_loss, target_split_losses
+from cl_flat.loss import target_loss, target_split_losses
 
 SIGMA, SEED, STEP = 0.05, 4, 2
 
@@ -54,7 +54,7 @@ def _rows(batch, part):
 
 def _grads(model, batch, weight):
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    return dict(zip(params, torch.autograd.grad(causal_lm_loss(model, batch) * weight, list(params.values()))))
+    return dict(zip(params, torch.autograd.grad(target_loss(model, batch) * weight, list(params.values()))))
 
 
 def _noisy_copy(model, scope, noise_type, key):
@@ -91,7 +91,7 @@ def _one_pass(model, config, batches):
     """The one-pass form in plain torch: gradients, stats and the number of forwards."""
     method = build_method(config)
     method.begin_task(model)
-    ctx = TorchContext(model, causal_lm_loss, step=STEP, total_steps=10, seed=SEED,
+    ctx = TorchContext(model, target_loss, step=STEP, total_steps=10, seed=SEED,
                        split_loss_fn=target_split_losses)
     forwards = []
     embed = model.get_input_embeddings()
@@ -122,7 +122,7 @@ def test_one_pass_equals_serial_two_batch_on_the_halves(family, targets, scope, 
     cfg = {"method": "rwp", "scope": scope, "noise_type": noise_type, "noise_std": SIGMA, "a": 0.3, "b": 0.7,
            "two_batch": True, "one_pass": True}
     expected = _expected(model, batches, scope, noise_type, 0.3, 0.7)
-    serial = reference_update(cfg, model, batches, causal_lm_loss, step=STEP, total_steps=10, seed=SEED)
+    serial = reference_update(cfg, model, batches, target_loss, step=STEP, total_steps=10, seed=SEED)
     one, stats, forwards = _one_pass(model, cfg, batches)
     assert forwards == n  # one forward per micro-batch (the serial form runs two)
     for name, g in expected.items():
@@ -135,8 +135,8 @@ def test_one_pass_equals_serial_two_batch_on_the_halves(family, targets, scope, 
     # the log: mean clean loss over the C_i, mean noisy loss over the D_i
     noisy = _noisy_copy(model, scope, noise_type, (SEED, STEP, 0, 1))
     with torch.no_grad():
-        lc = [causal_lm_loss(model, _rows(b, slice(None, rows // 2))) for b in batches]
-        ln = [causal_lm_loss(noisy, _rows(b, slice(rows // 2, None))) for b in batches]
+        lc = [target_loss(model, _rows(b, slice(None, rows // 2))) for b in batches]
+        ln = [target_loss(noisy, _rows(b, slice(rows // 2, None))) for b in batches]
     assert float(stats["loss"]) == pytest.approx(float(sum(lc)) / n, rel=1e-5)
     assert float(stats["noisy_loss"]) == pytest.approx(float(sum(ln)) / n, rel=1e-5)
     for k, v in model.named_parameters():  # nothing left behind, frozen or trainable
@@ -165,8 +165,8 @@ def test_one_pass_a_zero_and_split_losses():
     # the split loss of an unperturbed model: each half's own mean over its targets
     with torch.no_grad():
         lc, ln = target_split_losses(model, batch, 2)
-        assert float(lc) == pytest.approx(float(causal_lm_loss(model, _rows(batch, slice(None, 2)))), rel=1e-6)
-        assert float(ln) == pytest.approx(float(causal_lm_loss(model, _rows(batch, slice(2, None)))), rel=1e-6)
+        assert float(lc) == pytest.approx(float(target_loss(model, _rows(batch, slice(None, 2)))), rel=1e-6)
+        assert float(ln) == pytest.approx(float(target_loss(model, _rows(batch, slice(2, None)))), rel=1e-6)
 
 
 def _training(flatness, mbs=2, gas=1):
@@ -185,6 +185,6 @@ def test_one_pass_check_messages():
     fisher = {**ok, "noise_type": "fisher"}
     assert any("fisher" in p for p in build_method(fisher).check(_training(fisher)))
     with pytest.raises(UserError, match="micro_batch_size ≥ 2"):
-        reference_update(ok, _tiny_peft(), [_batch(1, seed=0)], causal_lm_loss)
+        reference_update(ok, _tiny_peft(), [_batch(1, seed=0)], target_loss)
     with pytest.raises(UserError, match="two_batch"):
-        reference_update(bad, _tiny_peft(), [_batch(2, seed=0)], causal_lm_loss)
+        reference_update(bad, _tiny_peft(), [_batch(2, seed=0)], target_loss)
