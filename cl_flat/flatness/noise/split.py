@@ -8,9 +8,10 @@ batch-first ([rows, ...]); rows x[:split] (the clean half) compute with W0 and �
   materialised once per layer in the forward (the shared scratch buffer, as for `perturbed`) and
   once in backward (grad_x = [δ[:split]·W0 ; δ[split:]·(W0+ε)]): two matmuls whose FLOPs add up to
   one full-batch matmul. Only the key is kept.
-- trainable linear weights θ (LoRA's A, B): y = [x[:split]·θᵀ ; x[split:]·(θ+ε)ᵀ], θ + ε a
-  differentiable function of θ (ε a constant), so ∂/∂θ collects ∇ at θ from the clean rows and ∇
-  at θ+ε from the noisy rows. ε (adapter-sized) is kept for the pass.
+- trainable linear weights θ (LoRA's A, B): `_SplitPerturbedLinear`, y = [x[:split]·θᵀ ;
+  x[split:]·(θ+ε)ᵀ], ε a constant, so ∂L/∂θ = δᵀx over all rows collects ∇ at θ from the clean
+  rows and ∇ at θ+ε from the noisy rows. ε (adapter-sized) is kept for the pass.
+Both write the two products into one output (`_rows_mm`), so the split costs no concatenation.
 ε is the same as `perturbed`'s for the same key (each tensor's: `key` + its name), so one pass over
 a batch equals the serial clean pass over its first rows plus the serial noisy pass over the rest,
 row by row. Examples never mix inside a causal LM (attention is per sequence), so a row's
@@ -24,7 +25,6 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from cl_flat.flatness.noise.functional import FrozenNoise, FrozenTarget, NoiseBuffers, replaced_forward
 from cl_flat.flatness.noise.scales import Scale
@@ -39,22 +39,53 @@ def _check_rows(x: torch.Tensor, rows: int, name: str) -> None:
                            "cannot be split into a clean and a noisy half (set one_pass: false)")
 
 
+def _rows_mm(x: torch.Tensor, split: int, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """[x[:split]·first ; x[split:]·second] (over x's last dim), both products written into one
+    output: no concatenation, and no zero-filled slice gradients as autograd's slicing would add."""
+    flat = x.reshape(-1, x.shape[-1])
+    cut = split * (flat.shape[0] // x.shape[0])  # rows of `flat` per example times the clean examples
+    out = flat.new_empty(flat.shape[0], first.shape[1])
+    torch.mm(flat[:cut], first, out=out[:cut])
+    torch.mm(flat[cut:], second, out=out[cut:])
+    return out.view(*x.shape[:-1], first.shape[1])
+
+
 class _SplitNoisyLinear(torch.autograd.Function):
     """y = [x[:s]·W0ᵀ ; x[s:]·(W0+ε)ᵀ] + b with W0, b frozen; ε regenerated in backward."""
 
     @staticmethod
     def forward(ctx, x, bias, noise: FrozenNoise, split: int):
         ctx.noise, ctx.split = noise, split
-        clean = F.linear(x[:split], linear_weight(noise.module), bias)
-        return torch.cat([clean, F.linear(x[split:], noise.perturbed_weight(), bias)])
+        y = _rows_mm(x, split, linear_weight(noise.module).t(), noise.perturbed_weight().t())
+        return y if bias is None else y.add_(bias)
 
     @staticmethod
     def backward(ctx, grad):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        s = ctx.split
-        clean = grad[:s].matmul(linear_weight(ctx.noise.module))
-        return torch.cat([clean, grad[s:].matmul(ctx.noise.perturbed_weight())]), None, None, None
+        return _rows_mm(grad, ctx.split, linear_weight(ctx.noise.module), ctx.noise.perturbed_weight()), None, None, None
+
+
+class _SplitPerturbedLinear(torch.autograd.Function):
+    """y = [x[:s]·θᵀ ; x[s:]·(θ+ε)ᵀ] + b with θ (and b) trainable, ε a constant: ∂L/∂θ = δᵀx over
+    all rows (∂(θ+ε)/∂θ = I), so the clean rows give ∇ at θ and the noisy rows ∇ at θ+ε."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, split: int):
+        noisy = weight + eps
+        ctx.save_for_backward(x, weight, noisy)
+        ctx.split, ctx.has_bias = split, bias is not None
+        y = _rows_mm(x, split, weight.t(), noisy.t())
+        return y if bias is None else y.add_(bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, noisy = ctx.saved_tensors
+        flat = grad.reshape(-1, grad.shape[-1])
+        grad_x = _rows_mm(grad, ctx.split, weight, noisy) if ctx.needs_input_grad[0] else None
+        grad_w = flat.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        grad_b = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None
 
 
 @contextmanager
@@ -71,8 +102,7 @@ def split_perturbed(frozen: list[tuple[FrozenTarget, Scale]], trainable: list[tu
 
             def forward(x, *args, _m=module, _eps=eps, _name=name, **kwargs):
                 _check_rows(x, rows, _name)
-                clean = F.linear(x[:split], _m.weight, _m.bias)
-                return torch.cat([clean, F.linear(x[split:], _m.weight + _eps, _m.bias)])
+                return _SplitPerturbedLinear.apply(x, _m.weight, _m.bias, _eps, split)
 
             stack.enter_context(replaced_forward(module, forward))
         for target, scale in frozen:
