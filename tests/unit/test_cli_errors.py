@@ -1,12 +1,16 @@
-"""The real CLI in a subprocess on bad inputs: one clear message on stderr naming the field or
-file:line, a non-zero exit (2 for config-schema errors), never a traceback, and for `train`
-no completed run left behind. Plus a valid config and `cl-flat metrics` on a hand-made matrix."""
+"""The CLI on bad inputs: one clear message on stderr naming the field or file:line, a non-zero
+exit (2 for config-schema errors), never a traceback, and for `train` no completed run left
+behind. Plus a valid config and `cl-flat metrics` on a hand-made matrix. `cli` runs the real
+entry point in a subprocess (the train failures and the malformed YAML: what a user's shell sees);
+`cli_here` calls the same `main()` in this process (a traceback would escape it as an exception),
+which spares the validate and metrics cases a Python start each."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,7 +27,36 @@ def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def assert_clean_failure(result: subprocess.CompletedProcess, *needles: str, code: int | None = None) -> None:
+@dataclass
+class Outcome:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli_here(capfd, monkeypatch):
+    """`cl-flat ARGS` through cl_flat.cli.main in this process, run in `cwd`."""
+    from cl_flat.cli import main
+
+    for name in ("TOKENIZERS_PARALLELISM", "TRANSFORMERS_NO_ADVISORY_WARNINGS"):  # main() sets them
+        monkeypatch.setenv(name, "false" if name == "TOKENIZERS_PARALLELISM" else "1")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+    def run(args: list[str], cwd: Path) -> Outcome:
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", ["cl-flat", *args])
+        capfd.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        out, err = capfd.readouterr()
+        code = exit_info.value.code
+        return Outcome(code if isinstance(code, int) else (0 if code is None else 1), out, err)
+
+    return run
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess | Outcome, *needles: str, code: int | None = None) -> None:
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
     if code is not None:
@@ -73,9 +106,9 @@ def no_complete_run(tmp_path: Path, raw: dict) -> None:
 # ---------------------------------------------------------------- validate: good config
 
 
-def test_good_config_validates_and_prints_the_resolved_yaml(project):
+def test_good_config_validates_and_prints_the_resolved_yaml(project, cli_here):
     tmp_path, raw = project
-    result = cli(["validate", str(save(tmp_path, raw)), "--set", "training.learning_rate=5e-4"], tmp_path)
+    result = cli_here(["validate", str(save(tmp_path, raw)), "--set", "training.learning_rate=5e-4"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     resolved = yaml.safe_load(result.stdout)
@@ -93,47 +126,47 @@ def test_good_config_validates_and_prints_the_resolved_yaml(project):
 # ---------------------------------------------------------------- validate: schema errors (exit 2)
 
 
-def test_validate_unknown_key(project):
+def test_validate_unknown_key(project, cli_here):
     tmp_path, raw = project
     raw["training"]["learning_rte"] = 1e-3
-    result = cli(["validate", str(save(tmp_path, raw))], tmp_path)
+    result = cli_here(["validate", str(save(tmp_path, raw))], tmp_path)
     assert_clean_failure(result, "training.learning_rte", code=2)
 
 
-def test_validate_wrong_type(project):
+def test_validate_wrong_type(project, cli_here):
     tmp_path, raw = project
     raw["lora"]["r"] = "four"
-    result = cli(["validate", str(save(tmp_path, raw))], tmp_path)
+    result = cli_here(["validate", str(save(tmp_path, raw))], tmp_path)
     assert_clean_failure(result, "lora.r", code=2)
 
 
-def test_validate_unknown_method(project):
+def test_validate_unknown_method(project, cli_here):
     tmp_path, raw = project
     raw["flatness"] = {"method": "magic"}
-    result = cli(["validate", str(save(tmp_path, raw))], tmp_path)
+    result = cli_here(["validate", str(save(tmp_path, raw))], tmp_path)
     assert_clean_failure(result, "flatness", "magic", "sam", code=2)
 
 
 
-def test_validate_duplicate_task_names(project):
+def test_validate_duplicate_task_names(project, cli_here):
     tmp_path, raw = project
     raw["tasks"].append(dict(raw["tasks"][0]))
-    result = cli(["validate", str(save(tmp_path, raw))], tmp_path)
+    result = cli_here(["validate", str(save(tmp_path, raw))], tmp_path)
     assert_clean_failure(result, "tasks", "senti", code=2)
 
 
-def test_validate_several_errors_at_once(project):
+def test_validate_several_errors_at_once(project, cli_here):
     tmp_path, raw = project
     raw["lora"]["r"] = 0
     raw["training"]["warmup_ratio"] = 1.5
     raw["colour"] = "blue"
-    result = cli(["validate", str(save(tmp_path, raw))], tmp_path)
+    result = cli_here(["validate", str(save(tmp_path, raw))], tmp_path)
     assert_clean_failure(result, "lora.r", "training.warmup_ratio", "colour", code=2)
 
 
-def test_validate_bad_override_syntax(project):
+def test_validate_bad_override_syntax(project, cli_here):
     tmp_path, raw = project
-    result = cli(["validate", str(save(tmp_path, raw)), "--set", "foo"], tmp_path)
+    result = cli_here(["validate", str(save(tmp_path, raw)), "--set", "foo"], tmp_path)
     assert_clean_failure(result, "foo", code=2)
 
 
@@ -148,28 +181,28 @@ def test_validate_malformed_yaml_names_file_and_line(project):
 # ---------------------------------------------------------------- validate: data errors
 
 
-def test_validate_missing_jsonl_file(project):
+def test_validate_missing_jsonl_file(project, cli_here):
     tmp_path, raw = project
     raw["tasks"][0]["test"] = "absent.jsonl"
-    result = cli(["validate", str(save(tmp_path, raw))], tmp_path)
+    result = cli_here(["validate", str(save(tmp_path, raw))], tmp_path)
     assert_clean_failure(result, "absent.jsonl")
 
 
-def test_validate_malformed_jsonl_names_file_and_line(project):
+def test_validate_malformed_jsonl_names_file_and_line(project, cli_here):
     tmp_path, raw = project
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"input": "a", "output": "pos"}) + "\n"
                    + json.dumps({"input": "b", "output": "neg"}) + "\n"
                    + '{"input": "c", "output": "pos"\n')  # line 3: unterminated object
     raw["tasks"][0]["train"] = str(bad)
-    result = cli(["validate", str(save(tmp_path, raw))], tmp_path)
+    result = cli_here(["validate", str(save(tmp_path, raw))], tmp_path)
     assert_clean_failure(result, f"{bad}:3")
 
 
-def test_validate_bad_target_module(project):
+def test_validate_bad_target_module(project, cli_here):
     tmp_path, raw = project
     raw["lora"]["target_modules"] = ["not_a_module"]
-    result = cli(["validate", str(save(tmp_path, raw))], tmp_path)
+    result = cli_here(["validate", str(save(tmp_path, raw))], tmp_path)
     assert_clean_failure(result, "lora.target_modules", "not_a_module")
 
 
@@ -209,10 +242,10 @@ c,50,70,90
 # OP  = [60, (65 + 80)/2, 70] = [60, 72.5, 70];  AIA = 202.5/3 = 67.5
 
 
-def test_metrics_json_of_a_hand_made_matrix(tmp_path):
+def test_metrics_json_of_a_hand_made_matrix(tmp_path, cli_here):
     path = tmp_path / "acc_matrix.csv"
     path.write_text(MATRIX)
-    result = cli(["metrics", str(path), "--json"], tmp_path)
+    result = cli_here(["metrics", str(path), "--json"], tmp_path)
     assert result.returncode == 0, result.stderr
     values = json.loads(result.stdout)
     assert values["AA"] == pytest.approx(70.0)
@@ -223,8 +256,8 @@ def test_metrics_json_of_a_hand_made_matrix(tmp_path):
     assert values["OP"] == pytest.approx([60.0, 72.5, 70.0])
 
 
-def test_metrics_on_a_malformed_csv(tmp_path):
+def test_metrics_on_a_malformed_csv(tmp_path, cli_here):
     path = tmp_path / "bad.csv"
     path.write_text("after_task,a,b\na,50,10\nb,40\n")  # line 3 has 2 columns, expected 3
-    result = cli(["metrics", str(path)], tmp_path)
+    result = cli_here(["metrics", str(path)], tmp_path)
     assert_clean_failure(result, f"{path}:3")

@@ -63,7 +63,8 @@ class _SplitNoisyLinear(torch.autograd.Function):
     def backward(ctx, grad):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        return _rows_mm(grad, ctx.split, linear_weight(ctx.noise.module), ctx.noise.perturbed_weight()), None, None, None
+        noise = ctx.noise
+        return _rows_mm(grad, ctx.split, linear_weight(noise.module), noise.perturbed_weight()), None, None, None
 
 
 class _SplitPerturbedLinear(torch.autograd.Function):
