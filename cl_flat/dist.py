@@ -94,14 +94,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_mean(value: float) -> float:
-    if not _grouped():
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device())
-    torch_dist.all_reduce(tensor)
-    return tensor.item() / torch_dist.get_world_size()
-
-
 def all_gather_objects(value: Any) -> list[Any]:
     if not _grouped():
         return [value]
