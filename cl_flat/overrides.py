@@ -192,21 +192,24 @@ def names_every_key(template: str, keys: list[str]) -> bool:
     return all(named_or_outside(key) for key in keys)
 
 
-def with_task_settings(raw: dict[str, Any]) -> dict[str, Any]:
-    """Each task's `training` and `flatness` blocks merged onto the run-level ones, so a task's block
-    validates (at `tasks.<i>.training.<field>`) and is saved as its effective settings. A task's
-    flatness block naming another method replaces the run-level block (that method's defaults)."""
+def with_task_settings(raw: dict[str, Any], lora_weights: dict[str, Any]) -> dict[str, Any]:
+    """Each task's `training`, `flatness` and `lora` blocks merged onto the run-level ones, so a task's
+    block validates (at `tasks.<i>.training.<field>`) and is saved as its effective settings. A task's
+    flatness block naming another method replaces the run-level block (that method's defaults); its
+    lora block (O-LoRA's λ) is merged onto `lora_weights`, the run's λ with their defaults."""
     tasks = raw.get("tasks")
     if not isinstance(tasks, list):
         return raw
-    defaults = {"training": {}, "flatness": {"method": "none"}}
+    run_lora = raw.get("lora") if isinstance(raw.get("lora"), dict) else {}
+    weights = {k: run_lora.get(k, default) for k, default in lora_weights.items()}
+    defaults = {"training": {}, "flatness": {"method": "none"}, "lora": weights}
     merged = []
     for task in tasks:
         if isinstance(task, dict):
             task = dict(task)
             for section, default in defaults.items():
                 own, base = task.get(section), raw.get(section)
-                base = base if isinstance(base, dict) else default
+                base = default if section == "lora" or not isinstance(base, dict) else base
                 if isinstance(own, dict):
                     same_method = section != "flatness" or own.get("method", base.get("method")) == base.get("method")
                     task[section] = {**base, **own} if same_method else own

@@ -158,6 +158,16 @@ def _training_examples(config: RunConfig, tasks: list, index: int, tokenizer) ->
     return examples, len(examples) - own
 
 
+def olora_penalty(config: RunConfig, stack: AdapterStack, index: int) -> OrthogonalPenalty | None:
+    """O-LoRA's terms for task `index` against the stack's earlier adapters, with the task's own λ
+    where it sets them (tasks[i].lora); None unless lora.strategy is olora."""
+    if config.lora.strategy != "olora":
+        return None
+    weights = config.task_lora(index)
+    return OrthogonalPenalty.of(stack.model, stack.current, stack.adapters[:-1], weights.lambda_orth,
+                                weights.lambda_l2)
+
+
 def _record_sharpness(config: RunConfig, run_dir: RunDir, stack: AdapterStack, tokenizer, task) -> None:
     """Sharpness of the solution just trained (collective: every rank calls it), saved under
     landscape/sharpness.json keyed by task, like `cl-flat landscape`."""
@@ -229,9 +239,7 @@ def run_sequence(config: RunConfig, resume: bool = False, allow_config_change: b
             for index, task in enumerate(tasks[done:], start=done):
                 examples, replayed = _training_examples(config, tasks, index, tokenizer)
                 stack.add_task(index, task.name)
-                penalty = (OrthogonalPenalty.of(stack.model, stack.current, stack.adapters[:-1],
-                                                config.lora.lambda_orth, config.lora.lambda_l2)
-                           if config.lora.strategy == "olora" else None)
+                penalty = olora_penalty(config, stack, index)
                 train_task(TrainTask(index, task.name, examples, tokenizer.pad_token_id, replayed),
                            stack.model, methods[index], config.task_training(index), config.deepspeed, config.run.seed,
                            tracker.log_update, bars, checkpoints(index), penalty)

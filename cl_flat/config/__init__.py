@@ -27,6 +27,7 @@ from cl_flat.config.sections import (
     LpfSgdMethod,
     ModelSection,
     NoneMethod,
+    OLoraWeights,
     RunConfig,
     RwpMethod,
     SamMethod,
@@ -46,6 +47,8 @@ __all__ = [
 ]
 
 
+# a task's lora block (OLoraWeights) is merged onto the run's λ, these where the run sets none
+OLORA_WEIGHTS = {name: LoraSection.model_fields[name].default for name in OLoraWeights.model_fields}
 UNION_TAGS = {"builtin", "jsonl", "hf"} | {m.model_fields["method"].annotation.__args__[0] for m in FLATNESS_METHODS}
 
 
@@ -94,8 +97,13 @@ def _cross_checks(raw: dict[str, Any]) -> list[str]:
         or EvaluationSection.model_fields["metric"].default
     training = raw.get("training") if isinstance(raw.get("training"), dict) else {}
     run_length = training.get("max_seq_length", TrainingSection.model_fields["max_seq_length"].default)
+    lora = raw.get("lora") if isinstance(raw.get("lora"), dict) else {}
+    strategy = lora.get("strategy", LoraSection.model_fields["strategy"].default)
     for i, task in enumerate(tasks):
         own = task.get("training") if isinstance(task, dict) else None
+        if isinstance(task, dict) and task.get("lora") is not None and strategy != "olora":
+            problems.append(f"tasks.{i}.lora: a task's lambda_orth / lambda_l2 are O-LoRA's weights; they need "
+                            f"lora.strategy: olora (this run: {strategy})")
         if isinstance(own, dict) and "max_seq_length" in own and own["max_seq_length"] != run_length:
             problems.append(f"tasks.{i}.training.max_seq_length: one length serves the whole run (every task is "
                             "evaluated after every task); set training.max_seq_length instead")
@@ -130,7 +138,7 @@ def validate_config(raw: Any, source: str = "config") -> RunConfig:
         raise ConfigError(source, ["(top level): expected a mapping of sections (run, model, tasks, ...)"])
     problems: list[str] = []
     try:
-        config = RunConfig.model_validate(with_task_settings(raw))
+        config = RunConfig.model_validate(with_task_settings(raw, OLORA_WEIGHTS))
     except ValidationError as exc:
         problems = _problems(exc)
     else:

@@ -72,6 +72,13 @@ class LoraSection(Strict):
     lambda_l2: float = Field(default=0.0, ge=0, description="olora: weight of Σ (‖A_t‖_F + ‖B_t‖_F)")
 
 
+class OLoraWeights(Strict):
+    """A task's own O-LoRA weights (tasks[i].lora); what it leaves out is the run-level value,
+    filled in when the config is read (see RunConfig.task_lora)."""
+    lambda_orth: float = Field(ge=0, description="olora: this task's weight of Σ|A_k A_tᵀ|")
+    lambda_l2: float = Field(ge=0, description="olora: this task's weight of Σ (‖A_t‖_F + ‖B_t‖_F)")
+
+
 DEFAULT_TEMPLATE = "{instruction}\nOptions: {options}\nInput: {input}\nAnswer:"
 TEMPLATE_FIELDS = {"instruction", "options", "input"}
 
@@ -85,6 +92,7 @@ class TaskBase(Strict):
     # this task's effective settings where it overrides the run-level blocks (see RunConfig.task_training)
     training: TrainingSection | None = None
     flatness: FlatnessConfig | None = None
+    lora: OLoraWeights | None = None  # O-LoRA's λ of this task (its scripts/long.sh varies them by task)
 
     @field_validator("prompt_template")
     @classmethod
@@ -286,3 +294,7 @@ class RunConfig(Strict):
     def task_flatness(self, index: int):
         """The flatness method block of task `index`: its own or the run's."""
         return self.tasks[index].flatness or self.flatness
+
+    def task_lora(self, index: int) -> OLoraWeights | LoraSection:
+        """The O-LoRA weights (lambda_orth, lambda_l2) of task `index`: its own or the run's."""
+        return self.tasks[index].lora or self.lora

@@ -98,3 +98,31 @@ def test_orthogonality_shrinks_over_a_tiny_run():
                config.deepspeed, 0, logs.append, regulariser=penalty)
     orth = [r["olora_orth"] for r in logs]
     assert len(orth) == 8 and orth[-1] < 0.8 * orth[0], orth
+
+
+def test_a_task_trains_with_its_own_weights():
+    """tasks[i].lora: the loop's penalty for task 2 carries that task's λ (λ1 = 0 here: only λ2·l2),
+    task 1 the run's; no penalty for IncLoRA."""
+    from cl_flat.adapters import AdapterStack
+    from cl_flat.config import validate_config
+    from cl_flat.models import load_model
+    from cl_flat.run import olora_penalty
+
+    raw = {"model": {"name_or_path": "tiny-random:llama"},
+           "lora": {"strategy": "olora", "r": 4, "lambda_orth": 0.5, "lambda_l2": 0.1},
+           "tasks": [{"name": "one", "source": "builtin", "task": "food_sentiment"},
+                     {"name": "two", "source": "builtin", "task": "service_sentiment", "lora": {"lambda_orth": 0.0}}]}
+    config = validate_config(raw)
+    model, _ = load_model("tiny-random:llama", "fp32", seed=2)
+    stack = AdapterStack(model, config.lora, seed=2)
+    stack.add_task(0, "one")
+    first = olora_penalty(config, stack, 0)
+    assert (first.lambda_orth, first.lambda_l2) == (0.5, 0.1)
+    stack.add_task(1, "two")
+    second = olora_penalty(config, stack, 1)
+    assert (second.lambda_orth, second.lambda_l2) == (0.0, 0.1)
+    assert second.orthogonality().item() > 0  # still logged, no longer weighted
+    assert torch.allclose(second(), 0.1 * second.l2())
+    raw["lora"]["strategy"] = "inclora"
+    del raw["tasks"][1]["lora"]
+    assert olora_penalty(validate_config(raw), stack, 1) is None
