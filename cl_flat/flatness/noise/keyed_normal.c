@@ -26,7 +26,7 @@ static inline uint16_t bf16_store(float f) {  /* round to nearest even (weights 
     return (uint16_t)((b.u + 0x7FFFu + ((b.u >> 16) & 1u)) >> 16);
 }
 
-/* The flags are compile-time constants in each ROW call below: a branch (or a load of base that
+/* The flags are compile-time constants in each _row call below: a branch (or a load of base that
  * may be absent) inside the loop keeps gcc from vectorising it, which made the kernel 4x slower. */
 #define KEYED_KERNEL(NAME, T, LOAD, STORE)                                                        \
 static inline __attribute__((always_inline)) void NAME##_row(                                     \
