@@ -244,7 +244,8 @@ def match_reference(run: RunResult, references: list[ReferenceRun]) -> tuple[Ref
 
 def with_reference_measures(runs: list[RunResult], references: list[ReferenceRun]) -> tuple[list[RunResult],
                                                                                             list[str]]:
-    """The runs with FWT_alone / gap_joint added for each reference kind present, and the notes."""
+    """The runs with FWT_alone / gap_joint added for each reference kind present, and the lines
+    report.md prints about which reference each measure used."""
     notes: list[str] = []
     for kind, (key, measure) in REFERENCE_MEASURES.items():
         of_kind = [ref for ref in references if ref.kind == kind]

@@ -182,7 +182,7 @@ def perturbed(frozen: list[tuple[FrozenTarget, Scale]], trainable: list[tuple[st
     with ExitStack() as stack:
         try:
             with torch.no_grad():
-                for name, param, scale in trainable:
+                for name, param, scale in trainable:  # trainable only (LoRA); restored from `saved` on exit
                     param.add_(scale.draw(param.detach(), noise_key(*key, name), out=buffers.scratch_like(param)))
             for target, scale in frozen:
                 noise = FrozenNoise(target.module, scale, noise_key(*key, target.name), buffers)

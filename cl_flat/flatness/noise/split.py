@@ -57,7 +57,7 @@ class _SplitNoisyLinear(torch.autograd.Function):
     def forward(ctx, x, bias, noise: FrozenNoise, split: int):
         ctx.noise, ctx.split = noise, split
         y = _rows_mm(x, split, linear_weight(noise.module).t(), noise.perturbed_weight().t())
-        return y if bias is None else y.add_(bias)
+        return y if bias is None else y.add_(bias)  # y is this call's fresh output, never a weight
 
     @staticmethod
     def backward(ctx, grad):
@@ -77,7 +77,7 @@ class _SplitPerturbedLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight, noisy)
         ctx.split, ctx.has_bias = split, bias is not None
         y = _rows_mm(x, split, weight.t(), noisy.t())
-        return y if bias is None else y.add_(bias)
+        return y if bias is None else y.add_(bias)  # y is this call's fresh output, never a weight
 
     @staticmethod
     def backward(ctx, grad):
