@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
+from cl_flat import host_memory
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -31,7 +33,9 @@ def _grouped() -> bool:
 def init_distributed(timeout_minutes: float | None = None) -> None:
     """Start (once) the process group DeepSpeed uses; a lone process becomes rank 0 of 1.
     `timeout_minutes`: how long a collective may wait for the other ranks before it fails (a
-    dead rank then ends the run instead of hanging it; `deepspeed.timeout_minutes`)."""
+    dead rank then ends the run instead of hanging it; `deepspeed.timeout_minutes`). Also sets the
+    process's host heap policy (`host_memory`)."""
+    host_memory.keep_freed_heap()  # every process that computes starts here
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
