@@ -99,6 +99,9 @@ class StoredNoiseRwp:
     def __init__(self, config):
         self.config = config
 
+    def begin_task(self, model):
+        """Nothing to prepare: the targets are found and the noise drawn anew in every window."""
+
     def window(self, ctx, micro_batches):
         n, a, b = len(micro_batches), self.config.a, self.config.b
         for batch in micro_batches:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cl_flat.bench import VARIANTS
 from helpers import run_cli
 
 pytestmark = pytest.mark.integration
@@ -48,6 +49,21 @@ def test_bench_writes_documented_format(tmp_path: Path):
     table = (tmp_path / "out" / "bench-cpu.md").read_text()
     assert "| rwp_parallel_2ranks |" in table and "| none |" in table
     assert "| time × none | time × floor |" in table and "| floor |" in table
+
+
+@pytest.mark.parametrize("label", [label for label, (_, ranks) in VARIANTS.items() if ranks == 1])
+def test_every_one_process_variant_measures(tmp_path: Path, label: str):
+    """Each variant of the default `cl-flat bench` runs through `measure` (a full bench stops at the first failure)."""
+    from cl_flat import bench
+
+    config = {"run": {"name": "bt", "seed": 0}, "model": {"name_or_path": "tiny-random:llama"},
+              "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+              "tasks": [{"name": "food_sentiment", "source": "builtin"}],
+              "training": {"micro_batch_size": 2, "max_seq_length": 16}, "logging": {"progress": False}}
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    outcome = bench.measure(str(path), label, 1, 0)
+    assert outcome["seconds_per_update"] > 0 and outcome["peak_memory_bytes"] > 0
 
 
 def test_rounds_pair_ratios_within_a_round(tmp_path: Path, monkeypatch):
