@@ -5,11 +5,11 @@ of it is free (by default twice the largest block it has served with mmap, at mo
 the kernel zeroes and faults those pages in again when they are next touched. An update frees
 its activations in backward and allocates them again in the next forward, so wherever an
 update's free top of heap crosses that threshold, its whole working set is paid again as page
-faults, every update (RWP `one_pass`: ~85k faults, a fifth of an update on a 2-core CPU;
-results/README.md). `keep_freed_heap` fixes the trim threshold at 2 GiB and the mmap threshold
-at 32 MiB (the largest value glibc's own adaptive threshold takes, which it reaches after the
-first large tensor anyway), so the heap keeps its peak: the resident memory stays at the peak
-the run reaches regardless, and the peak itself does not change.
+faults, every update (RWP `one_pass` did; the figures are in results/README.md).
+`keep_freed_heap` fixes the trim threshold at 2 GiB and the mmap threshold at 32 MiB (the
+largest value glibc's own adaptive threshold takes, which it reaches after the first large
+tensor anyway), so the heap keeps its peak: the resident memory stays at the peak the run
+reaches regardless, and the peak itself does not change.
 
 A no-op off glibc, and where the user chose the policy (a MALLOC_* variable, or another
 allocator in LD_PRELOAD such as jemalloc or tcmalloc).
