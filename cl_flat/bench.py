@@ -47,7 +47,7 @@ from cl_flat.adapters import AdapterStack
 from cl_flat.config import load_config
 from cl_flat.errors import ConfigError, UserError
 from cl_flat.files import atomic_write_text
-from cl_flat.flatness import build_method
+from cl_flat.flatness import FlatnessMethod, build_method
 from cl_flat.flatness.noise import frozen_targets
 from cl_flat.loss import target_loss, target_split_losses
 from cl_flat.models import load_model
@@ -92,15 +92,13 @@ def _batches(config, vocab_size: int, device) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-class StoredNoiseRwp:
-    """The naive full-scope RWP the benchmark compares against (never used for training):
-    every adapted layer's ε is drawn, stored and added to W0 in place, then subtracted."""
+class StoredNoiseRwp(FlatnessMethod):
+    """The naive full-scope RWP the benchmark compares against (never registered, never used for
+    training): every adapted layer's ε is drawn, stored and added to W0 in place, then subtracted.
+    The task hooks are the interface's defaults (nothing to prepare or keep)."""
 
-    def __init__(self, config):
-        self.config = config
-
-    def begin_task(self, model):
-        """Nothing to prepare: the targets are found and the noise drawn anew in every window."""
+    name = "rwp_full_stored_noise"
+    formula = "RWP scope full with ε stored"
 
     def window(self, ctx, micro_batches):
         n, a, b = len(micro_batches), self.config.a, self.config.b

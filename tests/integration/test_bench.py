@@ -14,13 +14,18 @@ from helpers import run_cli
 pytestmark = pytest.mark.integration
 
 
-def test_bench_writes_documented_format(tmp_path: Path):
+def _tiny_bench_config(tmp_path: Path) -> Path:
     config = {"run": {"name": "bt", "seed": 0}, "model": {"name_or_path": "tiny-random:llama"},
               "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
               "tasks": [{"name": "food_sentiment", "source": "builtin"}],
               "training": {"micro_batch_size": 2, "max_seq_length": 16}, "logging": {"progress": False}}
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_bench_writes_documented_format(tmp_path: Path):
+    path = _tiny_bench_config(tmp_path)
     proc = run_cli(["bench", str(path), "--methods", "sam,rwp_parallel_2ranks", "--updates", "2", "--warmup", "1",
                     "--out", str(tmp_path / "out"), "--json"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -56,12 +61,7 @@ def test_every_one_process_variant_measures(tmp_path: Path, label: str):
     """Each variant of the default `cl-flat bench` runs through `measure` (a full bench stops at the first failure)."""
     from cl_flat import bench
 
-    config = {"run": {"name": "bt", "seed": 0}, "model": {"name_or_path": "tiny-random:llama"},
-              "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-              "tasks": [{"name": "food_sentiment", "source": "builtin"}],
-              "training": {"micro_batch_size": 2, "max_seq_length": 16}, "logging": {"progress": False}}
-    path = tmp_path / "bench.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = _tiny_bench_config(tmp_path)
     outcome = bench.measure(str(path), label, 1, 0)
     assert outcome["seconds_per_update"] > 0 and outcome["peak_memory_bytes"] > 0
 
