@@ -25,6 +25,9 @@ that round (for a paired variant: its in-process ratio to `none`, chained to non
 processes), the median over rounds. Two-process variants have no two-process floor (null).
 `rwp_full_one_pass` is two-batch RWP with `one_pass: true` (clean half and noisy half of the
 micro-batch in one forward).
+
+A failing variant is recorded with its error and the others go on; the result so far is handed
+on after every variant (the CLI saves it), so a long bench loses nothing it measured.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -209,12 +213,14 @@ def _run_variant(config_path: str, label: str, updates: int, warmup: int) -> dic
         return json.loads(out.read_text())
 
 
-def run_bench(config_path: str, labels: list[str], updates: int, warmup: int, rounds: int = 1) -> dict[str, Any]:
+def run_bench(config_path: str, labels: list[str], updates: int, warmup: int, rounds: int = 1,
+              on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run each variant in a fresh process, `rounds` times over (every variant once per round,
     so slow drifts of a shared machine hit all variants alike). Per round, a variant's time ratio
     is its in-process paired ratio, or (floor) its time over that of `none` of the SAME round;
     memory is compared with `none` (1 rank) or `none_2ranks` of the same round. Reported: medians
-    over rounds, and the largest peak memory."""
+    over rounds, and the largest peak memory. A variant that fails is recorded with its error and
+    the others go on; `on_progress` receives the result so far after every variant run (to save it)."""
     config = load_config(config_path)
     unknown = [label for label in labels if label not in VARIANTS]
     problems = [f"--methods: unknown variant(s) {unknown}; available: {list(VARIANTS)}"] if unknown else []
@@ -227,34 +233,54 @@ def run_bench(config_path: str, labels: list[str], updates: int, warmup: int, ro
         (["none", "floor"] if any(VARIANTS[label][1] == 1 for label in labels) else [])
         + (["none_2ranks"] if any(VARIANTS[label][1] == 2 for label in labels) else []) + labels))
     raw: dict[str, list[dict[str, Any]]] = {label: [] for label in needed}
-    for _ in range(rounds):
+    header = {"device": _device_name(), "model": config.model.name_or_path, "config": str(config_path),
+              "batch": f"{config.training.micro_batch_size} x {config.training.max_seq_length} tokens"
+                       f" x {config.training.gradient_accumulation_steps} micro-batches",
+              "lora": {"r": config.lora.r, "target_modules": config.lora.target_modules},
+              "precision": "bf16" if config.deepspeed.bf16 else "fp32", "zero_stage": config.deepspeed.zero_stage,
+              "updates": updates, "warmup": warmup, "threads": torch.get_num_threads()}
+    result: dict[str, Any] = {}
+    for done in range(1, rounds + 1):
         for label in needed:
-            raw[label].append(_run_variant(config_path, label, updates, warmup))
-    methods = {}
-    for label in needed:
-        base_label = "none_2ranks" if VARIANTS[label][1] == 2 else "none"
-        runs, base = raw[label], raw[base_label]
-        ratios = [r.get("paired_time_ratio", r["seconds_per_update"] / b["seconds_per_update"])
-                  for r, b in zip(runs, base)]
-        floor_ratios = ([ratio * b["seconds_per_update"] / f["seconds_per_update"]
-                         for ratio, b, f in zip(ratios, base, raw["floor"])] if base_label == "none" else None)
-        methods[label] = {
-            "seconds_per_update": statistics.median(r["seconds_per_update"] for r in runs),
-            "time_ratio": statistics.median(ratios),
-            "time_ratio_paired_in_process": "paired_time_ratio" in runs[0],
-            "time_ratio_floor": statistics.median(floor_ratios) if floor_ratios else None,
-            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs),
-            "memory_ratio": statistics.median(r["peak_memory_bytes"] / b["peak_memory_bytes"]
-                                              for r, b in zip(runs, base)),
-            "compared_with": base_label, "updates": runs[0]["updates"], "ranks": runs[0]["ranks"],
-            "rounds": [r["seconds_per_update"] for r in runs]}
-    return {"device": _device_name(), "model": config.model.name_or_path, "config": str(config_path),
-            "batch": f"{config.training.micro_batch_size} x {config.training.max_seq_length} tokens"
-                     f" x {config.training.gradient_accumulation_steps} micro-batches",
-            "lora": {"r": config.lora.r, "target_modules": config.lora.target_modules},
-            "precision": "bf16" if config.deepspeed.bf16 else "fp32", "zero_stage": config.deepspeed.zero_stage,
-            "updates": updates, "warmup": warmup, "rounds": rounds, "threads": torch.get_num_threads(),
-            "methods": methods}
+            try:
+                raw[label].append(_run_variant(config_path, label, updates, warmup))
+            except UserError as error:
+                raw[label].append({"error": str(error)})
+            result = {**header, "rounds": done,
+                      "methods": {label: _summarize(label, raw) for label in needed if raw[label]}}
+            if on_progress is not None:
+                on_progress(result)
+    return result
+
+
+def _summarize(label: str, raw: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """One variant's row over the rounds in which it and the runs it is compared with all succeeded."""
+    base_label = "none_2ranks" if VARIANTS[label][1] == 2 else "none"  # runs before `label` in every round
+    floor = raw.get("floor", []) if base_label == "none" else []
+    rounds = [(r, b, floor[i] if i < len(floor) else {"error": "not run"})
+              for i, (r, b) in enumerate(zip(raw[label], raw[base_label])) if "error" not in r and "error" not in b]
+    if not rounds:
+        failed = [r for r in raw[label] + raw[base_label] if "error" in r]
+        return {"error": failed[-1]["error"], "compared_with": base_label}
+    runs = [r for r, _, _ in rounds]
+    ratios = [r.get("paired_time_ratio", r["seconds_per_update"] / b["seconds_per_update"]) for r, b, _ in rounds]
+    floor_ratios = [ratio * b["seconds_per_update"] / f["seconds_per_update"]
+                    for ratio, (_, b, f) in zip(ratios, rounds) if "error" not in f]
+    row = {"seconds_per_update": statistics.median(r["seconds_per_update"] for r in runs),
+           "time_ratio": statistics.median(ratios),
+           "time_ratio_paired_in_process": "paired_time_ratio" in runs[0],
+           "time_ratio_floor": statistics.median(floor_ratios) if floor_ratios else None,
+           "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs),
+           "memory_ratio": statistics.median(r["peak_memory_bytes"] / b["peak_memory_bytes"] for r, b, _ in rounds),
+           "compared_with": base_label, "updates": runs[0]["updates"], "ranks": runs[0]["ranks"],
+           "rounds": [r.get("seconds_per_update") for r in raw[label]]}
+    failed = [r["error"] for r in raw[label] if "error" in r]
+    return {**row, "failed_rounds": len(failed), "error": failed[-1]} if failed else row
+
+
+def failed_variants(result: dict[str, Any]) -> list[str]:
+    """The variants with an error in any round."""
+    return [label for label, m in result["methods"].items() if "error" in m]
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -269,10 +295,17 @@ def markdown_table(result: dict[str, Any]) -> str:
              "| method | s/update | time × none | time × floor | peak memory (MiB) | memory ratio | vs |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for label, m in result["methods"].items():
+        if "seconds_per_update" not in m:
+            lines.append(f"| {label} | failed | — | — | — | — | {m['compared_with']} |")
+            continue
         floor = m.get("time_ratio_floor")
         lines.append(f"| {label} | {m['seconds_per_update']:.3f} | {m['time_ratio']:.3f} | "
                      f"{'—' if floor is None else f'{floor:.3f}'} | "
                      f"{m['peak_memory_bytes'] / 2**20:.0f} | {m['memory_ratio']:.3f} | {m['compared_with']} |")
+    failures = failed_variants(result)
+    if failures:
+        lines += ["", "Failed (a row above, if any, is over the rounds that succeeded):", ""]
+        lines += [f"- {label}: {result['methods'][label]['error'].strip().splitlines()[-1]}" for label in failures]
     return "\n".join(lines) + "\n"
 
 

@@ -273,16 +273,22 @@ def bench(config: Path,
           out: Annotated[Path, typer.Option(help="folder for the JSON and markdown table")] = Path("results/bench"),
           as_json: Annotated[bool, typer.Option("--json", help="print the JSON result")] = False) -> None:
     """Seconds per update and peak memory of each flatness method vs plain training."""
-    from cl_flat.bench import VARIANTS, markdown_table, run_bench, save_bench
-    from cl_flat.errors import ConfigError
+    from cl_flat.bench import VARIANTS, failed_variants, markdown_table, run_bench, save_bench
+    from cl_flat.errors import ConfigError, UserError
 
     if out.exists() and not out.is_dir():
         raise ConfigError("cl-flat bench", [f"--out: {out} exists and is not a folder"], kind="options")
     labels = [m.strip() for m in methods.split(",")] if methods else list(VARIANTS)
-    result = run_bench(str(config), labels, updates, warmup, rounds)
+    # saved after every variant, so an interrupt keeps what was measured
+    result = run_bench(str(config), labels, updates, warmup, rounds,
+                       on_progress=lambda so_far: save_bench(so_far, out))
     json_path, md_path = save_bench(result, out)
     typer.echo(json.dumps(result, indent=2) if as_json else markdown_table(result))
     typer.echo(f"saved: {json_path} {md_path}", err=True)
+    failures = failed_variants(result)
+    if failures:
+        raise UserError(f"cl-flat bench: {len(failures)} variant(s) failed: {', '.join(failures)}; the others are "
+                        f"saved in {json_path}, each failure's error (its stderr tail) under its name there")
 
 
 @app.command()

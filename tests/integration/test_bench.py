@@ -122,3 +122,62 @@ def test_in_process_pairs_decide_the_time_ratio(tmp_path: Path, monkeypatch):
     # against the floor: the paired ratio chained with none/floor of the same round
     assert methods["sam"]["time_ratio_floor"] == pytest.approx((1.98 / 1.1 + 2.02 / 0.9) / 2)
     assert not methods["floor"]["time_ratio_paired_in_process"]
+
+
+def test_a_failing_variant_is_recorded_and_the_others_go_on(tmp_path: Path, monkeypatch):
+    """sam fails in round 1 of 3, asam in every round, floor in round 3: each row is over the rounds
+    in which it and what it is compared with succeeded; the result so far is handed on after every run."""
+    from cl_flat import bench
+    from cl_flat.errors import UserError
+
+    path = _tiny_bench_config(tmp_path)
+    seconds = {"none": [1.0, 2.0, 1.0], "floor": [0.5, 1.0, None], "sam": [None, 4.4, 2.0], "asam": [None] * 3}
+    calls: list[str] = []
+
+    def fake(config_path, label, updates, warmup):
+        value = seconds[label][calls.count(label)]
+        calls.append(label)
+        if value is None:
+            raise UserError(f"bench variant {label!r} failed:\nTraceback ...\nRuntimeError: {label} broke")
+        return {"seconds_per_update": value, "peak_memory_bytes": 100, "updates": updates, "ranks": 1}
+
+    progress: list[dict] = []
+    monkeypatch.setattr(bench, "_run_variant", fake)
+    result = bench.run_bench(str(path), ["sam", "asam"], 2, 0, rounds=3, on_progress=progress.append)
+    assert calls == ["none", "floor", "sam", "asam"] * 3
+    assert len(progress) == 12 and progress[-1] == result
+    assert list(progress[0]["methods"]) == ["none"] and progress[0]["rounds"] == 1
+    sam = result["methods"]["sam"]
+    assert sam["time_ratio"] == pytest.approx(2.1)                    # median of 4.4/2.0, 2.0/1.0
+    assert sam["time_ratio_floor"] == pytest.approx(4.4 / 1.0)        # round 2 only: round 3 has no floor
+    assert sam["rounds"] == [None, 4.4, 2.0] and sam["failed_rounds"] == 1
+    assert sam["error"].endswith("RuntimeError: sam broke")
+    asam = result["methods"]["asam"]
+    assert "seconds_per_update" not in asam and asam["error"].endswith("asam broke")
+    assert result["methods"]["floor"]["failed_rounds"] == 1
+    assert bench.failed_variants(result) == ["floor", "sam", "asam"]
+    table = bench.markdown_table(result)
+    assert "| asam | failed | — | — | — | — | none |" in table
+    assert "- asam: RuntimeError: asam broke" in table and "| sam | 3.200 | 2.100 | 4.400 |" in table
+
+
+def test_cli_saves_what_was_measured_and_exits_non_zero_on_a_failed_variant(tmp_path: Path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cl_flat import bench
+    from cl_flat.cli import app
+    from cl_flat.errors import UserError
+
+    def fake(config_path, label, updates, warmup):
+        if label == "sam":
+            raise UserError("bench variant 'sam' failed:\nMemoryError")
+        return {"seconds_per_update": 1.0, "peak_memory_bytes": 100, "updates": updates, "ranks": 1}
+
+    monkeypatch.setattr(bench, "_run_variant", fake)
+    path = _tiny_bench_config(tmp_path)
+    outcome = CliRunner().invoke(app, ["bench", str(path), "--methods", "sam", "--out", str(tmp_path / "out")])
+    assert isinstance(outcome.exception, UserError) and outcome.exception.exit_code == 1
+    assert "1 variant(s) failed: sam" in str(outcome.exception)
+    saved = json.loads((tmp_path / "out" / "bench-cpu.json").read_text())
+    assert saved["methods"]["none"]["seconds_per_update"] == 1.0
+    assert saved["methods"]["sam"]["error"].endswith("MemoryError")
