@@ -53,7 +53,7 @@ def run_reference(config: RunConfig, kind: str) -> ReferenceResult:
     names = [t.name for t in tasks]
     if dist.is_main():
         run_dir.path.mkdir(parents=True, exist_ok=True)
-        run_dir.save_config(config, run_metadata(config) | {"reference": kind})
+        run_dir.save_config(config, run_metadata(config, model) | {"reference": kind})
     length, seed = config.training.max_seq_length, config.run.seed
 
     def trained(base, index: int, name: str, examples, method, training, tracker) -> AdapterStack:

@@ -25,7 +25,7 @@ from cl_flat.data import load_tasks, replay_examples
 from cl_flat.data.batches import encode_examples
 from cl_flat.errors import ConfigError, UserError
 from cl_flat.evaluate import evaluate_tasks
-from cl_flat.family import family_of
+from cl_flat.family import family_of, lora_targets
 from cl_flat.flatness import FlatnessMethod, build_method
 from cl_flat.landscape import compute_sharpness, landscape_stem
 from cl_flat.metrics import ZERO_SHOT, compute_metrics
@@ -56,8 +56,9 @@ def _git_commit() -> str | None:
         return None
 
 
-def run_metadata(config: RunConfig) -> dict[str, Any]:
-    """The "meta" block of config.yaml: what a rerun needs beyond the config."""
+def run_metadata(config: RunConfig, model: torch.nn.Module) -> dict[str, Any]:
+    """The "meta" block of config.yaml: what a rerun needs beyond the config, and what the config
+    resolved to on `model` (the LoRA targets: the default q_proj, v_proj are q, v on T5)."""
     import deepspeed
     import peft
     import transformers
@@ -67,6 +68,7 @@ def run_metadata(config: RunConfig) -> dict[str, Any]:
     world = dist.world_size()
     return {"world_size": world, "global_batch": BatchShape.of(config.training, world).global_batch,
             "evaluation_precision": run_precision(config.model, config.deepspeed),
+            "lora_target_modules": lora_targets(config.lora.target_modules, family_of(model)),
             "results_format": RunDir.RESULTS_FORMAT,
             "versions": {"cl_flat": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
                          "transformers": transformers.__version__, "peft": peft.__version__,
@@ -204,7 +206,7 @@ def run_sequence(config: RunConfig, resume: bool = False, allow_config_change: b
     meta: dict[str, Any] = {}
     if is_main:
         run_dir.path.mkdir(parents=True, exist_ok=True)
-        meta = run_metadata(config)
+        meta = run_metadata(config, model)
         if resume:  # the changes accepted by earlier resumes are kept, this one's appended
             meta["config_changes"] = run_dir.stored_meta().get("config_changes") or []
         if restart.changes:

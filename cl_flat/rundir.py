@@ -1,6 +1,6 @@
 """RunDir: the results folder of one run (README, "Results of a run") and every operation on it.
 
-    config.yaml        resolved config + "meta" (world size, global batch, versions, git commit)
+    config.yaml        resolved config + "meta" (world size, global batch, LoRA targets adapted, versions, git commit)
     acc_matrix.csv     zero_shot row, then one row per trained task (rewritten after every task)
     metrics.json       written last: its presence marks a complete run
     train_log.jsonl    one line per update

@@ -17,10 +17,10 @@ def test_zero_shot_row_uses_the_training_precision(tiny_config):
     config = validate_config(tiny_config)
     _, _, model, _ = prepare(config)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    assert run_metadata(config)["evaluation_precision"] == "bf16"
+    assert run_metadata(config, model)["evaluation_precision"] == "bf16"
 
     tiny_config["deepspeed"]["bf16"] = False
     config = validate_config(tiny_config)
     _, _, model, _ = prepare(config)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
-    assert run_metadata(config)["evaluation_precision"] == "fp32"
+    assert run_metadata(config, model)["evaluation_precision"] == "fp32"

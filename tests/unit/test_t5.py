@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cl_flat.adapters import AdapterStack
-from cl_flat.config import EvaluationSection, LoraSection
+from cl_flat.config import EvaluationSection, LoraSection, validate_config
 from cl_flat.data import Example, TaskData
 from cl_flat.data.batches import collate, encode_examples
 from cl_flat.errors import ConfigError
@@ -288,3 +288,17 @@ def test_rwp_one_pass_on_t5_equals_the_serial_two_batch_on_the_halves(t5, scope)
     for name, p in ctx.params.items():
         assert (p.grad - serial[name]).abs().max().item() <= 1e-5, name
         p.grad = None
+
+
+def test_config_yaml_records_the_lora_targets_the_run_adapts(tiny_config):
+    """The default targets (q_proj, v_proj) stay in the config as written; meta names what T5 adapts."""
+    from cl_flat.run import run_metadata
+
+    model, _ = load_model("tiny-random:t5")
+    tiny_config["model"]["name_or_path"] = "tiny-random:t5"
+    assert run_metadata(validate_config(tiny_config), model)["lora_target_modules"] == ["q", "v"]
+    tiny_config["lora"] = {"target_modules": ["q", "o", "wo"]}
+    assert run_metadata(validate_config(tiny_config), model)["lora_target_modules"] == ["q", "o", "wo"]
+    causal, _ = load_model("tiny-random:llama")
+    tiny_config["model"]["name_or_path"], tiny_config["lora"] = "tiny-random:llama", {}
+    assert run_metadata(validate_config(tiny_config), causal)["lora_target_modules"] == ["q_proj", "v_proj"]
