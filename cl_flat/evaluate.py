@@ -5,7 +5,8 @@
   as in training (`prompt_and_targets`); the argmax label is the prediction. No generation:
   deterministic and cheap.
   Encoder-decoder models (`cl_flat.family`): the label tokenised alone + EOS, scored through the
-  decoder given the prompt in the encoder: (1/n) Σ_t log p(y_t | prompt, y_<t), n = label tokens + 1.
+  decoder given the prompt in the encoder: (1/n) Σ_t log p(y_t | prompt, y_<t), n = label tokens + 1
+  (the encoder runs once per prompt, its output shared by every label's decoder pass).
 - `exact_match`: greedy generation (causal: the continuation after the prompt; encoder-decoder:
   the decoder's output), compared after normalisation (case, spacing, trailing punctuation).
 The test set is capped by `max_samples_per_task` with a fixed sample (a permutation keyed by
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers.modeling_outputs import BaseModelOutput
 
 from cl_flat import dist
 from cl_flat.config import EvaluationSection
@@ -56,13 +58,17 @@ def normalise(text: str) -> str:
 
 @torch.no_grad()
 def target_logprobs(model: torch.nn.Module, items: list[Encoded] | list[Seq2SeqEncoded], pad_id: int,
-                    device) -> list[float]:
+                    device, per_prompt: int = 1) -> list[float]:
     """Mean log-probability of each item's target tokens given its prompt (`Seq2SeqEncoded`: the
-    decoder's, position t predicting label t; `Encoded`: position t predicting token t + 1)."""
+    decoder's, position t predicting label t; `Encoded`: position t predicting token t + 1).
+    `per_prompt`: seq2seq items come in runs of that many with the same prompt, whose encoder
+    output is computed once and shared by the run's decoder passes."""
     batch = {k: v.to(device) for k, v in collate(items, pad_id).items()}
     if "decoder_input_ids" in batch:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       decoder_input_ids=batch["decoder_input_ids"]).logits
+        mask = batch["attention_mask"]
+        encoded = model.get_encoder()(input_ids=batch["input_ids"][::per_prompt], attention_mask=mask[::per_prompt])
+        shared = BaseModelOutput(last_hidden_state=encoded.last_hidden_state.repeat_interleave(per_prompt, 0))
+        logits = model(attention_mask=mask, encoder_outputs=shared, decoder_input_ids=batch["decoder_input_ids"]).logits
         labels = batch["labels"]
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
@@ -97,8 +103,11 @@ def _seq2seq_pairs(tokenizer, task: TaskData, indices: list[int], max_length: in
 def _rank_classification(model, tokenizer, task: TaskData, indices: list[int], batch_size: int,
                          max_length: int, device) -> list[tuple[int, bool]]:
     labels = list(task.labels)
+    per_prompt, step = 1, batch_size
     if family_of(model) == SEQ2SEQ:
         pairs = _seq2seq_pairs(tokenizer, task, indices, max_length)
+        # whole examples per batch: the encoder runs once per prompt for all of its labels
+        per_prompt, step = len(labels), max(batch_size // len(labels), 1) * len(labels)
     else:
         contexts = [prompt_and_targets(tokenizer, task.prompt(task.test[i]), labels) for i in indices]
         if all(len(ids) == 1 for _, label_ids in contexts for ids in label_ids):
@@ -118,8 +127,8 @@ def _rank_classification(model, tokenizer, task: TaskData, indices: list[int], b
             keep = max(max_length - max(len(ids) for ids in label_ids), 1)
             pairs += [encode(prompt[-keep:], ids, max_length) for ids in label_ids]
     scores = []
-    for start in range(0, len(pairs), batch_size):
-        scores += target_logprobs(model, pairs[start:start + batch_size], tokenizer.pad_token_id, device)
+    for start in range(0, len(pairs), step):
+        scores += target_logprobs(model, pairs[start:start + step], tokenizer.pad_token_id, device, per_prompt)
     return _predictions(task, indices, labels, scores)
 
 

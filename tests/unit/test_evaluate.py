@@ -39,9 +39,9 @@ def test_truncated_prompt_is_the_same_window_for_every_label(monkeypatch):
     seen = []
     real = evaluate.target_logprobs
 
-    def spy(model, items, pad_id, device):
+    def spy(model, items, pad_id, device, *rest):
         seen.extend(items)
-        return real(model, items, pad_id, device)
+        return real(model, items, pad_id, device, *rest)
 
     monkeypatch.setattr(evaluate, "target_logprobs", spy)
     evaluate._rank_classification(model, tokenizer, task, [0], 8, 32, "cpu")
