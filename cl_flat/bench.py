@@ -309,10 +309,15 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_bench(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+def bench_paths(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    """The JSON and markdown files of `result`: <config>-<device>.{json,md} in `out_dir`."""
     device = "".join(c if c.isalnum() else "-" for c in result["device"].split(" (")[0].lower()).strip("-")
     stem = f"{Path(result['config']).stem}-{device}"
-    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    return out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+
+
+def save_bench(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    json_path, md_path = bench_paths(result, out_dir)
     atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
     atomic_write_text(md_path, markdown_table(result))
     return json_path, md_path

@@ -273,16 +273,16 @@ def bench(config: Path,
           out: Annotated[Path, typer.Option(help="folder for the JSON and markdown table")] = Path("results/bench"),
           as_json: Annotated[bool, typer.Option("--json", help="print the JSON result")] = False) -> None:
     """Seconds per update and peak memory of each flatness method vs plain training."""
-    from cl_flat.bench import VARIANTS, failed_variants, markdown_table, run_bench, save_bench
+    from cl_flat.bench import VARIANTS, bench_paths, failed_variants, markdown_table, run_bench, save_bench
     from cl_flat.errors import ConfigError, UserError
 
     if out.exists() and not out.is_dir():
         raise ConfigError("cl-flat bench", [f"--out: {out} exists and is not a folder"], kind="options")
     labels = [m.strip() for m in methods.split(",")] if methods else list(VARIANTS)
-    # saved after every variant, so an interrupt keeps what was measured
+    # saved after every variant (the last save holds the final result), so an interrupt keeps what was measured
     result = run_bench(str(config), labels, updates, warmup, rounds,
                        on_progress=lambda so_far: save_bench(so_far, out))
-    json_path, md_path = save_bench(result, out)
+    json_path, md_path = bench_paths(result, out)
     typer.echo(json.dumps(result, indent=2) if as_json else markdown_table(result))
     typer.echo(f"saved: {json_path} {md_path}", err=True)
     failures = failed_variants(result)

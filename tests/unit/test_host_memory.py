@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
 from cl_flat import host_memory
+from helpers import ROOT, quiet_env
 
 MIB = 2**20
 
@@ -55,8 +55,8 @@ def no_user_policy(monkeypatch):
 
 @pytest.mark.skipif(host_memory._glibc() is None, reason="the policy is glibc's")
 def test_freed_heap_stays_resident(no_user_policy):
-    run = subprocess.run([sys.executable, "-c", _MEASURE], capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ))
+    run = subprocess.run([sys.executable, "-c", _MEASURE], cwd=ROOT, env=quiet_env(), capture_output=True, text=True,
+                         timeout=120)
     assert run.returncode == 0, run.stderr
     control_added, control_kept, set_now, policy_added, policy_kept, set_again = map(int, run.stdout.split())
     for added in (control_added, policy_added):  # the 96 MiB came from fresh pages, or the test cannot tell
