@@ -135,6 +135,8 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] 
     for method in described:
         typer.echo(f"{method['method']}: {method['formula']}")
         typer.echo(f"    {method['summary']}")
+        if not method["source"].startswith("cl_flat."):
+            typer.echo(f"    from {method['source']}")
         if method["versus_notes"]:
             typer.echo(f"    other write-ups: {method['versus_notes']}")
         for p in method["parameters"]:

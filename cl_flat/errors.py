@@ -35,3 +35,10 @@ class MatrixFormatError(UserError, ValueError):
     """An accuracy-matrix csv does not follow the results-folder contract; the message names file:line."""
 
     exit_code = 2
+
+
+class PluginError(UserError):
+    """A flatness method or CL strategy cannot be registered: a name registered twice, an installed plugin
+    that fails to import or registers nothing. The message names both sources, or the package."""
+
+    exit_code = 2

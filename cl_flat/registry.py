@@ -25,13 +25,9 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, Field
 
-from cl_flat.errors import UserError
+from cl_flat.errors import PluginError
 
 T = TypeVar("T", bound=type)
-
-
-class PluginError(UserError):
-    """A part that cannot be registered: a duplicate name, a broken or empty entry point."""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ rank r takes its r-th contiguous share. Incomplete global batches are dropped.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import time
@@ -28,6 +29,7 @@ from cl_flat.data.batches import Encoded, collate
 from cl_flat.errors import NonFiniteUpdate, UserError
 from cl_flat.flatness.base import FlatnessMethod, StepContext
 from cl_flat.loss import target_loss, target_split_losses
+from cl_flat.schedules import lr_factor
 from cl_flat.seeding import derive_seed, keyed_generator, seed_dropout
 
 
@@ -130,23 +132,6 @@ def deepspeed_config(training: TrainingSection, section: DeepSpeedSection, plan:
     return ds
 
 
-def lr_lambda(schedule: str, warmup: int, total: int):
-    """Multiplier of the base lr at update `step` (0-based): linear warm-up to 1 over `warmup`
-    updates, then constant, linear decay to 0, or half-cosine decay to 0 at `total`."""
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(total - warmup, 1)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
-
-
 def create_engine(training: TrainingSection, section: DeepSpeedSection, model: torch.nn.Module,
                   params: list[torch.nn.Parameter], plan: TaskPlan):
     """A DeepSpeed engine training `params` with torch AdamW and the configured schedule."""
@@ -165,7 +150,7 @@ def create_engine(training: TrainingSection, section: DeepSpeedSection, model: t
         for p in params:
             p.grad = torch.zeros_like(p)
     warmup = math.ceil(training.warmup_ratio * plan.updates)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(training.lr_scheduler, warmup, plan.updates))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(training.lr_scheduler, warmup, plan.updates))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            model_parameters=params, config=deepspeed_config(training, section, plan))
     if keep_grads:
@@ -289,7 +274,7 @@ def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, 
                             seed=method_seed, rank=rank, world_size=world, split_loss_fn=split_loss_fn)
         terms = regulariser.stats() if regulariser is not None else {}
         lr = engine.get_lr()[0]
-        before = method.state_dict()  # references: a dropped update must not change the method either
+        before = copy.deepcopy(method.state_dict())  # a dropped update must not change the method either
         bad, host = _step(engine, params, method.window(ctx, batches), plain_fp32, terms)
         if bad:
             method.load_state_dict(before)

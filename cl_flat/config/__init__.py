@@ -15,41 +15,37 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from cl_flat.config.sections import (
-    FLATNESS_METHODS,
     BuiltinTaskConfig,
     DeepSpeedSection,
     EvaluationSection,
-    FlatLoraMethod,
-    FlatnessAdapter,
+    FlatnessConfig,
     HfTaskConfig,
     JsonlTaskConfig,
     LoraSection,
-    LpfSgdMethod,
     ModelSection,
-    NoneMethod,
     OLoraWeights,
     RunConfig,
-    RwpMethod,
-    SamMethod,
     Strict,
     TaskConfig,
     TrainingSection,
     WandbSection,
+    flatness_adapter,
 )
 from cl_flat.errors import ConfigError
 from cl_flat.overrides import apply_overrides, fill_name_template, names_every_key, override_keys, with_task_settings
+from cl_flat.registry import METHODS
 
 __all__ = [
-    "BuiltinTaskConfig", "DeepSpeedSection", "EvaluationSection", "FlatLoraMethod", "FlatnessAdapter", "HfTaskConfig",
-    "JsonlTaskConfig", "LoraSection", "LpfSgdMethod", "ModelSection", "NoneMethod", "RunConfig", "RwpMethod",
-    "SamMethod", "Strict", "TaskConfig", "TrainingSection", "WandbSection",
-    "config_to_dict", "load_config", "resolve_paths", "validate_config", "validate_options",
+    "BuiltinTaskConfig", "DeepSpeedSection", "EvaluationSection", "FlatnessConfig", "HfTaskConfig",
+    "JsonlTaskConfig", "LoraSection", "ModelSection", "RunConfig", "Strict", "TaskConfig", "TrainingSection",
+    "WandbSection", "config_to_dict", "flatness_adapter", "load_config", "resolve_paths", "validate_config",
+    "validate_options",
 ]
 
 
 # a task's lora block (OLoraWeights) is merged onto the run's λ, these where the run sets none
 OLORA_WEIGHTS = {name: LoraSection.model_fields[name].default for name in OLoraWeights.model_fields}
-UNION_TAGS = {"builtin", "jsonl", "hf"} | {m.model_fields["method"].annotation.__args__[0] for m in FLATNESS_METHODS}
+TASK_SOURCES = {"builtin", "jsonl", "hf"}
 
 
 UNION_MEMBER_LABELS = {"str", "int", "float", "bool"}
@@ -58,7 +54,8 @@ UNION_MEMBER_LABELS = {"str", "int", "float", "bool"}
 def _describe(error: dict[str, Any]) -> str:
     loc = [str(p) for p in error["loc"]]
     # drop the discriminator tag pydantic inserts into union locations (tasks.0.jsonl.train)
-    loc = [p for p in loc if p not in UNION_TAGS or p == loc[-1]]
+    tags = TASK_SOURCES | set(METHODS.names())
+    loc = [p for p in loc if p not in tags or p == loc[-1]]
     # and the member labels of plain unions (data_files.str, data_files.list[str], ...)
     loc = [p for p in loc if "[" not in p and p not in UNION_MEMBER_LABELS]
     path = ".".join(loc) or "(top level)"

@@ -6,6 +6,7 @@ against it.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from types import UnionType
@@ -21,6 +22,9 @@ from pydantic import (
     model_validator,
 )
 
+from cl_flat.registry import METHODS, RegisteredConfig
+from cl_flat.schedules import SCHEDULES
+
 
 def _numbers(annotation: Any) -> bool:
     """Whether a field annotation admits int or float but not bool."""
@@ -29,7 +33,8 @@ def _numbers(annotation: Any) -> bool:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=False)
+    # defer_build: a schema holding a registry's union is built at first use, when the registry can load
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=False, defer_build=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -155,7 +160,7 @@ class TrainingSection(Strict):
     learning_rate: float = Field(default=1.0e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     optimizer: Literal["adamw"] = "adamw"
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    lr_scheduler: Literal[SCHEDULES] = "constant"
     warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     max_seq_length: int = Field(default=256, ge=8)
@@ -165,58 +170,17 @@ class TrainingSection(Strict):
                                         description="skip: stop once more of a task's updates were skipped")
 
 
-# ---- flatness method blocks (contract: names as users write them) ----
+# ---- flatness method blocks: each method's config class lives beside the method (cl_flat/flatness/<m>.py) ----
+
+# the discriminated union (on `method`) of every registered method's config class, built when a schema
+# that uses it is first built (the registry then loads the package's methods and the installed plugins)
+FlatnessConfig = Annotated[BaseModel, RegisteredConfig(METHODS)]
 
 
-class NoneMethod(Strict):
-    method: Literal["none"]
-
-
-class SamMethod(Strict):
-    method: Literal["sam"]
-    rho: float = Field(default=0.05, ge=0)
-    adaptive: bool = False
-    eta: float = Field(default=0.01, ge=0, description="ASAM's T = |θ| + eta (adaptive only)")
-    norm: Literal["global", "per_tensor"] = "global"
-
-
-NoiseType = Literal["gauss_standard", "gauss_matrix", "gauss_element", "lpf_sgd", "fisher", "flat_lora"]
-Scope = Literal["lora", "full", "base"]
-
-
-class RwpMethod(Strict):
-    method: Literal["rwp"]
-    scope: Scope = "full"
-    noise_type: NoiseType = "gauss_standard"
-    noise_std: float = Field(default=0.0015, ge=0)
-    a: float = Field(default=0.5, ge=0, description="weight of the clean gradient")
-    b: float = Field(default=0.5, ge=0, description="weight of the noisy gradient")
-    two_batch: bool = False
-    one_pass: bool = Field(default=False, description="two_batch in one forward: first half of each micro-batch "
-                                                      "clean, second half noisy")
-    parallel: bool = False
-    fisher_decay: float = Field(default=0.95, ge=0, lt=1)
-    fisher_eta: float = Field(default=1.0, ge=0, description="η on F normalised to mean 1 per layer")
-    fisher_estimate: Literal["minibatch", "per_token"] = "minibatch"
-    noise_targets: Literal["adapted", "all_linear"] = "adapted"
-
-
-class LpfSgdMethod(Strict):
-    method: Literal["lpf_sgd"]
-    scope: Scope = "full"
-    noise_std: float = Field(default=0.0005, ge=0, description="γ0, the initial radius")
-    radius_growth: float = Field(default=6.0, ge=0, description="α: γ_T = (α+1)·γ0")
-
-
-class FlatLoraMethod(Strict):
-    method: Literal["flat_lora"]
-    noise_std: float = Field(default=0.05, ge=0)
-    ramp: Literal["cosine", "linear", "constant"] = "cosine"
-
-
-FLATNESS_METHODS = (NoneMethod, SamMethod, RwpMethod, LpfSgdMethod, FlatLoraMethod)
-FlatnessConfig = Annotated[Union[FLATNESS_METHODS], Field(discriminator="method")]
-FlatnessAdapter: TypeAdapter = TypeAdapter(FlatnessConfig)
+@functools.cache
+def flatness_adapter() -> TypeAdapter:
+    """Validates one flatness block (a dict) into its method's config class."""
+    return TypeAdapter(FlatnessConfig)
 
 
 class EvaluationSection(Strict):
@@ -281,7 +245,7 @@ class RunConfig(Strict):
     lora: LoraSection = Field(default_factory=LoraSection)
     tasks: list[TaskConfig] = Field(min_length=1)
     training: TrainingSection = Field(default_factory=TrainingSection)
-    flatness: FlatnessConfig = Field(default_factory=lambda: NoneMethod(method="none"))
+    flatness: FlatnessConfig = Field(default_factory=lambda: {"method": "none"})  # validated (validate_default)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)

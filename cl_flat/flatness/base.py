@@ -12,6 +12,10 @@ return detached values: the autograd graph of a pass is gone before the next for
 (A graph kept alive into the next pass pins thousands of small allocations across the freed
 activation memory; on CPU glibc then cannot reuse it, and a second pass in the same update
 raises the peak resident memory.)
+A method whose update is a *computed* gradient (a combination of probe gradients: GSAM's g_p − α·g_⊥,
+a projection) hands it over with `apply_gradient(grads, last)`, which adds exactly `grads` to the
+update's gradient through the same `backward` (the surrogate loss Σ_k ⟨θ_k, g_k⟩ has gradient g), so
+the engine still reduces, clips and steps it and `reference_update` stays exact.
 A method's lifetime is explicit: the loop calls `begin_task(model)` once before the first update
 of every task (state such as a Fisher estimate or the noise targets starts there), then
 `window(ctx, micro_batches)` once per update.
@@ -32,7 +36,8 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel
 
-from cl_flat.config import FlatnessAdapter, TrainingSection
+from cl_flat.config import TrainingSection, flatness_adapter
+from cl_flat.registry import METHODS
 
 
 class StepContext(ABC):
@@ -84,9 +89,22 @@ class StepContext(ABC):
         loss = self.loss(batch)
         return loss.detach(), self.grads(loss)
 
+    def apply_gradient(self, grads: list[torch.Tensor], *, last: bool) -> None:
+        """Adds `grads` (one tensor per trainable parameter, in `params` order) to the update's gradient,
+        as `backward` adds ∇L: through the surrogate Σ_k ⟨θ_k, g_k⟩, whose gradient w.r.t. θ_k is g_k
+        exactly (no forward of the model; the engine reduces, clips and steps it like any gradient)."""
+        params = list(self.params.values())
+        if len(grads) != len(params):
+            raise ValueError(f"apply_gradient: {len(grads)} gradients for {len(params)} trainable parameters")
+        surrogate = sum((p * g.detach().to(p.dtype)).sum() for p, g in zip(params, grads))
+        self.backward(surrogate, last=last)
+
 
 class FlatnessMethod(ABC):
-    """One registered method: built from its config block, produces one update's gradient."""
+    """One registered method: built from its config block, produces one update's gradient.
+
+    A method is one file: its config class (a `Strict` model with `method: Literal[name]`) beside its
+    class, which `@register(name, ConfigClass)` makes a method (`name`, `config_class` are set there)."""
 
     name: ClassVar[str]
     config_class: ClassVar[type[BaseModel]]
@@ -107,7 +125,9 @@ class FlatnessMethod(ABC):
 
     def state_dict(self) -> dict[str, Any]:
         """The state an in-task checkpoint must keep to continue the task exactly (this rank's;
-        caches that are rebuilt on demand are not state)."""
+        caches that are rebuilt on demand are not state). It may hold live references to tensors the
+        method updates in place: the loop deep-copies it before every update (a dropped update is
+        rolled back with `load_state_dict(copy)`), and checkpoints serialise it."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -121,22 +141,14 @@ class FlatnessMethod(ABC):
         synchronises the host itself) or host floats."""
 
 
-REGISTRY: dict[str, type[FlatnessMethod]] = {}
-
-
-def register(cls: type[FlatnessMethod]) -> type[FlatnessMethod]:
-    """Class decorator: make `cls` available under `cls.name` (a name is registered once)."""
-    if cls.name in REGISTRY:
-        raise ValueError(f"flatness method {cls.name!r} is already registered by {REGISTRY[cls.name].__qualname__}")
-    REGISTRY[cls.name] = cls
-    return cls
+register = METHODS.register
 
 
 def build_method(config: BaseModel | dict) -> FlatnessMethod:
     """The method of a flatness config block (a dict is validated first)."""
     if isinstance(config, dict):
-        config = FlatnessAdapter.validate_python(config)
-    return REGISTRY[config.method](config)
+        config = flatness_adapter().validate_python(config)
+    return METHODS.get(config.method).cls(config)
 
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]

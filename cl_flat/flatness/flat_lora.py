@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from cl_flat.config import FlatLoraMethod
+from typing import Literal
+
+from pydantic import Field
+
+from cl_flat.config import Strict
 from cl_flat.flatness.base import FlatnessMethod, register
 from cl_flat.flatness.noise import NoiseBuffers, compact_scale, frozen_targets, noisy_mean_gradient
-from cl_flat.flatness.schedule import ramp_factor
+from cl_flat.schedules import RAMPS, ramp_factor
 
 
-@register
+class FlatLoraConfig(Strict):
+    method: Literal["flat_lora"]
+    noise_std: float = Field(default=0.05, ge=0)
+    ramp: Literal[RAMPS] = "cosine"
+
+
+@register("flat_lora", FlatLoraConfig)
 class FlatLora(FlatnessMethod):
     """Flat-LoRA: one pass with row-scaled noise on the merged weight W' = W0 + s·BA, ramped 0 → 1.
 
@@ -29,11 +39,9 @@ class FlatLora(FlatnessMethod):
     is the all-reduced mean.
     """
 
-    name = "flat_lora"
-    config_class = FlatLoraMethod
     formula = "g = (1/N) Σ_i ∇L(W'+ε_i; B_i), ε ~ N(0, (ramp(t)·σ/√n·‖W'_j,:‖)²), W' = W0 + s·BA"
 
-    def __init__(self, config: FlatLoraMethod):
+    def __init__(self, config: FlatLoraConfig):
         super().__init__(config)
         self.targets = []
         self.buffers = NoiseBuffers()

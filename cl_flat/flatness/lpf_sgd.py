@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from cl_flat.config import LpfSgdMethod
+from typing import Literal
+
+from pydantic import Field
+
+from cl_flat.config import Strict
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.noise import NoiseBuffers, compact_scale, frozen_targets, noisy_mean_gradient
-from cl_flat.flatness.schedule import ramp_factor
+from cl_flat.flatness.noise import SCOPES, NoiseBuffers, compact_scale, frozen_targets, noisy_mean_gradient
+from cl_flat.schedules import ramp_factor
 
 
 def lpf_radius(gamma0: float, alpha: float, step: int, total_steps: int) -> float:
@@ -14,7 +18,14 @@ def lpf_radius(gamma0: float, alpha: float, step: int, total_steps: int) -> floa
     return gamma0 * (alpha * ramp_factor("cosine", step, total_steps) + 1)
 
 
-@register
+class LpfSgdConfig(Strict):
+    method: Literal["lpf_sgd"]
+    scope: Literal[SCOPES] = "full"
+    noise_std: float = Field(default=0.0005, ge=0, description="γ0, the initial radius")
+    radius_growth: float = Field(default=6.0, ge=0, description="α: γ_T = (α+1)·γ0")
+
+
+@register("lpf_sgd", LpfSgdConfig)
 class LpfSgd(FlatnessMethod):
     """LPF-SGD: gradient at filter-wise Gaussian noise whose radius grows over the task.
 
@@ -35,13 +46,11 @@ class LpfSgd(FlatnessMethod):
     noise; the applied gradient is the all-reduced mean (an N·W-sample estimate).
     """
 
-    name = "lpf_sgd"
-    config_class = LpfSgdMethod
     formula = "g = (1/N) Σ_i ∇L(θ+ε_i; B_i), ε ~ N(0, (γ_t‖W_i,:‖)²), γ_t = γ0(α/2(1−cos(πt/(T−1)))+1)"
     versus_notes = ("some write-ups give ε ~ N(0, γ_t·‖W_i,:‖) (a variance); implemented: γ_t·‖W_i,:‖ as the standard "
                     "deviation, as in the LPF-SGD authors' code, so the noise scales with the weights")
 
-    def __init__(self, config: LpfSgdMethod):
+    def __init__(self, config: LpfSgdConfig):
         super().__init__(config)
         self.targets = []
         self.buffers = NoiseBuffers()

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
-from cl_flat.config import NoneMethod
+from cl_flat.config import Strict
 from cl_flat.flatness.base import FlatnessMethod, register
 
 
-@register
+class NoneConfig(Strict):
+    method: Literal["none"]
+
+
+@register("none", NoneConfig)
 class Plain(FlatnessMethod):
     """Plain training, no flatness term.
 
     g = (1/N) Σ_i ∇L(θ; B_i) over the N micro-batches of the update (the ordinary
     gradient-accumulation mean); several ranks are averaged by the all-reduce."""
 
-    name = "none"
-    config_class = NoneMethod
     formula = "g = (1/N) Σ_i ∇L(θ; B_i)"
 
     def window(self, ctx, micro_batches):

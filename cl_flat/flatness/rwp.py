@@ -4,17 +4,47 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
+from typing import Literal
 
 import torch
+from pydantic import Field
 
-from cl_flat.config import RwpMethod, TrainingSection
+from cl_flat.config import Strict, TrainingSection
 from cl_flat.errors import UserError
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.noise import NoiseBuffers, RowFisher, compact_scale, frozen_targets, param_module, perturbed
+from cl_flat.flatness.noise import (
+    FISHER_ESTIMATES,
+    NOISE_TARGETS,
+    NOISE_TYPES,
+    SCOPES,
+    NoiseBuffers,
+    RowFisher,
+    compact_scale,
+    frozen_targets,
+    param_module,
+    perturbed,
+)
 from cl_flat.flatness.noise.split import split_perturbed, split_rows
 
 
-@register
+class RwpConfig(Strict):
+    method: Literal["rwp"]
+    scope: Literal[SCOPES] = "full"
+    noise_type: Literal[NOISE_TYPES] = "gauss_standard"
+    noise_std: float = Field(default=0.0015, ge=0)
+    a: float = Field(default=0.5, ge=0, description="weight of the clean gradient")
+    b: float = Field(default=0.5, ge=0, description="weight of the noisy gradient")
+    two_batch: bool = False
+    one_pass: bool = Field(default=False, description="two_batch in one forward: first half of each micro-batch "
+                                                      "clean, second half noisy")
+    parallel: bool = False
+    fisher_decay: float = Field(default=0.95, ge=0, lt=1)
+    fisher_eta: float = Field(default=1.0, ge=0, description="η on F normalised to mean 1 per layer")
+    fisher_estimate: Literal[FISHER_ESTIMATES] = "minibatch"
+    noise_targets: Literal[NOISE_TARGETS] = "adapted"
+
+
+@register("rwp", RwpConfig)
 class Rwp(FlatnessMethod):
     """Random weight perturbation (RWP / m-RWP): a·clean gradient + b·gradient at θ + random noise.
 
@@ -63,13 +93,11 @@ class Rwp(FlatnessMethod):
     own share; the mean of the shares over r = 0..W-1 is the mixed gradient.
     """
 
-    name = "rwp"
-    config_class = RwpMethod
     formula = "g = a·(1/N) Σ_i ∇L(θ; B_i) + b·∇L(θ+ε; B_N), ε = Z ⊙ S(noise_type, σ)"
     versus_notes = ("fisher: m-RWP's F_i = Σ_j EMA((∂L/∂W_ij)²) enters S as F_i / mean_k F_k (mean 1 per layer), "
                     "so that η means the same at any batch size and EMA decay")
 
-    def __init__(self, config: RwpMethod):
+    def __init__(self, config: RwpConfig):
         super().__init__(config)
         self.targets = []
         self.fisher = RowFisher(config.fisher_decay, config.fisher_estimate)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import Literal
 
-from cl_flat.config import SamMethod
+import torch
+from pydantic import Field
+
+from cl_flat.config import Strict
 from cl_flat.flatness.base import FlatnessMethod, register
 
 
@@ -22,7 +25,15 @@ def sam_perturbation(params: list[torch.Tensor], grads: list[torch.Tensor], rho:
     return [(s if t is None else t * s) * (rho / (n + 1e-12)) for t, s, n in zip(scales, scaled, norms)]
 
 
-@register
+class SamConfig(Strict):
+    method: Literal["sam"]
+    rho: float = Field(default=0.05, ge=0)
+    adaptive: bool = False
+    eta: float = Field(default=0.01, ge=0, description="ASAM's T = |θ| + eta (adaptive only)")
+    norm: Literal["global", "per_tensor"] = "global"
+
+
+@register("sam", SamConfig)
 class Sam(FlatnessMethod):
     """SAM (Foret et al., ICLR 2021) / ASAM (Kwon et al., ICML 2021) on the current adapter.
 
@@ -41,8 +52,6 @@ class Sam(FlatnessMethod):
     T²g (the ASAM paper's maximiser of the T⁻¹-scaled ball), not the T·g that some write-ups give.
     """
 
-    name = "sam"
-    config_class = SamMethod
     formula = "g = ∇L(θ+ε; B_N), ε = ρ·g₀/‖g₀‖ (adaptive: ρ·T²g₀/‖Tg₀‖, T=|θ|+η), g₀ = Σ_i ∇L(θ; B_i)"
     versus_notes = ("some write-ups give ASAM's ε = ρ·|W|g/‖|W|g‖ (T once); implemented: ρ·T²g/‖Tg‖ as in the ASAM "
                     "paper and code, the exact maximiser of the linearised loss over ‖T⁻¹ε‖ ≤ ρ")

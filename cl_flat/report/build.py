@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from cl_flat.config import FlatnessAdapter, config_to_dict
+from cl_flat.config import config_to_dict, flatness_adapter
 from cl_flat.errors import ConfigError, MatrixFormatError, UserError
 from cl_flat.metrics import forward_transfer_vs_alone, gap_to_joint, read_acc_matrix
 from cl_flat.overrides import dotted_keys
@@ -318,7 +318,8 @@ def group_runs(runs: list[RunResult], group_by: list[str] | None = None) -> list
     groups = []
     for values, members in buckets.values():
         defaults = {} if group_by else dotted_keys(  # flatness.<parameter> -> its default for this method
-            FlatnessAdapter.validate_python({"method": values["flatness.method"]}).model_dump(mode="json"), "flatness.")
+            flatness_adapter().validate_python({"method": values["flatness.method"]}).model_dump(mode="json"),
+            "flatness.")
         label = ", ".join(f"{k}={_format_value(values[k])}" for k in label_keys
                           if k in values and not (k in only_present and defaults.get(k, UNSET) == values[k]))
         steps = range(min(len(run.op) for run in members))

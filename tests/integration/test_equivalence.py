@@ -21,6 +21,8 @@ CASES = {
     "sam": {"flatness": {"method": "sam", "rho": 0.05}, "gas": 2},
     "asam-per-tensor": {"flatness": {"method": "sam", "rho": 0.5, "adaptive": True, "norm": "per_tensor"}, "gas": 1},
     "sam-rho0": {"flatness": {"method": "sam", "rho": 0.0}, "gas": 1},
+    # a computed gradient handed over with StepContext.apply_gradient (the example plugin, installed by the README)
+    "gradnorm": {"flatness": {"method": "gradnorm", "alpha": 0.5, "r": 0.05}, "gas": 2, "clip": 0.5},
 }
 
 # noise methods: noise large enough that a wrong key or a lost perturbation shows

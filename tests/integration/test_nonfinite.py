@@ -15,7 +15,7 @@ from cl_flat import dist
 from cl_flat.adapters import AdapterStack
 from cl_flat.config import validate_config
 from cl_flat.data.batches import Encoded
-from cl_flat.flatness import build_method
+from cl_flat.flatness import FlatnessMethod, build_method
 from cl_flat.models import load_model
 from cl_flat.train import TrainTask, train_task
 from helpers import run_cli
@@ -30,7 +30,8 @@ def _strict_json(line: str) -> dict:
     return json.loads(line, parse_constant=refuse)
 
 
-def test_skip_drops_the_update_without_any_state_change():
+def _one_task(flatness: dict):
+    """(config, the model with task a's adapter trainable, 16 training examples): 4 updates of 2."""
     dist.init_distributed()
     config = validate_config({
         "run": {"name": "nan", "seed": 3}, "model": {"name_or_path": "tiny-random:llama"},
@@ -38,7 +39,7 @@ def test_skip_drops_the_update_without_any_state_change():
         "tasks": [{"name": "a", "source": "builtin"}],
         "training": {"micro_batch_size": 2, "max_steps": 4, "learning_rate": 0.02, "on_nonfinite": "skip",
                      "max_skipped_fraction": 0.25},
-        "flatness": {"method": "rwp", "noise_type": "fisher", "noise_std": 0.05, "fisher_decay": 0.5},
+        "flatness": flatness,
         "logging": {"progress": False}})
     model, _ = load_model("tiny-random:llama", seed=3)
     stack = AdapterStack(model, config.lora, seed=3)
@@ -46,10 +47,14 @@ def test_skip_drops_the_update_without_any_state_change():
     generator = torch.Generator().manual_seed(11)
     examples = [Encoded(tuple(ids := torch.randint(3, 250, (9,), generator=generator).tolist()),
                         tuple([-100] * 5 + ids[5:])) for _ in range(16)]
-    method = build_method(config.flatness)
-    window, calls = method.window, []
+    return config, stack.model, examples
 
-    def poisoned(ctx, batches):  # update 2's gradient and loss are NaN
+
+def _poison_second_update(window):
+    """`window` whose second call leaves a NaN gradient and loss."""
+    calls = []
+
+    def poisoned(ctx, batches):
         stats = window(ctx, batches)
         calls.append(1)
         if len(calls) == 2:
@@ -58,8 +63,15 @@ def test_skip_drops_the_update_without_any_state_change():
             stats["loss"] = math.nan
         return stats
 
-    method.window = poisoned
-    trainable = {n: p for n, p in stack.model.named_parameters() if p.requires_grad}
+    return poisoned
+
+
+def test_skip_drops_the_update_without_any_state_change():
+    config, model, examples = _one_task({"method": "rwp", "noise_type": "fisher", "noise_std": 0.05,
+                                         "fisher_decay": 0.5})
+    method = build_method(config.flatness)
+    method.window = _poison_second_update(method.window)  # update 2's gradient and loss are NaN
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     after, fisher, records = [], [], []
 
     def log(record):
@@ -67,18 +79,52 @@ def test_skip_drops_the_update_without_any_state_change():
         after.append({n: p.detach().clone() for n, p in trainable.items()})
         fisher.append(dict(method.fisher.state))
 
-    stats = train_task(TrainTask(0, "a", examples, 256), stack.model, method, config.training, config.deepspeed,
+    stats = train_task(TrainTask(0, "a", examples, 256), model, method, config.training, config.deepspeed,
                        config.run.seed, log)
     assert stats["skipped"] == 1 and [r.get("skipped", False) for r in records] == [False, True, False, False]
     assert records[1]["nonfinite"] == ["loss", "grad_norm"]
     assert all(torch.equal(after[1][n], after[0][n]) for n in trainable)  # no step
-    assert all(fisher[1][k] is fisher[0][k] for k in fisher[0])  # the Fisher EMA did not fold the NaN pass in
+    assert all(torch.equal(fisher[1][k], fisher[0][k]) for k in fisher[0])  # the EMA did not fold the NaN pass in
     assert any(not torch.equal(after[2][n], after[1][n]) for n in trainable)  # the next update steps again
     assert all(torch.isfinite(p).all() for p in trainable.values())
     for record in records:
         _strict_json(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
                                  for k, v in record.items()}, allow_nan=False))
 
+
+
+class CountingMethod(FlatnessMethod):
+    """Plain training plus a counter of applied updates that it updates IN PLACE (`state_dict` returns the
+    live tensor): the loop's rollback of a dropped update must not depend on the method copying."""
+
+    name = "counting"
+    formula = "g = (1/N) Σ_i ∇L(θ; B_i)"
+
+    def __init__(self):
+        super().__init__(config=None)
+        self.updates = torch.zeros((), dtype=torch.int64)
+
+    def state_dict(self):
+        return {"updates": self.updates}
+
+    def load_state_dict(self, state):
+        self.updates.copy_(state["updates"])
+
+    def window(self, ctx, micro_batches):
+        self.updates += 1
+        n = len(micro_batches)
+        losses = [ctx.accumulate(batch, 1 / n, last=i == n - 1) for i, batch in enumerate(micro_batches)]
+        return {"loss": torch.stack(losses).mean()}
+
+
+def test_a_dropped_update_restores_a_method_that_updates_its_state_in_place():
+    config, model, examples = _one_task({"method": "none"})
+    method = CountingMethod()
+    method.window = _poison_second_update(method.window)
+    stats = train_task(TrainTask(0, "a", examples, 256), model, method, config.training, config.deepspeed,
+                       config.run.seed, lambda record: None)
+    assert stats["skipped"] == 1
+    assert method.updates.item() == 3  # 4 windows ran, the second was dropped and rolled back
 
 def _write(tmp_path, tiny_config, **training):
     tiny_config["training"].update(training)

@@ -164,15 +164,15 @@ def test_in_range_boundaries_are_accepted():
 
 
 def test_unknown_flatness_method_lists_the_methods():
-    from cl_flat.flatness import REGISTRY
+    from cl_flat.registry import METHODS
 
     raw = minimal()
     raw["flatness"] = {"method": "magic"}
     problems = problems_of(raw)
     line = next(p for p in problems if p.startswith("flatness"))
     assert "magic" in line
-    assert "none" in REGISTRY and "sam" in REGISTRY  # DESIGN lists both
-    for name in REGISTRY:
+    assert {"none", "sam", "rwp", "lpf_sgd", "flat_lora"} <= set(METHODS.names())
+    for name in METHODS.names():
         assert f"'{name}'" in line or name in line.split("expected", 1)[-1], (name, line)
 
 

@@ -17,7 +17,7 @@ from cl_flat.errors import UserError
 from cl_flat.flatness import build_method, reference_update
 from cl_flat.flatness.lpf_sgd import lpf_radius
 from cl_flat.flatness.noise import Scale, compact_scale, frozen_targets, keyed_noise, noise_key
-from cl_flat.flatness.schedule import ramp_factor
+from cl_flat.schedules import ramp_factor
 
 F64 = torch.float64
 

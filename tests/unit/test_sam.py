@@ -177,14 +177,16 @@ def test_two_micro_batches_direction_matches_independent():
 
 
 def test_register_refuses_a_duplicate_name():
-    from cl_flat.flatness import REGISTRY
-    from cl_flat.flatness.base import register
+    from cl_flat.errors import PluginError
+    from cl_flat.flatness import register
+    from cl_flat.flatness.sam import SamConfig
+    from cl_flat.registry import METHODS
 
-    existing = REGISTRY["sam"]
+    existing = METHODS.get("sam")
 
-    class Other(existing):
-        name = "sam"
+    class Other(existing.cls):
+        pass
 
-    with pytest.raises(ValueError, match="already registered"):
-        register(Other)
-    assert REGISTRY["sam"] is existing
+    with pytest.raises(PluginError, match=r"registered twice: by cl_flat\.flatness\.sam \(Sam\) and by .*\(.*Other\)"):
+        register("sam", SamConfig)(Other)
+    assert METHODS.get("sam") is existing

@@ -7,8 +7,10 @@ never touched. `scales`: the noise families (S; `noise_scale` is the contract); 
 ε reaches frozen and trainable weights in one pass; `fisher`: the row Fisher of the `fisher` type.
 """
 
-from cl_flat.flatness.noise.fisher import RowFisher, param_module
+from cl_flat.flatness.noise.fisher import FISHER_ESTIMATES, RowFisher, param_module
 from cl_flat.flatness.noise.functional import (
+                                               NOISE_TARGETS,
+                                               SCOPES,
                                                FrozenTarget,
                                                NoiseBuffers,
                                                frozen_targets,
@@ -20,6 +22,6 @@ from cl_flat.flatness.noise.keyed_normal import standard_normal
 from cl_flat.flatness.noise.scales import NOISE_TYPES, Scale, compact_scale, noise_scale
 from cl_flat.seeding import noise_key
 
-__all__ = ["NOISE_TYPES", "FrozenTarget", "NoiseBuffers", "RowFisher", "Scale", "compact_scale", "frozen_targets",
-           "keyed_noise", "noise_key", "noise_scale", "noisy_mean_gradient", "param_module", "perturbed",
-           "standard_normal"]
+__all__ = ["FISHER_ESTIMATES", "NOISE_TARGETS", "NOISE_TYPES", "SCOPES", "FrozenTarget", "NoiseBuffers", "RowFisher",
+           "Scale", "compact_scale", "frozen_targets", "keyed_noise", "noise_key", "noise_scale", "noisy_mean_gradient",
+           "param_module", "perturbed", "standard_normal"]

@@ -33,15 +33,15 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-ESTIMATES = ("minibatch", "per_token")
+FISHER_ESTIMATES = ("minibatch", "per_token")
 
 
 class RowFisher:
     """F_i ← decay·F_i + F̂_i per named tensor; `rows` gives F_i / mean_k F_k (module docstring)."""
 
     def __init__(self, decay: float, estimate: str = "minibatch"):
-        if estimate not in ESTIMATES:
-            raise ValueError(f"unknown Fisher estimate {estimate!r}; expected one of {ESTIMATES}")
+        if estimate not in FISHER_ESTIMATES:
+            raise ValueError(f"unknown Fisher estimate {estimate!r}; expected one of {FISHER_ESTIMATES}")
         self.decay = decay
         self.estimate = estimate
         self.state: dict[str, torch.Tensor] = {}

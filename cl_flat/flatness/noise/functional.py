@@ -61,6 +61,10 @@ class FrozenTarget:
         return self.merged_rows() if noise_type == "flat_lora" else self.rows()
 
 
+SCOPES = ("lora", "full", "base")  # what noise reaches: the current adapter, adapter + frozen W0, W0 only
+NOISE_TARGETS = ("adapted", "all_linear")  # which frozen W0 (`frozen_targets`)
+
+
 def frozen_targets(model: nn.Module, which: str = "adapted") -> list[FrozenTarget]:
     """`adapted`: the base layer of every peft LoRA layer; `all_linear`: every linear layer of the
     base model (LoRA A/B and the output head excluded). Merged LoRA layers are refused."""
@@ -69,6 +73,8 @@ def frozen_targets(model: nn.Module, which: str = "adapted") -> list[FrozenTarge
         if getattr(layer, "merged", False):
             raise ValueError(f"{name}: merged LoRA layers cannot get functional noise; unmerge first")
         lora_of[f"{name}.base_layer"] = layer
+    if which not in NOISE_TARGETS:
+        raise ValueError(f"unknown noise targets {which!r}; expected one of {NOISE_TARGETS}")
     if which == "adapted":
         names = list(lora_of)
     elif which == "all_linear":
