@@ -11,12 +11,17 @@ from cl_flat.config import Strict
 from cl_flat.flatness.base import FlatnessMethod, register
 
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """`x` in fp32, or in its own dtype where that is wider (fp64 tests stay exact)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def sam_perturbation(params: list[torch.Tensor], grads: list[torch.Tensor], rho: float, *,
                      adaptive: bool, per_tensor: bool, eta: float = 0.0) -> list[torch.Tensor]:
-    """ε for SAM (ε = ρ g/‖g‖) or ASAM (ε = ρ T²g/‖Tg‖, T = |w| + eta), computed in fp32.
-    `per_tensor` normalises each tensor by its own norm instead of the global one."""
-    scales = [p.detach().float().abs() + eta if adaptive else None for p in params]
-    scaled = [g.float() if t is None else t * g.float() for t, g in zip(scales, grads)]
+    """ε for SAM (ε = ρ g/‖g‖) or ASAM (ε = ρ T²g/‖Tg‖, T = |w| + eta), computed in fp32 (or the
+    parameters' wider dtype). `per_tensor` normalises each tensor by its own norm instead of the global one."""
+    scales = [wide(p.detach()).abs() + eta if adaptive else None for p in params]
+    scaled = [wide(g) if t is None else t * wide(g) for t, g in zip(scales, grads)]
     if per_tensor:
         norms = list(torch._foreach_norm(scaled)) if scaled else []
     else:
@@ -31,6 +36,38 @@ class SamConfig(Strict):
     adaptive: bool = False
     eta: float = Field(default=0.01, ge=0, description="ASAM's T = |θ| + eta (adaptive only)")
     norm: Literal["global", "per_tensor"] = "global"
+
+
+def mean_probe(ctx, micro_batches) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(mean loss, mean gradient (1/N) Σ_i ∇L(θ; B_i)) over the window, as probes: no `.grad`, no communication."""
+    losses, total = [], None
+    for batch in micro_batches:
+        loss, grads = ctx.probe(batch)
+        losses.append(loss)
+        if total is None:
+            total = grads
+        else:
+            torch._foreach_add_(total, grads)
+    torch._foreach_div_(total, len(micro_batches))
+    return torch.stack(losses).float().mean(), total
+
+
+def probe_at(ctx, batch, eps: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(L, ∇L) at θ + ε on `batch`: θ (the trainable adapter) is moved in place and restored bit for bit."""
+    params = list(ctx.params.values())
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        torch._foreach_add_(params, [e.to(p.dtype) for p, e in zip(params, eps)])
+    try:
+        return ctx.probe(batch)
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(params, saved)
+
+
+def dot(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
+    """⟨x, y⟩ over all tensors of the adapter, in fp32 or wider."""
+    return sum((wide(x) * y).sum() for x, y in zip(xs, ys))
 
 
 @register("sam", SamConfig)

@@ -72,11 +72,14 @@ def run_case(overrides: dict) -> dict:
     optimizer = torch.optim.AdamW(list(ref_params.values()), lr=0.01, weight_decay=0.0)
     plan = TaskPlan.for_task(config.training, len(examples), world, "b")
     seed = derive_seed(config.run.seed, "method", 1)
+    replayed = [build_method(config.flatness) for _ in range(world)]  # each rank's method, over the whole task
+    for rank_method in replayed:
+        rank_method.begin_task(reference)
     for update in range(plan.updates):
         per_rank = [reference_update(config.flatness, reference,
                                      window_batches(task, plan, update, config.run.seed, r, ds.device()),
                                      target_loss, step=update, total_steps=plan.updates, seed=seed,
-                                     rank=r, world_size=world)
+                                     rank=r, world_size=world, method=replayed[r])
                     for r in range(world)]
         for n, p in ref_params.items():
             p.grad = sum(g[n] for g in per_rank) / world

@@ -23,6 +23,9 @@ METHODS = {
     "rwp-fisher": {"method": "rwp", "scope": "full", "noise_type": "fisher", "noise_std": 0.05, "fisher_decay": 0.5},
     "lpf_sgd": {"method": "lpf_sgd", "noise_std": 0.01},
     "flat_lora": {"method": "flat_lora", "noise_std": 0.05},
+    # SAM updates at 0, 4, 8: the direction stored at update 4 is reused at 6 and 7, after the resume from 6
+    "looksam": {"method": "looksam", "rho": 0.05, "interval": 4},
+    "gsam": {"method": "gsam", "rho": 0.05, "alpha": 0.3},
 }
 
 

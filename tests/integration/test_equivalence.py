@@ -23,6 +23,10 @@ CASES = {
     "sam-rho0": {"flatness": {"method": "sam", "rho": 0.0}, "gas": 1},
     # a computed gradient handed over with StepContext.apply_gradient (the example plugin, installed by the README)
     "gradnorm": {"flatness": {"method": "gradnorm", "alpha": 0.5, "r": 0.05}, "gas": 2, "clip": 0.5},
+    "gsam": {"flatness": {"method": "gsam", "rho": 0.05, "alpha": 0.3}, "gas": 2, "clip": 0.5},
+    "gsam-adaptive": {"flatness": {"method": "gsam", "rho": 0.5, "alpha": 0.3, "adaptive": True}, "gas": 1},
+    # k = 2 over 3 updates: SAM, reuse of the stored direction, SAM
+    "looksam": {"flatness": {"method": "looksam", "rho": 0.05, "interval": 2, "alpha": 0.7}, "gas": 2},
 }
 
 # noise methods: noise large enough that a wrong key or a lost perturbation shows
@@ -44,7 +48,9 @@ NOISE_CASES = {
     # in tests/unit/test_rwp_one_pass.py)
     "rwp-one-pass-base": {"flatness": {"method": "rwp", "scope": "base", "noise_std": 0.05, "two_batch": True,
                                        "one_pass": True, "noise_type": "lpf_sgd", "a": 0.3, "b": 0.7}, "gas": 1},
-    # reference_update is stateless: the EMA is exact against it with decay 0
+    # the replay carries each rank's method over the task (reference_update(method=...)): the EMA is exact
+    "rwp-fisher-ema": {"flatness": {"method": "rwp", "scope": "full", "noise_std": 0.05, "noise_type": "fisher",
+                                    "fisher_decay": 0.5, "fisher_eta": 100.0}, "gas": 2},
     "rwp-fisher": {"flatness": {"method": "rwp", "scope": "full", "noise_std": 0.05, "noise_type": "fisher",
                                 "fisher_decay": 0.0, "fisher_eta": 100.0}, "gas": 2},
     "lpf_sgd": {"flatness": {"method": "lpf_sgd", "scope": "full", "noise_std": 0.02}, "gas": 2},
