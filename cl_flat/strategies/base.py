@@ -7,13 +7,16 @@ strategy of the run, in that order:
 
     config time   check(raw, chosen)          problems of the raw config (every registered strategy)
                   task_config                 the class of a task's own `tasks[i].lora` block, if any
+                  enabled(config)             whether a composable strategy takes part in the run
     per task      training_examples(...)      the task's training set: data mixing (replay)
                   begin_task(stack, i, name)  adapter construction: which adapter trains, which are frozen
                   loss_terms(stack, i)        a regulariser added to every pass, with its logged stats
                   end_task(stack, i, name)    after training, before the adapter is saved and evaluated
-    resume        saved_adapters(names, upto) which saved adapters make the stack after task `upto`
+    adapters      adapter_name(task)          the adapter a task trains (adapters/<task>/ holds it)
+                  saved_adapters(names, upto) which saved adapters make the stack after task `upto` (resume)
 
-Every hook but the adapter naming has a neutral default, so a strategy overrides only what it changes.
+Every hook but the two adapter ones (an AdapterStrategy's) has a neutral default, so a strategy
+overrides only what it changes.
 """
 
 from __future__ import annotations
