@@ -1,9 +1,9 @@
-"""The IncLoRA adapter stack (and the SeqLoRA baseline) on a frozen base model.
+"""The adapter stack on a frozen base model: the peft plumbing the CL strategies (cl_flat.strategies) use.
 
-IncLoRA (as in O-LoRA's baseline): task t gets a new rank-r LoRA adapter on the target
-modules; the adapters of tasks 1..t-1 stay active in every forward pass, frozen. SeqLoRA:
-one adapter trained through all tasks. After every change the trainable set is asserted to
-be exactly the current adapter (peft has had bugs flipping `requires_grad` of the wrong
+Each task trains one named LoRA adapter on the target modules (which one is the strategy's choice:
+a new one per task for IncLoRA, one shared by every task for SeqLoRA); every adapter of the stack
+stays active in every forward pass, the earlier ones frozen. After every change the trainable set is
+asserted to be exactly the current adapter (peft has had bugs flipping `requires_grad` of the wrong
 adapter). A new adapter's A is drawn from a generator keyed by (seed, task index)
 (`cl_flat.seeding.adapter_init_seed`), so a task's initial state never depends on RNG state left
 over by earlier work.
@@ -22,13 +22,6 @@ from torch import nn
 from cl_flat.config import LoraSection
 from cl_flat.family import CAUSAL, Family, family_of, lora_targets
 from cl_flat.seeding import adapter_init_seed
-
-SEQLORA_ADAPTER = "seqlora"
-
-
-def adapter_name(strategy: str, task_name: str) -> str:
-    """The adapter a task trains: its own (inclora), or the one shared by every task (seqlora)."""
-    return SEQLORA_ADAPTER if strategy == "seqlora" else task_name
 
 
 def lora_config(section: LoraSection, family: Family = CAUSAL):
@@ -71,13 +64,16 @@ class AdapterStack:
     def current(self) -> str:
         return self.adapters[-1]
 
-    def add_task(self, task_index: int, task_name: str) -> None:
-        """Prepare training of task `task_index` (0-based): new adapter (IncLoRA) or the
-        shared one (SeqLoRA); everything else frozen."""
+    def add_task(self, task_index: int, name: str) -> None:
+        """Prepare training of task `task_index` (0-based) on the adapter `name`: a new one (initialised
+        from the task index), or the existing one of that name made trainable again; everything else
+        frozen."""
         from peft import get_peft_model
 
-        name = adapter_name(self.section.strategy, task_name)
         if name in self.adapters:
+            if name != self.current:
+                raise ValueError(f"adapter {name!r} is not the stack's last ({self.adapters}): only that one may "
+                                 "train again")
             self._activate()
             return
         adapter_seed = adapter_init_seed(self.seed, task_index)

@@ -21,8 +21,7 @@ from cl_flat import dist, plots
 from cl_flat.adapters import AdapterStack
 from cl_flat.checkpoint import TaskCheckpoints
 from cl_flat.config import RunConfig
-from cl_flat.data import load_tasks, replay_examples
-from cl_flat.data.batches import encode_examples
+from cl_flat.data import load_tasks
 from cl_flat.errors import ConfigError, UserError
 from cl_flat.evaluate import evaluate_tasks
 from cl_flat.family import family_of, lora_targets
@@ -30,9 +29,9 @@ from cl_flat.flatness import FlatnessMethod, build_method
 from cl_flat.landscape import compute_sharpness, landscape_stem
 from cl_flat.metrics import ZERO_SHOT, compute_metrics
 from cl_flat.models import check_target_modules, load_run_model, run_precision
-from cl_flat.olora import OrthogonalPenalty
 from cl_flat.rundir import Rows, RunDir
 from cl_flat.seeding import deterministic_kernels
+from cl_flat.strategies import build_strategies
 from cl_flat.tracking import RankLog, Tracker
 from cl_flat.train import BatchShape, TrainTask, train_task
 
@@ -147,29 +146,6 @@ def _restart(run_dir: RunDir, config: RunConfig, resume: bool, allow_changes: bo
     return outcome
 
 
-def _training_examples(config: RunConfig, tasks: list, index: int, tokenizer) -> tuple[list, int]:
-    """Task `index`'s tokenised training set and how many of it are replayed from earlier tasks
-    (`replay`; each keeps its own task's prompt). Encoded when the task's turn comes, so tasks
-    restored on resume are never tokenised."""
-    length = config.training.max_seq_length
-    examples = encode_examples(tasks[index], tokenizer, tasks[index].train, length)
-    own = len(examples)
-    for earlier in tasks[:index]:
-        sample = replay_examples([earlier], config.replay.examples_per_task, config.run.seed)
-        examples += encode_examples(earlier, tokenizer, sample, length)
-    return examples, len(examples) - own
-
-
-def olora_penalty(config: RunConfig, stack: AdapterStack, index: int) -> OrthogonalPenalty | None:
-    """O-LoRA's terms for task `index` against the stack's earlier adapters, with the task's own λ
-    where it sets them (tasks[i].lora); None unless lora.strategy is olora."""
-    if config.lora.strategy != "olora":
-        return None
-    weights = config.task_lora(index)
-    return OrthogonalPenalty.of(stack.model, stack.current, stack.adapters[:-1], weights.lambda_orth,
-                                weights.lambda_l2)
-
-
 def _record_sharpness(config: RunConfig, run_dir: RunDir, stack: AdapterStack, tokenizer, task) -> None:
     """Sharpness of the solution just trained (collective: every rank calls it), saved under
     landscape/sharpness.json keyed by task, like `cl-flat landscape`."""
@@ -236,16 +212,17 @@ def run_sequence(config: RunConfig, resume: bool = False, allow_config_change: b
         else:
             record(ZERO_SHOT, evaluate(model))
             stack = AdapterStack(model, config.lora, config.run.seed)
+        strategies = build_strategies(config)
         with _progress(is_main and config.logging.progress) as progress:
             bars = _Bars(progress) if progress is not None else None
             for index, task in enumerate(tasks[done:], start=done):
-                examples, replayed = _training_examples(config, tasks, index, tokenizer)
-                stack.add_task(index, task.name)
-                penalty = olora_penalty(config, stack, index)
+                examples, replayed = strategies.training_set(tasks, index, tokenizer, config.training.max_seq_length)
+                strategies.begin_task(stack, index, task.name)
+                terms = strategies.loss_terms(stack, index)
                 train_task(TrainTask(index, task.name, examples, tokenizer.pad_token_id, replayed),
                            stack.model, methods[index], config.task_training(index), config.deepspeed, config.run.seed,
-                           tracker.log_update, bars, checkpoints(index), penalty)
-                stack.check_trainable()
+                           tracker.log_update, bars, checkpoints(index), terms)
+                strategies.end_task(stack, index, task.name)
                 if is_main:
                     stack.save_current(run_dir.adapter_dir(task.name))
                 record(task.name, evaluate(stack.model))

@@ -25,12 +25,13 @@ import yaml
 from torch import nn
 
 from cl_flat import __version__
-from cl_flat.adapters import AdapterStack, adapter_name
+from cl_flat.adapters import AdapterStack
 from cl_flat.config import RunConfig, config_to_dict, validate_config
 from cl_flat.errors import ConfigError, MatrixFormatError, UserError
 from cl_flat.files import atomic_write_text
 from cl_flat.metrics import ZERO_SHOT, read_acc_matrix, write_acc_matrix
 from cl_flat.overrides import dotted_keys
+from cl_flat.strategies import build_strategies
 
 Rows = list[tuple[str, list[float]]]
 
@@ -230,12 +231,10 @@ class RunDir:
 
     def adapter_dirs(self, config: RunConfig, upto: str) -> list[tuple[str, Path]]:
         """(adapter name, folder) of the stack as it was right after task `upto` was trained, in
-        load order: every task's adapter up to `upto` (inclora), or the shared one saved after
-        `upto` (seqlora)."""
-        names = [t.name for t in config.tasks]
-        if config.lora.strategy == "seqlora":
-            return [(adapter_name("seqlora", upto), self.adapter_dir(upto))]
-        return [(name, self.adapter_dir(name)) for name in names[:names.index(upto) + 1]]
+        load order, as the run's strategy saved them (`AdapterStrategy.saved_adapters`): every task's
+        adapter up to `upto` (inclora), or the shared one saved after `upto` (seqlora)."""
+        saved = build_strategies(config).saved_adapters([t.name for t in config.tasks], upto)
+        return [(adapter, self.adapter_dir(task)) for adapter, task in saved]
 
     def load_stack(self, base: nn.Module, config: RunConfig, upto: str) -> AdapterStack:
         """The adapter stack right after task `upto` on `base` (loaded by `models.load_run_model`, in

@@ -31,6 +31,7 @@ from cl_flat.flatness.base import FlatnessMethod, StepContext
 from cl_flat.loss import target_loss, target_split_losses
 from cl_flat.schedules import lr_factor
 from cl_flat.seeding import derive_seed, keyed_generator, seed_dropout
+from cl_flat.strategies.base import LossTerms
 
 
 class EngineContext(StepContext):
@@ -241,7 +242,7 @@ def _step(engine, params, values: dict[str, Any], plain_fp32: bool,
 def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, training: TrainingSection,
                section: DeepSpeedSection, seed: int, log: Callable[[dict[str, Any]], None],
                progress=None, checkpoints: TaskCheckpoints | None = None,
-               regulariser: Callable[[torch.nn.Module], torch.Tensor] | None = None) -> dict[str, float]:
+               regulariser: LossTerms | None = None) -> dict[str, float]:
     """Train the trainable parameters of `model` (the current adapter) on one task under DeepSpeed;
     `seed` is the run seed. `regulariser(module)` (O-LoRA's terms) is added to the loss of every
     pass; its `stats()` are logged per update. With `checkpoints`, continue from the newest in-task checkpoint and

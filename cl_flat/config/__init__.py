@@ -9,12 +9,13 @@ declared next to their command's code) are validated by the same machinery (`val
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from cl_flat.config.sections import (
+    DEFAULT_STRATEGY,
     BuiltinTaskConfig,
     DeepSpeedSection,
     EvaluationSection,
@@ -23,7 +24,7 @@ from cl_flat.config.sections import (
     JsonlTaskConfig,
     LoraSection,
     ModelSection,
-    OLoraWeights,
+    ReplaySection,
     RunConfig,
     Strict,
     TaskConfig,
@@ -33,19 +34,18 @@ from cl_flat.config.sections import (
 )
 from cl_flat.errors import ConfigError
 from cl_flat.overrides import apply_overrides, fill_name_template, names_every_key, override_keys, with_task_settings
-from cl_flat.registry import METHODS
+from cl_flat.registry import METHODS, STRATEGIES
 
 __all__ = [
     "BuiltinTaskConfig", "DeepSpeedSection", "EvaluationSection", "FlatnessConfig", "HfTaskConfig",
-    "JsonlTaskConfig", "LoraSection", "ModelSection", "RunConfig", "Strict", "TaskConfig", "TrainingSection",
-    "WandbSection", "config_to_dict", "flatness_adapter", "load_config", "resolve_paths", "validate_config",
-    "validate_options",
+    "JsonlTaskConfig", "LoraSection", "ModelSection", "ReplaySection", "RunConfig", "Strict", "TaskConfig",
+    "TrainingSection", "WandbSection", "config_to_dict", "flatness_adapter", "load_config", "resolve_paths",
+    "validate_config", "validate_options",
 ]
 
 
-# a task's lora block (OLoraWeights) is merged onto the run's λ, these where the run sets none
-OLORA_WEIGHTS = {name: LoraSection.model_fields[name].default for name in OLoraWeights.model_fields}
-TASK_SOURCES = {"builtin", "jsonl", "hf"}
+TASK_SOURCES = {get_args(task.model_fields["source"].annotation)[0]
+                for task in (BuiltinTaskConfig, JsonlTaskConfig, HfTaskConfig)}
 
 
 UNION_MEMBER_LABELS = {"str", "int", "float", "bool"}
@@ -54,7 +54,7 @@ UNION_MEMBER_LABELS = {"str", "int", "float", "bool"}
 def _describe(error: dict[str, Any]) -> str:
     loc = [str(p) for p in error["loc"]]
     # drop the discriminator tag pydantic inserts into union locations (tasks.0.jsonl.train)
-    tags = TASK_SOURCES | set(METHODS.names())
+    tags = TASK_SOURCES | set(METHODS.names()) | set(STRATEGIES.names())
     loc = [p for p in loc if p not in tags or p == loc[-1]]
     # and the member labels of plain unions (data_files.str, data_files.list[str], ...)
     loc = [p for p in loc if "[" not in p and p not in UNION_MEMBER_LABELS]
@@ -62,8 +62,10 @@ def _describe(error: dict[str, Any]) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key"
-    elif error["type"] == "union_tag_invalid":
-        message = f"{message.split(':')[0]}: expected one of {error['ctx']['expected_tags']}"
+    elif error["type"] == "union_tag_invalid":  # the tag names the block's kind: the error is the tag's
+        key = error["ctx"]["discriminator"].strip("'")
+        path, tag = f"{path}.{key}", error["input"].get(key) if isinstance(error["input"], dict) else None
+        message = f"Input should be one of {error['ctx']['expected_tags']} (got {tag!r})"
     elif error["type"] == "missing":
         message = "required field is missing"
     if "input" in error and error["type"] not in {"missing", "union_tag_invalid", "model_type"} \
@@ -94,13 +96,8 @@ def _cross_checks(raw: dict[str, Any]) -> list[str]:
         or EvaluationSection.model_fields["metric"].default
     training = raw.get("training") if isinstance(raw.get("training"), dict) else {}
     run_length = training.get("max_seq_length", TrainingSection.model_fields["max_seq_length"].default)
-    lora = raw.get("lora") if isinstance(raw.get("lora"), dict) else {}
-    strategy = lora.get("strategy", LoraSection.model_fields["strategy"].default)
     for i, task in enumerate(tasks):
         own = task.get("training") if isinstance(task, dict) else None
-        if isinstance(task, dict) and task.get("lora") is not None and strategy != "olora":
-            problems.append(f"tasks.{i}.lora: a task's lambda_orth / lambda_l2 are O-LoRA's weights; they need "
-                            f"lora.strategy: olora (this run: {strategy})")
         if isinstance(own, dict) and "max_seq_length" in own and own["max_seq_length"] != run_length:
             problems.append(f"tasks.{i}.training.max_seq_length: one length serves the whole run (every task is "
                             "evaluated after every task); set training.max_seq_length instead")
@@ -109,6 +106,24 @@ def _cross_checks(raw: dict[str, Any]) -> list[str]:
             problems.append(f"tasks.{i}.labels: metric 'accuracy' (rank classification) needs the "
                             "task's label strings; list them or set metric: exact_match")
     return problems
+
+
+def _raw_lora(raw: dict[str, Any]) -> dict[str, Any]:
+    return raw.get("lora") if isinstance(raw.get("lora"), dict) else {}
+
+
+def _strategy_checks(raw: dict[str, Any]) -> list[str]:
+    """The rules of every registered CL strategy (`Strategy.check`) on the raw config."""
+    chosen = _raw_lora(raw).get("strategy", DEFAULT_STRATEGY)
+    return [p for entry in STRATEGIES.load().values() for p in entry.cls.check(raw, chosen)]
+
+
+def _task_lora_base(raw: dict[str, Any]) -> dict[str, Any]:
+    """What a task's own `lora` block is merged onto: the run's values of the keys a strategy lets a
+    task set (its `task_config`: O-LoRA's λ), their defaults where the run sets none."""
+    lora = _raw_lora(raw)
+    return {key: lora.get(key, entry.config_class.model_fields[key].default) for entry in STRATEGIES.load().values()
+            if getattr(entry.cls, "task_config", None) is not None for key in entry.cls.task_config.model_fields}
 
 
 def _problems(exc: ValidationError, names: dict[str, str] | None = None) -> list[str]:
@@ -135,12 +150,12 @@ def validate_config(raw: Any, source: str = "config") -> RunConfig:
         raise ConfigError(source, ["(top level): expected a mapping of sections (run, model, tasks, ...)"])
     problems: list[str] = []
     try:
-        config = RunConfig.model_validate(with_task_settings(raw, OLORA_WEIGHTS))
+        config = RunConfig.model_validate(with_task_settings(raw, _task_lora_base(raw)))
     except ValidationError as exc:
         problems = _problems(exc)
     else:
         config.run.name, problems = fill_name_template(config.run.name, config)
-    problems += _cross_checks(raw)
+    problems += _cross_checks(raw) + _strategy_checks(raw)
     if problems:
         raise ConfigError(source, problems)
     return config

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from cl_flat.registry import METHODS, RegisteredConfig
+from cl_flat.registry import METHODS, STRATEGIES, RegisteredConfig
 from cl_flat.schedules import SCHEDULES
 
 
@@ -68,7 +68,10 @@ class ModelSection(Strict):
 
 
 class LoraSection(Strict):
-    strategy: Literal["inclora", "seqlora", "olora"] = "inclora"
+    """The `lora` block's keys every CL strategy shares; each registered strategy's config class
+    (cl_flat.strategies) extends it with `strategy: Literal[<name>]` and its own keys. O-LoRA's λ are
+    accepted under every strategy (with these defaults) and used by olora only."""
+    strategy: str = "inclora"  # a registered strategy's name (the `lora` block's default)
     r: int = Field(default=8, ge=1)
     alpha: float = Field(default=16.0, gt=0)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
@@ -77,11 +80,26 @@ class LoraSection(Strict):
     lambda_l2: float = Field(default=0.0, ge=0, description="olora: weight of Σ (‖A_t‖_F + ‖B_t‖_F)")
 
 
-class OLoraWeights(Strict):
-    """A task's own O-LoRA weights (tasks[i].lora); what it leaves out is the run-level value,
-    filled in when the config is read (see RunConfig.task_lora)."""
-    lambda_orth: float = Field(ge=0, description="olora: this task's weight of Σ|A_k A_tᵀ|")
-    lambda_l2: float = Field(ge=0, description="olora: this task's weight of Σ (‖A_t‖_F + ‖B_t‖_F)")
+DEFAULT_STRATEGY = LoraSection.model_fields["strategy"].default
+
+
+def _default_strategy(value: Any) -> Any:
+    """A `lora` block without `strategy` is the default strategy's."""
+    return {**value, "strategy": DEFAULT_STRATEGY} if isinstance(value, dict) and "strategy" not in value else value
+
+
+# the `lora` block: the config class of the registered strategy it names (resolved when the schema is built)
+LoraConfig = Annotated[Any, RegisteredConfig(STRATEGIES), BeforeValidator(_default_strategy)]
+
+
+class StrategyTaskConfig:
+    """Annotated metadata: a task's own `lora` block, one of the registered strategies' `task_config`
+    classes (O-LoRA's λ), resolved when the schema is first built like `RegisteredConfig`."""
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
+        classes = tuple(dict.fromkeys(entry.cls.task_config for entry in STRATEGIES.load().values()
+                                      if getattr(entry.cls, "task_config", None) is not None))
+        return handler.generate_schema(Union[classes] if classes else None)  # noqa: UP007 (a runtime tuple)
 
 
 DEFAULT_TEMPLATE = "{instruction}\nOptions: {options}\nInput: {input}\nAnswer:"
@@ -97,7 +115,8 @@ class TaskBase(Strict):
     # this task's effective settings where it overrides the run-level blocks (see RunConfig.task_training)
     training: TrainingSection | None = None
     flatness: FlatnessConfig | None = None
-    lora: OLoraWeights | None = None  # O-LoRA's λ of this task (its scripts/long.sh varies them by task)
+    # this task's values of some `lora` keys (O-LoRA's λ), merged onto the run's; see Strategy.task_config
+    lora: Annotated[Any, StrategyTaskConfig()] | None = None
 
     @field_validator("prompt_template")
     @classmethod
@@ -242,7 +261,7 @@ class ReplaySection(Strict):
 class RunConfig(Strict):
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection
-    lora: LoraSection = Field(default_factory=LoraSection)
+    lora: LoraConfig = Field(default_factory=lambda: {"strategy": DEFAULT_STRATEGY})
     tasks: list[TaskConfig] = Field(min_length=1)
     training: TrainingSection = Field(default_factory=TrainingSection)
     flatness: FlatnessConfig = Field(default_factory=lambda: {"method": "none"})  # validated (validate_default)
@@ -258,7 +277,3 @@ class RunConfig(Strict):
     def task_flatness(self, index: int):
         """The flatness method block of task `index`: its own or the run's."""
         return self.tasks[index].flatness or self.flatness
-
-    def task_lora(self, index: int) -> OLoraWeights | LoraSection:
-        """The O-LoRA weights (lambda_orth, lambda_l2) of task `index`: its own or the run's."""
-        return self.tasks[index].lora or self.lora

@@ -100,7 +100,7 @@ def _hf_split(task: HfTaskConfig, split: str) -> list[Example]:
     return examples
 
 
-def _subsample(examples: Sequence[Example], cap: int | None, seed: int, *key: str) -> tuple[Example, ...]:
+def subsample(examples: Sequence[Example], cap: int | None, seed: int, *key: str) -> tuple[Example, ...]:
     """A fixed subset of `cap` examples (keyed by seed and `key`, order kept) when a cap is set."""
     if cap is None or len(examples) <= cap:
         return tuple(examples)
@@ -110,19 +110,11 @@ def _subsample(examples: Sequence[Example], cap: int | None, seed: int, *key: st
     return tuple(examples[i] for i in keep)
 
 
-def replay_examples(earlier: Sequence[TaskData], per_task: int, seed: int) -> tuple[Example, ...]:
-    """Experience replay's memory for the next task: a fixed sample of `per_task` training examples
-    of every earlier task (keyed by seed and task name, so a resumed run replays the same)."""
-    if not per_task:
-        return ()
-    return tuple(e for task in earlier for e in _subsample(task.train, per_task, seed, "replay", task.name))
-
-
 def load_task(task: TaskConfig, seed: int, default_metric: str) -> TaskData:
     """Examples of one task, with its instruction and labels, ready for prompting. `seed` is the
     run seed (builtin data, the train subset); `default_metric` is evaluation.metric."""
     data = _load_task(task, seed, task.metric or default_metric)
-    return replace(data, train=_subsample(data.train, task.max_train_samples, seed, "train-subset", task.name))
+    return replace(data, train=subsample(data.train, task.max_train_samples, seed, "train-subset", task.name))
 
 
 def load_tasks(config: RunConfig) -> list[TaskData]:

@@ -48,7 +48,6 @@ from pydantic import Field
 from torch import nn
 
 from cl_flat import dist, plots
-from cl_flat.adapters import adapter_name
 from cl_flat.config import EvaluationSection, RunConfig, Strict
 from cl_flat.data import load_task
 from cl_flat.errors import UserError
@@ -73,6 +72,7 @@ from cl_flat.landscape.perturbed_loss import Moved, PerturbedLoss, held_out_batc
 from cl_flat.models import load_run_model
 from cl_flat.rundir import RunDir
 from cl_flat.seeding import keyed_generator
+from cl_flat.strategies import build_strategies
 
 __all__ = [
     "LandscapeOptions", "LandscapeResult", "Moved", "PerturbedLoss", "SharpnessEstimate",
@@ -253,7 +253,7 @@ def compute_landscape(path: str | Path, task: str, options: LandscapeOptions | N
     task_data = load_task(next(t for t in config.tasks if t.name == task), seed, config.evaluation.metric)
     device = dist.device()
     model.to(device)
-    moved = moved_weights(model, options.space, adapter_name(config.lora.strategy, task))
+    moved = moved_weights(model, options.space, build_strategies(config).adapter_name(task))
     batches = held_out_batches(task_data, tokenizer, config.evaluation, max_length=config.training.max_seq_length,
                                seed=seed, split=options.split, max_samples=options.max_samples, device=device,
                                rank=0, world=1)

@@ -1,7 +1,7 @@
-"""The IncLoRA adapter stack (and SeqLoRA) on a tiny random Llama, and the scoring helpers of
-evaluation. Expected values are computed by hand: the LoRA forward W x + s·Σ B_k A_k x with
-s = alpha / r, and the mean log-softmax probability of the target tokens from an unpadded
-forward of each item on its own."""
+"""The adapter stack (one adapter per task, as IncLoRA uses it; SeqLoRA's in test_strategies.py) on a
+tiny random Llama, and the scoring helpers of evaluation. Expected values are computed by hand: the
+LoRA forward W x + s·Σ B_k A_k x with s = alpha / r, and the mean log-softmax probability of the
+target tokens from an unpadded forward of each item on its own."""
 
 from __future__ import annotations
 
@@ -226,26 +226,12 @@ def test_save_current_writes_only_the_current_adapter(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t1"]
 
 
-# ---------------------------------------------------------------- seqlora
-
-
-def test_seqlora_keeps_one_trainable_adapter_through_tasks():
-    section = LoraSection(r=4, alpha=16, target_modules=["q_proj", "v_proj"], strategy="seqlora")
-    model, _ = tiny()
-    stack = AdapterStack(model, section, seed=7)
-    stack.add_task(0, "t0")
-    fill_b(stack.model, "seqlora", seed=5)  # "trained" on task 0
-    trained = {n: p.detach().clone() for n, p in stack.model.named_parameters() if p.requires_grad}
-    for index, name in enumerate(TASKS[1:], start=1):
-        stack.add_task(index, name)
-        assert stack.adapters == ["seqlora"]
-        trainable = {n: p for n, p in stack.model.named_parameters() if p.requires_grad}
-        assert set(trainable) == set(trained)
-        assert len(trainable) == N_LAYERS * 2 * 2
-        assert all(".seqlora." in n for n in trainable)
-        for n, p in trainable.items():  # continues from where it was, no re-init
-            assert torch.equal(p, trained[n]), n
-    assert not any(".lora_" in n and ".seqlora." not in n for n, _ in stack.model.named_parameters())
+def test_an_adapter_trains_again_only_as_the_stacks_last():
+    stack = stack_with(["t0", "t1"])
+    stack.add_task(2, "t1")  # the last one: trainable again (what SeqLoRA does every task)
+    assert stack.adapters == ["t0", "t1"] and stack.current == "t1"
+    with pytest.raises(ValueError, match="'t0' is not the stack's last"):
+        stack.add_task(3, "t0")
 
 
 # ---------------------------------------------------------------- evaluation helpers

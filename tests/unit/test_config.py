@@ -504,29 +504,3 @@ def test_per_task_errors_name_their_dotted_path():
     for path in ("tasks.1.training.epochs", "tasks.1.training.learning_rte", "tasks.1.flatness.rhoo",
                  "tasks.1.training.max_seq_length: one length serves the whole run"):
         assert path in text, (path, text)
-
-
-def test_per_task_olora_weights_merge_onto_the_run_level_ones():
-    raw = _per_task(lora={"lambda_l2": 0.3})
-    raw["lora"] = {"strategy": "olora", "lambda_orth": 2.0}
-    config = validate_config(raw)
-    first, second = config.task_lora(0), config.task_lora(1)
-    assert (first.lambda_orth, first.lambda_l2) == (2.0, 0.0)  # the run's λ1, λ2's default
-    assert (second.lambda_orth, second.lambda_l2) == (2.0, 0.3)  # the run's λ1, its own λ2
-    from cl_flat.config import config_to_dict
-
-    saved = config_to_dict(config)
-    assert saved["tasks"][1]["lora"] == {"lambda_orth": 2.0, "lambda_l2": 0.3} and saved["tasks"][0]["lora"] is None
-    assert config_to_dict(validate_config(saved)) == saved
-
-
-def test_per_task_olora_weights_errors():
-    raw = _per_task(lora={"lambda_orth": -1, "r": 4})
-    raw["lora"] = {"strategy": "olora"}
-    with pytest.raises(ConfigError) as info:
-        validate_config(raw)
-    assert "tasks.1.lora.lambda_orth" in str(info.value) and "tasks.1.lora.r" in str(info.value)
-    with pytest.raises(ConfigError) as info:  # λ of a task only mean something under O-LoRA
-        validate_config(_per_task(lora={"lambda_orth": 1.0}))
-    assert "tasks.1.lora: a task's lambda_orth / lambda_l2 are O-LoRA's weights" in str(info.value)
-    assert "(this run: inclora)" in str(info.value)

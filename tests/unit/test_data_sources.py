@@ -298,19 +298,3 @@ def test_encode_examples_with_the_byte_tokenizer():
     assert list(enc.input_ids) == prompt + target
     assert list(enc.labels) == [-100] * len(prompt) + target
     assert tokenizer.decode(target[:-1]) == " pos"
-
-
-def test_replay_memory_is_a_fixed_sample_of_every_earlier_task():
-    from cl_flat.data import Example, TaskData, replay_examples
-
-    def task(name, n):
-        train = tuple(Example(f"{name} {i}", "x") for i in range(n))
-        return TaskData(name, "", ("x", "y"), "accuracy", "{input}", train, train)
-
-    earlier = [task("a", 20), task("b", 3)]
-    memory = replay_examples(earlier, 5, seed=7)
-    assert [e.input.split()[0] for e in memory] == ["a"] * 5 + ["b"] * 3  # b has only 3: all of them
-    assert memory == replay_examples(earlier, 5, seed=7)  # keyed: the same on resume
-    assert memory != replay_examples(earlier, 5, seed=8)
-    assert replay_examples(earlier, 0, seed=7) == ()
-    assert len(set(memory)) == 8 and all(e in earlier[0].train + earlier[1].train for e in memory)

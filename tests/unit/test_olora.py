@@ -1,14 +1,15 @@
-"""O-LoRA's terms (lora.strategy: olora): values and gradients against hand-computed matrices, the
-penalty read from a real peft stack, the gradient every method gets, and the orthogonality
-shrinking over a tiny run of the real loop."""
+"""O-LoRA (lora.strategy: olora, cl_flat.strategies.olora): its terms' values and gradients against
+hand-computed matrices, the penalty read from a real peft stack, the gradient every method gets, the
+orthogonality shrinking over a tiny run of the real loop, and its config rules (a task's own λ)."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from cl_flat.olora import OrthogonalPenalty
+from cl_flat.strategies.olora import OrthogonalPenalty
 
 
 def test_terms_and_gradients_by_hand():
@@ -106,23 +107,68 @@ def test_a_task_trains_with_its_own_weights():
     from cl_flat.adapters import AdapterStack
     from cl_flat.config import validate_config
     from cl_flat.models import load_model
-    from cl_flat.run import olora_penalty
+    from cl_flat.strategies import build_strategies
 
     raw = {"model": {"name_or_path": "tiny-random:llama"},
            "lora": {"strategy": "olora", "r": 4, "lambda_orth": 0.5, "lambda_l2": 0.1},
            "tasks": [{"name": "one", "source": "builtin", "task": "food_sentiment"},
                      {"name": "two", "source": "builtin", "task": "service_sentiment", "lora": {"lambda_orth": 0.0}}]}
     config = validate_config(raw)
+    strategies = build_strategies(config)
     model, _ = load_model("tiny-random:llama", "fp32", seed=2)
     stack = AdapterStack(model, config.lora, seed=2)
-    stack.add_task(0, "one")
-    first = olora_penalty(config, stack, 0)
+    strategies.begin_task(stack, 0, "one")
+    first = strategies.loss_terms(stack, 0)
     assert (first.lambda_orth, first.lambda_l2) == (0.5, 0.1)
-    stack.add_task(1, "two")
-    second = olora_penalty(config, stack, 1)
+    strategies.begin_task(stack, 1, "two")
+    second = strategies.loss_terms(stack, 1)
     assert (second.lambda_orth, second.lambda_l2) == (0.0, 0.1)
     assert second.orthogonality().item() > 0  # still logged, no longer weighted
     assert torch.allclose(second(), 0.1 * second.l2())
     raw["lora"]["strategy"] = "inclora"
     del raw["tasks"][1]["lora"]
-    assert olora_penalty(validate_config(raw), stack, 1) is None
+    assert build_strategies(validate_config(raw)).loss_terms(stack, 1) is None
+
+
+# ---------------------------------------------------------------- config: a task's own λ
+
+
+def _per_task(**task_b):
+    return {"model": {"name_or_path": "tiny-random:llama"}, "training": {"epochs": 1, "learning_rate": 0.01},
+            "flatness": {"method": "sam", "rho": 0.05},
+            "tasks": [{"name": "a", "source": "builtin"}, {"name": "b", "source": "builtin", **task_b}]}
+
+
+def test_per_task_olora_weights_merge_onto_the_run_level_ones():
+    from cl_flat.config import config_to_dict, validate_config
+    from cl_flat.strategies.olora import OLora
+
+    raw = _per_task(lora={"lambda_l2": 0.3})
+    raw["lora"] = {"strategy": "olora", "lambda_orth": 2.0}
+    config = validate_config(raw)
+    first, second = OLora(config).weights(0), OLora(config).weights(1)
+    assert (first.lambda_orth, first.lambda_l2) == (2.0, 0.0)  # the run's λ1, λ2's default
+    assert (second.lambda_orth, second.lambda_l2) == (2.0, 0.3)  # the run's λ1, its own λ2
+    saved = config_to_dict(config)
+    assert saved["tasks"][1]["lora"] == {"lambda_orth": 2.0, "lambda_l2": 0.3} and saved["tasks"][0]["lora"] is None
+    assert config_to_dict(validate_config(saved)) == saved
+
+
+def test_per_task_olora_weights_errors():
+    from cl_flat.config import validate_config
+    from cl_flat.errors import ConfigError
+
+    raw = _per_task(lora={"lambda_orth": -1, "r": 4})
+    raw["lora"] = {"strategy": "olora"}
+    with pytest.raises(ConfigError) as info:
+        validate_config(raw)
+    assert "tasks.1.lora.lambda_orth" in str(info.value) and "tasks.1.lora.r" in str(info.value)
+    with pytest.raises(ConfigError) as info:  # λ of a task only mean something under O-LoRA
+        validate_config(_per_task(lora={"lambda_orth": 1.0}))
+    assert "tasks.1.lora: a task's lambda_orth / lambda_l2 are O-LoRA's weights" in str(info.value)
+    assert "(this run: inclora)" in str(info.value)
+    with pytest.raises(ConfigError) as info:  # under seqlora too, reported with the schema's errors
+        validate_config(_per_task(lora={"lambda_l2": 1.0}) | {"lora": {"strategy": "seqlora", "r": 0}})
+    assert info.value.problems == ["lora.r: Input should be greater than or equal to 1 (got 0)",
+                                   "tasks.1.lora: a task's lambda_orth / lambda_l2 are O-LoRA's weights; they need "
+                                   "lora.strategy: olora (this run: seqlora)"]

@@ -14,7 +14,7 @@ LEVELS = [
     {"config"},
     {"family"},
     {"dist", "lora_layers", "loss", "metrics", "data", "stats"},
-    {"models", "adapters", "checkpoint", "flatness", "olora", "plots", "tracking"},
+    {"models", "adapters", "checkpoint", "flatness", "strategies", "plots", "tracking"},
     {"rundir", "evaluate"},
     {"landscape", "train", "report"},
     {"run", "bench"},
