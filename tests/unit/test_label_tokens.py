@@ -8,8 +8,9 @@ import torch
 from tests.helpers import sentencepiece_tokenizer
 
 from cl_flat import evaluate
-from cl_flat.data.batches import IGNORE, encode_examples, prompt_and_targets
+from cl_flat.data.batches import encode_examples, prompt_and_targets
 from cl_flat.data.sources import Example, TaskData
+from cl_flat.loss import IGNORE
 
 REVIEWS = ["the food was great", "the service was slow", "the price was fair", "the room was cold and dark"]
 LABELS = ("positive", "negative", "neutral")
