@@ -1,4 +1,4 @@
-"""Labels are tokenised in context (issue 13, item 3): the tokens a label gets in training and in
+"""Labels are tokenised in context: the tokens a label gets in training and in
 rank classification are those of `prompt + " " + label` after the prompt, so a SentencePiece
 tokenizer's lone "▁" (what " positive" alone tokenises to first) never enters a target."""
 
