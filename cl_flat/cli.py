@@ -57,8 +57,10 @@ def _format_metrics(metrics: dict) -> str:
     def fmt(v):
         return "null" if v is None else f"{v:.2f}"
 
-    line = "  ".join(f"{k}={fmt(metrics[k])}" for k in ("AA", "BWT", "FWT", "F", "AIA"))
-    line += "".join(f"  {k}={fmt(metrics[k])}" for k in ("FWT_alone", "gap_joint") if k in metrics)
+    from cl_flat.metrics import METRICS, REFERENCE_MEASURES
+
+    line = "  ".join(f"{k}={fmt(metrics[k])}" for k in METRICS)
+    line += "".join(f"  {k}={fmt(metrics[k])}" for k, _ in REFERENCE_MEASURES.values() if k in metrics)
     return line + "  OP=[" + ", ".join(fmt(v) for v in metrics["OP"]) + "]"
 
 
@@ -154,7 +156,7 @@ def metrics(matrix: Path, as_json: Annotated[bool, typer.Option("--json", help="
     """Forgetting metrics (AA, BWT, FWT, F, AIA, OP) of an acc_matrix.csv; with reference runs also
     FWT_alone = mean_{i≥2} (R[i,i] − P_i) and gap_joint = mean_i J_i − AA."""
     from cl_flat.errors import ConfigError, MatrixFormatError
-    from cl_flat.metrics import compute_metrics, forward_transfer_vs_alone, gap_to_joint, read_acc_matrix
+    from cl_flat.metrics import REFERENCE_MEASURES, compute_metrics, read_acc_matrix
     from cl_flat.rundir import RunDir
 
     if not matrix.is_file():
@@ -165,8 +167,8 @@ def metrics(matrix: Path, as_json: Annotated[bool, typer.Option("--json", help="
     except MatrixFormatError as exc:
         raise ConfigError(str(matrix), [str(exc)], kind="accuracy matrix") from None
     result = compute_metrics(rows, zero_shot)
-    for folder, kind, key, measure in ((per_task_reference, "per_task", "FWT_alone", forward_transfer_vs_alone),
-                                       (joint_reference, "joint", "gap_joint", gap_to_joint)):
+    for kind, folder in (("per_task", per_task_reference), ("joint", joint_reference)):
+        key, measure = REFERENCE_MEASURES[kind]
         if folder is not None:
             tasks, scores = RunDir(folder).read_reference(kind)
             if tasks != names:

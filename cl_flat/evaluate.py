@@ -27,7 +27,6 @@ from transformers.modeling_outputs import BaseModelOutput
 from cl_flat import dist
 from cl_flat.config import EvaluationSection
 from cl_flat.data.batches import (
-    IGNORE,
     Encoded,
     Seq2SeqEncoded,
     collate,
@@ -39,6 +38,7 @@ from cl_flat.data.batches import (
 )
 from cl_flat.data.sources import TaskData, load_tasks
 from cl_flat.family import SEQ2SEQ, family_of
+from cl_flat.loss import IGNORE
 from cl_flat.metrics import read_acc_matrix
 from cl_flat.models import load_run_model
 from cl_flat.rundir import RunDir

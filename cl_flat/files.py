@@ -1,13 +1,18 @@
 """Atomic file writes: write beside the target, then rename, so an interrupted run never leaves
-a half-written file that looks complete (the README's results contract); and the tool's cache root."""
+a half-written file that looks complete (the README's results contract); the one JSON-lines reader;
+and the tool's cache root."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from cl_flat.errors import DataError
 
 
 @contextmanager
@@ -31,6 +36,20 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def json_lines(path: str | os.PathLike[str], error: type[Exception] = DataError) -> Iterator[tuple[int, Any]]:
+    """(line number from 1, value) of each non-blank line of a JSON-lines file; a line that is not JSON
+    raises `error` naming `path:line`."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise error(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            yield number, value
 
 
 def cache_root() -> Path:

@@ -2,7 +2,7 @@
 
     L = (1/|T|) Σ_{t∈T} (logsumexp(z_t) − z_t[y_t]),   z_t = W h_t,
 
-W the output head and T the positions whose y_t is not -100. Causal LMs: h_t the final hidden
+W the output head and T the positions whose y_t is not `IGNORE` (-100). Causal LMs: h_t the final hidden
 state at position t, y_t the label of position t + 1 (transformers' causal-LM loss). Encoder-decoder
 LMs (T5 family): h_t the decoder's final hidden state at position t (times d_model^-0.5 where T5
 ties the head to the embedding, `scale_decoder_outputs`), y_t the label of position t itself
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-IGNORE = -100
+IGNORE = -100  # the label of a position without a loss (prompt, padding): transformers' ignore_index
 CHUNK_BYTES = 32 * 2**20
 # logits = lm_head(final hidden state), nothing else (no soft-capping, no logit scale)
 FUSED_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2"})

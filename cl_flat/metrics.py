@@ -36,6 +36,8 @@ __all__ = [
     "forgetting",
     "forward_transfer",
     "compute_metrics",
+    "METRICS",
+    "REFERENCE_MEASURES",
     "read_acc_matrix",
     "write_acc_matrix",
 ]
@@ -207,6 +209,12 @@ def gap_to_joint(matrix: MatrixLike, joint: Sequence[Any]) -> float | None:
     if J is None or any(j is None for j in J):
         return None
     return sum(J) / len(J) - average_accuracy(matrix)
+
+
+# the scalar metrics of compute_metrics, in the order every table shows them (OP is a curve)
+METRICS = ("AA", "BWT", "FWT", "F", "AIA")
+# reference run kind (`cl-flat train --reference KIND`) -> (the key of the measure it allows, the measure)
+REFERENCE_MEASURES = {"per_task": ("FWT_alone", forward_transfer_vs_alone), "joint": ("gap_joint", gap_to_joint)}
 
 
 # ---------------------------------------------------------------------------

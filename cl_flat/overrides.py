@@ -116,7 +116,13 @@ def dotted_keys(tree: dict[str, Any] | list[Any], prefix: str = "") -> dict[str,
 # ---- run names templated from dotted keys: run.name: "{flatness.method}-s{run.seed}"
 
 PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
-RUN_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"  # a filled run.name: a folder name
+# the names a config gives, one home for each pattern: a task's name, a run's folder name (a filled run.name),
+# and the run.name template that gives one ({dotted.key} placeholders among the folder name's characters)
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]*$"
+NAME_CHARS = r"A-Za-z0-9_.\-"
+RUN_NAME = rf"^[A-Za-z0-9][{NAME_CHARS}]*$"
+_KEY = r"\{[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*\}"
+RUN_NAME_TEMPLATE = rf"^(?:[A-Za-z0-9]|{_KEY})(?:[{NAME_CHARS}]|{_KEY})*$"
 KEYS_OUTSIDE_A_NAME = ("run.name", "run.output_dir", "logging")  # they never change a run's results
 
 
@@ -167,7 +173,7 @@ def fill_name_template(template: str, config: BaseModel) -> tuple[str, list[str]
         try:
             if key == "run.name":
                 raise KeyError(key)
-            return re.sub(r"[^A-Za-z0-9_.\-]", "_", _name_part(_lookup(config, key)))
+            return re.sub(rf"[^{NAME_CHARS}]", "_", _name_part(_lookup(config, key)))
         except KeyError:
             problems.append(f"run.name: {{{key}}} is not a key of this config (use its dotted keys, e.g. "
                             "{flatness.method}, {run.seed}, or a section: {flatness})")

@@ -7,11 +7,9 @@ then renamed over the target, so an interrupted run never leaves a truncated ima
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import matplotlib
 
@@ -22,7 +20,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from cl_flat import metrics  # noqa: E402
-from cl_flat.files import atomic_path  # noqa: E402
+from cl_flat.files import atomic_path, json_lines  # noqa: E402
 
 __all__ = [
     "plot_acc_matrix",
@@ -104,28 +102,14 @@ def plot_op_curve(csv_path: PathLike, out_png: PathLike) -> None:
     _save(fig, out_png)
 
 
-def _read_jsonl(path: str) -> list[tuple[int, dict[str, Any]]]:
-    out: list[tuple[int, dict[str, Any]]] = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object per line")
-            out.append((n, obj))
-    return out
-
-
 def plot_learning_curves(train_log_jsonl: PathLike, out_png: PathLike) -> None:
     """Training loss vs global update (line order), one colour per task."""
     path = os.fspath(train_log_jsonl)
     by_task: dict[str, tuple[list[int], list[float]]] = {}
     x = 0
-    for n, rec in _read_jsonl(path):
+    for n, rec in json_lines(path, error=ValueError):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object per line")
         if "loss" not in rec:
             continue  # non-update events (if any) are not part of the curve
         if "task" not in rec:

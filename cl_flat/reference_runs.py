@@ -21,13 +21,14 @@ from cl_flat.config import RunConfig
 from cl_flat.data.batches import encode_examples
 from cl_flat.errors import UserError
 from cl_flat.evaluate import evaluate_tasks
+from cl_flat.metrics import REFERENCE_MEASURES
 from cl_flat.models import load_run_model
 from cl_flat.run import prepare, run_metadata
 from cl_flat.rundir import RunDir
 from cl_flat.tracking import Tracker
 from cl_flat.train import TrainTask, train_task
 
-KINDS = ("per_task", "joint")
+KINDS = tuple(REFERENCE_MEASURES)  # per_task, joint
 
 
 @dataclass(frozen=True)

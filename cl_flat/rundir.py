@@ -28,7 +28,7 @@ from cl_flat import __version__
 from cl_flat.adapters import AdapterStack
 from cl_flat.config import RunConfig, config_to_dict, validate_config
 from cl_flat.errors import ConfigError, MatrixFormatError, UserError
-from cl_flat.files import atomic_write_text
+from cl_flat.files import atomic_write_text, json_lines
 from cl_flat.metrics import ZERO_SHOT, read_acc_matrix, write_acc_matrix
 from cl_flat.overrides import dotted_keys
 from cl_flat.strategies import build_strategies
@@ -204,8 +204,7 @@ class RunDir:
         """Per task, the updates dropped as non-finite (`on_nonfinite: skip`), read from the log."""
         counts = dict.fromkeys(names, 0)
         if self.log_path.exists():
-            for line in self.log_path.read_text().splitlines():
-                record = json.loads(line)
+            for _, record in json_lines(self.log_path):
                 if record.get("skipped") and record["task"] in counts:
                     counts[record["task"]] += 1
         return counts

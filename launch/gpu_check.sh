@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU measurement of issue 18 on a CUDA machine whose image has torch, transformers and peft
-# but not DeepSpeed (nor, possibly, the tool's small pure-Python dependencies), with no network:
+# The GPU measurement (tests/gpu, and `cl-flat bench` of every variant) on a CUDA machine whose image has
+# torch, transformers and peft but not DeepSpeed (nor, possibly, the tool's small pure-Python dependencies),
+# with no network:
 #   launch/gpu_check.sh                      # from the repository root
 #   OUT=/some/dir launch/gpu_check.sh        # outputs there (default results/bench)
 #

@@ -1,15 +1,22 @@
-"""Test helpers (not tests): subprocess runners with a quiet, offline, single-thread environment,
-and small task files."""
+"""Test helpers (not tests): the one `cl-flat` runner in a subprocess (a quiet, offline, single-thread
+environment), the one check of a refused command, small task files, and what a wandb grid agent does
+with a sweep file."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
+OLORA_BENCHMARK = ROOT / "tests" / "fixtures" / "olora" / "CL_Benchmark"  # O-LoRA's source files, small
 
 
 def quiet_env() -> dict[str, str]:
@@ -32,6 +39,36 @@ def run_cli(args: list[str], cwd: Path, nproc: int = 1, timeout: int = 600) -> s
     return subprocess.run(cmd, cwd=cwd, env=quiet_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def assert_clean_failure(result: subprocess.CompletedProcess, *needles: str, code: int | None = None,
+                         max_lines: int | None = None) -> None:
+    """A refused command: a non-zero exit (`code` when given), no traceback, exactly one `error: ` line
+    on stderr (at most `max_lines` lines in all, when given), and every needle in stderr."""
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    if code is not None:
+        assert result.returncode == code, (result.returncode, output)
+    assert "Traceback" not in output, output
+    lines = result.stderr.strip().splitlines()
+    assert sum(line.startswith("error: ") for line in lines) == 1, result.stderr
+    if max_lines is not None:
+        assert len(lines) <= max_lines, result.stderr
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+
+
+def listing(folder: Path) -> dict[str, int]:
+    """Every path under `folder` with its modification time."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+
+
+@contextmanager
+def unchanged(folder: Path) -> Iterator[None]:
+    """Asserts that the block creates, deletes and touches nothing under `folder`."""
+    before = listing(folder)
+    yield
+    assert listing(folder) == before
+
+
 def free_port() -> int:
     import socket
 
@@ -50,6 +87,66 @@ def write_jsonl_task(folder: Path, name: str, labels: list[str], n_train: int = 
                 handle.write(json.dumps({"input": f"{label} sample {i} of {split}", "output": label}) + "\n")
     return {"name": name, "source": "jsonl", "train": str(folder / f"{name}_train.jsonl"),
             "test": str(folder / f"{name}_test.jsonl"), "labels": labels}
+
+
+def grid_points(sweep: dict) -> list[dict]:
+    """Every run of a wandb grid sweep: {parameter: value}, the product of the parameters' `values`
+    (a `value` is constant)."""
+    parameters = sweep["parameters"]
+    names = sorted(parameters)
+    choices = [parameters[n]["values"] if "values" in parameters[n] else [parameters[n]["value"]] for n in names]
+    return [dict(zip(names, combo)) for combo in itertools.product(*choices)]
+
+
+def agent_command(command: list[str], parameters: dict, form: str = "args") -> list[str]:
+    """The command line a wandb agent runs for `parameters` (as in wandb's Agent._command_run: each element
+    "${macro}" becomes that macro's argument list). `form` replaces the sweep's ${args} by another macro, or
+    ("set") by `--set k=v` pairs."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    macros = create_sweep_command_args({"args": {k: {"value": v} for k, v in parameters.items()}})
+    macros |= {"env": ["/usr/bin/env"], "interpreter": ["python"],
+               "set": [part for text in macros["args_no_hyphens"] for part in ("--set", text)]}
+    line: list[str] = []
+    for part in command:
+        part = str(part)
+        if part == "${args}":
+            part = "${" + form + "}"
+        line += macros.get(part[2:-1]) or [] if part.startswith("${") and part.endswith("}") else [part]
+    return line
+
+
+def write_yaml(path: Path, document: dict) -> Path:
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def olora_stack(lambda_orth: float = 0.5, lambda_l2: float = 0.0):
+    """A tiny-random llama with O-LoRA adapters "one" and "two" (seed 5): (stack, the penalty while
+    training "one", the penalty while training "two")."""
+    from cl_flat.adapters import AdapterStack
+    from cl_flat.config import LoraSection
+    from cl_flat.models import load_model
+    from cl_flat.strategies.olora import OrthogonalPenalty
+
+    model, _ = load_model("tiny-random:llama", seed=5)
+    stack = AdapterStack(model, LoraSection(strategy="olora", r=4, target_modules=["q_proj", "v_proj"],
+                                            lambda_orth=lambda_orth, lambda_l2=lambda_l2), seed=5)
+    stack.add_task(0, "one")
+    first = OrthogonalPenalty.of(stack.model, "one", [], lambda_orth, lambda_l2)
+    stack.add_task(1, "two")
+    return stack, first, OrthogonalPenalty.of(stack.model, "two", ["one"], lambda_orth, lambda_l2)
+
+
+def tiny_bench_config(folder: Path) -> Path:
+    """bench.yaml in `folder`: one builtin task on tiny-random:llama, micro-batch 2 of 16 tokens."""
+    config = {"run": {"name": "bt", "seed": 0}, "model": {"name_or_path": "tiny-random:llama"},
+              "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+              "tasks": [{"name": "food_sentiment", "source": "builtin"}],
+              "training": {"micro_batch_size": 2, "max_seq_length": 16}, "logging": {"progress": False}}
+    path = folder / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def sentencepiece_tokenizer(sentences: list[str], vocab_size: int = 200, split_words: bool = True):

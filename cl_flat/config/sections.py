@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from cl_flat.overrides import NAME_PATTERN, RUN_NAME_TEMPLATE
 from cl_flat.registry import METHODS, STRATEGIES, RegisteredConfig
 from cl_flat.schedules import SCHEDULES
 
@@ -46,11 +47,6 @@ class Strict(BaseModel):
             data = {k: str(v).lower() if isinstance(v, bool) and k in fields and _numbers(fields[k].annotation) else v
                     for k, v in data.items()}
         return data
-
-
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]*$"
-_KEY = r"\{[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*\}"  # a placeholder of run.name: {dotted.key}
-RUN_NAME_TEMPLATE = rf"^(?:[A-Za-z0-9]|{_KEY})(?:[A-Za-z0-9_.\-]|{_KEY})*$"
 
 
 class RunSection(Strict):

@@ -3,7 +3,7 @@
 Causal LMs (`Encoded`): a target is tokenised in context: `prompt + " " + target` is tokenised
 whole and the target's tokens are what follows the prompt tokens (`prompt_and_targets`), so
 training and rank classification both use exactly the tokens the model reads in running text.
-Only target tokens carry a loss (prompt and padding are -100).
+Only target tokens carry a loss (prompt and padding are `IGNORE`).
 
 Encoder-decoder LMs (`Seq2SeqEncoded`): the encoder reads the prompt tokens; the labels are the
 target tokenised alone + EOS; the decoder reads them shifted right behind the start token
@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from cl_flat.family import SEQ2SEQ, tokenizer_family
-
-IGNORE = -100
+from cl_flat.loss import IGNORE
 
 
 @dataclass(frozen=True)
@@ -92,8 +91,8 @@ def encode_examples(task, tokenizer, examples, max_length: int,
 
 def collate(items: list[Encoded] | list[Seq2SeqEncoded], pad_id: int,
             left_pad: bool = False) -> dict[str, torch.Tensor]:
-    """Padded batch: input_ids (pad_id), attention_mask, labels (-100 at padding); for encoder-decoder
-    items also decoder_input_ids = labels shifted right behind pad_id (-100 read as pad_id)."""
+    """Padded batch: input_ids (pad_id), attention_mask, labels (IGNORE at padding); for encoder-decoder
+    items also decoder_input_ids = labels shifted right behind pad_id (IGNORE read as pad_id)."""
     if items and isinstance(items[0], Seq2SeqEncoded):
         return _collate_seq2seq(items, pad_id, left_pad)
     width = max(len(item.input_ids) for item in items)

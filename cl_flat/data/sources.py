@@ -8,13 +8,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cl_flat.config import BuiltinTaskConfig, HfTaskConfig, JsonlTaskConfig, RunConfig, TaskConfig
 from cl_flat.errors import DataError
+from cl_flat.files import json_lines
 from cl_flat.seeding import derive_seed
 
 
@@ -53,19 +53,12 @@ def read_jsonl(path: Path, labels: list[str] | None = None) -> list[Example]:
         raise DataError(f"{path}: file not found")
     examples: list[Example] = []
     where: list[str] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("input"), str) \
-                    or not isinstance(row.get("output"), str):
-                raise DataError(f"{path}:{number}: expected an object with string fields \"input\" and \"output\"")
-            examples.append(Example(row["input"], row["output"]))
-            where.append(f"{path}:{number}")
+    for number, row in json_lines(path):
+        if not isinstance(row, dict) or not isinstance(row.get("input"), str) \
+                or not isinstance(row.get("output"), str):
+            raise DataError(f"{path}:{number}: expected an object with string fields \"input\" and \"output\"")
+        examples.append(Example(row["input"], row["output"]))
+        where.append(f"{path}:{number}")
     if not examples:
         raise DataError(f"{path}: no examples (expected one JSON object per line)")
     _check_labels(examples, labels, where)

@@ -39,11 +39,12 @@ from torch import nn
 
 from cl_flat import dist
 from cl_flat.config import EvaluationSection
-from cl_flat.data.batches import IGNORE, Encoded, collate, encode_examples
+from cl_flat.data.batches import Encoded, collate, encode_examples
 from cl_flat.errors import UserError
 from cl_flat.evaluate import eval_indices
 from cl_flat.landscape.geometry import Params
 from cl_flat.lora_layers import lora_layers, merged_row_norms, row_norms, stored_transposed
+from cl_flat.loss import IGNORE
 
 Space = Literal["adapter", "merged"]
 Split = Literal["test", "train"]

@@ -40,13 +40,11 @@ import yaml
 
 from cl_flat.config import config_to_dict, flatness_adapter
 from cl_flat.errors import ConfigError, MatrixFormatError, UserError
-from cl_flat.metrics import forward_transfer_vs_alone, gap_to_joint, read_acc_matrix
+from cl_flat.metrics import METRICS, REFERENCE_MEASURES, read_acc_matrix
 from cl_flat.overrides import dotted_keys
 from cl_flat.rundir import RunDir
 from cl_flat.stats import Summary, summarize, summarize_defined
 
-METRICS = ("AA", "BWT", "FWT", "F", "AIA")
-REFERENCE_MEASURES = {"per_task": ("FWT_alone", forward_transfer_vs_alone), "joint": ("gap_joint", gap_to_joint)}
 DEFAULT_BASELINE = "flatness.method=none"
 RUN_IDENTITY_KEYS = frozenset({"run.seed", "run.name", "run.output_dir"})
 PATH_OR_LOGGING_KEY = re.compile(r"logging\..*|tasks\.\d+\.(train|test|data_files)(\..*)?")

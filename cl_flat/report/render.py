@@ -22,9 +22,8 @@ import numpy as np
 
 from cl_flat import plots  # selects matplotlib's headless Agg backend before any figure exists
 from cl_flat.files import atomic_path, atomic_write_text
+from cl_flat.metrics import METRICS, REFERENCE_MEASURES
 from cl_flat.report.build import (
-    METRICS,
-    REFERENCE_MEASURES,
     Group,
     ReferenceGroup,
     ReferenceRun,

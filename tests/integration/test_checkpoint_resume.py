@@ -1,4 +1,4 @@
-"""In-task checkpoints (issue 15): a task interrupted after a checkpoint and resumed from it ends
+"""In-task checkpoints: a task interrupted after a checkpoint and resumed from it ends
 with exactly the adapter of an uninterrupted task, for every method (RWP's Fisher EMA included),
 under the real DeepSpeed loop."""
 

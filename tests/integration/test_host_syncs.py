@@ -1,4 +1,4 @@
-"""Host synchronisations per update (issue 18 item 1), counted on CPU so the rule holds without a
+"""Host synchronisations per update, counted on CPU so the rule holds without a
 GPU: the update loop brings an update's values (losses, method statistics, gradient norm,
 non-finite flags) to the host in ONE transfer, and no method synchronises on its own. Counted
 in `host_syncs_worker.py` by wrapping every call that reads a tensor's value on the host
@@ -40,8 +40,8 @@ def test_one_host_sync_per_update():
     for label, _, _, forwards in CASES:
         tool, mask = counts[label]["tool"], counts[label]["mask"]
         assert len(tool) == 4, (label, counts[label])  # 5 updates -> 4 gaps between log lines
-        # the loop's one transfer; before issue 18: 3 for each (the grad-norm .item(),
-        # the non-finite flags' .tolist(), the method's own .item() or .tolist())
+        # the loop's one transfer, not one for each of the grad-norm .item(), the non-finite
+        # flags' .tolist() and the method's own .item() or .tolist()
         assert all(n == 1 for n in tool), (label, tool)
         # transformers' causal-mask check: one per forward, none anywhere else
         assert all(n == forwards for n in mask), (label, mask)

@@ -1,4 +1,4 @@
-"""kill -9 at any moment, then `--resume`, gives the uninterrupted run (issue 15): during a task
+"""kill -9 at any moment, then `--resume`, gives the uninterrupted run: during a task
 (checkpoints every update, so a kill often lands inside a checkpoint write), right after a task's
 row, and when one of two ranks dies. The runs use RWP with Fisher noise, whose EMA is method state."""
 

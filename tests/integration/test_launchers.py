@@ -1,14 +1,11 @@
 """The launch scripts: launch/deepspeed.sh in DeepSpeed's --no_ssh multi-node mode and launch/torchrun.sh,
 each running a real 2-rank tiny run on this CPU (gloo); the SLURM scripts' hostfile and commands with a
-stubbed `scontrol` and DRY_RUN=1 (no SLURM here); the studies' wandb sweeps (configs/studies/*/sweep.yaml),
-expanded as a grid agent would, give valid and distinct runs."""
+stubbed `scontrol` and DRY_RUN=1 (no SLURM here)."""
 
 from __future__ import annotations
 
 import csv
-import itertools
 import json
-import re
 import shlex
 import subprocess
 import sys
@@ -17,10 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cl_flat.config import config_to_dict, load_config
-from cl_flat.flatness import build_method
-from cl_flat.overrides import dotted_keys
 from helpers import ROOT, free_port, quiet_env
+
+pytestmark = pytest.mark.integration
 
 LAUNCH = ROOT / "launch"
 
@@ -63,7 +59,6 @@ def check_two_rank_results(run_dir: Path) -> None:
     assert (run_dir / "plots" / "acc_matrix.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.integration
 def test_deepspeed_launcher_no_ssh_with_a_localhost_hostfile(tmp_path, tiny_config):
     """What node 0 of a cluster without ssh runs, here with one node of 2 slots."""
     config = tiny_two_task_config(tmp_path, tiny_config)
@@ -80,7 +75,6 @@ def test_deepspeed_launcher_no_ssh_with_a_localhost_hostfile(tmp_path, tiny_conf
     check_two_rank_results(tmp_path / "results" / "tiny")
 
 
-@pytest.mark.integration
 def test_torchrun_script_two_processes(tmp_path, tiny_config):
     config = tiny_two_task_config(tmp_path, tiny_config)
     proc = run_script([str(LAUNCH / "torchrun.sh"), "2", str(config), "--set", "run.name=tr"], cwd=tmp_path,
@@ -164,60 +158,3 @@ def test_slurm_torchrun_rendezvous_on_the_first_node(tmp_path, fake_slurm):
         "/opt/venv/bin/python", "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "8",
         "--rdzv_backend", "c10d", "--rdzv_endpoint", "gpu-07:29611", "--rdzv_id", "4242",
         "-m", "cl_flat.cli", "train", "configs/quickstart.yaml"]]
-
-
-STUDIES = ROOT / "configs" / "studies"
-SWEEPS = sorted(STUDIES.glob("*/sweep.yaml"))
-
-
-def grid_points(spec: dict) -> list[dict]:
-    """Every run of a wandb grid sweep: the product of the parameters' `values` (a `value` is constant)."""
-    keys = list(spec["parameters"])
-    options = [p["values"] if "values" in p else [p["value"]] for p in spec["parameters"].values()]
-    return [dict(zip(keys, combo)) for combo in itertools.product(*options)]
-
-
-def render_name(template: str, config: dict) -> str:
-    flat = dotted_keys(config)
-    missing = [key for key in re.findall(r"{([^{}]+)}", template) if key not in flat]
-    assert not missing, f"run.name {template!r} names keys some runs lack: {missing}"
-    return re.sub(r"{([^{}]+)}", lambda m: str(flat[m.group(1)]), template)
-
-
-def test_every_study_has_a_base_config_and_a_sweep():
-    assert {p.parent.name for p in SWEEPS} == {"q1", "q2", "q3", "baseline"}
-    assert all((p.parent / "base.yaml").is_file() for p in SWEEPS)
-
-
-@pytest.mark.parametrize("sweep", SWEEPS, ids=[p.parent.name for p in SWEEPS])
-def test_study_sweep_gives_valid_distinct_runs(sweep: Path):
-    spec = yaml.safe_load(sweep.read_text())
-    assert spec["method"] == "grid"
-    base = f"configs/studies/{sweep.parent.name}/base.yaml"
-    assert spec["command"] == ["${env}", "cl-flat", "train", base, "${args}"]
-    assert len(spec["parameters"]["run.seed"]["values"]) >= 5
-    points = grid_points(spec)
-    names = []
-    for point in points:
-        # ${args}: `--key=value`, the value as str() writes it (a flatness block is a YAML string)
-        args = [f"--{key}={value}" for key, value in point.items() if key != "run.name"]
-        config = load_config(ROOT / base, args)
-        assert build_method(config.flatness).check(config.training) == [], point
-        names.append(render_name(point["run.name"], config_to_dict(config)))
-    assert len(set(names)) == len(points), names
-    # run.name's pattern, plus the '.' of float values (q2's a and b), which the template must render
-    assert all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name) for name in names), names
-    assert all(name.startswith(f"{sweep.parent.name}-" if sweep.parent.name != "baseline" else "studies-none-")
-               for name in names)
-
-
-def test_study_base_configs_differ_only_in_name_and_flatness():
-    """So the one baseline (flatness none) pairs with the runs of every question in cl-flat report."""
-    def rest(path: Path) -> dict:
-        raw = yaml.safe_load(path.read_text())
-        raw.pop("flatness")
-        raw["run"].pop("name")
-        return raw
-
-    bases = sorted(STUDIES.glob("*/base.yaml"))
-    assert len(bases) == 4 and all(rest(path) == rest(bases[0]) for path in bases)

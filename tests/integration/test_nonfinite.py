@@ -1,4 +1,4 @@
-"""`training.on_nonfinite` (issue 15): a non-finite update stops the run naming the task, the
+"""`training.on_nonfinite`: a non-finite update stops the run naming the task, the
 update and the pass (stop), or is dropped without any state change and counted (skip); the log
 stays strict JSON."""
 

@@ -1,4 +1,4 @@
-"""`cl-flat train --reference per_task|joint` (issue 17): their rows, and the measures that need them."""
+"""`cl-flat train --reference per_task|joint`: their rows, and the measures that need them."""
 
 from __future__ import annotations
 

@@ -1,12 +1,11 @@
-"""wandb sweeps: `cl-flat train` reads overrides in every form an agent writes (${args}, ${args_no_equals},
-${args_no_hyphens}) and `--set`, validated like the file; run.name templates; the folder-naming rule under a
-sweep. The command lines are expanded from the sweep files exactly as wandb's agent does (its own argument
-formatter, then its macro substitution) and run offline, with WANDB_SWEEP_ID unset and set."""
+"""wandb sweeps, run: the command lines of a sweep of launch/sweep.yaml's shape, expanded exactly as wandb's
+agent does (its own argument formatter, then its macro substitution: helpers.agent_command), train distinct
+folders offline, with WANDB_SWEEP_ID unset and set, and reruns in other forms are refused. The overrides and
+run names in process: tests/unit/test_sweep_overrides.py."""
 
 from __future__ import annotations
 
 import copy
-import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -14,138 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import ROOT, free_port, quiet_env
+from helpers import ROOT, agent_command, free_port, grid_points, quiet_env, write_yaml
+
+pytestmark = pytest.mark.integration
 
 SWEEP_FILE = ROOT / "launch" / "sweep.yaml"
-FORMS = ("args", "args_no_equals", "args_no_hyphens", "set")
-
-
-def grid(sweep: dict) -> list[dict]:
-    """Every parameter set of a grid sweep: {name: value}."""
-    parameters = sweep["parameters"]
-    names = sorted(parameters)
-    choices = [parameters[n]["values"] if "values" in parameters[n] else [parameters[n]["value"]] for n in names]
-    return [dict(zip(names, combo)) for combo in itertools.product(*choices)]
-
-
-def agent_command(command: list[str], parameters: dict, form: str = "args") -> list[str]:
-    """The command line a wandb agent runs for `parameters` (as in wandb's Agent._command_run: each element
-    "${macro}" becomes that macro's argument list). `form` replaces the sweep's ${args} by another macro, or
-    ("set") by `--set k=v` pairs."""
-    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
-
-    macros = create_sweep_command_args({"args": {k: {"value": v} for k, v in parameters.items()}})
-    macros |= {"env": ["/usr/bin/env"], "interpreter": ["python"],
-               "set": [part for text in macros["args_no_hyphens"] for part in ("--set", text)]}
-    line: list[str] = []
-    for part in command:
-        part = str(part)
-        if part == "${args}":
-            part = "${" + form + "}"
-        line += macros.get(part[2:-1]) or [] if part.startswith("${") and part.endswith("}") else [part]
-    return line
-
-
-def overrides_of(line: list[str]) -> list[str]:
-    """What `cl-flat train` makes of the arguments after CONFIG: the agent forms, then --set."""
-    from cl_flat.overrides import overrides_from_args
-
-    rest = line[line.index("train") + 2:]
-    sets = [rest[i + 1] for i, part in enumerate(rest) if part == "--set"]
-    others = [part for i, part in enumerate(rest) if part != "--set" and (i == 0 or rest[i - 1] != "--set")]
-    return overrides_from_args(others) + sets
-
-
-# ---------------------------------------------------------------- in process: forms, names, launch/sweep.yaml
-
-
-def test_every_agent_form_gives_the_same_overrides():
-    from cl_flat.overrides import apply_overrides
-
-    sweep = yaml.safe_load(SWEEP_FILE.read_text())
-    parameters = {"flatness": {"method": "sam", "rho": 0.01, "adaptive": True}, "run.seed": 2,
-                  "training.max_steps": None, "training.learning_rate": 1e-05, "lora.target_modules": ["q_proj"],
-                  "run.name": "{flatness}-s{run.seed}"}
-    expected = {"flatness": {"method": "sam", "rho": 0.01, "adaptive": True}, "run": {"seed": 2,
-                "name": "{flatness}-s{run.seed}"}, "training": {"max_steps": None, "learning_rate": 1e-05},
-                "lora": {"target_modules": ["q_proj"]}}
-    for form in FORMS:
-        line = agent_command(sweep["command"], parameters, form)
-        assert line[:4] == ["/usr/bin/env", "cl-flat", "train", "configs/quickstart.yaml"], line
-        assert apply_overrides({}, overrides_of(line)) == expected, (form, line)
-
-
-@pytest.mark.parametrize("args, needle", [(["--lora.r"], "--lora.r: no value"),
-                                          (["stray"], "unexpected argument 'stray'"),
-                                          (["--lora.r", "--training.max_steps=2"], "--lora.r: no value")])
-def test_malformed_arguments_are_config_errors(args, needle):
-    from cl_flat.errors import ConfigError
-    from cl_flat.overrides import overrides_from_args
-
-    with pytest.raises(ConfigError) as info:
-        overrides_from_args(args)
-    assert any(needle in p for p in info.value.problems), info.value.problems
-
-
-def test_launch_sweep_yaml_every_grid_point_is_a_valid_run_with_its_own_name():
-    from cl_flat.config import load_config
-
-    sweep = yaml.safe_load(SWEEP_FILE.read_text())
-    assert sweep["method"] == "grid" and "${args}" in sweep["command"]
-    points = grid(sweep)
-    assert len(points) == 27
-    assert {p["flatness"]["method"] for p in points} == {"none", "sam", "rwp", "lpf_sgd", "flat_lora"}
-    names = []
-    for point in points:
-        line = agent_command(sweep["command"], point)
-        config = load_config(ROOT / line[3], overrides_of(line), sweep_run_id="abcd1234")
-        assert config.flatness.method == point["flatness"]["method"] and config.run.seed == point["run.seed"]
-        names.append(config.run.name)
-    # the template names every swept key: no run id is appended, and no two runs share a folder
-    assert len(set(names)) == 27 and not any(name.endswith("abcd1234") for name in names), names
-    assert "sweep-none-s0" in names and "sweep-sam-rho0.01-s2" in names
-
-
-def write_config(folder: Path, config: dict) -> Path:
-    path = folder / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-@pytest.mark.parametrize("template, overrides, run_id, name", [
-    ("{flatness.method}-s{run.seed}", ["flatness.method=sam", "run.seed=3"], None, "sam-s3"),
-    ("{flatness.method}-s{run.seed}", ["flatness.method=sam", "run.seed=3"], "r1", "sam-s3"),
-    ("{flatness}-s{run.seed}", ["flatness.rho=0.1", "flatness.method=sam", "run.seed=3"], "r1", "sam-rho0.1-s3"),
-    ("{flatness}", ["flatness={method: none}", "logging.wandb.mode=offline", "run.output_dir=x"], "r1", "none"),
-    ("{flatness.method}", ["flatness={method: sam}"], "r1", "sam-r1"),  # the block may hold more than method
-    ("m{flatness.method}", ["flatness.method=sam", "run.seed=3"], "r1", "msam-r1"),
-    ("fixed", ["run.seed=3"], "r1", "fixed-r1"),
-    ("fixed", ["run.seed=3"], None, "fixed"),
-    ("{model}-{lora.target_modules}-{lora.alpha}", [], None, "tiny-random_llama-q_proj_v_proj-8.0"),
-])
-def test_run_name_template_and_the_sweep_suffix_rule(tmp_path, tiny_config, template, overrides, run_id, name):
-    from cl_flat.config import load_config
-
-    tiny_config["run"]["name"] = template
-    path = write_config(tmp_path, tiny_config)
-    assert load_config(path, overrides, sweep_run_id=run_id).run.name == name
-
-
-@pytest.mark.parametrize("template, needle", [("{flatness.rho}", "{flatness.rho} is not a key"),
-                                              ("{run.name}", "{run.name} is not a key"),
-                                              ("{tasks.5.name}", "{tasks.5.name} is not a key"),
-                                              ("a/b", "run.name")])
-def test_a_bad_template_is_a_config_error_naming_it(tmp_path, tiny_config, template, needle):
-    from cl_flat.config import load_config
-    from cl_flat.errors import ConfigError
-
-    tiny_config["run"]["name"] = template
-    with pytest.raises(ConfigError) as info:
-        load_config(write_config(tmp_path, tiny_config))
-    assert any(needle in p for p in info.value.problems), info.value.problems
-
-
-# ---------------------------------------------------------------- the command lines, run offline
 
 
 def run_line(line: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -179,17 +51,16 @@ def assert_refused(proc: subprocess.CompletedProcess, folder: Path) -> None:
     assert f"{folder} already holds a complete run" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
-@pytest.mark.integration
 def test_sweep_command_lines_train_distinct_folders_and_reruns_are_refused(tmp_path, tiny_config):
     launch = yaml.safe_load(SWEEP_FILE.read_text())
     tiny_config["training"]["max_steps"] = 2
-    config = write_config(tmp_path, tiny_config)
+    config = write_yaml(tmp_path / "tiny.yaml", tiny_config)
     # a sweep of launch/sweep.yaml's shape on the tiny config: its command and its templated run.name
     sweep = copy.deepcopy(launch)
     sweep["command"] = [str(config) if part == "configs/quickstart.yaml" else part for part in launch["command"]]
     sweep["parameters"]["flatness"] = {"values": [{"method": "none"}, {"method": "sam", "rho": 0.1}]}
     sweep["parameters"]["run.seed"] = {"values": [1]}
-    first, second = grid(sweep)
+    first, second = grid_points(sweep)
     results = tmp_path / "results"
     folder_a, folder_b = results / "sweep-none-s1", results / "sweep-sam-rho0.1-s1"
 

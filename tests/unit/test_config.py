@@ -1,6 +1,6 @@
 """Config schema (the README's configuration contract): every error names its dotted path and
 what was expected, all errors at once; `--set` overrides are applied to the raw dict before
-validation and parsed as YAML. Expected paths and values below are written from the spec."""
+validation and parsed as YAML. Expected paths and values below are written from the README."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def write_yaml(path: Path, data) -> Path:
 # ---------------------------------------------------------------- a valid config
 
 
-def test_minimal_config_is_valid_and_gets_design_defaults():
+def test_minimal_config_is_valid_and_gets_the_documented_defaults():
     config = validate_config(minimal())
     # the defaults of the README's example block
     assert config.training.micro_batch_size == 8
@@ -465,7 +465,7 @@ def test_validate_does_not_mutate_its_input():
 
 
 def test_methods_say_where_they_differ_from_the_method_notes():
-    """`cl-flat methods` states, one line per method, which form is implemented where the notes differ."""
+    """`cl-flat methods` states, one line per method, which form is implemented where write-ups of it differ."""
     from cl_flat.flatness import describe_methods
 
     lines = {m["method"]: m["versus_notes"] for m in describe_methods()}

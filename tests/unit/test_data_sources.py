@@ -13,8 +13,9 @@ import torch
 
 from cl_flat.config import validate_config
 from cl_flat.data import DataError, Example, TaskData, load_task
-from cl_flat.data.batches import IGNORE, Encoded, collate, encode
+from cl_flat.data.batches import Encoded, collate, encode
 from cl_flat.data.sources import read_jsonl
+from cl_flat.loss import IGNORE
 
 
 def run_config(task: dict):

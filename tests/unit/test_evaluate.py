@@ -31,8 +31,8 @@ def test_truncated_prompt_is_the_same_window_for_every_label(monkeypatch):
     """A prompt longer than max_length: every label is scored after the same prompt tokens (cut once
     to fit the longest label), so labels of different lengths compete on the same context."""
     from cl_flat import evaluate
-    from cl_flat.data.batches import IGNORE
     from cl_flat.data.sources import Example, TaskData
+    from cl_flat.loss import IGNORE
 
     model, tokenizer = load_model("tiny-random:llama", seed=4)
     task = TaskData("t", "Pick.", ("a", "abcdefgh"), "accuracy", "{input}", (), (Example("x" * 80, "a"),))

@@ -1,4 +1,4 @@
-"""Labels are tokenised in context (issue 13, item 3): the tokens a label gets in training and in
+"""Labels are tokenised in context: the tokens a label gets in training and in
 rank classification are those of `prompt + " " + label` after the prompt, so a SentencePiece
 tokenizer's lone "▁" (what " positive" alone tokenises to first) never enters a target."""
 
@@ -8,8 +8,9 @@ import torch
 from tests.helpers import sentencepiece_tokenizer
 
 from cl_flat import evaluate
-from cl_flat.data.batches import IGNORE, encode_examples, prompt_and_targets
+from cl_flat.data.batches import encode_examples, prompt_and_targets
 from cl_flat.data.sources import Example, TaskData
+from cl_flat.loss import IGNORE
 
 REVIEWS = ["the food was great", "the service was slow", "the price was fair", "the room was cold and dark"]
 LABELS = ("positive", "negative", "neutral")

@@ -1,6 +1,7 @@
 """O-LoRA (lora.strategy: olora, cl_flat.strategies.olora): its terms' values and gradients against
-hand-computed matrices, the penalty read from a real peft stack, the gradient every method gets, the
-orthogonality shrinking over a tiny run of the real loop, and its config rules (a task's own λ)."""
+hand-computed matrices, the penalty read from a real peft stack, the gradient every method gets, and its
+config rules (a task's own λ). The orthogonality shrinking over a tiny run of the real loop:
+tests/integration/test_olora_training.py."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from cl_flat.strategies.olora import OrthogonalPenalty
+from helpers import olora_stack
 
 
 def test_terms_and_gradients_by_hand():
@@ -30,22 +32,8 @@ def test_terms_and_gradients_by_hand():
     assert penalty.stats() == {"olora_orth": 5.0, "olora_l2": penalty.l2().item()}
 
 
-def _stack(lambda_orth=0.5, lambda_l2=0.0):
-    from cl_flat.adapters import AdapterStack
-    from cl_flat.config import LoraSection
-    from cl_flat.models import load_model
-
-    model, _ = load_model("tiny-random:llama", seed=5)
-    stack = AdapterStack(model, LoraSection(strategy="olora", r=4, target_modules=["q_proj", "v_proj"],
-                                            lambda_orth=lambda_orth, lambda_l2=lambda_l2), seed=5)
-    stack.add_task(0, "one")
-    first = OrthogonalPenalty.of(stack.model, "one", [], lambda_orth, lambda_l2)
-    stack.add_task(1, "two")
-    return stack, first, OrthogonalPenalty.of(stack.model, "two", ["one"], lambda_orth, lambda_l2)
-
-
 def test_the_penalty_reads_every_adapted_layer_of_the_stack():
-    stack, first, second = _stack(lambda_l2=0.2)
+    stack, first, second = olora_stack(lambda_l2=0.2)
     assert first.orthogonality().item() == 0.0  # nothing earlier to be orthogonal to
     layers = [m for n, m in stack.model.named_modules() if hasattr(m, "lora_A") and "two" in m.lora_A]
     assert len(second.pairs) == len(layers) == 4 and len(second.new) == 8
@@ -60,7 +48,7 @@ def test_every_method_gets_the_gradient_of_the_full_loss():
     formula (λ1·sign(A_k A_tᵀ)ᵀA_k summed over k for A_t; nothing for B_t when λ2 = 0)."""
     from cl_flat.flatness import reference_update
 
-    stack, _, penalty = _stack()
+    stack, _, penalty = olora_stack()
     model = stack.model.eval()
     batch = torch.randint(3, 250, (2, 8), generator=torch.Generator().manual_seed(1))
 
@@ -77,28 +65,6 @@ def test_every_method_gets_the_gradient_of_the_full_loss():
             a_old = layer.lora_A["one"].weight
             extra = 0.5 * torch.sign(a_old @ p.t()).t() @ a_old
         assert torch.allclose(g[name], base + extra, atol=1e-6), name
-
-
-def test_orthogonality_shrinks_over_a_tiny_run():
-    from cl_flat import dist
-    from cl_flat.config import validate_config
-    from cl_flat.data.batches import Encoded
-    from cl_flat.flatness import build_method
-    from cl_flat.train import TrainTask, train_task
-
-    dist.init_distributed()
-    stack, _, penalty = _stack(lambda_orth=0.5)
-    config = validate_config({"model": {"name_or_path": "tiny-random:llama"}, "tasks": [{"name": "x", "source":
-                              "builtin"}], "training": {"micro_batch_size": 2, "max_steps": 8, "learning_rate": 0.01},
-                              "logging": {"progress": False}})
-    gen = torch.Generator().manual_seed(2)
-    examples = [Encoded(tuple(ids := torch.randint(3, 250, (9,), generator=gen).tolist()),
-                        tuple([-100] * 5 + ids[5:])) for _ in range(16)]
-    logs = []
-    train_task(TrainTask(1, "two", examples, 256), stack.model, build_method({"method": "sam"}), config.training,
-               config.deepspeed, 0, logs.append, regulariser=penalty)
-    orth = [r["olora_orth"] for r in logs]
-    assert len(orth) == 8 and orth[-1] < 0.8 * orth[0], orth
 
 
 def test_a_task_trains_with_its_own_weights():

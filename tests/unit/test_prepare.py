@@ -8,8 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -21,9 +19,9 @@ from cl_flat.data import Example, check_local_data, load_tasks
 from cl_flat.data import prepare as prep
 from cl_flat.data.benchmarks import ORDERS, TASKS
 from cl_flat.errors import ConfigError, DataError
-from helpers import ROOT, quiet_env
+from helpers import OLORA_BENCHMARK, ROOT
 
-FIXTURE = ROOT / "tests" / "fixtures" / "olora" / "CL_Benchmark"
+FIXTURE = OLORA_BENCHMARK
 CONFIGS = ROOT / "configs" / "benchmarks"
 TC = "What is the topic of the following paragraph? Choose one from the option."
 SC = "What is the sentiment of the following paragraph? Choose one from the option."
@@ -118,22 +116,6 @@ def copy_fixture(tmp_path: Path) -> Path:
     return root
 
 
-def test_malformed_source_file_exits_2_naming_file_and_line_through_the_cli(tmp_path):
-    root = copy_fixture(tmp_path)
-    bad = root / "TC" / "agnews" / "train.json"
-    bad.write_text('[\n  {"label": "World", "sentence": "fine"},\n  {"label": "Sports", "sentence": "cut off\n]\n')
-    out = tmp_path / "data" / "olora"
-    result = subprocess.run([sys.executable, "-m", "cl_flat.cli", "data", "prepare", "standard", "--out", str(out),
-                             "--source", str(root)], cwd=tmp_path, env=quiet_env(), capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stdout + result.stderr
-    assert f"error: {bad}:3:" in result.stderr, result.stderr
-    assert result.stderr.count("error:") == 1
-    assert not out.exists()
-    assert list(out.parent.iterdir()) == []  # no partial folder left behind
-
-
 @pytest.mark.parametrize("damage, needle", [
     (lambda root: (root / "TC/yahoo/test.json").unlink(), "TC/yahoo/test.json: file not found"),
     (lambda root: (root / "SC/amazon/train.json").write_text('[\n {"label": "neutral", "sentence": "ok"},\n'
@@ -194,20 +176,6 @@ def test_an_interrupted_preparation_leaves_no_complete_looking_folder(tmp_path, 
         prep.prepare_benchmark("standard", tmp_path / "olora", str(FIXTURE), seed=9, overwrite=True)
     assert folder_bytes(tmp_path / "olora") == before
     assert [p.name for p in tmp_path.iterdir()] == ["olora"]
-
-
-def test_a_killed_preparation_leaves_only_a_hidden_partial_folder(tmp_path):
-    out = tmp_path / "olora"
-    script = ("import os, signal, sys\nfrom cl_flat.data.prepare import prepare_benchmark\n"
-              "def die(task, split, rows):\n    if task == 'yahoo': os.kill(os.getpid(), signal.SIGKILL)\n"
-              f"prepare_benchmark('standard', {str(out)!r}, {str(FIXTURE)!r}, progress=die)\n")
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=quiet_env(), capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == -9, result.stderr
-    assert not out.exists()
-    leftovers = list(tmp_path.iterdir())
-    assert len(leftovers) == 1 and leftovers[0].name.startswith(".olora.") and leftovers[0].name.endswith(".partial")
-    assert not (leftovers[0] / "prepared.json").exists()
 
 
 # ---------------------------------------------------------------- from the hub (rows built in memory)

@@ -1,6 +1,7 @@
-"""`cl-flat report` on hand-made result folders: 2 methods × 3 seeds with hand-chosen scores, checked
-against statistics derived by hand (t_{0.975,2} = 4.302653 for n = 3), plus the files written, the
-refusals (mixed sequences, bad paths), skipped incomplete runs, globs and n = 1."""
+"""`cl-flat report` (build_report, render_markdown, write_report) on hand-made result folders: 2 methods ×
+3 seeds with hand-chosen scores (report_runs.py), checked against statistics derived by hand
+(t_{0.975,2} = 4.302653 for n = 3), plus the files written, the refusals (mixed sequences, bad paths),
+skipped incomplete runs, globs and n = 1. The command itself: tests/integration/test_report_cli.py."""
 
 from __future__ import annotations
 
@@ -11,57 +12,22 @@ from pathlib import Path
 import pytest
 
 from cl_flat import stats
-from cl_flat.config import validate_config
 from cl_flat.errors import UserError
 from cl_flat.report import build_report, render_markdown, write_report
 from cl_flat.rundir import RunDir
-from helpers import run_cli
+from report_runs import RUNS, SAM, SEQUENCE, ZERO_SHOT, make_results, make_run
 
 T975_2 = 4.302653  # Student t quantile t_{0.975, 2} (n = 3 runs); tables give 4.3027
 T975_1 = 12.706205  # t_{0.975, 1} = tan(0.475 π)
-SEQUENCE = ("food_sentiment", "service_sentiment")
-SAM = {"method": "sam", "rho": 0.05}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-# Hand-chosen accuracy matrices, T = 2 (zero_shot, after task 1, after task 2), and their metrics by hand:
-# AA = (R21 + R22)/2, BWT = R21 − R11, F = R11 − R21, FWT = R12 − b2, OP = [R11, AA], AIA = (R11 + AA)/2.
-ZERO_SHOT = [50.0, 40.0]
-RUNS = {
-    ("none", 1): ([80, 45], [60, 80], {"AA": 70, "BWT": -20, "FWT": 5, "F": 20, "AIA": 75, "OP": [80, 70]}),
-    ("none", 2): ([82, 46], [64, 80], {"AA": 72, "BWT": -18, "FWT": 6, "F": 18, "AIA": 77, "OP": [82, 72]}),
-    ("none", 3): ([84, 47], [70, 84], {"AA": 77, "BWT": -14, "FWT": 7, "F": 14, "AIA": 80.5, "OP": [84, 77]}),
-    ("sam", 1): ([81, 44], [71, 81], {"AA": 76, "BWT": -10, "FWT": 4, "F": 10, "AIA": 78.5, "OP": [81, 76]}),
-    ("sam", 2): ([83, 46], [75, 81], {"AA": 78, "BWT": -8, "FWT": 6, "F": 8, "AIA": 80.5, "OP": [83, 78]}),
-    ("sam", 3): ([85, 50], [77, 85], {"AA": 81, "BWT": -8, "FWT": 10, "F": 8, "AIA": 83, "OP": [85, 81]}),
-}
 SAM_LABEL = "flatness.method=sam"  # its parameters are at their defaults (rho 0.05): not shown
 NONE_LABEL = "flatness.method=none"
 
 
-def make_run(root: Path, name: str, seed: int, flatness: dict, rows: list[list[float]] | None,
-             metrics: dict | None, tasks: tuple[str, ...] = SEQUENCE) -> Path:
-    """A result folder as cl-flat writes it (RunDir.save_config / write_matrix / write_metrics)."""
-    raw = {"run": {"name": name, "output_dir": str(root), "seed": seed},
-           "model": {"name_or_path": "tiny-random:llama"},
-           "tasks": [{"name": task, "source": "builtin"} for task in tasks],
-           "flatness": flatness, "logging": {"progress": False}}
-    config = validate_config(raw)
-    run = RunDir.of(config)
-    run.save_config(config, {"world_size": 1, "git_commit": f"commit-of-{name}"})
-    if rows is not None:
-        run.write_matrix(list(tasks), [("zero_shot", ZERO_SHOT)] + list(zip(tasks, rows)))
-    if metrics is not None:
-        run.write_metrics(metrics)
-    return run.path
-
-
 @pytest.fixture
 def results(tmp_path: Path) -> Path:
-    root = tmp_path / "results"
-    for (method, seed), (after_1, after_2, metrics) in RUNS.items():
-        make_run(root, f"{method}-s{seed}", seed, SAM if method == "sam" else {"method": "none"},
-                 [after_1, after_2], metrics)
-    return root
+    return make_results(tmp_path / "results")
 
 
 def by_label(report, label):
@@ -271,23 +237,6 @@ def test_bad_inputs_name_the_path(results, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="empty: not a cl-flat run folder"):
         build_report([str(tmp_path / "empty")])
-
-
-def test_cli_bad_path_exits_2_with_one_line_and_writes_nothing(tmp_path):
-    result = run_cli(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "out")], cwd=tmp_path)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: no such file or folder"]
-    assert not (tmp_path / "out").exists()
-
-
-def test_cli_report(results, tmp_path):
-    result = run_cli(["report", str(results / "*"), "--out", str(tmp_path / "out"), "--group-by", "flatness.method"],
-                     cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "## Groups (by flatness.method)" in result.stdout
-    assert "| flatness.method=sam | 3 | 1 2 3 |" in result.stdout
-    assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "report.csv").is_file()
 
 
 # ---------------------------------------------------------------- reference runs beside the groups

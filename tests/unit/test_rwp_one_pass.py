@@ -1,4 +1,4 @@
-"""RWP `one_pass` (issue 18 item 3): two-batch RWP on the two halves of each micro-batch in one
+"""RWP `one_pass`: two-batch RWP on the two halves of each micro-batch in one
 forward. Checked against an independent computation: plain autograd on the halves, the noisy half
 through a deep copy of the model with ε written into its weights (the serial two-batch formula on
 [C, D] by hand), both for `reference_update` (its serial form) and for the one-pass form in plain

@@ -91,3 +91,54 @@ def test_no_private_name_crosses_a_module():
 def test_no_module_outgrows_one_responsibility():
     sizes = {str(p.relative_to(PACKAGE)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     assert max(sizes.values()) <= 450, {k: v for k, v in sizes.items() if v > 450}
+
+
+# ---------------------------------------------------------------- unit tests start nothing
+
+UNIT_TESTS = PACKAGE.parent / "tests" / "unit"
+# modules that start processes: a unit test imports none of them
+PROCESS_MODULES = {"subprocess", "multiprocessing", "torch.multiprocessing", "pty", "concurrent.futures"}
+# what starts a process, a process group or a DeepSpeed engine, by name (called or imported) ...
+STARTERS = {"run_cli", "Popen", "init_distributed", "init_process_group", "create_engine", "train_task",
+            "run_sequence", "run_reference", "reevaluate"}
+# ... or as module.function
+QUALIFIED_STARTERS = {("deepspeed", "initialize"), ("bench", "measure"), ("bench", "_run_variant"), ("os", "system"),
+                      ("os", "fork"), ("os", "execv"), ("os", "execvp"), ("os", "posix_spawn"), ("mp", "spawn")}
+
+
+def _starts(path: Path) -> list[str]:
+    """What a test module imports or calls that starts a process, a process group or an engine."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [f"import {a.name}" for a in node.names if a.name in PROCESS_MODULES]
+        elif isinstance(node, ast.ImportFrom):
+            if node.module in PROCESS_MODULES:
+                found.append(f"from {node.module} import ...")
+            found += [f"from {node.module} import {a.name}" for a in node.names if a.name in STARTERS]
+        elif isinstance(node, ast.Call):
+            func = node.func
+            if isinstance(func, ast.Name) and func.id in STARTERS:
+                found.append(f"{func.id}()")
+            elif isinstance(func, ast.Attribute) and (func.attr in STARTERS or (
+                    isinstance(func.value, ast.Name) and (func.value.id, func.attr) in QUALIFIED_STARTERS)):
+                found.append(f"{ast.unparse(func)}()")
+    return [f"{path.name}:{line}" for line in found]
+
+
+def test_unit_tests_start_no_process_and_no_engine():
+    """tests/unit holds the tests that start nothing (marked `unit`); whatever starts a subprocess, a process
+    group or a DeepSpeed engine lives in tests/integration (marked `integration`). conftest.py of tests/unit
+    refuses a process group at run time."""
+    found = [hit for path in sorted(UNIT_TESTS.glob("*.py")) for hit in _starts(path)]
+    assert not found, found
+
+
+def test_the_unit_guard_sees_each_starter(tmp_path):
+    module = tmp_path / "test_example.py"
+    module.write_text("import subprocess\nfrom helpers import run_cli\nfrom cl_flat import dist, bench\n"
+                      "import deepspeed\n\ndef test_x():\n    dist.init_distributed()\n    deepspeed.initialize()\n"
+                      "    bench.measure('c', 'sam', 1, 0)\n    run_cli(['train'])\n")
+    assert _starts(module) == ["test_example.py:import subprocess", "test_example.py:from helpers import run_cli",
+                               "test_example.py:dist.init_distributed()", "test_example.py:deepspeed.initialize()",
+                               "test_example.py:bench.measure()", "test_example.py:run_cli()"]

