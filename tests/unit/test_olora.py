@@ -106,7 +106,7 @@ def test_a_task_trains_with_its_own_weights():
     from cl_flat.adapters import AdapterStack
     from cl_flat.config import validate_config
     from cl_flat.models import load_model
-    from cl_flat.run import olora_penalty
+    from cl_flat.recipes.train import olora_penalty
 
     raw = {"model": {"name_or_path": "tiny-random:llama"},
            "lora": {"strategy": "olora", "r": 4, "lambda_orth": 0.5, "lambda_l2": 0.1},
