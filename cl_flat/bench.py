@@ -103,6 +103,60 @@ class StoredNoiseRwp(FlatnessMethod):
         return {"loss": 0.0}
 
 
+def _floor_times(peft_model: torch.nn.Module, params: dict[str, torch.nn.Parameter], batches, config,
+                 count: int) -> list[float]:
+    """The floor: `count` updates of plain torch + peft (AdamW), no DeepSpeed, no tool code."""
+    if config.deepspeed.bf16:
+        peft_model.to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=config.training.learning_rate)
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        for batch in batches:
+            (peft_model(**batch).loss / len(batches)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+class _EngineTimer:
+    """Updates of the adapter on one DeepSpeed engine, each run as training runs it (`train.one_update`) and
+    timed on the slowest rank."""
+
+    def __init__(self, config, model: torch.nn.Module, params: dict[str, torch.nn.Parameter], batches,
+                 total: int):
+        plan = TaskPlan(BatchShape.of(config.training, dist.world_size()), total, total)
+        self.engine = create_engine(config.training, config.deepspeed, model, list(params.values()), plan)
+        self.config, self.params, self.batches, self.total = config, params, batches, total
+        self.plain = plain_fp32(config.deepspeed)
+
+    def begin(self, method: FlatnessMethod) -> FlatnessMethod:
+        method.begin_task(self.engine.module)
+        return method
+
+    def __call__(self, method: FlatnessMethod, step: int) -> float:
+        start = time.perf_counter()
+        ctx = EngineContext(self.engine, target_loss, self.params, step=step, total_steps=self.total,
+                            seed=self.config.run.seed, rank=dist.rank(), world_size=dist.world_size(),
+                            split_loss_fn=target_split_losses)
+        one_update(self.engine, method, ctx, self.batches, self.plain)  # window, non-finite check, step
+        _synchronize()
+        return max(dist.all_gather_objects(time.perf_counter() - start))  # the slowest rank
+
+
+def _paired_ratio(timer: _EngineTimer, method: FlatnessMethod, step: int, updates: int) -> float:
+    """`none` and the method alternate on the same engine: the median of the per-pair time ratios, immune to
+    the ±5-10% by which fresh processes on a shared machine differ."""
+    baseline, ratios = timer.begin(build_method({"method": "none"})), []
+    for _ in range(updates):
+        plain = timer(baseline, step)
+        ratios.append(timer(method, step + 1) / plain)
+        step += 2
+    return statistics.median(ratios)
+
+
 def measure(config_path: str, label: str, updates: int, warmup: int) -> dict[str, Any]:
     """One variant in this process (or this process group): median s/update and peak memory."""
     flatness, _ = VARIANTS[label]
@@ -118,56 +172,20 @@ def measure(config_path: str, label: str, updates: int, warmup: int) -> dict[str
     stack.add_task(0, config.tasks[0].name)
     params = {n: p for n, p in stack.model.named_parameters() if p.requires_grad}
     batches = _batches(config, model.config.vocab_size, device)
-    times: list[float] = []
     paired = flatness is not None and flatness["method"] != "none"  # also timed against `none`, see below
-    if flatness is None:  # the floor: plain torch + peft, no DeepSpeed, no tool code
-        peft_model = stack.model
-        if config.deepspeed.bf16:
-            peft_model.to(torch.bfloat16)
-        optimizer = torch.optim.AdamW(list(params.values()), lr=config.training.learning_rate)
-        for _ in range(warmup + updates):
-            start = time.perf_counter()
-            for batch in batches:
-                (peft_model(**batch).loss / len(batches)).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            _synchronize()
-            times.append(time.perf_counter() - start)
+    if flatness is None:
+        times = _floor_times(stack.model, params, batches, config, warmup + updates)
     else:
         method = StoredNoiseRwp(config.flatness) if label == "rwp_full_stored_noise" else build_method(config.flatness)
-        t = config.training
-        total = warmup + updates * (3 if paired else 1)
-        plan = TaskPlan(BatchShape.of(t, world), total, total)
-        engine = create_engine(t, config.deepspeed, stack.model, list(params.values()), plan)
-        method.begin_task(engine.module)
-
-        plain = plain_fp32(config.deepspeed)
-
-        def update(method, step: int) -> float:
-            start = time.perf_counter()
-            ctx = EngineContext(engine, target_loss, params, step=step, total_steps=total,
-                                seed=config.run.seed, rank=dist.rank(), world_size=world,
-                                split_loss_fn=target_split_losses)
-            one_update(engine, method, ctx, batches, plain)  # what training runs: window, check, step
-            _synchronize()
-            return max(dist.all_gather_objects(time.perf_counter() - start))  # the slowest rank
-
-        times = [update(method, step) for step in range(warmup + updates)]
+        timer = _EngineTimer(config, stack.model, params, batches, warmup + updates * (3 if paired else 1))
+        timer.begin(method)
+        times = [timer(method, step) for step in range(warmup + updates)]
     timed = times[warmup:]
     peak = max(dist.all_gather_objects(_peak_memory()))
     result = {"seconds_per_update": statistics.median(timed), "peak_memory_bytes": peak, "updates": len(timed),
               "ranks": world}
-    if paired:
-        # then `none` and the method alternate in this process: a ratio per pair, immune to the
-        # ±5-10% by which fresh processes on a shared machine differ (after the memory reading,
-        # so `none` cannot raise this variant's peak)
-        baseline, step, ratios = build_method({"method": "none"}), warmup + updates, []
-        baseline.begin_task(engine.module)
-        for _ in range(updates):
-            plain = update(baseline, step)
-            ratios.append(update(method, step + 1) / plain)
-            step += 2
-        result["paired_time_ratio"] = statistics.median(ratios)
+    if paired:  # after the memory reading, so `none` cannot raise this variant's peak
+        result["paired_time_ratio"] = _paired_ratio(timer, method, warmup + updates, updates)
     return result
 
 
