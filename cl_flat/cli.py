@@ -10,9 +10,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
+
+if TYPE_CHECKING:
+    from cl_flat.metrics import Rows
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Continual LoRA learning with flatness methods: train, evaluate, measure.")
@@ -37,7 +40,7 @@ def _quiet_libraries() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def _print_matrix(names: list[str], rows: list[tuple[str, list[float]]], metrics: dict) -> None:
+def _print_matrix(names: list[str], rows: Rows, metrics: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
