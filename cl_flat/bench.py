@@ -1,33 +1,19 @@
-"""`cl-flat bench`: seconds per update and peak memory of every flatness method, as ratios
-against plain training (`none`) and against the hand-written torch + peft floor (`floor`), both
-measured in the same invocation.
+"""The measuring side of `cl-flat bench` (the orchestration, rounds and ratios: `cl_flat.recipes.bench`):
+`measure` times one variant in this process (or process group) through the update training runs
+(`train.one_update`: `method.window` over the micro-batches, then the step with its non-finite check and
+one host sync, on a DeepSpeed engine), and reads its peak memory (the CUDA allocator's peak on GPU, the
+process's peak resident memory on CPU). A fixed synthetic batch of micro_batch_size × max_seq_length tokens
+(every token a target) is reused, so only the method's cost differs. Reported: the median over the timed
+updates after warm-up, and the peak memory at that point. Then, for a variant with a flatness method,
+`none` and the method alternate for as many updates again in the same process (same engine, same heap):
+`paired_time_ratio` is the median of those paired ratios.
 
-Each variant runs in a fresh process (a fresh peak-memory count: the CUDA allocator's peak
-on GPU, the process's peak resident memory on CPU) through the real update path: a DeepSpeed
-engine, `method.window` over the micro-batches, one `engine.step()`. A fixed synthetic batch
-of micro_batch_size × max_seq_length tokens (every token a target) is reused, so only the
-method's cost differs. Reported: the median over the timed updates after warm-up, and the
-peak memory at that point. Then, for a variant with a flatness method, `none` and the method
-alternate for as many updates again in the same process (same engine, same heap): its time
-ratio is the median of those paired ratios. (Fresh processes on a shared machine run 5-10%
-faster or slower than each other, which moved cross-process ratios by as much as the goals'
-margins.) `floor` and `none` themselves are compared across processes.
+Two variants are not the tool's training: `floor` is a hand-written torch + peft AdamW step on the same
+model and batch (no DeepSpeed, no tool code), and `rwp_full_stored_noise` is RWP with noise on the whole
+model implemented naively (every layer's ε drawn, stored and added in place, as the reference code does),
+to show what not storing the noise saves. Variants whose label ends in `_2ranks` run in two processes.
 
-Two extra rows make the floor visible: `floor` is a hand-written torch + peft AdamW step on
-the same model and batch (no DeepSpeed, no tool code), and `rwp_full_stored_noise` is RWP
-with noise on the whole model implemented naively (every layer's ε drawn, stored and added in
-place, as the reference code does), to show what not storing the noise saves. Variants whose
-label ends in `_2ranks` run in two processes and are compared with `none_2ranks`.
-
-Against the floor: `floor` runs in every invocation with a one-process variant, and a variant's
-`time_ratio_floor` per round is its time ratio to `none` times none's time over floor's time in
-that round (for a paired variant: its in-process ratio to `none`, chained to none/floor across
-processes), the median over rounds. Two-process variants have no two-process floor (null).
-`rwp_full_one_pass` is two-batch RWP with `one_pass: true` (clean half and noisy half of the
-micro-batch in one forward).
-
-A failing variant is recorded with its error and the others go on; the result so far is handed
-on after every variant (the CLI saves it), so a long bench loses nothing it measured.
+Run as a worker: python -m cl_flat.bench CONFIG LABEL UPDATES WARMUP OUT (writes the JSON result to OUT).
 """
 
 from __future__ import annotations
@@ -36,11 +22,8 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +32,12 @@ import torch
 from cl_flat import dist
 from cl_flat.adapters import AdapterStack
 from cl_flat.config import load_config
-from cl_flat.errors import ConfigError, UserError
-from cl_flat.files import atomic_write_text
 from cl_flat.flatness import FlatnessMethod, build_method
 from cl_flat.flatness.noise import frozen_targets
 from cl_flat.loss import target_loss, target_split_losses
 from cl_flat.models import load_model
-from cl_flat.train import BatchShape, EngineContext, TaskPlan, create_engine
+from cl_flat.registry import METHODS
+from cl_flat.train import BatchShape, EngineContext, TaskPlan, create_engine, one_update, plain_fp32
 
 VARIANTS: dict[str, tuple[dict[str, Any] | None, int]] = {
     "none": ({"method": "none"}, 1),
@@ -69,9 +51,17 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, int]] = {
     "rwp_full_stored_noise": ({"method": "rwp", "scope": "full"}, 1),
     "lpf_sgd": ({"method": "lpf_sgd"}, 1),
     "flat_lora": ({"method": "flat_lora"}, 1),
+    "gsam": ({"method": "gsam"}, 1),
+    "looksam": ({"method": "looksam", "interval": 5}, 1),
     "none_2ranks": ({"method": "none"}, 2),
     "rwp_parallel_2ranks": ({"method": "rwp", "scope": "full", "parallel": True}, 2),
 }
+
+
+def variants() -> dict[str, tuple[dict[str, Any] | None, int]]:
+    """The labels `cl-flat bench --methods` accepts: the presets above, then every other registered
+    method (an installed plugin's included) under its own name with its defaults, on one process."""
+    return VARIANTS | {name: ({"method": name}, 1) for name in METHODS.names() if name not in VARIANTS}
 
 
 def _peak_memory() -> int:
@@ -122,9 +112,63 @@ class StoredNoiseRwp(FlatnessMethod):
         return {"loss": 0.0}
 
 
+def _floor_times(peft_model: torch.nn.Module, params: dict[str, torch.nn.Parameter], batches, config,
+                 count: int) -> list[float]:
+    """The floor: `count` updates of plain torch + peft (AdamW), no DeepSpeed, no tool code."""
+    if config.deepspeed.bf16:
+        peft_model.to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=config.training.learning_rate)
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        for batch in batches:
+            (peft_model(**batch).loss / len(batches)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+class _EngineTimer:
+    """Updates of the adapter on one DeepSpeed engine, each run as training runs it (`train.one_update`) and
+    timed on the slowest rank."""
+
+    def __init__(self, config, model: torch.nn.Module, params: dict[str, torch.nn.Parameter], batches,
+                 total: int):
+        plan = TaskPlan(BatchShape.of(config.training, dist.world_size()), total, total)
+        self.engine = create_engine(config.training, config.deepspeed, model, list(params.values()), plan)
+        self.config, self.params, self.batches, self.total = config, params, batches, total
+        self.plain = plain_fp32(config.deepspeed)
+
+    def begin(self, method: FlatnessMethod) -> FlatnessMethod:
+        method.begin_task(self.engine.module)
+        return method
+
+    def __call__(self, method: FlatnessMethod, step: int) -> float:
+        start = time.perf_counter()
+        ctx = EngineContext(self.engine, target_loss, self.params, step=step, total_steps=self.total,
+                            seed=self.config.run.seed, rank=dist.rank(), world_size=dist.world_size(),
+                            split_loss_fn=target_split_losses)
+        one_update(self.engine, method, ctx, self.batches, self.plain)  # window, non-finite check, step
+        _synchronize()
+        return max(dist.all_gather_objects(time.perf_counter() - start))  # the slowest rank
+
+
+def _paired_ratio(timer: _EngineTimer, method: FlatnessMethod, step: int, updates: int) -> float:
+    """`none` and the method alternate on the same engine: the median of the per-pair time ratios, immune to
+    the ±5-10% by which fresh processes on a shared machine differ."""
+    baseline, ratios = timer.begin(build_method({"method": "none"})), []
+    for _ in range(updates):
+        plain = timer(baseline, step)
+        ratios.append(timer(method, step + 1) / plain)
+        step += 2
+    return statistics.median(ratios)
+
+
 def measure(config_path: str, label: str, updates: int, warmup: int) -> dict[str, Any]:
     """One variant in this process (or this process group): median s/update and peak memory."""
-    flatness, _ = VARIANTS[label]
+    flatness, _ = variants()[label]
     dist.init_distributed()
     world = dist.world_size()
     if not torch.cuda.is_available() and world > 1:
@@ -137,190 +181,21 @@ def measure(config_path: str, label: str, updates: int, warmup: int) -> dict[str
     stack.add_task(0, config.tasks[0].name)
     params = {n: p for n, p in stack.model.named_parameters() if p.requires_grad}
     batches = _batches(config, model.config.vocab_size, device)
-    times: list[float] = []
     paired = flatness is not None and flatness["method"] != "none"  # also timed against `none`, see below
-    if flatness is None:  # the floor: plain torch + peft, no DeepSpeed, no tool code
-        peft_model = stack.model
-        if config.deepspeed.bf16:
-            peft_model.to(torch.bfloat16)
-        optimizer = torch.optim.AdamW(list(params.values()), lr=config.training.learning_rate)
-        for _ in range(warmup + updates):
-            start = time.perf_counter()
-            for batch in batches:
-                (peft_model(**batch).loss / len(batches)).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            _synchronize()
-            times.append(time.perf_counter() - start)
+    if flatness is None:
+        times = _floor_times(stack.model, params, batches, config, warmup + updates)
     else:
         method = StoredNoiseRwp(config.flatness) if label == "rwp_full_stored_noise" else build_method(config.flatness)
-        t = config.training
-        total = warmup + updates * (3 if paired else 1)
-        plan = TaskPlan(BatchShape.of(t, world), total, total)
-        engine = create_engine(t, config.deepspeed, stack.model, list(params.values()), plan)
-        method.begin_task(engine.module)
-
-        def update(method, step: int) -> float:
-            start = time.perf_counter()
-            ctx = EngineContext(engine, target_loss, params, step=step, total_steps=total,
-                                seed=config.run.seed, rank=dist.rank(), world_size=world,
-                                split_loss_fn=target_split_losses)
-            method.window(ctx, batches)
-            engine.step()
-            _synchronize()
-            return max(dist.all_gather_objects(time.perf_counter() - start))  # the slowest rank
-
-        times = [update(method, step) for step in range(warmup + updates)]
+        timer = _EngineTimer(config, stack.model, params, batches, warmup + updates * (3 if paired else 1))
+        timer.begin(method)
+        times = [timer(method, step) for step in range(warmup + updates)]
     timed = times[warmup:]
     peak = max(dist.all_gather_objects(_peak_memory()))
     result = {"seconds_per_update": statistics.median(timed), "peak_memory_bytes": peak, "updates": len(timed),
               "ranks": world}
-    if paired:
-        # then `none` and the method alternate in this process: a ratio per pair, immune to the
-        # ±5-10% by which fresh processes on a shared machine differ (after the memory reading,
-        # so `none` cannot raise this variant's peak)
-        baseline, step, ratios = build_method({"method": "none"}), warmup + updates, []
-        baseline.begin_task(engine.module)
-        for _ in range(updates):
-            plain = update(baseline, step)
-            ratios.append(update(method, step + 1) / plain)
-            step += 2
-        result["paired_time_ratio"] = statistics.median(ratios)
+    if paired:  # after the memory reading, so `none` cannot raise this variant's peak
+        result["paired_time_ratio"] = _paired_ratio(timer, method, warmup + updates, updates)
     return result
-
-
-def _device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    import platform
-
-    return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
-
-
-def _run_variant(config_path: str, label: str, updates: int, warmup: int) -> dict[str, Any]:
-    nproc = VARIANTS[label][1]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        worker = ["-m", "cl_flat.bench", config_path, label, str(updates), str(warmup), str(out)]
-        if nproc == 1:
-            cmd = [sys.executable, *worker]
-        else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                   *worker]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not out.exists():
-            raise UserError(f"bench variant {label!r} failed:\n{proc.stderr[-2000:]}")
-        return json.loads(out.read_text())
-
-
-def run_bench(config_path: str, labels: list[str], updates: int, warmup: int, rounds: int = 1,
-              on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run each variant in a fresh process, `rounds` times over (every variant once per round,
-    so slow drifts of a shared machine hit all variants alike). Per round, a variant's time ratio
-    is its in-process paired ratio, or (floor) its time over that of `none` of the SAME round;
-    memory is compared with `none` (1 rank) or `none_2ranks` of the same round. Reported: medians
-    over rounds, and the largest peak memory. A variant that fails is recorded with its error and
-    the others go on; `on_progress` receives the result so far after every variant run (to save it)."""
-    config = load_config(config_path)
-    unknown = [label for label in labels if label not in VARIANTS]
-    problems = [f"--methods: unknown variant(s) {unknown}; available: {list(VARIANTS)}"] if unknown else []
-    problems += [f"--{flag}: expected at least {low}, got {value}"
-                 for flag, value, low in (("updates", updates, 1), ("warmup", warmup, 0), ("rounds", rounds, 1))
-                 if value < low]
-    if problems:
-        raise ConfigError("cl-flat bench", problems, kind="options")
-    needed = list(dict.fromkeys(
-        (["none", "floor"] if any(VARIANTS[label][1] == 1 for label in labels) else [])
-        + (["none_2ranks"] if any(VARIANTS[label][1] == 2 for label in labels) else []) + labels))
-    raw: dict[str, list[dict[str, Any]]] = {label: [] for label in needed}
-    header = {"device": _device_name(), "model": config.model.name_or_path, "config": str(config_path),
-              "batch": f"{config.training.micro_batch_size} x {config.training.max_seq_length} tokens"
-                       f" x {config.training.gradient_accumulation_steps} micro-batches",
-              "lora": {"r": config.lora.r, "target_modules": config.lora.target_modules},
-              "precision": "bf16" if config.deepspeed.bf16 else "fp32", "zero_stage": config.deepspeed.zero_stage,
-              "updates": updates, "warmup": warmup, "threads": torch.get_num_threads()}
-    result: dict[str, Any] = {}
-    for done in range(1, rounds + 1):
-        for label in needed:
-            try:
-                raw[label].append(_run_variant(config_path, label, updates, warmup))
-            except UserError as error:
-                raw[label].append({"error": str(error)})
-            result = {**header, "rounds": done,
-                      "methods": {label: _summarize(label, raw) for label in needed if raw[label]}}
-            if on_progress is not None:
-                on_progress(result)
-    return result
-
-
-def _summarize(label: str, raw: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """One variant's row over the rounds in which it and the runs it is compared with all succeeded."""
-    base_label = "none_2ranks" if VARIANTS[label][1] == 2 else "none"  # runs before `label` in every round
-    floor = raw.get("floor", []) if base_label == "none" else []
-    rounds = [(r, b, floor[i] if i < len(floor) else {"error": "not run"})
-              for i, (r, b) in enumerate(zip(raw[label], raw[base_label])) if "error" not in r and "error" not in b]
-    if not rounds:
-        failed = [r for r in raw[label] + raw[base_label] if "error" in r]
-        return {"error": failed[-1]["error"], "compared_with": base_label}
-    runs = [r for r, _, _ in rounds]
-    ratios = [r.get("paired_time_ratio", r["seconds_per_update"] / b["seconds_per_update"]) for r, b, _ in rounds]
-    floor_ratios = [ratio * b["seconds_per_update"] / f["seconds_per_update"]
-                    for ratio, (_, b, f) in zip(ratios, rounds) if "error" not in f]
-    row = {"seconds_per_update": statistics.median(r["seconds_per_update"] for r in runs),
-           "time_ratio": statistics.median(ratios),
-           "time_ratio_paired_in_process": "paired_time_ratio" in runs[0],
-           "time_ratio_floor": statistics.median(floor_ratios) if floor_ratios else None,
-           "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs),
-           "memory_ratio": statistics.median(r["peak_memory_bytes"] / b["peak_memory_bytes"] for r, b, _ in rounds),
-           "compared_with": base_label, "updates": runs[0]["updates"], "ranks": runs[0]["ranks"],
-           "rounds": [r.get("seconds_per_update") for r in raw[label]]}
-    failed = [r["error"] for r in raw[label] if "error" in r]
-    return {**row, "failed_rounds": len(failed), "error": failed[-1]} if failed else row
-
-
-def failed_variants(result: dict[str, Any]) -> list[str]:
-    """The variants with an error in any round."""
-    return [label for label, m in result["methods"].items() if "error" in m]
-
-
-def markdown_table(result: dict[str, Any]) -> str:
-    lines = [f"# cl-flat bench: {result['model']} on {result['device']}", "",
-             f"batch {result['batch']}, {result['precision']}, ZeRO {result['zero_stage']}, "
-             f"LoRA r={result['lora']['r']} on {', '.join(result['lora']['target_modules'])}; "
-             f"median of {result['updates']} updates after {result['warmup']} warm-up, "
-             f"{result.get('rounds', 1)} round(s), each variant in a fresh process; time ratios of methods paired "
-             f"update by update with `none` in the same process, others within a round; × floor: the ratio to "
-             f"the hand-written torch + peft loop of the same round (× none times none/floor)",
-             "",
-             "| method | s/update | time × none | time × floor | peak memory (MiB) | memory ratio | vs |",
-             "|---|---:|---:|---:|---:|---:|---|"]
-    for label, m in result["methods"].items():
-        if "seconds_per_update" not in m:
-            lines.append(f"| {label} | failed | — | — | — | — | {m['compared_with']} |")
-            continue
-        floor = m.get("time_ratio_floor")
-        lines.append(f"| {label} | {m['seconds_per_update']:.3f} | {m['time_ratio']:.3f} | "
-                     f"{'—' if floor is None else f'{floor:.3f}'} | "
-                     f"{m['peak_memory_bytes'] / 2**20:.0f} | {m['memory_ratio']:.3f} | {m['compared_with']} |")
-    failures = failed_variants(result)
-    if failures:
-        lines += ["", "Failed (a row above, if any, is over the rounds that succeeded):", ""]
-        lines += [f"- {label}: {result['methods'][label]['error'].strip().splitlines()[-1]}" for label in failures]
-    return "\n".join(lines) + "\n"
-
-
-def bench_paths(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    """The JSON and markdown files of `result`: <config>-<device>.{json,md} in `out_dir`."""
-    device = "".join(c if c.isalnum() else "-" for c in result["device"].split(" (")[0].lower()).strip("-")
-    stem = f"{Path(result['config']).stem}-{device}"
-    return out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-
-
-def save_bench(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    json_path, md_path = bench_paths(result, out_dir)
-    atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
-    atomic_write_text(md_path, markdown_table(result))
-    return json_path, md_path
 
 
 if __name__ == "__main__":  # worker: python -m cl_flat.bench CONFIG LABEL UPDATES WARMUP OUT

@@ -10,9 +10,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
+
+if TYPE_CHECKING:
+    from cl_flat.metrics import Rows
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Continual LoRA learning with flatness methods: train, evaluate, measure.")
@@ -37,7 +40,7 @@ def _quiet_libraries() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def _print_matrix(names: list[str], rows: list[tuple[str, list[float]]], metrics: dict) -> None:
+def _print_matrix(names: list[str], rows: Rows, metrics: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -81,12 +84,12 @@ def train(ctx: typer.Context, config: Path, set_: SetOption = None,
     from cl_flat import dist
     from cl_flat.config import load_config
     from cl_flat.overrides import overrides_from_args
-    from cl_flat.run import run_sequence
+    from cl_flat.recipes.train import run_sequence
     from cl_flat.tracking import sweep_run_id
 
     cfg = load_config(config, overrides_from_args(ctx.args) + (set_ or []), sweep_run_id=sweep_run_id())
     if reference is not None:
-        from cl_flat.reference_runs import run_reference
+        from cl_flat.recipes.reference import run_reference
 
         ref = run_reference(cfg, reference)
         if dist.is_main():
@@ -106,19 +109,10 @@ def validate(config: Path, set_: SetOption = None) -> None:
     """Check the config and every local data file (never downloads); print the resolved config."""
     import yaml
 
-    from cl_flat.config import config_to_dict, load_config
-    from cl_flat.data import check_local_data
-    from cl_flat.models import check_target_modules, model_family, module_names
-    from cl_flat.run import task_methods
+    from cl_flat.config import config_to_dict
+    from cl_flat.recipes.validate import validate as validate_config_file
 
-    cfg = load_config(config, set_ or [])
-    task_methods(cfg, str(config))
-    notes = check_local_data(cfg)
-    names = module_names(cfg.model.name_or_path)
-    if names is not None:
-        check_target_modules(cfg.lora.target_modules, names, model_family(cfg.model.name_or_path))
-    else:
-        notes.append(f"model {cfg.model.name_or_path!r}: target modules checked when training starts")
+    cfg, notes = validate_config_file(config, set_ or [])
     typer.echo(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), nl=False)
     for note in notes:
         typer.echo(f"note: {note}", err=True)
@@ -155,26 +149,9 @@ def metrics(matrix: Path, as_json: Annotated[bool, typer.Option("--json", help="
             ) -> None:
     """Forgetting metrics (AA, BWT, FWT, F, AIA, OP) of an acc_matrix.csv; with reference runs also
     FWT_alone = mean_{i≥2} (R[i,i] − P_i) and gap_joint = mean_i J_i − AA."""
-    from cl_flat.errors import ConfigError, MatrixFormatError
-    from cl_flat.metrics import REFERENCE_MEASURES, compute_metrics, read_acc_matrix
-    from cl_flat.rundir import RunDir
+    from cl_flat.recipes.metrics import matrix_metrics
 
-    if not matrix.is_file():
-        problem = "a folder, not a csv file" if matrix.is_dir() else "file not found"
-        raise ConfigError(str(matrix), [f"{matrix}: {problem}"], kind="accuracy matrix")
-    try:
-        names, rows, zero_shot = read_acc_matrix(matrix)
-    except MatrixFormatError as exc:
-        raise ConfigError(str(matrix), [str(exc)], kind="accuracy matrix") from None
-    result = compute_metrics(rows, zero_shot)
-    for kind, folder in (("per_task", per_task_reference), ("joint", joint_reference)):
-        key, measure = REFERENCE_MEASURES[kind]
-        if folder is not None:
-            tasks, scores = RunDir(folder).read_reference(kind)
-            if tasks != names:
-                raise ConfigError(str(folder), [f"{folder}: tasks {tasks} differ from {matrix}'s {names}"],
-                                  kind="reference run")
-            result[key] = measure(rows, scores)
+    result = matrix_metrics(matrix, per_task_reference, joint_reference)
     typer.echo(json.dumps(result, indent=2) if as_json else _format_metrics(result))
 
 
@@ -182,12 +159,8 @@ def metrics(matrix: Path, as_json: Annotated[bool, typer.Option("--json", help="
 def eval_(run_dir: Path) -> None:
     """Reload the saved adapters in order and re-evaluate every task."""
     from cl_flat import dist
-    from cl_flat.evaluate import reevaluate
-    from cl_flat.rundir import RunDir
+    from cl_flat.recipes.eval import reevaluate
 
-    run = RunDir(run_dir)
-    config, trained = run.require_run()
-    run.require_adapters(config, trained[-1:])
     result = reevaluate(run_dir)
     is_main = dist.is_main()
     dist.shutdown()
@@ -246,16 +219,13 @@ def landscape(
     normalisation; a Gaussian direction of std σ‖W_i,:‖ differs by a random factor per row), so alpha means the
     same step in every layer and run."""
     from cl_flat.config import validate_options
-    from cl_flat.landscape import LandscapeOptions, landscapes, resolve_tasks
-    from cl_flat.rundir import RunDir
+    from cl_flat.landscape import LandscapeOptions
+    from cl_flat.recipes.landscape import landscapes
 
     values = {"task": task, "after": after, "dims": dims, "points": points, "space": space, "split": split,
               "rho": rho, "samples": samples, "ascent_steps": ascent_steps, "max_samples": max_samples,
               "direction": direction}
     options = validate_options(LandscapeOptions, values, "cl-flat landscape", LANDSCAPE_FLAGS)
-    run = RunDir(run_dir)
-    config, _ = run.require_run(complete=False, tasks={"--task": task, "--after": after})
-    run.require_adapters(config, [after or name for name in resolve_tasks(run, config, task, after)])
     for result in landscapes(run_dir, options):
         s = result.sharpness
         typer.echo(f"{result.stem} [{s['space']}, {s['split']}, {s['examples']} examples]: loss {s['loss']:.4f}; "
@@ -277,12 +247,13 @@ def bench(config: Path,
           out: Annotated[Path, typer.Option(help="folder for the JSON and markdown table")] = Path("results/bench"),
           as_json: Annotated[bool, typer.Option("--json", help="print the JSON result")] = False) -> None:
     """Seconds per update and peak memory of each flatness method vs plain training."""
-    from cl_flat.bench import VARIANTS, bench_paths, failed_variants, markdown_table, run_bench, save_bench
+    from cl_flat.bench import variants
     from cl_flat.errors import ConfigError, UserError
+    from cl_flat.recipes.bench import bench_paths, failed_variants, markdown_table, run_bench, save_bench
 
     if out.exists() and not out.is_dir():
         raise ConfigError("cl-flat bench", [f"--out: {out} exists and is not a folder"], kind="options")
-    labels = [m.strip() for m in methods.split(",")] if methods else list(VARIANTS)
+    labels = [m.strip() for m in methods.split(",")] if methods else list(variants())
     # saved after every variant (the last save holds the final result), so an interrupt keeps what was measured
     result = run_bench(str(config), labels, updates, warmup, rounds,
                        on_progress=lambda so_far: save_bench(so_far, out))

@@ -12,14 +12,11 @@
 The test set is capped by `max_samples_per_task` with a fixed sample (a permutation keyed by
 (seed, task name)); rank r scores every world-th example; the results are all-gathered, so
 each task's score is its per-sample mean over the same sample whatever the world size.
-`reevaluate` scores a saved run's adapter stack again (`cl-flat eval`).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers.modeling_outputs import BaseModelOutput
@@ -36,12 +33,9 @@ from cl_flat.data.batches import (
     prompt_ids,
     target_ids,
 )
-from cl_flat.data.sources import TaskData, load_tasks
+from cl_flat.data.sources import TaskData
 from cl_flat.family import SEQ2SEQ, family_of
 from cl_flat.loss import IGNORE
-from cl_flat.metrics import read_acc_matrix
-from cl_flat.models import load_run_model
-from cl_flat.rundir import RunDir
 from cl_flat.seeding import keyed_generator
 
 
@@ -180,26 +174,3 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: list[TaskData], sec
     finally:
         model.train(was_training)
     return scores
-
-
-@dataclass(frozen=True)
-class Reevaluation:
-    tasks: list[str]
-    scores: list[float]   # every task, with the stack after the last trained task
-    saved: list[float]    # the last row of the saved acc_matrix.csv
-
-
-def reevaluate(path: Path) -> Reevaluation:
-    """Reload a finished run's adapter stack in order and evaluate every task (`cl-flat eval`)."""
-    run_dir = RunDir(path)
-    config = run_dir.load_config()
-    names, matrix, _ = read_acc_matrix(run_dir.matrix_path)
-    dist.init_distributed()
-    tasks = load_tasks(config)
-    model, tokenizer = load_run_model(config.model, config.deepspeed, config.run.seed)
-    stack = run_dir.load_stack(model, config, names[-1])
-    device = dist.device()
-    stack.model.to(device)
-    scores = evaluate_tasks(stack.model, tokenizer, tasks, config.evaluation, config.training.max_seq_length,
-                            config.run.seed, device)
-    return Reevaluation(names, scores, matrix[-1])

@@ -45,6 +45,7 @@ __all__ = [
 Score = float | None
 Matrix = list[list[Score]]
 MatrixLike = Sequence[Sequence[Any]] | np.ndarray
+Rows = list[tuple[str, list[float]]]  # acc_matrix.csv as (after_task, scores) rows: zero_shot first, then one per task
 
 ZERO_SHOT = "zero_shot"
 HEADER_FIRST = "after_task"

@@ -1,4 +1,5 @@
-"""Figures drawn only from saved result files (csv/jsonl), never from a model.
+"""Figures of a run's results, never of a model: `draw_*` from results in memory (a run draws its figures
+from the rows and log records it just produced), `plot_*` from the saved files (csv/jsonl).
 
 Every figure is written atomically: saved to a temporary .png in the target directory,
 then renamed over the target, so an interrupted run never leaves a truncated image.
@@ -9,7 +10,8 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -23,6 +25,9 @@ from cl_flat import metrics  # noqa: E402
 from cl_flat.files import atomic_path, json_lines  # noqa: E402
 
 __all__ = [
+    "draw_acc_matrix",
+    "draw_op_curve",
+    "draw_learning_curves",
     "plot_acc_matrix",
     "plot_op_curve",
     "plot_learning_curves",
@@ -46,9 +51,26 @@ def _nan(rows: Sequence[Sequence[float | None]]) -> np.ndarray:
     return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
 
 
-def plot_acc_matrix(csv_path: PathLike, out_png: PathLike) -> None:
-    """Heatmap of acc_matrix.csv (zero_shot row first if present), cell values annotated."""
+def _split_rows(rows: metrics.Rows) -> tuple[list[list[float]], list[float] | None]:
+    """(the trained tasks' rows, the zero_shot row or None) of `rows` as acc_matrix.csv orders them."""
+    if rows and rows[0][0] == metrics.ZERO_SHOT:
+        return [scores for _, scores in rows[1:]], rows[0][1]
+    return [scores for _, scores in rows], None
+
+
+def _saved_rows(csv_path: PathLike) -> tuple[list[str], metrics.Rows]:
     tasks, matrix, zero_shot = metrics.read_acc_matrix(csv_path)
+    return tasks, ([(metrics.ZERO_SHOT, zero_shot)] if zero_shot is not None else []) + list(zip(tasks, matrix))
+
+
+def plot_acc_matrix(csv_path: PathLike, out_png: PathLike) -> None:
+    """`draw_acc_matrix` of a saved acc_matrix.csv."""
+    draw_acc_matrix(*_saved_rows(csv_path), out_png)
+
+
+def draw_acc_matrix(tasks: list[str], score_rows: metrics.Rows, out_png: PathLike) -> None:
+    """Heatmap of the accuracy matrix (zero_shot row first if present), cell values annotated."""
+    matrix, zero_shot = _split_rows(score_rows)
     rows = ([zero_shot] if zero_shot is not None else []) + matrix
     labels = ([metrics.ZERO_SHOT] if zero_shot is not None else []) + [f"after {t}" for t in tasks]
     data = _nan(rows)
@@ -78,8 +100,13 @@ def plot_acc_matrix(csv_path: PathLike, out_png: PathLike) -> None:
 
 
 def plot_op_curve(csv_path: PathLike, out_png: PathLike) -> None:
+    """`draw_op_curve` of a saved acc_matrix.csv."""
+    draw_op_curve(*_saved_rows(csv_path), out_png)
+
+
+def draw_op_curve(tasks: list[str], rows: metrics.Rows, out_png: PathLike) -> None:
     """OP_t vs t, plus each task's score across rows (t = 0 is the zero-shot row)."""
-    tasks, matrix, zero_shot = metrics.read_acc_matrix(csv_path)
+    matrix, zero_shot = _split_rows(rows)
     T = len(tasks)
     op = metrics.online_performance(matrix)
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -103,11 +130,21 @@ def plot_op_curve(csv_path: PathLike, out_png: PathLike) -> None:
 
 
 def plot_learning_curves(train_log_jsonl: PathLike, out_png: PathLike) -> None:
-    """Training loss vs global update (line order), one colour per task."""
+    """`draw_learning_curves` of a saved train_log.jsonl (errors name its file:line)."""
     path = os.fspath(train_log_jsonl)
+    _learning_curves(json_lines(path, error=ValueError), path, out_png)
+
+
+def draw_learning_curves(records: Sequence[dict[str, Any]], out_png: PathLike, source: str = "train log") -> None:
+    """Training loss vs global update (record order), one colour per task: `records` are train_log.jsonl's
+    lines (errors name `source`:line)."""
+    _learning_curves(enumerate(records, start=1), source, out_png)
+
+
+def _learning_curves(numbered: Iterable[tuple[int, dict[str, Any]]], path: str, out_png: PathLike) -> None:
     by_task: dict[str, tuple[list[int], list[float]]] = {}
     x = 0
-    for n, rec in json_lines(path, error=ValueError):
+    for n, rec in numbered:
         if not isinstance(rec, dict):
             raise ValueError(f"{path}:{n}: expected a JSON object per line")
         if "loss" not in rec:

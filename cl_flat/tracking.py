@@ -26,7 +26,7 @@ from typing import Any
 
 from cl_flat.config import RunConfig, WandbSection, config_to_dict
 from cl_flat.errors import UserError
-from cl_flat.metrics import online_performance
+from cl_flat.metrics import Rows, online_performance
 from cl_flat.overrides import dotted_keys
 
 WANDB_MODES = ("online", "offline", "disabled")
@@ -107,7 +107,7 @@ class Tracker:
         if self._wandb is not None:
             self._wandb.log({f"train/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
 
-    def log_row(self, names: list[str], rows: list[tuple[str, list[float]]]) -> None:
+    def log_row(self, names: list[str], rows: Rows) -> None:
         """The newest row of the accuracy matrix (`rows`: zero_shot first) as `eval/acc/<task>` at
         `eval/after_task` = t (0: zero-shot), and OP_t for t ≥ 1."""
         if self._wandb is None:
@@ -125,7 +125,7 @@ class Tracker:
         if self._wandb is not None:
             self._wandb.summary.update({k: v for k, v in metrics.items() if v is not None})
 
-    def log_results(self, names: list[str], rows: list[tuple[str, list[float]]], metrics: dict[str, Any],
+    def log_results(self, names: list[str], rows: Rows, metrics: dict[str, Any],
                     images: dict[str, Path]) -> None:
         """The end of a run: metrics (AA, BWT, FWT, F, AIA, OP, sharpness, ...) into the summary, the accuracy
         matrix as the table `acc_matrix`, and each existing PNG as the image `plots/<name>`."""

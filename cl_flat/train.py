@@ -239,6 +239,25 @@ def _step(engine, params, values: dict[str, Any], plain_fp32: bool,
     return bad, host
 
 
+def plain_fp32(section: DeepSpeedSection) -> bool:
+    """Whether the engine steps a torch optimizer as is (fp32 ZeRO-0), checked by `_step` before stepping."""
+    return section.zero_stage == 0 and not section.bf16
+
+
+def one_update(engine, method: FlatnessMethod, ctx: EngineContext, batches: list[dict[str, torch.Tensor]],
+               plain: bool, unchecked: dict[str, Any] | None = None) -> tuple[list[str], dict[str, float | None]]:
+    """One update as training runs it (`train_task`'s loop, and `cl-flat bench`): the method's window over
+    the micro-batches, then `_step` (engine.step() unless non-finite, one host sync); a dropped update
+    leaves the method's state as it was. `plain`: `plain_fp32`. Returns (what was non-finite, the host
+    values: the method's stats with `loss`, `grad_norm`, and `unchecked`)."""
+    before = copy.deepcopy(method.state_dict())  # a dropped update must not change the method either (copies:
+    # a method may update its state in place)
+    bad, host = _step(engine, ctx.params, method.window(ctx, batches), plain, unchecked)
+    if bad:
+        method.load_state_dict(before)
+    return bad, host
+
+
 def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, training: TrainingSection,
                section: DeepSpeedSection, seed: int, log: Callable[[dict[str, Any]], None],
                progress=None, checkpoints: TaskCheckpoints | None = None,
@@ -257,7 +276,7 @@ def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, 
     method.begin_task(engine.module)
     start, skipped = checkpoints.load(engine, method) if checkpoints is not None else (0, 0)
     method_seed = derive_seed(seed, "method", task.index)
-    plain_fp32 = section.zero_stage == 0 and not section.bf16
+    plain = plain_fp32(section)
     loss_fn = target_loss if regulariser is None else (lambda m, b: target_loss(m, b) + regulariser(m))
     # the losses of a batch's two halves from one forward (RWP one_pass); O-LoRA's terms depend on θ
     # alone and would enter both halves at θ, so with them one_pass runs its serial form
@@ -275,10 +294,7 @@ def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, 
                             seed=method_seed, rank=rank, world_size=world, split_loss_fn=split_loss_fn)
         terms = regulariser.stats() if regulariser is not None else {}
         lr = engine.get_lr()[0]
-        before = copy.deepcopy(method.state_dict())  # a dropped update must not change the method either
-        bad, host = _step(engine, params, method.window(ctx, batches), plain_fp32, terms)
-        if bad:
-            method.load_state_dict(before)
+        bad, host = one_update(engine, method, ctx, batches, plain, terms)
         loss, grad_norm = host.pop("loss"), host.pop("grad_norm", None)
         stats = {k: v for k, v in host.items() if k not in terms}
         elapsed = time.perf_counter() - started

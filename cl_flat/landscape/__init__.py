@@ -1,8 +1,10 @@
 """Loss landscapes (1-D / 2-D, filter-normalised) and average- / worst-case sharpness of a run's tasks.
 
 `geometry`: directions, filter normalisation, orthogonalisation, the sharpness estimator (pure);
-`perturbed_loss`: which weights move and the loss at θ + ε (nothing is written); this module:
-orchestration — the run's adapter stack, the options, the files (through `RunDir`).
+`perturbed_loss`: which weights move and the loss at θ + ε (nothing is written); this module: the
+options, the sharpness after each task (`compute_sharpness`) and one task's landscape
+(`measure_landscape`). `cl_flat.recipes.landscape` (`cl-flat landscape`) runs them on a saved run's
+adapter stacks and writes the files.
 
 **Directions.** `random` (default): both axes are filter-normalised Gaussian directions.
 `worst`: the first axis is the worst-case perturbation the sharpness ascent found (the ε of
@@ -18,7 +20,7 @@ landscape_samples()). Grid: alpha (and beta) = linspace(−1, 1, points). Direct
 generators keyed by (seed, "landscape" | "sharpness", task, space) — the same draws for every
 `after` (`cl_flat.seeding`).
 
-**Cost** (passes over the held-out sample). `compute_landscape` (1-D, P points, M samples, K
+**Cost** (passes over the held-out sample). `measure_landscape` (1-D, P points, M samples, K
 ascent steps): L(θ) once (shared by the grid origin and the sharpness baseline), P − 1 grid
 forwards (P odd), M forwards, K forward+backward, 1 forward for the last ascent iterate: for
 P = 21, M = 8, K = 5, 30 forwards + 5 forward+backward. `compute_sharpness` (after each task):
@@ -35,22 +37,16 @@ worst-direction landscape (e.g. `t1_after_t3_merged_worst_1d.csv`); the sharpnes
 
 from __future__ import annotations
 
-import copy
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from cl_flat import dist, plots
-from cl_flat.config import EvaluationSection, RunConfig, Strict
-from cl_flat.data import load_task
-from cl_flat.errors import UserError
+from cl_flat import dist
+from cl_flat.config import EvaluationSection, Strict
 from cl_flat.landscape.geometry import (
     SharpnessEstimate,
     combine,
@@ -69,16 +65,14 @@ from cl_flat.landscape.geometry import (
     sharpness_passes,
 )
 from cl_flat.landscape.perturbed_loss import Moved, PerturbedLoss, held_out_batches, moved_weights, unwrap_engine
-from cl_flat.models import load_run_model
-from cl_flat.rundir import RunDir
+from cl_flat.progress import counter
 from cl_flat.seeding import keyed_generator
-from cl_flat.strategies import build_strategies
 
 __all__ = [
-    "LandscapeOptions", "LandscapeResult", "Moved", "PerturbedLoss", "SharpnessEstimate",
-    "combine", "compute_landscape", "compute_sharpness", "dot", "estimate_sharpness", "filter_normalize", "filter_rows",
-    "held_out_batches", "l2_norm", "landscape_stem", "landscapes", "loss_surface", "moved_weights", "orthogonalize",
-    "project_rows", "radius_norm", "random_direction", "reference_norms", "resolve_tasks", "row_radii",
+    "LandscapeOptions", "Moved", "PerturbedLoss", "SharpnessEstimate", "Surface",
+    "combine", "compute_sharpness", "dot", "estimate_sharpness", "filter_normalize", "filter_rows",
+    "held_out_batches", "l2_norm", "landscape_stem", "loss_surface", "measure_landscape", "moved_weights",
+    "orthogonalize", "project_rows", "radius_norm", "random_direction", "reference_norms", "resolved", "row_radii",
     "sharpness_passes",
 ]
 
@@ -107,19 +101,6 @@ def resolved(options: LandscapeOptions, evaluation: EvaluationSection) -> Landsc
         "samples": evaluation.sharpness_samples if options.samples is None else options.samples,
         "ascent_steps": evaluation.sharpness_ascent_steps if options.ascent_steps is None else options.ascent_steps,
         "max_samples": evaluation.landscape_samples() if options.max_samples is None else options.max_samples})
-
-
-@contextmanager
-def _progress(enabled: bool, description: str, total: int):
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=True) as progress:
-        bar = progress.add_task(description, total=total)
-        yield lambda: progress.advance(bar)
 
 
 # ---------------------------------------------------------------- sharpness
@@ -173,12 +154,12 @@ def compute_sharpness(model: nn.Module, tokenizer, task, adapter: str, evaluatio
                                                     device=device)).item())
     generator = keyed_generator(seed, "sharpness", task.name, options.space, device=device)
     forwards, backwards = sharpness_passes(options.samples, options.ascent_steps)
-    with _progress(progress, f"sharpness {task.name}", forwards + backwards) as advance:
+    with counter(progress, f"sharpness {task.name}", forwards + backwards) as advance:
         est = _sharpness(evaluator, moved, options, generator, advance)
     return _sharpness_record(est, options, examples, evaluator.tokens) | {"passes": _passes(evaluator)}
 
 
-# ---------------------------------------------------------------- landscapes of a saved run
+# ---------------------------------------------------------------- the landscape of one task
 
 
 def landscape_stem(task: str, after: str | None = None, space: str = "adapter", direction: str = "random") -> str:
@@ -189,85 +170,34 @@ def landscape_stem(task: str, after: str | None = None, space: str = "adapter", 
     return stem if direction == "random" else f"{stem}_{direction}"
 
 
-def resolve_tasks(run_dir: RunDir, config: RunConfig, task: str | None, after: str | None) -> list[str]:
-    """Check the request against the run; the tasks to measure, in order."""
-    names = [t.name for t in config.tasks]
-    trained = run_dir.trained_tasks()
-    for label, value in (("--task", task), ("--after", after)):
-        if value is not None and value not in names:
-            raise UserError(f"{label} {value!r}: unknown task; the run's tasks are {names}")
-        if value is not None and value not in trained:
-            raise UserError(f"{label} {value!r}: task not trained yet in {run_dir} (trained: {trained or 'none'})")
-    if not trained:
-        raise UserError(f"{run_dir}: no task has been trained yet")
-    if task is not None and after is not None and names.index(after) < names.index(task):
-        raise UserError(f"--after {after!r} comes before --task {task!r} in the sequence {names}; "
-                        "--after must be the task itself or a later one")
-    if task is not None:
-        return [task]
-    limit = names.index(after) if after is not None else len(names)
-    return [t for t in trained if names.index(t) <= limit]
-
-
 @dataclass(frozen=True)
-class LandscapeResult:
-    stem: str
-    csv: Path
-    png: Path
-    sharpness_json: Path
-    loss: float                     # L(θ), unperturbed
-    grid: list[float]               # the loss at every grid point, in csv order
-    sharpness: dict[str, Any]       # the sharpness.json record
-    passes: dict[str, int]          # passes over the held-out sample: forward, forward_backward
-    examples: int                   # held-out examples
-    seconds: float
+class Surface:
+    """The loss landscape and sharpness `measure_landscape` found (nothing written)."""
+
+    coords: list[tuple[float, ...]]  # the grid points, in csv order
+    losses: list[float]              # the loss at each of them
+    loss: float                      # L(θ), unperturbed
+    sharpness: dict[str, Any]        # the sharpness.json record
+    passes: dict[str, int]           # passes over the held-out sample: forward, forward_backward
+    examples: int                    # held-out examples
 
 
-class _BaseModel:
-    """The run's base model, loaded once; every adapter stack is built on a deep copy of it."""
-
-    def __init__(self, config: RunConfig):
-        self.config = config
-        self._loaded = None
-
-    def stack(self, run_dir: RunDir, after: str):
-        if self._loaded is None:
-            self._loaded = load_run_model(self.config.model, self.config.deepspeed, self.config.run.seed)
-        base, tokenizer = self._loaded
-        return run_dir.load_stack(copy.deepcopy(base), self.config, after).model, tokenizer
-
-
-def compute_landscape(path: str | Path, task: str, options: LandscapeOptions | None = None, *,
-                      progress: bool = True, _base: _BaseModel | None = None) -> LandscapeResult:
-    """Loss landscape and sharpness of `task` with the run's adapter stack as it was right after
-    `options.after` (default: `task` itself) was trained; writes the csv, the PNG and the sharpness
-    entry. Directions are keyed by (run seed, task, space)."""
-    started = time.perf_counter()
-    run_dir = RunDir(path)
-    config = _base.config if _base is not None else run_dir.load_config()
-    options = resolved((options or LandscapeOptions()).model_copy(update={"task": task}), config.evaluation)
-    after = options.after or task
-    resolve_tasks(run_dir, config, task, after)
-    seed = config.run.seed
-    model, tokenizer = (_base or _BaseModel(config)).stack(run_dir, after)
-    task_data = load_task(next(t for t in config.tasks if t.name == task), seed, config.evaluation.metric)
-    device = dist.device()
-    model.to(device)
-    moved = moved_weights(model, options.space, build_strategies(config).adapter_name(task))
-    batches = held_out_batches(task_data, tokenizer, config.evaluation, max_length=config.training.max_seq_length,
-                               seed=seed, split=options.split, max_samples=options.max_samples, device=device,
-                               rank=0, world=1)
+def measure_landscape(model: nn.Module, batches: list[dict[str, torch.Tensor]], task: str, adapter: str,
+                      options: LandscapeOptions, *, seed: int, after: str, progress: bool = False) -> Surface:
+    """Loss landscape and sharpness of `task` on `batches` (its held-out sample, this process alone),
+    perturbing adapter `adapter` (space `adapter`) or the merged weights; `options` resolved (`resolved`),
+    `after` the task whose stack `model` holds. Directions are keyed by (run seed, task, space)."""
+    moved = moved_weights(model, options.space, adapter)
     evaluator = PerturbedLoss(model, batches, moved)
     norms = {m.name: m.norms for m in moved}
     shapes = {m.name: m.shape for m in moved}
-
+    device = next(model.parameters()).device
     grid = [-1.0 + 2.0 * i / (options.points - 1) for i in range(options.points)]
     coords = [(a,) for a in grid] if options.dims == 1 else [(a, b) for a in grid for b in grid]
     origin = sum(all(c == 0.0 for c in cs) for cs in coords)
     forwards, backwards = sharpness_passes(options.samples, options.ascent_steps, base=False)
     stem = landscape_stem(task, after, options.space, options.direction)
-    examples = sum(len(b["input_ids"]) for b in batches)
-    with _progress(progress, f"landscape {stem}", 1 + len(coords) - origin + forwards + backwards) as advance:
+    with counter(progress, f"landscape {stem}", 1 + len(coords) - origin + forwards + backwards) as advance:
         # L(θ) once: the grid's origin and the sharpness baseline reuse it; sharpness first, since
         # the worst-direction landscape runs along the ε it finds
         base = evaluator(None)
@@ -283,23 +213,6 @@ def compute_landscape(path: str | Path, task: str, options: LandscapeOptions | N
         if options.dims == 2:
             directions.append(orthogonalize(random_direction(norms, shapes, generator), first, norms))
         losses = loss_surface(lambda eps: base if eps is None else evaluator(eps), directions, coords, advance)
+    examples = sum(len(b["input_ids"]) for b in batches)
     record = _sharpness_record(est, options.model_copy(update={"after": after}), examples, evaluator.tokens)
-    csv_path = run_dir.write_landscape(stem, coords, losses)
-    png_path = run_dir.plot(f"landscape_{stem}_{options.dims}d")
-    (plots.plot_landscape_1d if options.dims == 1 else plots.plot_landscape_2d)(csv_path, png_path)
-    json_path = run_dir.merge_sharpness(landscape_stem(task, after, options.space), record)
-    return LandscapeResult(stem, csv_path, png_path, json_path, base, losses, record, _passes(evaluator), examples,
-                           time.perf_counter() - started)
-
-
-def landscapes(path: str | Path, options: LandscapeOptions, *, progress: bool | None = None
-               ) -> Iterator[LandscapeResult]:
-    """`cl-flat landscape`: every requested task's landscape (`options.task`, or every trained task up
-    to `options.after`), one after another on one loaded base model. `progress`: default logging.progress."""
-    run_dir = RunDir(path)
-    config = run_dir.load_config()
-    base = _BaseModel(config)
-    show = config.logging.progress if progress is None else progress
-    for name in resolve_tasks(run_dir, config, options.task, options.after):
-        yield compute_landscape(run_dir.path, name, options.model_copy(update={"task": name}), progress=show,
-                                _base=base)
+    return Surface(coords, losses, base, record, _passes(evaluator), examples)

@@ -12,6 +12,7 @@ import yaml
 
 from cl_flat import __version__
 from cl_flat.rundir import RunDir
+from cl_flat.rundir.checks import require_run
 from helpers import assert_clean_failure, run_cli, unchanged, write_jsonl_task
 
 pytestmark = pytest.mark.integration
@@ -71,7 +72,7 @@ def test_run_folder_of_another_results_format(run, tmp_path):
     # a folder from before the field (no results_format) is format 1: read without complaint
     del document["meta"]["results_format"]
     (run / "config.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
-    assert RunDir(run).require_run()[1] == ["t1", "t2"]
+    assert require_run(RunDir(run)).trained == ["t1", "t2"]
 
 
 def test_missing_adapter(run, tmp_path):

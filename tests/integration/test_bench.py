@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cl_flat.bench import VARIANTS
+from cl_flat.bench import variants
 from helpers import run_cli, tiny_bench_config
 
 pytestmark = pytest.mark.integration
@@ -46,7 +46,7 @@ def test_bench_writes_documented_format(tmp_path: Path):
     assert "| time × none | time × floor |" in table and "| floor |" in table
 
 
-@pytest.mark.parametrize("label", [label for label, (_, ranks) in VARIANTS.items() if ranks == 1])
+@pytest.mark.parametrize("label", [label for label, (_, ranks) in variants().items() if ranks == 1])
 def test_every_one_process_variant_measures(tmp_path: Path, label: str):
     """Each variant of the default `cl-flat bench` runs through `measure` (a full bench stops at the first failure)."""
     from cl_flat import bench

@@ -15,7 +15,7 @@ from helpers import tiny_bench_config
 
 def test_rounds_pair_ratios_within_a_round(tmp_path: Path, monkeypatch):
     """Three rounds with a machine that slows down in round 2: the ratio is paired per round."""
-    from cl_flat import bench
+    from cl_flat.recipes import bench
 
     config = {"run": {"name": "bt", "seed": 0}, "model": {"name_or_path": "tiny-random:llama"},
               "tasks": [{"name": "food_sentiment", "source": "builtin"}]}
@@ -46,7 +46,7 @@ def test_rounds_pair_ratios_within_a_round(tmp_path: Path, monkeypatch):
 def test_in_process_pairs_decide_the_time_ratio(tmp_path: Path, monkeypatch):
     """A worker's paired ratio (method vs `none` alternating in its process) wins over the ratio
     of two processes' times; floor has none and keeps the cross-process ratio."""
-    from cl_flat import bench
+    from cl_flat.recipes import bench
 
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump({"run": {"name": "bt", "seed": 0}, "model": {"name_or_path": "tiny-random:llama"},
@@ -74,8 +74,8 @@ def test_in_process_pairs_decide_the_time_ratio(tmp_path: Path, monkeypatch):
 def test_a_failing_variant_is_recorded_and_the_others_go_on(tmp_path: Path, monkeypatch):
     """sam fails in round 1 of 3, asam in every round, floor in round 3: each row is over the rounds
     in which it and what it is compared with succeeded; the result so far is handed on after every run."""
-    from cl_flat import bench
     from cl_flat.errors import UserError
+    from cl_flat.recipes import bench
 
     path = tiny_bench_config(tmp_path)
     seconds = {"none": [1.0, 2.0, 1.0], "floor": [0.5, 1.0, None], "sam": [None, 4.4, 2.0], "asam": [None] * 3}
@@ -111,9 +111,9 @@ def test_a_failing_variant_is_recorded_and_the_others_go_on(tmp_path: Path, monk
 def test_cli_saves_what_was_measured_and_exits_non_zero_on_a_failed_variant(tmp_path: Path, monkeypatch):
     from typer.testing import CliRunner
 
-    from cl_flat import bench
     from cl_flat.cli import app
     from cl_flat.errors import UserError
+    from cl_flat.recipes import bench
 
     def fake(config_path, label, updates, warmup):
         if label == "sam":

@@ -23,7 +23,9 @@ import torch
 import yaml
 
 from cl_flat import landscape as ls
+from cl_flat.recipes import landscape as recipe
 from cl_flat.rundir import RunDir
+from cl_flat.rundir.checks import require_run
 
 D = torch.float64
 
@@ -460,7 +462,7 @@ def test_compute_landscape_on_a_saved_run(tiny_stack, tmp_path):
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config)))
     (run_dir / "acc_matrix.csv").write_text("after_task,t1,t2\nzero_shot,50.0,50.0\nt1,50.0,50.0\n")
     before = _hashes(run_dir / "adapters")
-    out = ls.compute_landscape(run_dir, "t1", ls.LandscapeOptions(dims=1, points=5, samples=2), progress=False)
+    out = recipe.compute_landscape(run_dir, "t1", ls.LandscapeOptions(dims=1, points=5, samples=2), progress=False)
     rows = list(csv.DictReader(out.csv.open()))
     assert out.csv == run_dir / "landscape" / "t1_1d.csv"
     assert [float(r["alpha"]) for r in rows] == [-1.0, -0.5, 0.0, 0.5, 1.0]
@@ -474,11 +476,11 @@ def test_compute_landscape_on_a_saved_run(tiny_stack, tmp_path):
     assert out.png.read_bytes()[:4] == b"\x89PNG"
     assert _hashes(run_dir / "adapters") == before
     with pytest.raises(UserError, match="not trained yet"):
-        ls.compute_landscape(run_dir, "t2", progress=False)
+        recipe.compute_landscape(run_dir, "t2", progress=False)
     with pytest.raises(UserError, match="unknown task"):
-        ls.compute_landscape(run_dir, "t7", progress=False)
+        recipe.compute_landscape(run_dir, "t7", progress=False)
     with pytest.raises(UserError, match="not found"):
-        ls.compute_landscape(tmp_path / "missing", "t1", progress=False)
+        recipe.compute_landscape(tmp_path / "missing", "t1", progress=False)
 
 
 def test_worst_direction_landscape_rises_at_least_as_fast_as_a_random_one(tiny_stack, tmp_path):
@@ -497,15 +499,16 @@ def test_worst_direction_landscape_rises_at_least_as_fast_as_a_random_one(tiny_s
     (run_dir / "acc_matrix.csv").write_text("after_task,t1,t2\nzero_shot,50.0,50.0\nt1,50.0,50.0\n")
     rho = config.evaluation.sharpness_rho
     options = {"points": 41, "samples": 2, "ascent_steps": 3}  # alpha = -1 + 2i/40: i = 21 is alpha = rho = 0.05
-    random_run = ls.compute_landscape(run_dir, "t1", ls.LandscapeOptions(**options), progress=False)
-    worst_run = ls.compute_landscape(run_dir, "t1", ls.LandscapeOptions(direction="worst", **options), progress=False)
+    random_run = recipe.compute_landscape(run_dir, "t1", ls.LandscapeOptions(**options), progress=False)
+    worst_run = recipe.compute_landscape(run_dir, "t1", ls.LandscapeOptions(direction="worst", **options),
+                                         progress=False)
     assert worst_run.csv == run_dir / "landscape" / "t1_worst_1d.csv" and random_run.csv.is_file()
     assert worst_run.sharpness == random_run.sharpness  # one sharpness entry, "t1", for both
     at_rho = 21
     assert -1 + 2 * at_rho / 40 == pytest.approx(rho)
     assert worst_run.grid[at_rho] >= random_run.grid[at_rho] > worst_run.loss
     assert worst_run.grid[at_rho] == pytest.approx(worst_run.loss + worst_run.sharpness["worst"], rel=1e-4)
-    two_d = ls.compute_landscape(run_dir, "t1", ls.LandscapeOptions(direction="worst", dims=2, points=3, samples=2,
+    two_d = recipe.compute_landscape(run_dir, "t1", ls.LandscapeOptions(direction="worst", dims=2, points=3, samples=2,
                                                                      ascent_steps=1), progress=False)
     assert two_d.csv == run_dir / "landscape" / "t1_worst_2d.csv"
 
@@ -550,5 +553,5 @@ def test_cli_bad_input(tiny_stack, tmp_path):
     (run_dir / "acc_matrix.csv").write_text("after_task,t1,t2\nzero_shot,50.0,50.0\nt1,50.0,50.0\nt2,50.0,50.0\n")
     result = CliRunner().invoke(app, ["landscape", str(run_dir), "--task", "t2", "--after", "t1"])
     assert isinstance(result.exception, UserError) and "--after must be" in str(result.exception)
-    assert ls.resolve_tasks(RunDir(run_dir), config, None, None) == ["t1", "t2"]  # default: every trained task
-    assert ls.resolve_tasks(RunDir(run_dir), config, None, "t1") == ["t1"]
+    assert recipe.resolve_tasks(require_run(RunDir(run_dir)), None, None) == ["t1", "t2"]  # default: every trained task
+    assert recipe.resolve_tasks(require_run(RunDir(run_dir)), None, "t1") == ["t1"]

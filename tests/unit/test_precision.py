@@ -10,7 +10,7 @@ from cl_flat.config import validate_config
 
 
 def test_zero_shot_row_uses_the_training_precision(tiny_config):
-    from cl_flat.run import prepare, run_metadata
+    from cl_flat.recipes.skeleton import prepare, run_metadata
 
     tiny_config["model"]["dtype"] = "fp32"
     tiny_config["deepspeed"] = {"zero_stage": 0, "bf16": True}

@@ -10,15 +10,15 @@ PACKAGE = Path(__file__).resolve().parents[2] / "cl_flat"
 
 # bottom to top: a module may import only from its own level or below (same level: no cycle)
 LEVELS = [
-    {"errors", "files", "seeding", "overrides", "host_memory", "registry", "schedules"},
+    {"errors", "files", "seeding", "overrides", "host_memory", "registry", "schedules", "progress"},
     {"config"},
     {"family"},
     {"dist", "lora_layers", "loss", "metrics", "data", "stats"},
     {"models", "adapters", "checkpoint", "flatness", "strategies", "plots", "tracking"},
     {"rundir", "evaluate"},
     {"landscape", "train", "report"},
-    {"run", "bench"},
-    {"reference_runs"},
+    {"bench"},
+    {"recipes"},  # the workflows users run (cl_flat.recipes), above the library
     {"cli"},
 ]
 LEVEL = {name: i for i, names in enumerate(LEVELS) for name in names}

@@ -320,7 +320,7 @@ def test_rwp_one_pass_on_t5_equals_the_serial_two_batch_on_the_halves(t5, scope)
 
 def test_config_yaml_records_the_lora_targets_the_run_adapts(tiny_config):
     """The default targets (q_proj, v_proj) stay in the config as written; meta names what T5 adapts."""
-    from cl_flat.run import run_metadata
+    from cl_flat.recipes.skeleton import run_metadata
 
     model, _ = load_model("tiny-random:t5")
     tiny_config["model"]["name_or_path"] = "tiny-random:t5"

@@ -1,0 +1,141 @@
+"""`cl-flat train`: for each task: add adapter -> train -> save -> evaluate every task (`run_sequence`).
+
+The results folder (`RunDir`) is written as the run goes: config.yaml first, acc_matrix.csv
+after every task (completed tasks are never lost), each task's adapter, train_log.jsonl, the
+plots and, last, metrics.json, whose presence marks a complete run. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cl_flat import dist, plots
+from cl_flat.adapters import AdapterStack
+from cl_flat.checkpoint import TaskCheckpoints
+from cl_flat.config import RunConfig
+from cl_flat.landscape import compute_sharpness, landscape_stem
+from cl_flat.metrics import ZERO_SHOT, Rows, compute_metrics
+from cl_flat.recipes.skeleton import Skeleton, Unit
+from cl_flat.rundir import RunDir
+from cl_flat.rundir.resume import restart, skipped_updates, truncate_log
+from cl_flat.strategies import build_strategies
+from cl_flat.train import TrainTask
+
+PLOTS = ("acc_matrix", "op_curve", "learning_curves")  # the figures a run draws; also logged to wandb
+
+
+@dataclass(frozen=True)
+class SequenceResult:
+    run_dir: RunDir
+    tasks: list[str]
+    rows: Rows                 # (after_task, scores): zero_shot first, then one row per task
+    metrics: dict[str, Any]
+
+
+def _record_sharpness(config: RunConfig, run_dir: RunDir, stack: AdapterStack, tokenizer, task) -> None:
+    """Sharpness of the solution just trained (collective: every rank calls it), saved under
+    landscape/sharpness.json keyed by task, like `cl-flat landscape`."""
+    record = compute_sharpness(stack.model, tokenizer, task, stack.current, config.evaluation,
+                               max_length=config.training.max_seq_length, seed=config.run.seed)
+    if dist.is_main():
+        run_dir.merge_sharpness(landscape_stem(task.name, None, config.evaluation.sharpness_space), record)
+
+
+class Sequence(Skeleton):
+    """The task sequence on one adapter stack: a row of the accuracy matrix after every task."""
+
+    def __init__(self, config: RunConfig, resume: bool, allow_config_change: bool):
+        super().__init__(config)
+        self.resume, self.allow_config_change = resume, allow_config_change
+        self.rows: Rows = []
+        self.skipped: dict[str, int] = {}  # per task, the updates dropped as non-finite
+
+    def accept(self) -> None:
+        self.restart = restart(self.run_dir, self.config, self.resume, self.allow_config_change)
+        self.done = self.restart.done
+
+    def checkpoints(self, index: int) -> TaskCheckpoints:
+        return TaskCheckpoints(self.run_dir.checkpoint_dir(self.names[index]),
+                               self.config.task_training(index).checkpoint_every)
+
+    def meta(self) -> dict[str, Any]:
+        if not self.resume:
+            return {}
+        # the changes accepted by earlier resumes are kept, this one's appended
+        changes = list(self.restart.meta.get("config_changes") or [])
+        if self.restart.changes:
+            changes.append({"before_task": self.names[self.done] if self.done < len(self.names) else None,
+                            "changes": self.restart.changes})
+        return {"config_changes": changes}
+
+    def opened(self) -> None:
+        in_flight = self.done < len(self.names)
+        if self.restart.changes and in_flight:
+            self.checkpoints(self.done).remove()  # the in-flight task restarts under the new config
+        if self.resume:
+            kept = self.checkpoints(self.done).latest() if in_flight else 0  # the in-flight task's saved updates
+            self.records = truncate_log(self.run_dir, self.done, kept)
+            self.skipped = skipped_updates([r for r in self.records if r["task_index"] < self.done], self.names)
+
+    def _add_row(self, after: str, scores: list[float]) -> None:
+        self.rows.append((after, scores))
+        self.tracker.log_row(self.names, self.rows)
+        if dist.is_main():
+            self.run_dir.write_matrix(self.names, self.rows)
+
+    def zero_shot(self, model: torch.nn.Module) -> None:
+        if self.done:
+            self.rows.extend(self.restart.rows)
+        else:
+            self._add_row(ZERO_SHOT, self.evaluate(model, self.tasks))
+
+    def units(self, model: torch.nn.Module) -> Iterator[Unit]:
+        config = self.config
+        if self.done:
+            stack = self.run_dir.load_stack(model, config, self.names[self.done - 1])
+        else:
+            stack = AdapterStack(model, config.lora, config.run.seed)
+        strategies = build_strategies(config)
+        for index, task in enumerate(self.tasks[self.done:], start=self.done):
+            examples, replayed = strategies.training_set(self.tasks, index, self.tokenizer,
+                                                         config.training.max_seq_length)
+            strategies.begin_task(stack, index, task.name)
+            yield Unit(stack, TrainTask(index, task.name, examples, self.tokenizer.pad_token_id, replayed),
+                       self.methods[index], config.task_training(index), self.tasks, self.checkpoints(index),
+                       strategies.loss_terms(stack, index), functools.partial(strategies.end_task, stack, index,
+                                                                              task.name))
+
+    def record(self, unit: Unit, scores: list[float], stats: dict[str, float]) -> None:
+        self.skipped[unit.task.name] = stats["skipped"]
+        self._add_row(unit.task.name, scores)
+        if self.config.evaluation.sharpness:
+            _record_sharpness(self.config, self.run_dir, unit.stack, self.tokenizer, self.tasks[unit.task.index])
+        unit.checkpoints.remove()
+
+    def finish(self) -> SequenceResult:
+        is_main, names, rows, run_dir = dist.is_main(), self.names, self.rows, self.run_dir
+        metrics = compute_metrics([r for _, r in rows[1:]], rows[0][1])
+        metrics["skipped_updates"] = {name: self.skipped.get(name, 0) for name in names} if is_main else None
+        if self.config.evaluation.sharpness:
+            metrics["sharpness"] = run_dir.saved_sharpness(names) if is_main else None
+        if is_main:
+            plots.draw_acc_matrix(names, rows, run_dir.plot("acc_matrix"))
+            plots.draw_op_curve(names, rows, run_dir.plot("op_curve"))
+            plots.draw_learning_curves(self.records, run_dir.plot("learning_curves"), str(run_dir.log_path))
+            run_dir.write_metrics(metrics | {"tasks": names})
+        self.tracker.log_results(names, rows, metrics, {name: run_dir.plot(name) for name in PLOTS})
+        return SequenceResult(run_dir, names, rows, metrics)
+
+
+def run_sequence(config: RunConfig, resume: bool = False, allow_config_change: bool = False) -> SequenceResult:
+    """Train and evaluate the sequence. With `resume`, tasks whose adapter and matrix row are
+    saved are reloaded, not retrained, and the in-flight task continues from its newest in-task
+    checkpoint; all randomness is keyed by (seed, task, update), so the final matrix equals that
+    of an uninterrupted run. `allow_config_change`: resume although the config differs (the
+    changes are recorded in meta.config_changes; the in-flight task restarts from its start)."""
+    return Sequence(config, resume, allow_config_change).run()

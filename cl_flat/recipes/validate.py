@@ -1,0 +1,25 @@
+"""`cl-flat validate`: a config and its local data checked, nothing trained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cl_flat.config import RunConfig, load_config
+from cl_flat.data import check_local_data
+from cl_flat.models import check_target_modules, model_family, module_names
+from cl_flat.recipes.skeleton import task_methods
+
+
+def validate(path: Path, overrides: list[str]) -> tuple[RunConfig, list[str]]:
+    """The resolved config and notes on what was not checked; a ConfigError/DataError on a problem.
+    Checks every method, every local data file (never downloads) and, where the model is known without
+    loading it, the LoRA target modules."""
+    config = load_config(path, overrides)
+    task_methods(config, str(path))
+    notes = check_local_data(config)
+    names = module_names(config.model.name_or_path)
+    if names is not None:
+        check_target_modules(config.lora.target_modules, names, model_family(config.model.name_or_path))
+    else:
+        notes.append(f"model {config.model.name_or_path!r}: target modules checked when training starts")
+    return config, notes
