@@ -18,7 +18,8 @@ MARK_OF_FOLDER = {"unit": pytest.mark.unit, "integration": pytest.mark.integrati
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        parts = item.path.resolve().relative_to(TESTS).parts
+        path = item.path.resolve()
+        parts = path.relative_to(TESTS).parts if path.is_relative_to(TESTS) else ()  # examples/ has its own
         if len(parts) > 1 and parts[0] in MARK_OF_FOLDER:
             item.add_marker(MARK_OF_FOLDER[parts[0]])
 

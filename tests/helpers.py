@@ -168,3 +168,22 @@ def sentencepiece_tokenizer(sentences: list[str], vocab_size: int = 200, split_w
     core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<unk>")
+
+
+def tiny_peft_model():
+    """A tiny-random llama (seed 5) with one trainable LoRA adapter "t" whose B is non-zero (at B = 0
+    every A-gradient would be zero)."""
+    import torch
+
+    from cl_flat.adapters import AdapterStack
+    from cl_flat.config import LoraSection
+    from cl_flat.models import load_model
+
+    model, _ = load_model("tiny-random:llama", seed=5)
+    stack = AdapterStack(model, LoraSection(r=4, target_modules=["q_proj", "v_proj"]), seed=5)
+    stack.add_task(0, "t")
+    with torch.no_grad():
+        for name, p in stack.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
+    return stack.model

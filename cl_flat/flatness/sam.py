@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -38,8 +39,8 @@ class SamConfig(Strict):
     norm: Literal["global", "per_tensor"] = "global"
 
 
-def mean_probe(ctx, micro_batches) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(mean loss, mean gradient (1/N) Σ_i ∇L(θ; B_i)) over the window, as probes: no `.grad`, no communication."""
+def summed_probes(ctx, micro_batches) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(each micro-batch's loss, Σ_i ∇L(θ; B_i)) over the window, as probes: no `.grad`, no communication."""
     losses, total = [], None
     for batch in micro_batches:
         loss, grads = ctx.probe(batch)
@@ -48,21 +49,34 @@ def mean_probe(ctx, micro_batches) -> tuple[torch.Tensor, list[torch.Tensor]]:
             total = grads
         else:
             torch._foreach_add_(total, grads)
+    return losses, total
+
+
+def mean_probe(ctx, micro_batches) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(mean loss, mean gradient (1/N) Σ_i ∇L(θ; B_i)) over the window, as probes."""
+    losses, total = summed_probes(ctx, micro_batches)
     torch._foreach_div_(total, len(micro_batches))
     return torch.stack(losses).float().mean(), total
 
 
-def probe_at(ctx, batch, eps: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(L, ∇L) at θ + ε on `batch`: θ (the trainable adapter) is moved in place and restored bit for bit."""
-    params = list(ctx.params.values())
+@contextmanager
+def moved_by(params: list[torch.Tensor], eps: list[torch.Tensor]):
+    """θ + ε for the block: the trainable adapter moved in place, then restored bit for bit from a copy."""
     saved = [p.detach().clone() for p in params]
     with torch.no_grad():
         torch._foreach_add_(params, [e.to(p.dtype) for p, e in zip(params, eps)])
+    del eps  # the caller may free its ε before the block's forward
     try:
-        return ctx.probe(batch)
+        yield
     finally:
         with torch.no_grad():
             torch._foreach_copy_(params, saved)
+
+
+def probe_at(ctx, batch, eps: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(L, ∇L) at θ + ε on `batch` (θ: the trainable adapter, restored after)."""
+    with moved_by(list(ctx.params.values()), eps):
+        return ctx.probe(batch)
 
 
 def dot(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
@@ -95,27 +109,14 @@ class Sam(FlatnessMethod):
 
     def window(self, ctx, micro_batches):
         params = list(ctx.params.values())
-        clean, losses = None, []
-        for batch in micro_batches:
-            loss, grads = ctx.probe(batch)
-            losses.append(loss)
-            if clean is None:
-                clean = grads
-            else:
-                torch._foreach_add_(clean, grads)
+        losses, clean = summed_probes(ctx, micro_batches)
         eps = sam_perturbation(params, clean, self.config.rho, adaptive=self.config.adaptive,
                                per_tensor=self.config.norm == "per_tensor", eta=self.config.eta)
         eps_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(eps)))
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():  # trainable adapter only; restored from `saved` below
-            torch._foreach_add_(params, [e.to(p.dtype) for p, e in zip(params, eps)])
-        # the probe gradients were allocated during the clean backward, among the freed
-        # activations: release them before the adversarial forward (CPU heap fragmentation)
-        del clean, grads, eps
-        try:
+        with moved_by(params, eps):  # the trainable adapter only
+            # the probe gradients were allocated during the clean backward, among the freed
+            # activations: release them before the adversarial forward (CPU heap fragmentation)
+            del clean, eps
             adversarial = ctx.accumulate(micro_batches[-1], 1, last=True)
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_(params, saved)
         return {"loss": torch.stack(losses).float().mean(), "adv_loss": adversarial.float(),
                 "eps_norm": eps_norm.float()}

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from cl_flat.flatness import build_method, reference_update
+from helpers import tiny_peft_model
 
 
 class Quadratic(nn.Module):
@@ -54,21 +55,6 @@ def test_gsam_orthogonal_part_is_orthogonal_and_alpha_zero_is_sam_on_the_window_
     assert abs(float(orthogonal @ g_p)) < 1e-12  # g_⊥ ⊥ g_p
 
 
-def _tiny_peft():
-    from cl_flat.adapters import AdapterStack
-    from cl_flat.config import LoraSection
-    from cl_flat.models import load_model
-
-    model, _ = load_model("tiny-random:llama", seed=5)
-    stack = AdapterStack(model, LoraSection(r=4, target_modules=["q_proj", "v_proj"]), seed=5)
-    stack.add_task(0, "t")
-    with torch.no_grad():  # B = 0 at init would make every A-gradient zero
-        for name, p in stack.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
-    return stack.model
-
-
 def _lm_loss(model, batch):
     return model(input_ids=batch, labels=batch).loss
 
@@ -100,7 +86,7 @@ def _batches(n: int) -> list[torch.Tensor]:
 
 
 def test_gsam_matches_independent_on_peft():
-    model = _tiny_peft()
+    model = tiny_peft_model()
     batches = _batches(2)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     got = reference_update({"method": "gsam", "rho": 0.05, "alpha": 0.4}, model, batches, _lm_loss)
@@ -115,7 +101,7 @@ def test_gsam_matches_independent_on_peft():
 def test_looksam_sam_update_then_reuse_matches_independent_on_peft():
     """Update 0 (t mod k = 0) is the SAM gradient; update 1 reuses g_v stored at update 0:
     g + α·(‖g‖/‖g_v‖)·g_v with g the new clean mean and g_v = g_s − ⟨g_s, g⟩/‖g‖²·g from update 0."""
-    model = _tiny_peft()
+    model = tiny_peft_model()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     config = {"method": "looksam", "rho": 0.05, "interval": 2, "alpha": 0.7}
     method = build_method(config)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from cl_flat.flatness import reference_update
+from helpers import tiny_peft_model
 
 
 class Quadratic(nn.Module):
@@ -109,21 +110,6 @@ def test_rho_zero_is_plain_training():
     assert torch.equal(plain["ws.0"], sam["ws.0"])
 
 
-def _tiny_peft():
-    from cl_flat.adapters import AdapterStack
-    from cl_flat.config import LoraSection
-    from cl_flat.models import load_model
-
-    model, _ = load_model("tiny-random:llama", seed=5)
-    stack = AdapterStack(model, LoraSection(r=4, target_modules=["q_proj", "v_proj"]), seed=5)
-    stack.add_task(0, "t")
-    with torch.no_grad():  # B = 0 at init would make every A-gradient zero
-        for name, p in stack.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
-    return stack.model
-
-
 def _lm_loss(model, batch):
     return model(input_ids=batch, labels=batch).loss
 
@@ -132,7 +118,7 @@ def _lm_loss(model, batch):
 def test_matches_independent_sam_on_peft(adaptive):
     """Independent SAM in the style of davda54/sam's two-step optimizer, written here from the
     formulas: first_step adds e_w = ρ·(T²)g/‖Tg‖ to every trainable weight, second_step restores."""
-    model = _tiny_peft()
+    model = tiny_peft_model()
     batch = torch.randint(3, 250, (2, 10), generator=torch.Generator().manual_seed(1))
     rho = 0.5 if adaptive else 0.05
     expected = reference_update({"method": "sam", "rho": rho, "adaptive": adaptive}, model, [batch], _lm_loss)
@@ -159,7 +145,7 @@ def test_matches_independent_sam_on_peft(adaptive):
 
 
 def test_two_micro_batches_direction_matches_independent():
-    model = _tiny_peft()
+    model = tiny_peft_model()
     gen = torch.Generator().manual_seed(2)
     b1, b2 = torch.randint(3, 250, (2, 10), generator=gen), torch.randint(3, 250, (2, 10), generator=gen)
     expected = reference_update({"method": "sam", "rho": 0.05}, model, [b1, b2], _lm_loss)
