@@ -239,17 +239,8 @@ def _parse_cell(text: str, where: str, column: str) -> Score:
     return x
 
 
-def read_acc_matrix(path: str | os.PathLike[str], *, allow_partial: bool = False
-                    ) -> tuple[list[str], Matrix, list[Score] | None]:
-    """Parse acc_matrix.csv into (task_names, matrix T x T, zero_shot row or None).
-
-    Format: header `after_task,<task_1>,...,<task_T>`; optional first row `zero_shot,...`;
-    then exactly T rows, one per trained task in header order (first cell = task name).
-    `allow_partial` accepts fewer rows (a run in progress; used by --resume).
-    Empty cells are missing (None): allowed in the zero_shot row and above the diagonal only.
-    Raises MatrixFormatError naming `path:line`.
-    """
-    path = os.fspath(path)
+def _csv_records(path: str) -> tuple[list[tuple[int, list[str]]], int]:
+    """The non-blank rows of a csv file with their line numbers, and the file's last line number."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -269,12 +260,11 @@ def read_acc_matrix(path: str | os.PathLike[str], *, allow_partial: bool = False
             records.append((reader.line_num, row))
     except csv.Error as exc:
         raise MatrixFormatError(f"{path}:{max(reader.line_num, 1)}: {exc}") from None
-    last_line = reader.line_num
+    return records, reader.line_num
 
-    if not records:
-        raise MatrixFormatError(f"{path}:1: empty file; expected header "
-                                f"'{HEADER_FIRST},<task_1>,...,<task_T>'")
-    line, header = records[0]
+
+def _header_tasks(path: str, line: int, header: list[str]) -> list[str]:
+    """The task names of the header `after_task,<task_1>,...,<task_T>`."""
     header = [c.strip() for c in header]
     if header[0] != HEADER_FIRST:
         raise MatrixFormatError(f"{path}:{line}: expected header starting with "
@@ -290,11 +280,16 @@ def read_acc_matrix(path: str | os.PathLike[str], *, allow_partial: bool = False
             raise MatrixFormatError(f"{path}:{line}: '{ZERO_SHOT}' is reserved and cannot be a task name")
         if name in tasks[:j]:
             raise MatrixFormatError(f"{path}:{line}: duplicate task name {name!r} in header")
-    T = len(tasks)
+    return tasks
 
+
+def _score_rows(path: str, tasks: list[str], records: list[tuple[int, list[str]]]
+                ) -> tuple[Matrix, list[Score] | None]:
+    """(the trained rows, the zero_shot row or None) of the records after the header."""
+    T = len(tasks)
     zero_shot: list[Score] | None = None
     matrix: Matrix = []
-    for k, (line, row) in enumerate(records[1:]):
+    for k, (line, row) in enumerate(records):
         where = f"{path}:{line}"
         if len(row) != T + 1:
             raise MatrixFormatError(f"{where}: expected {T + 1} columns (after_task + {T} tasks), "
@@ -319,9 +314,28 @@ def read_acc_matrix(path: str | os.PathLike[str], *, allow_partial: bool = False
             raise MatrixFormatError(f"{where}: no score for {', '.join(map(repr, empty))}; every task trained "
                                     "by then (on or below the diagonal) needs one")
         matrix.append(values)
+    return matrix, zero_shot
 
-    if len(matrix) != T and not allow_partial:
-        raise MatrixFormatError(f"{path}:{last_line}: expected {T} trained rows "
+
+def read_acc_matrix(path: str | os.PathLike[str], *, allow_partial: bool = False
+                    ) -> tuple[list[str], Matrix, list[Score] | None]:
+    """Parse acc_matrix.csv into (task_names, matrix T x T, zero_shot row or None).
+
+    Format: header `after_task,<task_1>,...,<task_T>`; optional first row `zero_shot,...`;
+    then exactly T rows, one per trained task in header order (first cell = task name).
+    `allow_partial` accepts fewer rows (a run in progress; used by --resume).
+    Empty cells are missing (None): allowed in the zero_shot row and above the diagonal only.
+    Raises MatrixFormatError naming `path:line`.
+    """
+    path = os.fspath(path)
+    records, last_line = _csv_records(path)
+    if not records:
+        raise MatrixFormatError(f"{path}:1: empty file; expected header "
+                                f"'{HEADER_FIRST},<task_1>,...,<task_T>'")
+    tasks = _header_tasks(path, *records[0])
+    matrix, zero_shot = _score_rows(path, tasks, records[1:])
+    if len(matrix) != len(tasks) and not allow_partial:
+        raise MatrixFormatError(f"{path}:{last_line}: expected {len(tasks)} trained rows "
                                 f"({', '.join(tasks)}), found {len(matrix)}; "
                                 f"missing {', '.join(tasks[len(matrix):])}")
     return tasks, matrix, zero_shot

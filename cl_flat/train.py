@@ -258,6 +258,23 @@ def one_update(engine, method: FlatnessMethod, ctx: EngineContext, batches: list
     return bad, host
 
 
+def _stop_if_needed(training: TrainingSection, method: str, record: dict[str, Any], bad: list[str], skipped: int,
+                    updates: int) -> None:
+    """After a dropped non-finite update (`record`): stop the run (`on_nonfinite: stop`), or once more than
+    `max_skipped_fraction` of the task's updates were skipped."""
+    what = ", ".join(f"{k} = {record.get(k)}" for k in bad)
+    where = f"task {record['task']!r} (index {record['task_index']}), update {record['step']} of {updates}"
+    if training.on_nonfinite == "stop":
+        raise NonFiniteUpdate(f"{where}: non-finite {what} in the {method} update; the step was not "
+                              "applied. Completed tasks' results are intact: change the config (e.g. "
+                              "training.learning_rate, the method's noise or radius, or "
+                              "training.on_nonfinite: skip) and continue with --resume --allow-config-change")
+    if skipped > training.max_skipped_fraction * updates:
+        raise NonFiniteUpdate(f"{where}: {skipped} skipped non-finite updates exceed "
+                              f"training.max_skipped_fraction = {training.max_skipped_fraction} of "
+                              f"{updates}; last: {what}")
+
+
 def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, training: TrainingSection,
                section: DeepSpeedSection, seed: int, log: Callable[[dict[str, Any]], None],
                progress=None, checkpoints: TaskCheckpoints | None = None,
@@ -305,17 +322,7 @@ def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, 
         if bad:
             skipped += 1
             log(record | {"skipped": True, "nonfinite": bad})
-            what = ", ".join(f"{k} = {record.get(k)}" for k in bad)
-            where = f"task {task.name!r} (index {task.index}), update {update + 1} of {plan.updates}"
-            if training.on_nonfinite == "stop":
-                raise NonFiniteUpdate(f"{where}: non-finite {what} in the {method.name} update; the step was not "
-                                      "applied. Completed tasks' results are intact: change the config (e.g. "
-                                      "training.learning_rate, the method's noise or radius, or "
-                                      "training.on_nonfinite: skip) and continue with --resume --allow-config-change")
-            if skipped > training.max_skipped_fraction * plan.updates:
-                raise NonFiniteUpdate(f"{where}: {skipped} skipped non-finite updates exceed "
-                                      f"training.max_skipped_fraction = {training.max_skipped_fraction} of "
-                                      f"{plan.updates}; last: {what}")
+            _stop_if_needed(training, method.name, record, bad, skipped, plan.updates)
         else:
             losses.append(loss)
             log(record)

@@ -188,6 +188,23 @@ def project_rows(eps: Mapping[str, torch.Tensor], radii: Mapping[str, torch.Tens
     return out
 
 
+def _random_samples(loss: Callable[[Params | None], float], sample_direction: Callable[[], Params],
+                    radii: Mapping[str, torch.Tensor | None], samples: int,
+                    tick: Callable[[], None]) -> tuple[list[float], Params | None, float]:
+    """(the loss at each random ε on the boundary of the ball, the worst of those ε, its loss)."""
+    randoms: list[float] = []
+    best, best_loss = None, -math.inf
+    for _ in range(samples):
+        d = sample_direction()
+        eps = {k: _rescale_rows(v, radii[k]) for k, v in d.items()}
+        value = float(loss(eps))
+        randoms.append(value)
+        if value > best_loss:
+            best, best_loss = eps, value
+        tick()
+    return randoms, best, best_loss
+
+
 def estimate_sharpness(loss: Callable[[Params | None], float], sample_direction: Callable[[], Params],
                        radii: Mapping[str, torch.Tensor | None], samples: int, *,
                        loss_and_grad: Callable[[Params], tuple[float, Params]] | None = None,
@@ -214,16 +231,7 @@ def estimate_sharpness(loss: Callable[[Params | None], float], sample_direction:
         base = float(loss(None))
         tick()
     base = float(base)
-    randoms: list[float] = []
-    best, best_loss = None, -math.inf  # the worst ε evaluated so far (the ascent starts at the best random one)
-    for _ in range(samples):
-        d = sample_direction()
-        eps = {k: _rescale_rows(v, radii[k]) for k, v in d.items()}
-        value = float(loss(eps))
-        randoms.append(value)
-        if value > best_loss:
-            best, best_loss = eps, value
-        tick()
+    randoms, best, best_loss = _random_samples(loss, sample_direction, radii, samples, tick)
     worst_eps, worst_loss = best, best_loss
     ascent: list[float] = []
     size = radius_norm(radii)

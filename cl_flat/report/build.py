@@ -24,64 +24,34 @@ reference when none has the seed): FWT_alone against per_task, gap_joint against
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import glob
 import json
-import math
-import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from cl_flat.config import config_to_dict, flatness_adapter
-from cl_flat.errors import ConfigError, MatrixFormatError, UserError
-from cl_flat.metrics import METRICS, REFERENCE_MEASURES, read_acc_matrix
+from cl_flat.config import flatness_adapter
+from cl_flat.metrics import METRICS, REFERENCE_MEASURES
 from cl_flat.overrides import dotted_keys
+from cl_flat.report.runs import (
+    ReferenceRun,
+    ReportInputError,
+    RunResult,
+    comparable_settings,
+    find_run_folders,
+    finite_number,
+    is_reference,
+    load_reference,
+    load_run,
+    sequence_label,
+    with_reference_measures,
+)
 from cl_flat.rundir import RunDir
 from cl_flat.stats import Summary, summarize, summarize_defined
 
 DEFAULT_BASELINE = "flatness.method=none"
-RUN_IDENTITY_KEYS = frozenset({"run.seed", "run.name", "run.output_dir"})
-PATH_OR_LOGGING_KEY = re.compile(r"logging\..*|tasks\.\d+\.(train|test|data_files)(\..*)?")
 UNSET = "(unset)"
-
-
-class ReportInputError(UserError):
-    """A path, option or result file `cl-flat report` cannot use: one message naming it, exit 2."""
-
-    exit_code = 2
-
-
-@dataclass(frozen=True)
-class RunResult:
-    path: Path
-    name: str                          # the folder name, made unique within the report
-    seed: int
-    settings: dict[str, Any]           # the resolved config, flattened to dotted keys
-    tasks: tuple[str, ...]
-    metrics: dict[str, float | None]   # METRICS (+ reference measures); None where undefined
-    op: tuple[float, ...]              # OP_t, t = 1..T
-    matrix: tuple[tuple[float | None, ...], ...] = ()  # R[t][i], the trained rows of acc_matrix.csv
-
-
-@dataclass(frozen=True)
-class ReferenceRun:
-    path: Path
-    name: str
-    kind: str                          # per_task | joint
-    seed: int
-    settings: dict[str, Any]
-    tasks: tuple[str, ...]
-    scores: tuple[float, ...]          # the score of each task under its reference adapter
-
-    @property
-    def mean(self) -> float:
-        return sum(self.scores) / len(self.scores)
 
 
 @dataclass
@@ -131,142 +101,6 @@ class Report:
         return [run for group in self.groups for run in group.runs]
 
 
-def find_run_folders(inputs: Sequence[str]) -> list[Path]:
-    """Run folders (those holding config.yaml) named by `inputs`, in order, each once. An input is a
-    run folder, a folder of run folders, or a glob (its matches that are not runs are ignored)."""
-    found: dict[Path, Path] = {}
-    for text in inputs:
-        if set("*?[") & set(text):
-            matches = sorted(glob.glob(os.path.expanduser(text)))
-            if not matches:
-                raise ReportInputError(f"{text}: matches no path")
-            folders = [folder for match in matches for folder in _run_folders_in(Path(match), strict=False)]
-            if not folders:
-                raise ReportInputError(f"{text}: matches no cl-flat run folder (none holds a config.yaml)")
-        else:
-            path = Path(text).expanduser()
-            if not path.exists():
-                raise ReportInputError(f"{path}: no such file or folder")
-            folders = _run_folders_in(path, strict=True)
-        for folder in folders:
-            found.setdefault(folder.resolve(), folder)
-    return list(found.values())
-
-
-def _run_folders_in(path: Path, strict: bool) -> list[Path]:
-    if RunDir(path).config_path.is_file():
-        return [path]
-    inside = sorted(p for p in path.iterdir() if RunDir(p).config_path.is_file()) if path.is_dir() else []
-    if not inside and strict:
-        raise ReportInputError(f"{path}: not a cl-flat run folder (no config.yaml) and holds no run folders")
-    return inside
-
-
-def load_run(folder: Path, name: str) -> RunResult:
-    """One complete run from its config.yaml, acc_matrix.csv and metrics.json."""
-    run_dir = RunDir(folder)
-    try:
-        config = run_dir.load_config()
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ReportInputError(f"{run_dir.config_path}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not run_dir.matrix_path.is_file():
-        raise ReportInputError(f"{run_dir.matrix_path}: missing, though metrics.json marks the run complete")
-    try:
-        tasks, matrix, _ = read_acc_matrix(run_dir.matrix_path)
-    except MatrixFormatError as exc:
-        raise ReportInputError(str(exc)) from None
-    configured = [task.name for task in config.tasks]
-    if tasks != configured:
-        raise ReportInputError(f"{run_dir.matrix_path}: tasks {sequence_label(tasks)} differ from those of "
-                               f"{run_dir.config_path.name} ({sequence_label(configured)})")
-    path = run_dir.metrics_path
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ReportInputError(f"{path}: not valid JSON ({exc})") from None
-    data = data if isinstance(data, dict) else {}
-    for key in METRICS:
-        nullable = key not in ("AA", "AIA")
-        if key not in data or not (_finite(data[key]) or (nullable and data[key] is None)):
-            raise ReportInputError(f"{path}: {key} must be a finite number{' or null' if nullable else ''}, "
-                                   + (f"got {data[key]!r}" if key in data else "but is missing"))
-    op = data.get("OP")
-    if not isinstance(op, list) or len(op) != len(tasks) or not all(_finite(v) for v in op):
-        raise ReportInputError(f"{path}: OP must be a list of {len(tasks)} finite numbers (one per task), "
-                               f"got {op!r}")
-    metrics = {key: None if data[key] is None else float(data[key]) for key in METRICS}
-    return RunResult(folder, name, config.run.seed, dotted_keys(config_to_dict(config)), tuple(tasks), metrics,
-                     tuple(float(v) for v in op), tuple(tuple(row) for row in matrix))
-
-
-def is_reference(folder: Path) -> bool:
-    return RunDir(folder).stored_meta().get("reference") is not None
-
-
-def load_reference(folder: Path, name: str) -> ReferenceRun:
-    """One finished reference run from its config.yaml and metrics.json (scores per task)."""
-    run_dir = RunDir(folder)
-    kind = run_dir.stored_meta()["reference"]
-    if kind not in REFERENCE_MEASURES:
-        raise ReportInputError(f"{run_dir.config_path}: meta.reference must be one of {list(REFERENCE_MEASURES)}, "
-                               f"got {kind!r}")
-    try:
-        tasks, scores = run_dir.read_reference(kind)
-    except ConfigError as exc:
-        raise ReportInputError("; ".join(exc.problems)) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ReportInputError(f"{run_dir.metrics_path}: not valid JSON ({exc})") from None
-    if not isinstance(tasks, list) or not isinstance(scores, list) or len(scores) != len(tasks) or not tasks \
-            or not all(_finite(v) for v in scores):
-        raise ReportInputError(f"{run_dir.metrics_path}: scores must be a list of finite numbers, one per task")
-    config = run_dir.load_config()
-    return ReferenceRun(folder, name, kind, config.run.seed, dotted_keys(config_to_dict(config)), tuple(tasks),
-                        tuple(float(v) for v in scores))
-
-
-def match_reference(run: RunResult, references: list[ReferenceRun]) -> tuple[ReferenceRun | None, bool]:
-    """The reference (of one kind) a run is measured against, or None, and whether it has the run's seed:
-    those of the run's task sequence; of these the ones with its seed, and among several of those the one
-    whose comparable settings equal the run's; with no reference of its seed, the sequence's only one."""
-    same_tasks = [ref for ref in references if ref.tasks == run.tasks]
-    same_seed = [ref for ref in same_tasks if ref.seed == run.seed]
-    if len(same_seed) > 1:
-        same_seed = [ref for ref in same_seed
-                     if comparable_settings(ref.settings) == comparable_settings(run.settings)]
-    if len(same_seed) == 1:
-        return same_seed[0], True
-    if not same_seed and len(same_tasks) == 1:
-        return same_tasks[0], False
-    return None, False
-
-
-def with_reference_measures(runs: list[RunResult], references: list[ReferenceRun]) -> tuple[list[RunResult],
-                                                                                            list[str]]:
-    """The runs with FWT_alone / gap_joint added for each reference kind present, and the lines
-    report.md prints about which reference each measure used."""
-    notes: list[str] = []
-    for kind, (key, measure) in REFERENCE_MEASURES.items():
-        of_kind = [ref for ref in references if ref.kind == kind]
-        if not of_kind:
-            continue
-        measured, unmatched, other_seed = [], [], {}
-        for run in runs:
-            ref, by_seed = match_reference(run, of_kind)
-            if ref is None:
-                unmatched.append(run.name)
-            elif not by_seed:
-                other_seed.setdefault(ref.path, []).append(run.name)
-            value = None if ref is None else measure([list(row) for row in run.matrix], list(ref.scores))
-            measured.append(dataclasses.replace(run, metrics={**run.metrics, key: value}))
-        runs = measured
-        notes += [f"{key} of {', '.join(names)}: against {path}, the sequence's only {kind} reference, of "
-                  "another seed" for path, names in other_seed.items()]
-        if unmatched:
-            notes.append(f"{key} undefined for {', '.join(unmatched)}: no {kind} reference of that task sequence, "
-                         "or several and none with the run's seed and settings")
-    return runs, notes
-
-
 def group_references(references: list[ReferenceRun]) -> list[ReferenceGroup]:
     """Reference runs grouped by kind and comparable settings; labelled by kind and the keys that differ."""
     buckets: dict[str, list[ReferenceRun]] = {}
@@ -283,13 +117,6 @@ def group_references(references: list[ReferenceRun]) -> list[ReferenceGroup]:
     return sorted(groups, key=lambda group: group.label)
 
 
-def comparable_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """What makes two runs different experiments: all but run identity, logging and data file paths."""
-    return {k: v for k, v in settings.items() if k not in RUN_IDENTITY_KEYS and not PATH_OR_LOGGING_KEY.fullmatch(k)}
-
-
-sequence_label = " > ".join  # ("a", "b") -> "a > b"
-_finite = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 _canonical = functools.partial(json.dumps, sort_keys=True, default=str)
 
 
@@ -329,7 +156,7 @@ def group_runs(runs: list[RunResult], group_by: list[str] | None = None) -> list
 def _matches(value: Any, text: str) -> bool:
     """Whether a config value equals a command-line VALUE: numbers as numbers (5e-4 = 0.0005), booleans and
     null as YAML writes them (true, false, null), anything else as its text."""
-    if _finite(value):
+    if finite_number(value):
         try:
             return float(text) == float(value)
         except ValueError:
