@@ -321,17 +321,36 @@ def data_prepare(
     typer.echo(f"{out}: {benchmark} benchmark, {len(manifest['tasks'])} tasks, manifest {out / 'prepared.json'}")
 
 
+def _stopped(exc) -> None:
+    """Where a run stopped on a signal and how to continue it; exits 128 + the signal."""
+    import shlex
+
+    if os.environ.get("RANK", "0") == "0":
+        args = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
+        kept = ("its in-task checkpoint is saved" if exc.checkpointed else "the task restarts on resume")
+        typer.echo(f"{exc}; {kept}, completed tasks' results are kept. Continue with the same overrides: "
+                   f"cl-flat {shlex.join(args)}", err=True)
+    from cl_flat import dist
+
+    dist.shutdown()  # every rank stopped after the same update
+    sys.exit(exc.exit_code)
+
+
 def main() -> None:
     _quiet_libraries()
     from cl_flat.errors import UserError
+    from cl_flat.stopping import Interrupted, Stopped, interrupt_raises
 
+    interrupt_raises()  # not KeyboardInterrupt: typer would exit before the message below
     try:
         app()
     except UserError as exc:
         if os.environ.get("RANK", "0") == "0":  # every rank finds the same problem: say it once
             typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except Stopped as exc:
+        _stopped(exc)
+    except (KeyboardInterrupt, Interrupted):
         typer.echo("interrupted; results of completed tasks are kept", err=True)
         sys.exit(130)
     except Exception as exc:

@@ -41,6 +41,7 @@ def init_distributed(timeout_minutes: float | None = None) -> None:
 
     if torch_dist.is_available() and torch_dist.is_initialized():
         return
+    _skip_shm_op()
     lone = "RANK" not in os.environ
     if lone:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
@@ -58,6 +59,21 @@ def init_distributed(timeout_minutes: float | None = None) -> None:
         except (RuntimeError, torch_dist.DistError) as exc:
             if not (lone and "address already in use" in str(exc).lower()) or attempt == 4:
                 raise
+
+
+def _skip_shm_op() -> None:
+    """Keep DeepSpeed from JIT-building (or loading) its CPU shared-memory op `deepspeed_shm_comm`.
+
+    Why: DeepSpeed's TorchBackend builds it at init on every CPU run, only for `inference_all_reduce`,
+    which no cl-flat code calls (our collectives go through torch.distributed). The build takes minutes
+    on first use, and a process killed during it leaves $TORCH_EXTENSIONS_DIR/.../deepspeed_shm_comm/lock
+    behind, on which every later run waited forever. DeepSpeed builds the op only if
+    `deepspeed.ops.__compatible_ops__` marks it compatible; that dict is cached and meant to be edited."""
+    if torch.cuda.is_available():
+        return  # the CUDA accelerator has no such op
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def shutdown() -> None:

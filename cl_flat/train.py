@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from cl_flat import dist
+from cl_flat import dist, stopping
 from cl_flat.checkpoint import TaskCheckpoints
 from cl_flat.config import DeepSpeedSection, TrainingSection
 from cl_flat.data.batches import Encoded, collate
@@ -196,10 +197,13 @@ def _fetch(values: dict[str, Any], grad_norm: torch.Tensor | None, device: torch
     local = (torch.stack([v.detach().reshape(()).to(device, torch.float32) for v in on_device.values()])
              if names else torch.zeros(0, device=device))
     shared = (~torch.isfinite(local[:n_checked])).float()
-    if world > 1:
+    stop = float(stopping.requested() != 0)
+    if world > 1:  # the stop request rides along (last): every rank stops after the same update
         shared = dist.all_reduce_sum(torch.cat([shared, local[names.index("loss")].reshape(1)
-                                                if "loss" in on_device else local.new_zeros(0)]))
+                                                if "loss" in on_device else local.new_zeros(0),
+                                                torch.tensor([stop]).to(device, non_blocking=True)]))
     fetched = torch.cat([local, shared]).tolist()  # the one host sync of the update
+    stopping.agree((fetched.pop() if world > 1 else stop) > 0)
     got = dict(zip(names, fetched))
     flagged = {k for k, flag in zip(names[:n_checked], fetched[len(names):]) if flag > 0}
     flagged |= {k for k, v in host.items() if k in checked and v is not None and not math.isfinite(v)}
@@ -275,6 +279,18 @@ def _stop_if_needed(training: TrainingSection, method: str, record: dict[str, An
                               f"{updates}; last: {what}")
 
 
+def _checkpoint_or_stop(engine, method: FlatnessMethod, checkpoints: TaskCheckpoints | None, task: str, done: int,
+                        total: int, skipped: int) -> None:
+    """After update `done`: the periodic checkpoint when due; on an agreed stop request, a checkpoint at
+    this update (even after the last: resume then only saves the adapter) and `stopping.Stopped`."""
+    stop = stopping.agreed()
+    if checkpoints is not None and (checkpoints.due(done, total) or stop):
+        checkpoints.save(engine, method, done, skipped)
+    if stop:
+        engine.destroy()
+        raise stopping.Stopped(stopping.requested() or signal.SIGTERM, task, done, total, checkpoints is not None)
+
+
 def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, training: TrainingSection,
                section: DeepSpeedSection, seed: int, log: Callable[[dict[str, Any]], None],
                progress=None, checkpoints: TaskCheckpoints | None = None,
@@ -328,8 +344,7 @@ def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, 
             log(record)
         if bar is not None:
             progress.update(bar, advance=1, loss=loss, rate=(update + 1 - start) / max(elapsed, 1e-9))
-        if checkpoints is not None and checkpoints.due(update + 1, plan.updates):
-            checkpoints.save(engine, method, update + 1, skipped)
+        _checkpoint_or_stop(engine, method, checkpoints, task.name, update + 1, plan.updates, skipped)
     engine.destroy()
     for p in params.values():  # the adapter is frozen next: free its gradient buffers
         p.grad = None

@@ -19,6 +19,7 @@ from cl_flat.landscape import LandscapeOptions, held_out_batches, landscape_stem
 from cl_flat.models import load_run_model
 from cl_flat.rundir import RunDir
 from cl_flat.rundir.checks import CheckedRun, require_adapters, require_run
+from cl_flat.rundir.lock import held
 from cl_flat.strategies import build_strategies
 
 
@@ -61,7 +62,14 @@ class _BaseModel:
 
 def _landscape(run: CheckedRun, base: _BaseModel, task: str, options: LandscapeOptions,
                progress: bool) -> LandscapeResult:
-    """One task's landscape on a checked run: measured, then written."""
+    """One task's landscape on a checked run: measured, then written, under the run folder's lock (a
+    train of the same run writes its adapters and sharpness.json)."""
+    with held(run.run_dir.path, "cl-flat landscape"):
+        return _measured(run, base, task, options, progress)
+
+
+def _measured(run: CheckedRun, base: _BaseModel, task: str, options: LandscapeOptions,
+              progress: bool) -> LandscapeResult:
     started = time.perf_counter()
     config, run_dir = run.config, run.run_dir
     options = resolved(options.model_copy(update={"task": task}), config.evaluation)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from cl_flat import dist
+from cl_flat import dist, stopping
 from cl_flat.adapters import AdapterStack
 from cl_flat.checkpoint import TaskCheckpoints
 from cl_flat.config import RunConfig, TrainingSection
@@ -33,6 +33,7 @@ from cl_flat.flatness import FlatnessMethod, build_method
 from cl_flat.models import check_target_modules, load_run_model, run_precision
 from cl_flat.progress import training_bars
 from cl_flat.rundir import RunDir
+from cl_flat.rundir.lock import held
 from cl_flat.seeding import deterministic_kernels
 from cl_flat.strategies import LossTerms
 from cl_flat.tracking import RankLog, Tracker
@@ -147,6 +148,10 @@ class Skeleton:
         dist.init_distributed(self.config.deepspeed.timeout_minutes)
         if os.environ.get("CL_FLAT_DETERMINISTIC") == "1":
             deterministic_kernels()
+        with held(self.run_dir.path, "cl-flat train"):  # before the folder is read: one writer at a time
+            return self._run(rank_log)
+
+    def _run(self, rank_log: RankLog) -> Any:
         self.accept()
         self.methods, self.tasks, model, self.tokenizer = prepare(self.config)
         rank_log.attach(self.run_dir.rank_log(dist.rank()), dist.rank(), dist.world_size())  # input accepted
@@ -175,8 +180,9 @@ class Skeleton:
 
     def _train(self, unit: Unit, bars) -> dict[str, float]:
         """Train the unit's adapter and save it; `train_task`'s stats."""
-        stats = train_task(unit.task, unit.stack.model, unit.method, unit.training, self.config.deepspeed,
-                           self.config.run.seed, self.log_update, bars, unit.checkpoints, unit.regulariser)
+        with stopping.catching():  # SIGTERM/SIGINT: stop after the update in flight, checkpointed
+            stats = train_task(unit.task, unit.stack.model, unit.method, unit.training, self.config.deepspeed,
+                               self.config.run.seed, self.log_update, bars, unit.checkpoints, unit.regulariser)
         (unit.end_task or unit.stack.check_trainable)()
         if dist.is_main():
             unit.stack.save_current(self.run_dir.adapter_dir(unit.task.name))
