@@ -5,8 +5,8 @@ The handler (`catching`, around each task's training) only records the signal. T
 the request once per update, after the update in flight: every rank at the same update, since the flag
 travels in the update's one existing reduction (`train._fetch` sums it with the non-finite flags: no
 extra collective, no extra host sync). The loop then writes an in-task checkpoint and raises `Stopped`
-(exit 128 + signal: 143 for SIGTERM, 130 for SIGINT). A second signal of the same kind acts at once, as
-it would without the handler. Outside training (loading, evaluation), the signals keep their usual
+(exit 128 + signal: 143 for SIGTERM, 130 for SIGINT). A second Ctrl-C acts at once, as it would
+without the handler. Outside training (loading, evaluation), the signals keep their usual
 effect: SIGTERM ends the process, SIGINT raises `Interrupted` (`interrupt_raises`).
 """
 
@@ -51,7 +51,8 @@ def agreed() -> bool:
 
 
 def _record(signum: int, frame) -> None:
-    if _state["requested"] == signum:  # the second one: what it does without us
+    if _state["requested"] == signum == signal.SIGINT:  # a second Ctrl-C: what it does without us (a
+        # repeated SIGTERM waits: torchrun forwards the one it gets to workers that already got it)
         signal.signal(signum, _previous.get(signum, signal.SIG_DFL))
         os.kill(os.getpid(), signum)
         return
