@@ -326,10 +326,13 @@ def _stopped(exc) -> None:
     import shlex
 
     if os.environ.get("RANK", "0") == "0":
-        args = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
-        kept = ("its in-task checkpoint is saved" if exc.checkpointed else "the task restarts on resume")
-        typer.echo(f"{exc}; {kept}, completed tasks' results are kept. Continue with the same overrides: "
-                   f"cl-flat {shlex.join(args)}", err=True)
+        if exc.checkpointed:
+            args = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
+            typer.echo(f"{exc}; its in-task checkpoint is saved, completed tasks' results are kept. Continue "
+                       f"with the same overrides: cl-flat {shlex.join(args)}", err=True)
+        else:  # a reference run keeps no checkpoints and does not resume
+            typer.echo(f"{exc}; nothing of it is kept. Start it again: cl-flat {shlex.join(sys.argv[1:])}",
+                       err=True)
     from cl_flat import dist
 
     dist.shutdown()  # every rank stopped after the same update
