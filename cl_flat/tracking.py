@@ -120,12 +120,18 @@ class Tracker:
         _finish(run, 1, timeout=5)
 
     def __exit__(self, exc_type, exc, traceback) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-        if self._wandb is not None:
-            run, self._wandb = self._wandb, None
-            _finish(run, 0 if exc_type is None else 1, FINISH_TIMEOUT)
+        handle, self._handle = self._handle, None
+        try:
+            if handle is not None:
+                with writing(self.log_path):
+                    handle.close()  # closed even when its last flush finds the disk full
+        except DiskFull:
+            if exc_type is None:  # else the block's own error (this same full disk, mostly) is the one to report
+                raise
+        finally:
+            if self._wandb is not None:
+                run, self._wandb = self._wandb, None
+                _finish(run, 0 if exc_type is None else 1, FINISH_TIMEOUT)
 
     def log_update(self, record: dict[str, Any]) -> None:
         """One update: a strict-JSON line of train_log.jsonl (a non-finite value is null there; the record names it
