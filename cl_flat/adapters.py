@@ -21,6 +21,7 @@ from torch import nn
 
 from cl_flat.config import LoraSection
 from cl_flat.family import CAUSAL, Family, family_of, lora_targets
+from cl_flat.files import writing
 from cl_flat.seeding import adapter_init_seed
 
 
@@ -110,6 +111,10 @@ class AdapterStack:
 
     def save_current(self, destination: Path) -> None:
         """Write the current adapter (peft safetensors) to `destination`, atomically."""
+        with writing(destination):
+            self._save_current(destination)
+
+    def _save_current(self, destination: Path) -> None:
         destination.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".tmp-adapter-") as tmp:
             self.model.save_pretrained(tmp, selected_adapters=[self.current])

@@ -26,7 +26,7 @@ import torch
 
 from cl_flat import dist
 from cl_flat.errors import UserError
-from cl_flat.files import atomic_write_text
+from cl_flat.files import atomic_write_text, writing
 
 PREFIX = "update-"
 TEMP = ".tmp-"
@@ -68,10 +68,11 @@ class TaskCheckpoints:
         full_state = engine.module_state_dict
         engine.module_state_dict = lambda **kw: {k: v for k, v in full_state(**kw).items() if k in trainable}
         try:
-            engine.save_checkpoint(str(self.folder), tag=tag, save_latest=False, exclude_frozen_parameters=True)
+            with writing(temp):  # a full disk: the newest complete checkpoint before this one is kept
+                engine.save_checkpoint(str(self.folder), tag=tag, save_latest=False, exclude_frozen_parameters=True)
+                torch.save(method.state_dict(), temp / f"method_rank{dist.rank()}.pt")
         finally:
             del engine.module_state_dict
-        torch.save(method.state_dict(), temp / f"method_rank{dist.rank()}.pt")
         dist.barrier()
         if dist.is_main():
             atomic_write_text(temp / "state.json", json.dumps({"updates": updates_done, "skipped": skipped,

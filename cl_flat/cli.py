@@ -356,6 +356,14 @@ def main() -> None:
     except (KeyboardInterrupt, Interrupted):
         typer.echo("interrupted; results of completed tasks are kept", err=True)
         sys.exit(130)
+    except OSError as exc:  # a full disk where no files.writing block names the path (DiskFull is a UserError)
+        from cl_flat.errors import DiskFull
+        from cl_flat.files import disk_full_error
+
+        if disk_full_error(exc) is None:
+            raise
+        typer.echo(f"error: {DiskFull(exc.filename or 'the results folder')}", err=True)
+        sys.exit(1)
     except Exception as exc:
         if not _lost_peer(exc):
             raise

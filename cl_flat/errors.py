@@ -42,3 +42,13 @@ class PluginError(UserError):
     that fails to import or registers nothing. The message names both sources, or the package."""
 
     exit_code = 2
+
+
+class DiskFull(UserError):
+    """A write failed because the disk is full (or over quota, or read-only): the message names the path.
+    Every write is atomic or an append of whole lines, so completed tasks stay intact and --resume continues."""
+
+    def __init__(self, path: object):
+        self.path = path
+        super().__init__(f"no space left on device writing {path}: free space and continue with "
+                         "cl-flat train CONFIG --resume")

@@ -1,9 +1,10 @@
 """Atomic file writes: write beside the target, then rename, so an interrupted run never leaves
-a half-written file that looks complete (the README's results contract); the one JSON-lines reader;
-and the tool's cache root."""
+a half-written file that looks complete (the README's results contract); the one translation of a full
+disk into `DiskFull`; the one JSON-lines reader; and the tool's cache root."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -12,22 +13,67 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cl_flat.errors import DataError
+from cl_flat.errors import DataError, DiskFull
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def disk_full_error(exc: BaseException) -> OSError | None:
+    """The OSError (ENOSPC, EDQUOT, EROFS) behind `exc`, following its causes, or None. torch and
+    safetensors wrap the OSError of a failed write in their own RuntimeError."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextmanager
+def writing(path: str | os.PathLike[str]) -> Iterator[None]:
+    """A block that writes `path` (a file, or a folder it fills): a full disk raises DiskFull naming it (not the
+    OSError's file name, often a temporary file)."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except Exception as exc:
+        full = disk_full_error(exc) or _full_disk_behind(exc, path)
+        if full is None:
+            raise
+        raise DiskFull(path) from exc
+
+
+def _full_disk_behind(exc: BaseException, path: str | os.PathLike[str]) -> OSError | None:
+    """A library's error that dropped the errno (torch.save: "unexpected pos 24000 vs 23892") while `path`'s
+    file system has (almost) no space left: that is the cause."""
+    if not isinstance(exc, (RuntimeError, OSError)):
+        return None
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return None
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if stats.f_bavail * stats.f_frsize < 1 << 20 else None
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[str]:
     """Yield a temporary path in the target's folder; on success it replaces `path`."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+        os.close(fd)
+        try:
+            yield tmp
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
