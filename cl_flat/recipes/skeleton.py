@@ -26,6 +26,7 @@ from cl_flat.adapters import AdapterStack
 from cl_flat.checkpoint import TaskCheckpoints
 from cl_flat.config import RunConfig, TrainingSection
 from cl_flat.data import TaskData, load_tasks
+from cl_flat.data.fingerprints import META_KEY, fingerprints
 from cl_flat.errors import ConfigError
 from cl_flat.evaluate import evaluate_tasks
 from cl_flat.family import family_of, lora_targets
@@ -61,7 +62,7 @@ def run_metadata(config: RunConfig, model: torch.nn.Module) -> dict[str, Any]:
     return {"world_size": world, "global_batch": BatchShape.of(config.training, world).global_batch,
             "evaluation_precision": run_precision(config.model, config.deepspeed),
             "lora_target_modules": lora_targets(config.lora.target_modules, family_of(model)),
-            "results_format": RunDir.RESULTS_FORMAT,
+            "results_format": RunDir.RESULTS_FORMAT, META_KEY: fingerprints(config),
             "versions": {"cl_flat": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
                          "transformers": transformers.__version__, "peft": peft.__version__,
                          "deepspeed": deepspeed.__version__},
