@@ -89,3 +89,18 @@ def test_data_path_is_a_directory_or_fifo(project, cli_here):
     for name, needle in (("folder", "is a directory"), ("pipe", "is not a regular file")):
         raw["tasks"][0]["train"] = str(tmp_path / name)
         refused(cli_here, tmp_path, write_yaml(tmp_path / "run.yaml", raw), f"{tmp_path / name}: {needle}")
+
+
+@pytest.mark.parametrize(("key", "value"), [("micro_batch_size", 1e12), ("gradient_accumulation_steps", 3)])
+def test_fewer_examples_than_one_global_batch(project, cli_here, key, value):
+    tmp_path, raw = project  # 4 training examples, micro_batch_size 2
+    raw["training"][key] = value
+    refused(cli_here, tmp_path, write_yaml(tmp_path / "run.yaml", raw), "tasks[senti]: 4 training examples are "
+            "fewer than one global batch")
+
+
+def test_output_dir_is_a_file(project, cli_here):
+    tmp_path, raw = project
+    (tmp_path / "results").write_text("not a folder\n")
+    refused(cli_here, tmp_path, write_yaml(tmp_path / "run.yaml", raw),
+            f"run.output_dir: {tmp_path / 'results'} is a file, not a folder")
