@@ -111,11 +111,14 @@ def truncate_log(run_dir: RunDir, done: int, updates: int = 0) -> list[dict[str,
     if not run_dir.log_path.exists():
         return []
     lines, records = [], []
-    for line in run_dir.log_path.read_text().splitlines():
+    for number, line in enumerate(run_dir.log_path.read_text().splitlines(), start=1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:  # the line a kill cut short
             continue
+        if not isinstance(record, dict) or not {"task_index", "step"} <= set(record):
+            raise DataError(f"{run_dir.log_path}:{number}: expected an update's record (an object with "
+                            f"task_index and step), got {line[:60]!r}")
         if record["task_index"] < done or (record["task_index"] == done and record["step"] <= updates):
             lines.append(line)
             records.append(record)

@@ -104,3 +104,35 @@ def test_output_dir_is_a_file(project, cli_here):
     (tmp_path / "results").write_text("not a folder\n")
     refused(cli_here, tmp_path, write_yaml(tmp_path / "run.yaml", raw),
             f"run.output_dir: {tmp_path / 'results'} is a file, not a folder")
+
+
+def test_metrics_refuses_scores_outside_0_100(tmp_path, cli_here):
+    path = tmp_path / "acc_matrix.csv"
+    path.write_text("after_task,a,b\nzero_shot,10,20\na,50,140\nb,40,60\n")
+    with unchanged(tmp_path):
+        assert_clean_failure(cli_here(["metrics", str(path)], tmp_path),
+                             f"{path}:3", "a score must lie in [0, 100], got '140'", code=2)
+
+
+def test_train_log_line_not_an_object(tmp_path):
+    from cl_flat.errors import DataError
+    from cl_flat.rundir import RunDir
+    from cl_flat.rundir.resume import truncate_log
+
+    run_dir = RunDir(tmp_path)
+    run_dir.log_path.write_text('{"task_index": 0, "step": 1}\n[1, 2]\n')
+    with unchanged(tmp_path), pytest.raises(DataError, match=r"train_log.jsonl:2: expected an update's record"):
+        truncate_log(run_dir, 1)
+
+
+def test_report_skips_and_lists_a_folder_with_invalid_yaml(tmp_path):
+    from cl_flat.report import build_report, render_markdown
+    from report_runs import make_results
+
+    results = make_results(tmp_path / "results")
+    (results / "foreign").mkdir()
+    (results / "foreign" / "config.yaml").write_text("a: [unclosed\n")
+    report = build_report([str(results)])
+    assert any(note.startswith(f"skipped {results / 'foreign'}: ") and "not valid YAML" in note
+               for note in report.notes)
+    assert f"skipped {results / 'foreign'}" in render_markdown(report)
