@@ -85,16 +85,23 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def json_lines(path: str | os.PathLike[str], error: type[Exception] = DataError) -> Iterator[tuple[int, Any]]:
-    """(line number from 1, value) of each non-blank line of a JSON-lines file; a line that is not JSON
-    raises `error` naming `path:line`."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    """(line number from 1, value) of each non-blank line of a JSON-lines file (UTF-8, a BOM accepted); a
+    line that is not UTF-8 or not JSON raises `error` naming `path:line`."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise error(f"{path}:{number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                            f"{exc.start + 1})") from None
             if not line.strip():
                 continue
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise error(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise error(f"{path}:{number}: JSON nested too deeply") from None
             yield number, value
 
 

@@ -236,6 +236,8 @@ def _parse_cell(text: str, where: str, column: str) -> Score:
         return None
     if math.isinf(x):
         raise MatrixFormatError(f"{where}: column {column!r}: expected a finite number, got {s!r}")
+    if not 0 <= x <= 100:  # scores are percentages; anything else is not a cl-flat matrix
+        raise MatrixFormatError(f"{where}: column {column!r}: a score must lie in [0, 100], got {s!r}")
     return x
 
 

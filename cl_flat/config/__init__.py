@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, get_args
 
-import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from cl_flat.config.sections import (
@@ -32,6 +31,7 @@ from cl_flat.config.sections import (
     WandbSection,
     flatness_adapter,
 )
+from cl_flat.config.yamlfile import YamlProblem, read_yaml
 from cl_flat.errors import ConfigError
 from cl_flat.overrides import apply_overrides, fill_name_template, names_every_key, override_keys, with_task_settings
 from cl_flat.registry import METHODS, STRATEGIES
@@ -169,11 +169,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None, sweep_run_
     if not path.is_file():
         raise ConfigError(str(path), [f"{path}: file not found"])
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(str(path), [f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+        raw = read_yaml(path)
+    except YamlProblem as exc:
+        raise ConfigError(str(path), [str(exc)]) from None
     raw = apply_overrides(raw if raw is not None else {}, overrides or [])
     config = validate_config(raw, str(path))
     template = raw["run"]["name"] if "name" in (raw.get("run") or {}) else config.run.name

@@ -35,7 +35,8 @@ def _numbers(annotation: Any) -> bool:
 
 class Strict(BaseModel):
     # defer_build: a schema holding a registry's union is built at first use, when the registry can load
-    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=False, defer_build=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=False, defer_build=True,
+                              allow_inf_nan=False)  # no setting means anything at infinity or NaN
 
     @model_validator(mode="before")
     @classmethod
@@ -137,6 +138,11 @@ def _labels_are_strings(value: Any) -> Any:
     if isinstance(value, list) and any(isinstance(v, bool) for v in value):
         raise ValueError("a label was read as a boolean (YAML turns unquoted yes/no/true/false into booleans): "
                          "quote the labels, e.g. [\"yes\", \"no\"]")
+    if isinstance(value, list) and any(isinstance(v, str) and not v.strip() for v in value):
+        raise ValueError("a label is empty; each label must be a non-empty string")
+    repeated = sorted({v for v in value if value.count(v) > 1}) if isinstance(value, list) else []
+    if repeated and all(isinstance(v, str) for v in repeated):
+        raise ValueError(f"label(s) {repeated} repeated; each label must be listed once")
     return value
 
 
@@ -221,7 +227,7 @@ class EvaluationSection(Strict):
 class DeepSpeedSection(Strict):
     zero_stage: Literal[0, 1, 2] = 0
     bf16: bool = False
-    timeout_minutes: float = Field(default=5.0, gt=0, description="a collective waiting longer ends the run")
+    timeout_minutes: float = Field(default=5.0, ge=0.1, description="a collective waiting longer ends the run")
     extra: dict[str, Any] = Field(default_factory=dict, description="merged into the DeepSpeed config")
 
     @field_validator("extra")

@@ -48,15 +48,32 @@ def _check_labels(examples: list[Example], labels: list[str] | None, where: list
             raise DataError(f"{place}: output {example.output!r} is not one of the task's labels {labels}")
 
 
-def read_jsonl(path: Path, labels: list[str] | None = None) -> list[Example]:
+def require_file(path: Path) -> None:
+    """A DataError unless `path` is a regular file: what it is instead."""
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        kind = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "file not found"
+        raise DataError(f"{path}: {kind}")
+
+
+def _encodable(text: str) -> bool:
+    """False for a lone surrogate (JSON's "\\ud800"): no tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def read_jsonl(path: Path, labels: list[str] | None = None) -> list[Example]:
+    require_file(path)
     examples: list[Example] = []
     where: list[str] = []
     for number, row in json_lines(path):
         if not isinstance(row, dict) or not isinstance(row.get("input"), str) \
                 or not isinstance(row.get("output"), str):
             raise DataError(f"{path}:{number}: expected an object with string fields \"input\" and \"output\"")
+        if not (_encodable(row["input"]) and _encodable(row["output"])):
+            raise DataError(f"{path}:{number}: a lone surrogate escape (e.g. \"\\ud800\") is not text")
         examples.append(Example(row["input"], row["output"]))
         where.append(f"{path}:{number}")
     if not examples:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from cl_flat import dist
 from cl_flat.data import load_tasks
+from cl_flat.data.fingerprints import data_changes
+from cl_flat.errors import DataError
 from cl_flat.evaluate import evaluate_tasks
 from cl_flat.models import load_run_model
 from cl_flat.rundir import RunDir
@@ -25,6 +27,10 @@ def reevaluate(path: Path) -> Reevaluation:
     run = require_run(RunDir(path))
     require_adapters(run, run.trained[-1:])
     config = run.config
+    changed = data_changes(run.run_dir.stored_meta(), config)
+    if changed:
+        raise DataError(f"{run.run_dir.path}: a data file changed since the run was trained (the scores would "
+                        "not compare): " + "; ".join(changed))
     dist.init_distributed()
     tasks = load_tasks(config)
     model, tokenizer = load_run_model(config.model, config.deepspeed, config.run.seed)

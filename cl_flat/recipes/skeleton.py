@@ -26,7 +26,8 @@ from cl_flat.adapters import AdapterStack
 from cl_flat.checkpoint import TaskCheckpoints
 from cl_flat.config import RunConfig, TrainingSection
 from cl_flat.data import TaskData, load_tasks
-from cl_flat.errors import ConfigError
+from cl_flat.data.fingerprints import META_KEY, fingerprints
+from cl_flat.errors import ConfigError, UserError
 from cl_flat.evaluate import evaluate_tasks
 from cl_flat.family import family_of, lora_targets
 from cl_flat.flatness import FlatnessMethod, build_method
@@ -37,7 +38,7 @@ from cl_flat.rundir.lock import held
 from cl_flat.seeding import deterministic_kernels
 from cl_flat.strategies import LossTerms
 from cl_flat.tracking import RankLog, Tracker
-from cl_flat.train import BatchShape, TrainTask, train_task
+from cl_flat.train import BatchShape, TaskPlan, TrainTask, train_task
 
 
 def _git_commit() -> str | None:
@@ -62,7 +63,7 @@ def run_metadata(config: RunConfig, model: torch.nn.Module) -> dict[str, Any]:
     return {"world_size": world, "global_batch": BatchShape.of(config.training, world).global_batch,
             "evaluation_precision": run_precision(config.model, config.deepspeed),
             "lora_target_modules": lora_targets(config.lora.target_modules, family_of(model)),
-            "results_format": RunDir.RESULTS_FORMAT,
+            "results_format": RunDir.RESULTS_FORMAT, META_KEY: fingerprints(config),
             "versions": {"cl_flat": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
                          "transformers": transformers.__version__, "peft": peft.__version__,
                          "deepspeed": deepspeed.__version__},
@@ -82,12 +83,34 @@ def task_methods(config: RunConfig, source: str = "config") -> list[FlatnessMeth
     return methods
 
 
+def check_output_dir(config: RunConfig, source: str = "config") -> None:
+    """run.output_dir and the run's folder must be folders where they exist (not files)."""
+    folder = RunDir.of(config).path
+    for path in (folder, *folder.parents):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(source, [f"run.output_dir: {path} is a file, not a folder"])
+
+
+def check_batches(config: RunConfig, tasks: list[TaskData], world: int, source: str = "config") -> None:
+    """Each task's training examples fill at least one global batch (`TaskPlan.for_task`'s rule)."""
+    problems = []
+    for index, task in enumerate(tasks):
+        try:
+            TaskPlan.for_task(config.task_training(index), len(task.train), world, task.name)
+        except UserError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError(source, problems)
+
+
 def prepare(config: RunConfig):
-    """Everything that can fail on bad input, before any file is written: each task's method and
-    its checks, every task's data, the model and its target modules.
-    Returns (methods, one per task; tasks; model; tokenizer)."""
+    """Everything that can fail on bad input, before any file is written: the results folder's place,
+    each task's method and its checks, every task's data and its batches, the model and its target
+    modules. Returns (methods, one per task; tasks; model; tokenizer)."""
+    check_output_dir(config)
     methods = task_methods(config)
     tasks = load_tasks(config)
+    check_batches(config, tasks, dist.world_size())
     model, tokenizer = load_run_model(config.model, config.deepspeed, config.run.seed)
     check_target_modules(config.lora.target_modules, {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()},
                          family_of(model))

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from cl_flat.config import RunConfig, load_config
-from cl_flat.data import check_local_data
+from cl_flat.data import check_local_data, load_task
 from cl_flat.models import check_target_modules, model_family, module_names
-from cl_flat.recipes.skeleton import task_methods
+from cl_flat.recipes.skeleton import check_batches, check_output_dir, task_methods
 
 
 def validate(path: Path, overrides: list[str]) -> tuple[RunConfig, list[str]]:
@@ -15,8 +15,13 @@ def validate(path: Path, overrides: list[str]) -> tuple[RunConfig, list[str]]:
     Checks every method, every local data file (never downloads) and, where the model is known without
     loading it, the LoRA target modules."""
     config = load_config(path, overrides)
+    check_output_dir(config, str(path))
     task_methods(config, str(path))
     notes = check_local_data(config)
+    local = [i for i, task in enumerate(config.tasks) if not any(f"tasks[{task.name}]" in n for n in notes)]
+    tasks = [load_task(config.tasks[i], config.run.seed, config.evaluation.metric) for i in local]
+    # one process: the smallest global batch (more ranks only make it larger)
+    check_batches(config.model_copy(update={"tasks": [config.tasks[i] for i in local]}), tasks, 1, str(path))
     names = module_names(config.model.name_or_path)
     if names is not None:
         check_target_modules(config.lora.target_modules, names, model_family(config.model.name_or_path))

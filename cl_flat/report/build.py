@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cl_flat.config import flatness_adapter
+from cl_flat.errors import ConfigError
 from cl_flat.metrics import METRICS, REFERENCE_MEASURES
 from cl_flat.overrides import dotted_keys
 from cl_flat.report.runs import (
@@ -202,6 +203,18 @@ def compare_paired(group: Group, baseline: Group) -> PairedComparison:
                                                                  for a, b in pairs[m]]) for m in keys})
 
 
+def _readable(folders: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The folders whose config.yaml can be read, and (folder, problem) of the others (skipped, listed)."""
+    readable, unreadable = [], []
+    for folder in folders:
+        try:
+            RunDir(folder).read_document()
+            readable.append(folder)
+        except ConfigError as exc:
+            unreadable.append((folder, exc.problems[0]))
+    return readable, unreadable
+
+
 def build_report(inputs: Sequence[str], group_by: str | None = None, baseline: Sequence[str] = (),
                  allow_mixed: bool = False) -> Report:
     """Read and compare the runs named by `inputs`; raises ReportInputError before anything is written."""
@@ -209,7 +222,7 @@ def build_report(inputs: Sequence[str], group_by: str | None = None, baseline: S
     if keys is not None and not all(keys):
         raise ReportInputError(f"--group-by {group_by}: expected comma-separated dotted keys, "
                                "e.g. flatness.method,flatness.scope")
-    found = find_run_folders(inputs)
+    found, unreadable = _readable(find_run_folders(inputs))
     reference_folders = [f for f in found if is_reference(f)]  # --reference runs: grouped on their own
     finished = [f for f in reference_folders if RunDir(f).metrics_path.is_file()]
     references = [load_reference(f, f.name) for f in finished]
@@ -231,7 +244,7 @@ def build_report(inputs: Sequence[str], group_by: str | None = None, baseline: S
                                    "one sequence, or pass --allow-mixed")
     groups = group_runs(runs, keys)
     chosen, baseline_notes = choose_baseline(groups, list(baseline))
-    notes = baseline_notes + notes
+    notes = baseline_notes + notes + [f"skipped {folder}: {problem}" for folder, problem in unreadable]
     if chosen is not None:
         groups = [chosen, *(group for group in groups if group is not chosen)]
     paired = [compare_paired(group, chosen) for group in groups if chosen is not None and group is not chosen]

@@ -28,6 +28,7 @@ from torch import nn
 
 from cl_flat.adapters import AdapterStack
 from cl_flat.config import RunConfig, config_to_dict, validate_config
+from cl_flat.config.yamlfile import YamlProblem, read_yaml
 from cl_flat.errors import ConfigError, UserError
 from cl_flat.files import atomic_write_text
 from cl_flat.metrics import ZERO_SHOT, Rows, read_acc_matrix, write_acc_matrix
@@ -105,10 +106,9 @@ class RunDir:
         if not self.config_path.is_file():
             self.refuse(f"{self.path}: not a cl-flat run folder ({self.config_path.name} is missing)")
         try:
-            return yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            mark = getattr(exc, "problem_mark", None)
-            self.refuse(f"{self.config_path}{f':{mark.line + 1}' if mark else ''}: not readable YAML")
+            return read_yaml(self.config_path)
+        except YamlProblem as exc:
+            self.refuse(str(exc))
 
     def refuse(self, *problems: str, kind: str = "run folder") -> None:
         """Raise a ConfigError (exit 2) about this folder listing `problems`, if there are any."""

@@ -13,7 +13,8 @@ from typing import Any
 
 from cl_flat import dist
 from cl_flat.config import RunConfig, config_to_dict
-from cl_flat.errors import UserError
+from cl_flat.data.fingerprints import data_changes
+from cl_flat.errors import DataError, UserError
 from cl_flat.files import atomic_write_text
 from cl_flat.metrics import ZERO_SHOT, Rows, read_acc_matrix
 from cl_flat.overrides import dotted_keys
@@ -67,6 +68,12 @@ def completed_rows(run_dir: RunDir, config: RunConfig, resume: bool, allow_chang
         return Restart([], [], run_dir.stored_meta())
     document = run_dir.read_document()
     changes = config_changes(run_dir.config_of(document), config)
+    data = data_changes(meta_of(document), config)
+    if data and not allow_changes:
+        raise DataError(f"--resume: a data file changed since the run started ({run_dir.config_path} holds its "
+                        f"fingerprint):\n" + "".join(f"  - {c}\n" for c in data)
+                        + "restore the file, or pass --allow-config-change to train the remaining tasks on it")
+    changes += data
     if changes and not allow_changes:
         raise UserError(f"--resume: the config differs from {run_dir.config_path}:\n"
                         + "".join(f"  - {c}\n" for c in changes)
@@ -86,15 +93,15 @@ def completed_rows(run_dir: RunDir, config: RunConfig, resume: bool, allow_chang
 
 def restart(run_dir: RunDir, config: RunConfig, resume: bool, allow_changes: bool) -> Restart:
     """`completed_rows` read by rank 0; every rank gets the same answer or the same error."""
-    outcome: Restart | str = Restart([], [])
+    outcome: Restart | tuple[int, str] = Restart([], [])
     if dist.is_main():
         try:
             outcome = completed_rows(run_dir, config, resume, allow_changes)
         except UserError as exc:
-            outcome = str(exc)
+            outcome = (exc.exit_code, str(exc))  # malformed input (exit 2) stays exit 2 on every rank
     outcome = dist.broadcast_object(outcome)
-    if isinstance(outcome, str):
-        raise UserError(outcome)
+    if isinstance(outcome, tuple):
+        raise (DataError if outcome[0] == DataError.exit_code else UserError)(outcome[1])
     return outcome
 
 
@@ -104,11 +111,14 @@ def truncate_log(run_dir: RunDir, done: int, updates: int = 0) -> list[dict[str,
     if not run_dir.log_path.exists():
         return []
     lines, records = [], []
-    for line in run_dir.log_path.read_text().splitlines():
+    for number, line in enumerate(run_dir.log_path.read_text().splitlines(), start=1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:  # the line a kill cut short
             continue
+        if not isinstance(record, dict) or not {"task_index", "step"} <= set(record):
+            raise DataError(f"{run_dir.log_path}:{number}: expected an update's record (an object with "
+                            f"task_index and step), got {line[:60]!r}")
         if record["task_index"] < done or (record["task_index"] == done and record["step"] <= updates):
             lines.append(line)
             records.append(record)
