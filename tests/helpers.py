@@ -66,7 +66,9 @@ def unchanged(folder: Path) -> Iterator[None]:
     """Asserts that the block creates, deletes and touches nothing under `folder`."""
     before = listing(folder)
     yield
-    assert listing(folder) == before
+    after = listing(folder)
+    assert after == before, {k: (before.get(k), after.get(k)) for k in set(before) | set(after)
+                             if before.get(k) != after.get(k)}
 
 
 def free_port() -> int:

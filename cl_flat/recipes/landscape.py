@@ -64,7 +64,8 @@ def _landscape(run: CheckedRun, base: _BaseModel, task: str, options: LandscapeO
                progress: bool) -> LandscapeResult:
     """One task's landscape on a checked run: measured, then written, under the run folder's lock (a
     train of the same run writes its adapters and sharpness.json)."""
-    with held(run.run_dir.path, "cl-flat landscape"):
+    with held(run.run_dir.path, "cl-flat landscape") as lock:
+        lock.claim()  # its input was checked before: it writes
         return _measured(run, base, task, options, progress)
 
 

@@ -36,7 +36,7 @@ from cl_flat.progress import training_bars
 from cl_flat.rundir import RunDir
 from cl_flat.rundir.lock import held
 from cl_flat.seeding import deterministic_kernels
-from cl_flat.strategies import LossTerms
+from cl_flat.strategies import LossTerms, build_strategies
 from cl_flat.tracking import RankLog, Tracker
 from cl_flat.train import BatchShape, TaskPlan, TrainTask, train_task
 
@@ -92,11 +92,13 @@ def check_output_dir(config: RunConfig, source: str = "config") -> None:
 
 
 def check_batches(config: RunConfig, tasks: list[TaskData], world: int, source: str = "config") -> None:
-    """Each task's training examples fill at least one global batch (`TaskPlan.for_task`'s rule)."""
-    problems = []
+    """Each task's training set (replayed examples included) fills at least one global batch
+    (`TaskPlan.for_task`'s rule)."""
+    problems, strategies = [], build_strategies(config)
     for index, task in enumerate(tasks):
+        examples = sum(len(group) for _, group in strategies.training_groups(tasks, index))
         try:
-            TaskPlan.for_task(config.task_training(index), len(task.train), world, task.name)
+            TaskPlan.for_task(config.task_training(index), examples, world, task.name)
         except UserError as exc:
             problems.append(str(exc))
     if problems:
@@ -104,10 +106,9 @@ def check_batches(config: RunConfig, tasks: list[TaskData], world: int, source: 
 
 
 def prepare(config: RunConfig):
-    """Everything that can fail on bad input, before any file is written: the results folder's place,
-    each task's method and its checks, every task's data and its batches, the model and its target
+    """Everything that can fail on bad input, before any file is written (the results folder's place is
+    checked before its lock is taken): each task's method and its checks, every task's data and its batches, the model and its target
     modules. Returns (methods, one per task; tasks; model; tokenizer)."""
-    check_output_dir(config)
     methods = task_methods(config)
     tasks = load_tasks(config)
     check_batches(config, tasks, dist.world_size())
@@ -171,7 +172,8 @@ class Skeleton:
         dist.init_distributed(self.config.deepspeed.timeout_minutes)
         if os.environ.get("CL_FLAT_DETERMINISTIC") == "1":
             deterministic_kernels()
-        with held(self.run_dir.path, "cl-flat train"):  # before the folder is read: one writer at a time
+        check_output_dir(self.config)  # the lock's file goes into that folder
+        with held(self.run_dir.path, "cl-flat train") as self.lock:  # before the folder is read: one writer
             return self._run(rank_log)
 
     def _run(self, rank_log: RankLog) -> Any:
@@ -195,6 +197,7 @@ class Skeleton:
     def _save_config(self, model: torch.nn.Module) -> dict[str, Any]:
         meta: dict[str, Any] = {}
         if dist.is_main():
+            self.lock.claim()  # the folder is accepted: from here on this run writes it
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
             meta = run_metadata(self.config, model) | self.meta()
             self.run_dir.save_config(self.config, meta)

@@ -3,9 +3,11 @@
 
 The lock is an fcntl.flock on the open file, so the kernel releases it whenever the holder's process
 ends, however it ends (SIGKILL included); the file's text (host, pid, start time) only names the
-holder. A file left by a dead holder is therefore taken over (with a one-line notice); a live one
-refuses the second command at once (exit 2). Release also removes the folders the lock created (when
-still empty), so a command refused later (bad data) leaves nothing behind.
+holder. A live holder refuses the second command at once (exit 2); text left by a dead one is taken
+over with a one-line notice. A command refused after taking the lock (its input checked under it)
+writes nothing: the holder's text is written by `claim`, when the command starts writing the folder,
+and emptied on release (the file stays, a free lock); a lock file, and folders, that a never-claimed
+lock created are removed again, so a fresh run refused for bad data leaves nothing behind.
 
 `cl-flat eval` takes no lock: it reads a complete run only (metrics.json present), and no train writes
 to a complete folder again (a fresh start or a --resume there is refused).
@@ -52,13 +54,16 @@ class RunLock:
         self.command = command
         self._fd: int | None = None
         self._created: list[Path] = []
+        self._created_file = False
+        self._claimed = False
 
     def acquire(self) -> RunLock:
-        """Take the lock or raise FolderBusy naming the holder."""
+        """Take the lock or raise FolderBusy naming the holder; writes nothing into an existing folder."""
         missing = [p for p in [self.path.parent, *self.path.parent.parents] if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._created = missing  # innermost first: the order they are removed in
         while True:
+            existed = self.path.exists()
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -66,15 +71,21 @@ class RunLock:
                 self._refuse(fd)
             if self._current(fd):
                 break
-            os.close(fd)  # we locked a file its holder removed on release: open the new one
+            os.close(fd)  # we locked a file its never-claimed holder removed on release: open the new one
+        self._created_file = not existed
         previous = os.pread(fd, 4096, 0).decode(errors="replace")
         if previous.strip():  # a holder that ended without releasing (killed): its lock died with it
             print(f"note: taking over the lock of {_holder(previous)}, which is gone", file=sys.stderr)
-        info = {"command": self.command, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode() + b"\n", 0)
         self._fd = fd
         return self
+
+    def claim(self) -> None:
+        """Name this process as the holder in the lock file: the command starts writing the folder."""
+        if self._fd is not None and not self._claimed:
+            info = {"command": self.command, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, json.dumps(info).encode() + b"\n", 0)
+            self._claimed = True
 
     def _current(self, fd: int) -> bool:
         try:
@@ -90,10 +101,14 @@ class RunLock:
                          "(two writers would corrupt the run), or choose another run.name (--set run.name=...)")
 
     def release(self) -> None:
-        """Remove the file, then unlock (in this order: a waiting taker never sees our stale text)."""
+        """Empty the holder's text (or remove the file a never-claimed lock created), then unlock, in this
+        order: a waiting taker never reads our text as a dead holder's."""
         if self._fd is None:
             return
-        self.path.unlink(missing_ok=True)
+        if self._claimed:
+            os.ftruncate(self._fd, 0)
+        elif self._created_file:
+            self.path.unlink(missing_ok=True)
         os.close(self._fd)
         self._fd = None
         self._remove_created()
@@ -107,8 +122,9 @@ class RunLock:
 
 
 @contextmanager
-def held(folder: Path, command: str) -> Iterator[None]:
-    """Rank 0 holds `folder`'s lock for the block; every rank gets the same FolderBusy."""
+def held(folder: Path, command: str) -> Iterator[RunLock]:
+    """Rank 0 holds `folder`'s lock for the block (`claim` it where the command starts writing); every
+    rank gets the same FolderBusy."""
     lock = RunLock(folder, command)
     refusal = None
     if dist.is_main():
@@ -120,6 +136,6 @@ def held(folder: Path, command: str) -> Iterator[None]:
     if refusal is not None:
         raise FolderBusy(refusal)
     try:
-        yield
+        yield lock
     finally:
         lock.release()

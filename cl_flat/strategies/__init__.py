@@ -18,7 +18,7 @@ from cl_flat.config import RunConfig
 from cl_flat.data import TaskData
 from cl_flat.data.batches import Encoded, encode_examples
 from cl_flat.registry import STRATEGIES
-from cl_flat.strategies.base import AdapterStrategy, LossTerms, Strategy
+from cl_flat.strategies.base import AdapterStrategy, Groups, LossTerms, Strategy
 from cl_flat.strategies.replay import Replay
 
 register = STRATEGIES.register
@@ -55,13 +55,18 @@ class RunStrategies:
     def saved_adapters(self, task_names: Sequence[str], upto: str) -> list[tuple[str, str]]:
         return self.adapters.saved_adapters(task_names, upto)
 
+    def training_groups(self, tasks: Sequence[TaskData], index: int) -> Groups:
+        """Task `index`'s training examples, each group with the task whose prompt it takes (its own first)."""
+        groups = [(tasks[index], tasks[index].train)]
+        for part in self.parts:
+            groups = part.training_examples(tasks, index, groups)
+        return groups
+
     def training_set(self, tasks: Sequence[TaskData], index: int, tokenizer,
                      max_length: int) -> tuple[list[Encoded], int]:
         """Task `index`'s tokenised training set and how many of it come from other tasks (replayed).
         Encoded when the task's turn comes, so tasks restored on resume are never tokenised."""
-        groups = [(tasks[index], tasks[index].train)]
-        for part in self.parts:
-            groups = part.training_examples(tasks, index, groups)
+        groups = self.training_groups(tasks, index)
         encoded = [encode_examples(task, tokenizer, examples, max_length) for task, examples in groups]
         return [e for group in encoded for e in group], sum(len(group) for group in encoded[1:])
 

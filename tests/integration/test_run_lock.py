@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -42,18 +43,20 @@ def test_a_second_train_on_a_live_run_exits_2_naming_the_holder(tmp_path, tiny_c
         while not (lock.exists() and str(first.pid) in lock.read_text()):
             assert first.poll() is None and time.monotonic() < deadline, "the first run never took the lock"
             time.sleep(0.05)
+        first.send_signal(signal.SIGSTOP)  # paused while it holds the lock: the overlap does not depend on timing
         second = run_cli(["train", str(config)], cwd=tmp_path, timeout=120)
         assert_clean_failure(second, f"{run_dir} is in use by cl-flat train (pid {first.pid} on "
                              f"{socket.gethostname()}, since", "choose another run.name", code=2, max_lines=2)
         resumed = run_cli(["train", str(config), "--resume"], cwd=tmp_path, timeout=120)
         assert_clean_failure(resumed, f"pid {first.pid}", code=2)
+        first.send_signal(signal.SIGCONT)
         assert first.poll() is None, "the first run ended before the second was refused"
         _, err = first.communicate(timeout=300)
     finally:
         first.kill()
     assert first.returncode == 0, err[-3000:]
     assert _log_steps(run_dir) == [(t, s) for t in ("t1", "t2") for s in range(1, 31)]  # each update once
-    assert (run_dir / "metrics.json").exists() and not lock.exists()
+    assert (run_dir / "metrics.json").exists() and lock.read_text() == ""  # released: a free lock
 
 
 def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, tiny_config):
@@ -65,7 +68,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, tiny_config):
     assert proc.returncode == 0, proc.stderr[-3000:]
     notes = [line for line in proc.stderr.splitlines() if "taking over the lock" in line]
     assert len(notes) == 1 and "pid 4000000" in notes[0], proc.stderr
-    assert (run_dir / "metrics.json").exists() and not (run_dir / ".lock").exists()
+    assert (run_dir / "metrics.json").exists() and (run_dir / ".lock").read_text() == ""
 
 
 def test_a_failed_run_releases_its_lock_and_resumes(tmp_path, tiny_config):
@@ -75,7 +78,7 @@ def test_a_failed_run_releases_its_lock_and_resumes(tmp_path, tiny_config):
     run_dir = tmp_path / "results" / "tiny"
     proc = run_cli(["train", str(config)], cwd=tmp_path, timeout=300)
     assert proc.returncode == 1 and "non-finite" in proc.stderr, proc.stderr[-3000:]
-    assert not (run_dir / ".lock").exists()
+    assert (run_dir / ".lock").read_text() == ""
     proc = run_cli(["train", str(config), "--resume", "--allow-config-change", "--set", "flatness.noise_std=0.001"],
                    cwd=tmp_path, timeout=300)
     assert proc.returncode == 0 and "taking over" not in proc.stderr, proc.stderr[-3000:]

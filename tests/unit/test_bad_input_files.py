@@ -136,3 +136,21 @@ def test_report_skips_and_lists_a_folder_with_invalid_yaml(tmp_path):
     assert any(note.startswith(f"skipped {results / 'foreign'}: ") and "not valid YAML" in note
                for note in report.notes)
     assert f"skipped {results / 'foreign'}" in render_markdown(report)
+
+
+def test_the_batch_check_counts_replayed_examples():
+    """A task smaller than one global batch is refused before anything is written, unless experience
+    replay fills the batch (2 own + 8 replayed examples ≥ 4)."""
+    from cl_flat.config import validate_config
+    from cl_flat.data import load_tasks
+    from cl_flat.errors import ConfigError
+    from cl_flat.recipes.skeleton import check_batches
+
+    raw = {"model": {"name_or_path": "tiny-random:llama"}, "training": {"micro_batch_size": 4},
+           "tasks": [{"name": "a", "source": "builtin", "task": "food_sentiment", "n_train": 16},
+                     {"name": "b", "source": "builtin", "task": "service_sentiment", "n_train": 2}]}
+    with pytest.raises(ConfigError, match=r"tasks\[b\]: 2 training examples are fewer than one global batch"):
+        config = validate_config(raw)
+        check_batches(config, load_tasks(config), world=1)
+    config = validate_config({**raw, "replay": {"examples_per_task": 8}})
+    check_batches(config, load_tasks(config), world=1)

@@ -15,14 +15,19 @@ from cl_flat.rundir.lock import FolderBusy, RunLock
 def test_a_held_lock_refuses_a_second_taker_and_release_cleans_up(tmp_path):
     folder = tmp_path / "results" / "run"
     first = RunLock(folder, "cl-flat train").acquire()
+    assert (folder / ".lock").read_text() == ""  # nothing is written until the command claims the folder
+    first.claim()
     holder = json.loads((folder / ".lock").read_text())
     assert holder["pid"] == os.getpid() and holder["command"] == "cl-flat train"
     with pytest.raises(FolderBusy, match=rf"in use by cl-flat train \(pid {os.getpid()} on .*, since") as refusal:
         RunLock(folder, "cl-flat landscape").acquire()  # flock: a second open file conflicts, same process too
     assert refusal.value.exit_code == 2
     first.release()
-    assert not (tmp_path / "results").exists()  # the folders the lock created, empty again, are gone
+    assert (folder / ".lock").read_text() == ""  # a free lock
     RunLock(folder, "cl-flat train").acquire().release()
+    fresh = tmp_path / "elsewhere" / "run"
+    RunLock(fresh, "cl-flat train").acquire().release()  # refused before it wrote: never claimed
+    assert not (tmp_path / "elsewhere").exists()  # the lock file and the folders it created are gone
 
 
 def test_a_dead_holders_lock_is_taken_over_with_a_note(tmp_path, capsys):
@@ -30,9 +35,18 @@ def test_a_dead_holders_lock_is_taken_over_with_a_note(tmp_path, capsys):
                                                 "since": 0}))
     lock = RunLock(tmp_path, "cl-flat train").acquire()
     assert "taking over the lock of cl-flat train (pid 4000000 on h" in capsys.readouterr().err
+    lock.claim()
     assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
     lock.release()
-    assert not (tmp_path / ".lock").exists() and tmp_path.exists()  # a folder it did not create stays
+    assert (tmp_path / ".lock").read_text() == "" and tmp_path.exists()  # a free lock; the folder stays
+
+
+def test_a_refused_command_leaves_an_existing_folder_untouched(tmp_path):
+    """A command refused after taking the lock (its input is checked under it) writes nothing."""
+    (tmp_path / ".lock").write_text("")
+    before = {p.name: p.stat().st_mtime_ns for p in [tmp_path, *tmp_path.iterdir()]}
+    RunLock(tmp_path, "cl-flat train").acquire().release()  # never claimed
+    assert {p.name: p.stat().st_mtime_ns for p in [tmp_path, *tmp_path.iterdir()]} == before
 
 
 @pytest.fixture
