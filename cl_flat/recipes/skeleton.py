@@ -107,8 +107,8 @@ def check_batches(config: RunConfig, tasks: list[TaskData], world: int, source: 
 
 def prepare(config: RunConfig):
     """Everything that can fail on bad input, before any file is written (the results folder's place is
-    checked before its lock is taken): each task's method and its checks, every task's data and its batches, the model and its target
-    modules. Returns (methods, one per task; tasks; model; tokenizer)."""
+    checked before its lock is taken): each task's method and its checks, every task's data and its
+    batches, the model and its target modules. Returns (methods, one per task; tasks; model; tokenizer)."""
     methods = task_methods(config)
     tasks = load_tasks(config)
     check_batches(config, tasks, dist.world_size())
