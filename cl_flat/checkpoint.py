@@ -13,12 +13,17 @@ carried in a generator. Atomic: all ranks write into a hidden `.tmp-update-<u>` 
 0 renames it; a kill at any moment leaves either the complete folder or a temp folder that resume
 ignores and removes. Older checkpoints are removed after the new one is in place, and the task's
 whole folder once its matrix row is written.
+A complete folder that does not read back (state.json garbled or short of a key, a state file truncated or
+missing) is skipped with one notice: resume falls back to the previous complete checkpoint, which, as only
+the newest is kept, means the task's start.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +35,34 @@ from cl_flat.files import atomic_write_text, writing
 
 PREFIX = "update-"
 TEMP = ".tmp-"
+STATE_KEYS = ("updates", "skipped", "world_size")
+
+
+def unreadable(path: Path) -> str | None:
+    """What keeps the checkpoint folder `path` from loading, or None. Each .pt file (torch's zip format) must
+    open as a zip: a truncated one has lost its central directory, at the end."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"state.json: {exc.strerror if isinstance(exc, OSError) else exc}"
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or type(state.get(k)) is not int]
+    if missing:
+        return f"state.json has no integer {', '.join(missing)}"
+    if f"{PREFIX}{state['updates']:07d}" != path.name:
+        return f"state.json says updates = {state['updates']}"
+    needed = [f"method_rank{r}.pt" for r in range(state["world_size"])]
+    absent = [n for n in needed if not (path / n).is_file()]
+    if not any(path.glob("*model_states.pt")):
+        absent.insert(0, "the model states file")
+    if absent:
+        return f"{', '.join(absent)} missing"
+    for file in sorted(path.glob("*.pt")):
+        try:
+            with zipfile.ZipFile(file):
+                pass
+        except (OSError, zipfile.BadZipFile) as exc:
+            return f"{file.name}: {exc}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -44,12 +77,26 @@ class TaskCheckpoints:
         return self.every > 0 and updates_done % self.every == 0 and updates_done < total
 
     def latest(self) -> int:
-        """Updates done by the newest complete checkpoint (0: none)."""
+        """Updates done by the newest complete checkpoint that reads back (0: none)."""
+        return self._choose()[0]
+
+    def _choose(self) -> tuple[int, list[str]]:
+        """The newest complete checkpoint that reads back (0: none) and a notice per newer one skipped."""
         if not self.folder.is_dir():
-            return 0
-        done = [int(p.name[len(PREFIX):]) for p in self.folder.iterdir()
-                if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()]
-        return max(done, default=0)
+            return 0, []
+        done = sorted((int(p.name[len(PREFIX):]) for p in self.folder.iterdir()
+                       if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()), reverse=True)
+        skipped = []
+        for updates in done:
+            problem = unreadable(self._path(updates))
+            if problem is None:
+                break
+            skipped.append((self._path(updates), problem))
+        else:
+            updates = 0
+        target = self._path(updates).name if updates else "the task's start"
+        return updates, [f"note: checkpoint {path} is unreadable ({problem}); resuming from {target}"
+                         for path, problem in skipped]
 
     def _path(self, updates_done: int) -> Path:
         return self.folder / f"{PREFIX}{updates_done:07d}"
@@ -78,6 +125,7 @@ class TaskCheckpoints:
             atomic_write_text(temp / "state.json", json.dumps({"updates": updates_done, "skipped": skipped,
                                                                "world_size": dist.world_size()}) + "\n")
             final = self._path(updates_done)
+            shutil.rmtree(final, ignore_errors=True)  # only an unreadable one, skipped by the resume, is there
             temp.rename(final)
             for old in self.folder.iterdir():
                 if old != final:
@@ -87,7 +135,12 @@ class TaskCheckpoints:
     def load(self, engine, method) -> tuple[int, int]:
         """Restore the newest complete checkpoint into `engine` and `method`: (updates done, updates
         skipped), (0, 0) if there is none."""
-        done = dist.broadcast_object(self.latest() if dist.is_main() else None)
+        done = None
+        if dist.is_main():  # every rank takes rank 0's choice
+            done, notices = self._choose()
+            for notice in notices:
+                print(notice, file=sys.stderr, flush=True)
+        done = dist.broadcast_object(done)
         if not done:
             return 0, 0
         path = self._path(done)

@@ -11,6 +11,7 @@ from cl_flat import __version__
 from cl_flat.config import RunConfig
 from cl_flat.errors import MatrixFormatError, UserError
 from cl_flat.metrics import Matrix, read_acc_matrix
+from cl_flat.rundir.adapter_check import adapter_problems
 from cl_flat.rundir.layout import RunDir
 
 
@@ -76,8 +77,9 @@ def require_run(run_dir: RunDir, *, complete: bool = True, task: str | None = No
 
 
 def require_adapters(run: CheckedRun, stacks: list[str]) -> None:
-    """Check that the adapters of the stack after each task in `stacks` are saved."""
+    """Check that the adapters of the stack after each task in `stacks` are saved and read back."""
     folders = dict.fromkeys(folder for upto in stacks for _, folder in run.run_dir.adapter_dirs(run.config, upto))
     run.run_dir.refuse(*(f"{folder}: the adapter of task {folder.name!r} is missing ("
                            + (f"no {RunDir.ADAPTER_WEIGHTS})" if folder.is_dir() else "no such folder)")
                            for folder in folders if not (folder / RunDir.ADAPTER_WEIGHTS).is_file()))
+    run.run_dir.refuse(*adapter_problems(list(folders), run.config.lora.r))

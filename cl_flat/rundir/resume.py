@@ -18,6 +18,7 @@ from cl_flat.errors import DataError, UserError
 from cl_flat.files import atomic_write_text
 from cl_flat.metrics import ZERO_SHOT, Rows, read_acc_matrix
 from cl_flat.overrides import dotted_keys
+from cl_flat.rundir.adapter_check import adapter_problems
 from cl_flat.rundir.layout import RunDir, meta_of
 
 
@@ -87,6 +88,10 @@ def completed_rows(run_dir: RunDir, config: RunConfig, resume: bool, allow_chang
         if not (run_dir.adapter_dir(name) / RunDir.ADAPTER_WEIGHTS).is_file():
             break
         done += 1
+    if done:  # the stack --resume reloads, checked before anything is written
+        problems = adapter_problems([d for _, d in run_dir.adapter_dirs(config, names[done - 1])], config.lora.r)
+        if problems:
+            raise DataError(f"--resume: {problems[0]}")
     return Restart([(ZERO_SHOT, zero_shot)] + [(names[i], rows[i]) for i in range(done)], changes,
                    meta_of(document))
 

@@ -141,3 +141,57 @@ def test_an_unfinished_checkpoint_write_is_ignored(tmp_path):
     for key in resumed:
         assert torch.equal(resumed[key], uninterrupted[key]), key
     assert not partial.exists()
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+CORRUPTIONS = {  # what a crash of the disk or a hand leaves in the newest checkpoint, and the notice's reason
+    "garbage state.json": (lambda f: (f / "state.json").write_text("{not json"), "state.json: "),
+    "state.json without skipped": (lambda f: (f / "state.json").write_text('{"updates": 3, "world_size": 1}'),
+                                   "state.json has no integer skipped"),
+    "truncated model states": (lambda f: _truncate(f / "mp_rank_00_model_states.pt"), "mp_rank_00_model_states.pt: "),
+    "no method state": (lambda f: (f / "method_rank0.pt").unlink(), "method_rank0.pt missing"),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_an_unreadable_checkpoint_restarts_the_task(corruption, tmp_path, capfd):
+    config = _config(METHODS["rwp-fisher"])
+    uninterrupted = _train(config, tmp_path / "straight")
+    with pytest.raises(Crash):
+        _train(config, tmp_path / "broken", crash_after=4)
+    folder = tmp_path / "broken" / "update-0000003"  # the only one kept: the fallback is the task's start
+    corrupt, reason = CORRUPTIONS[corruption]
+    corrupt(folder)
+    assert TaskCheckpoints(tmp_path / "broken", 3).latest() == 0
+    capfd.readouterr()
+    logged = []
+    resumed = _train(config, tmp_path / "broken", log=logged.append)
+    notices = [line for line in capfd.readouterr().err.splitlines() if line.startswith("note: checkpoint")]
+    assert len(notices) == 1, notices
+    assert notices[0].startswith(f"note: checkpoint {folder} is unreadable ({reason}")
+    assert notices[0].endswith("; resuming from the task's start")
+    assert [r["step"] for r in logged] == list(range(1, 10))
+    for key in resumed:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+    assert not folder.exists()  # replaced by the checkpoints of the restarted task
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, capfd):
+    config = _config(METHODS["none"])
+    uninterrupted = _train(config, tmp_path / "straight")
+    with pytest.raises(Crash):
+        _train(config, tmp_path / "broken", crash_after=4)
+    newer = tmp_path / "broken" / "update-0000006"  # as if two were kept, the newer one unreadable
+    newer.mkdir()
+    (newer / "state.json").write_text("{}")
+    capfd.readouterr()
+    logged = []
+    resumed = _train(config, tmp_path / "broken", log=logged.append)
+    assert f"note: checkpoint {newer} is unreadable (state.json has no integer updates, skipped, world_size); " \
+           "resuming from update-0000003" in capfd.readouterr().err
+    assert [r["step"] for r in logged] == list(range(4, 10))
+    for key in resumed:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
