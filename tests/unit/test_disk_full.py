@@ -1,6 +1,7 @@
 """A full disk, simulated in this process (a write that raises ENOSPC): each write helper raises one DiskFull
 naming its path, a finished file is never replaced by a partial one, the CLI prints one line and exits 1; wandb
-that fails or hangs at finish is a warning. The same on a real full file system: tests/integration/test_disk_full.py."""
+that fails or hangs at finish is a warning. The same on a real full file system:
+tests/integration/test_disk_full_runs.py."""
 
 from __future__ import annotations
 

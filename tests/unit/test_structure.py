@@ -142,3 +142,10 @@ def test_the_unit_guard_sees_each_starter(tmp_path):
     assert _starts(module) == ["test_example.py:import subprocess", "test_example.py:from helpers import run_cli",
                                "test_example.py:dist.init_distributed()", "test_example.py:deepspeed.initialize()",
                                "test_example.py:bench.measure()", "test_example.py:run_cli()"]
+
+
+def test_test_files_have_unique_names():
+    """pytest imports test modules by their basename (no packages under tests/): two files of one name in
+    unit/ and integration/ stop the whole collection."""
+    names = [p.name for p in (PACKAGE.parent / "tests").rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})
