@@ -77,6 +77,8 @@ class Registry:
                 package = importlib.import_module(self.package)
                 for module in pkgutil.iter_modules(package.__path__, prefix=f"{self.package}."):
                     importlib.import_module(module.name)
+                # by name (a module may import another first): listings and messages do not follow imports
+                self._entries = dict(sorted(self._entries.items()))
                 for point in sorted(entry_points(group=self.group), key=lambda p: p.name):
                     self._load_plugin(point)
             except PluginError as exc:
