@@ -189,3 +189,16 @@ def tiny_peft_model():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
     return stack.model
+
+
+def one_task_config(folder: Path, name: str, r: int = 2, n_train: int = 4, n_test: int = 4) -> Path:
+    """config.yaml in `folder`: one small jsonl task on tiny-random:llama, one update of 2 examples, the
+    run `name` under folder/results."""
+    raw = {"run": {"name": name, "output_dir": str(folder / "results"), "seed": 1},
+           "model": {"name_or_path": "tiny-random:llama"},
+           "lora": {"r": r, "target_modules": ["q_proj"]},
+           "tasks": [write_jsonl_task(folder / "data", "t1", ["yes", "no"], n_train, n_test)],
+           "training": {"micro_batch_size": 2, "max_steps": 1},
+           "evaluation": {"max_samples_per_task": 4, "batch_size": 4},
+           "logging": {"progress": False, "wandb": {"mode": "disabled"}}}
+    return write_yaml(folder / "config.yaml", raw)

@@ -9,7 +9,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from helpers import assert_clean_failure, run_cli, unchanged, write_jsonl_task, write_yaml
+from helpers import assert_clean_failure, one_task_config, run_cli, unchanged
 
 pytestmark = pytest.mark.integration
 
@@ -39,14 +39,7 @@ CORRUPTIONS = {
 
 
 def test_a_corrupt_adapter_is_one_message(tmp_path):
-    raw = {"run": {"name": "ad", "output_dir": str(tmp_path / "results"), "seed": 1},
-           "model": {"name_or_path": "tiny-random:llama"},
-           "lora": {"r": 4, "target_modules": ["q_proj"]},
-           "tasks": [write_jsonl_task(tmp_path / "data", "t1", ["yes", "no"], 4, 4)],
-           "training": {"micro_batch_size": 2, "max_steps": 1},
-           "evaluation": {"max_samples_per_task": 4, "batch_size": 4},
-           "logging": {"progress": False, "wandb": {"mode": "disabled"}}}
-    config = write_yaml(tmp_path / "config.yaml", raw)
+    config = one_task_config(tmp_path, "ad", r=4)
     proc = run_cli(["train", str(config)], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run, keep = tmp_path / "results" / "ad", tmp_path / "keep"
