@@ -69,7 +69,7 @@ def test_sigterm_checkpoints_and_resume_gives_the_uninterrupted_run(tmp_path, ti
     assert len(message) == 1, stopped.stderr[-3000:]
     assert "of 20 of task 't2'; its in-task checkpoint is saved" in message[0], message
     assert message[0].endswith(f"cl-flat train {config} --set run.seed=1 --resume"), message
-    assert not (run_dir / ".lock").exists() and not (run_dir / "metrics.json").exists()
+    assert (run_dir / ".lock").read_text() == "" and not (run_dir / "metrics.json").exists()  # released
     assert len(list((run_dir / "checkpoints" / "t2").glob("update-*"))) == 1
     resumed = run_cli(["train", str(config), "--set", "run.seed=1", "--resume"], cwd=tmp_path, nproc=nproc,
                       timeout=400)
@@ -87,4 +87,4 @@ def test_sigint_stops_with_130(tmp_path, tiny_config):
     stopped = _signalled(["train", str(config)], tmp_path, signal.SIGINT)
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     assert "stopped by SIGINT" in stopped.stderr and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
-    assert not (tmp_path / "results" / "tiny" / ".lock").exists()
+    assert (tmp_path / "results" / "tiny" / ".lock").read_text() == ""  # released: a free lock
