@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cl_flat.config import config_to_dict
 from cl_flat.errors import ConfigError, MatrixFormatError, UserError
 from cl_flat.metrics import METRICS, REFERENCE_MEASURES, read_acc_matrix
@@ -95,10 +93,7 @@ def _run_folders_in(path: Path, strict: bool) -> list[Path]:
 def load_run(folder: Path, name: str) -> RunResult:
     """One complete run from its config.yaml, acc_matrix.csv and metrics.json."""
     run_dir = RunDir(folder)
-    try:
-        config = run_dir.load_config()
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ReportInputError(f"{run_dir.config_path}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    config = run_dir.load_config()  # an unreadable config.yaml is a ConfigError naming file:line
     if not run_dir.matrix_path.is_file():
         raise ReportInputError(f"{run_dir.matrix_path}: missing, though metrics.json marks the run complete")
     try:
