@@ -151,7 +151,8 @@ class Skeleton:
         return {}
 
     def opened(self) -> None:
-        """After config.yaml is saved (rank 0)."""
+        """Once the folder is accepted, before config.yaml is saved (rank 0); an error here leaves the
+        folder as it was."""
 
     def zero_shot(self, model: torch.nn.Module) -> None:
         """Before the first unit: the base model's scores."""
@@ -197,11 +198,11 @@ class Skeleton:
     def _save_config(self, model: torch.nn.Module) -> dict[str, Any]:
         meta: dict[str, Any] = {}
         if dist.is_main():
-            self.lock.claim()  # the folder is accepted: from here on this run writes it
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
             meta = run_metadata(self.config, model) | self.meta()
+            self.opened()  # first: what it refuses (a malformed log) leaves the folder as it was
+            self.lock.claim()  # the folder is accepted: from here on this run writes it
             self.run_dir.save_config(self.config, meta)
-            self.opened()
         return meta
 
     def _train(self, unit: Unit, bars) -> dict[str, float]:

@@ -74,13 +74,15 @@ class Sequence(Skeleton):
         return {"config_changes": changes}
 
     def opened(self) -> None:
+        # the log first: a malformed one is refused (DataError) before anything else of the folder changes
         in_flight = self.done < len(self.names)
-        if self.restart.changes and in_flight:
-            self.checkpoints(self.done).remove()  # the in-flight task restarts under the new config
+        restarts = bool(self.restart.changes) and in_flight  # the in-flight task restarts under the new config
         if self.resume:
-            kept = self.checkpoints(self.done).latest() if in_flight else 0  # the in-flight task's saved updates
+            kept = self.checkpoints(self.done).latest() if in_flight and not restarts else 0  # its saved updates
             self.records = truncate_log(self.run_dir, self.done, kept)
             self.skipped = skipped_updates([r for r in self.records if r["task_index"] < self.done], self.names)
+        if restarts:
+            self.checkpoints(self.done).remove()
 
     def _add_row(self, after: str, scores: list[float]) -> None:
         self.rows.append((after, scores))

@@ -92,6 +92,7 @@ def completed_rows(run_dir: RunDir, config: RunConfig, resume: bool, allow_chang
         problems = adapter_problems([d for _, d in run_dir.adapter_dirs(config, names[done - 1])], config.lora.r)
         if problems:
             raise DataError(f"--resume: {problems[0]}")
+    logged_updates(run_dir)  # the log it truncates, checked before anything is written too
     return Restart([(ZERO_SHOT, zero_shot)] + [(names[i], rows[i]) for i in range(done)], changes,
                    meta_of(document))
 
@@ -110,12 +111,12 @@ def restart(run_dir: RunDir, config: RunConfig, resume: bool, allow_changes: boo
     return outcome
 
 
-def truncate_log(run_dir: RunDir, done: int, updates: int = 0) -> list[dict[str, Any]]:
-    """Keep the log lines of the first `done` tasks and of the next task's first `updates` updates (those
-    its checkpoint holds), so the log reads as one uninterrupted run. Returns the records kept."""
+def logged_updates(run_dir: RunDir) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of every update train_log.jsonl holds; a line a kill cut short is left out, any other
+    line that is not an update's record is a DataError naming file:line."""
     if not run_dir.log_path.exists():
         return []
-    lines, records = [], []
+    logged = []
     for number, line in enumerate(run_dir.log_path.read_text().splitlines(), start=1):
         try:
             record = json.loads(line)
@@ -124,11 +125,19 @@ def truncate_log(run_dir: RunDir, done: int, updates: int = 0) -> list[dict[str,
         if not isinstance(record, dict) or not {"task_index", "step"} <= set(record):
             raise DataError(f"{run_dir.log_path}:{number}: expected an update's record (an object with "
                             f"task_index and step), got {line[:60]!r}")
-        if record["task_index"] < done or (record["task_index"] == done and record["step"] <= updates):
-            lines.append(line)
-            records.append(record)
-    atomic_write_text(run_dir.log_path, "".join(line + "\n" for line in lines))
-    return records
+        logged.append((line, record))
+    return logged
+
+
+def truncate_log(run_dir: RunDir, done: int, updates: int = 0) -> list[dict[str, Any]]:
+    """Keep the log lines of the first `done` tasks and of the next task's first `updates` updates (those
+    its checkpoint holds), so the log reads as one uninterrupted run. Returns the records kept."""
+    if not run_dir.log_path.exists():
+        return []
+    kept = [(line, record) for line, record in logged_updates(run_dir)
+            if record["task_index"] < done or (record["task_index"] == done and record["step"] <= updates)]
+    atomic_write_text(run_dir.log_path, "".join(line + "\n" for line, _ in kept))
+    return [record for _, record in kept]
 
 
 def skipped_updates(records: list[dict[str, Any]], names: list[str]) -> dict[str, int]:

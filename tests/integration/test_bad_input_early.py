@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import assert_clean_failure, run_cli, unchanged, write_jsonl_task, write_yaml
+from helpers import assert_clean_failure, one_task_config, run_cli, unchanged, write_jsonl_task, write_yaml
 
 pytestmark = pytest.mark.integration
 
@@ -27,3 +27,16 @@ def test_train_refuses_before_writing(tmp_path):
     write_yaml(config, raw)
     with unchanged(tmp_path):
         assert_clean_failure(run_cli(["train", str(config)], cwd=tmp_path), "is a file, not a folder", code=2)
+
+
+def test_resume_refuses_a_malformed_log_before_writing(tmp_path):
+    config = one_task_config(tmp_path, "log")
+    proc = run_cli(["train", str(config)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "results" / "log"
+    (run / "metrics.json").unlink()  # a started run again
+    with (run / "train_log.jsonl").open("a") as log:
+        log.write("[1, 2]\n")
+    with unchanged(tmp_path):
+        assert_clean_failure(run_cli(["train", str(config), "--resume"], cwd=tmp_path),
+                             "train_log.jsonl:2: expected an update's record", code=2)
