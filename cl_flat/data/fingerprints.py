@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cl_flat.config import HfTaskConfig, JsonlTaskConfig, RunConfig
+from cl_flat.data.sources import hf_data_files
 
 META_KEY = "data_fingerprints"
 
@@ -19,10 +20,8 @@ def local_files(config: RunConfig) -> list[Path]:
     for task in config.tasks:
         if isinstance(task, JsonlTaskConfig):
             files += [task.train, task.test]
-        elif isinstance(task, HfTaskConfig) and task.data_files is not None:
-            given = task.data_files
-            for value in given.values() if isinstance(given, dict) else [given]:
-                files += value if isinstance(value, list) else [value]
+        elif isinstance(task, HfTaskConfig):
+            files += hf_data_files(task)
     return [Path(f) for f in dict.fromkeys(files) if Path(f).is_file()]
 
 

@@ -82,9 +82,21 @@ def read_jsonl(path: Path, labels: list[str] | None = None) -> list[Example]:
     return examples
 
 
+def hf_data_files(task: HfTaskConfig) -> list[str]:
+    """Every name in an hf task's `data_files` (a name, a list, or a split -> name(s) mapping), in order."""
+    given = task.data_files
+    names: list[str] = []
+    for value in (given.values() if isinstance(given, dict) else [] if given is None else [given]):
+        names += value if isinstance(value, list) else [value]
+    return names
+
+
 def _hf_split(task: HfTaskConfig, split: str) -> list[Example]:
     import datasets
 
+    for name in hf_data_files(task):
+        if Path(name).is_dir():  # datasets would say only that it cannot find a data file
+            raise DataError(f"tasks[{task.name}]: data_files {name}: is a directory (expected a file or a glob)")
     datasets.disable_progress_bars()
     try:
         table = datasets.load_dataset(task.dataset, task.subset, data_files=task.data_files, split=split)

@@ -299,3 +299,12 @@ def test_encode_examples_with_the_byte_tokenizer():
     assert list(enc.input_ids) == prompt + target
     assert list(enc.labels) == [-100] * len(prompt) + target
     assert tokenizer.decode(target[:-1]) == " pos"
+
+
+def test_hf_data_files_naming_a_directory_is_said_as_such(tmp_path, offline):
+    (tmp_path / "d.csv").write_text("text,label\nx,0\n")
+    (tmp_path / "folder").mkdir()
+    config = hf_config(tmp_path, "csv", "d.csv", "folder")
+    with pytest.raises(DataError) as info:
+        load_task(config.tasks[0], config.run.seed, config.evaluation.metric)
+    assert str(info.value) == f"tasks[h]: data_files {tmp_path / 'folder'}: is a directory (expected a file or a glob)"
