@@ -195,3 +195,19 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, capfd)
     assert [r["step"] for r in logged] == list(range(4, 10))
     for key in resumed:
         assert torch.equal(resumed[key], uninterrupted[key]), key
+
+
+def test_a_truncated_zero_2_optimizer_partition_restarts_the_task(tmp_path, capfd):
+    config = _config(METHODS["none"], zero=2)
+    uninterrupted = _train(config, tmp_path / "straight")
+    with pytest.raises(Crash):
+        _train(config, tmp_path / "broken", crash_after=4)
+    folder = tmp_path / "broken" / "update-0000003"
+    partitions = list(folder.glob("*optim_states.pt"))  # ZeRO writes one optimizer partition per rank
+    assert len(partitions) == 1, sorted(p.name for p in folder.iterdir())
+    _truncate(partitions[0])
+    capfd.readouterr()
+    resumed = _train(config, tmp_path / "broken")
+    assert f"note: checkpoint {folder} is unreadable ({partitions[0].name}: " in capfd.readouterr().err
+    for key in resumed:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
