@@ -20,6 +20,7 @@ import atexit
 import json
 import math
 import os
+import secrets
 import select
 import sys
 import threading
@@ -36,6 +37,13 @@ from cl_flat.overrides import dotted_keys
 WANDB_MODES = ("online", "offline", "disabled")
 OFFLINE_START = 5.0  # seconds an offline wandb.init takes at most, starting wandb's service (about 1 s idle)
 FINISH_TIMEOUT = 60.0  # seconds wandb.finish may take (uploads, a slow disk) before the run goes on without it
+
+
+WANDB_RUN_ID = "wandb_run_id"  # config.yaml meta: the wandb run a resumed run continues
+
+
+def new_wandb_run_id() -> str:
+    return secrets.token_hex(4)
 
 
 def sweep_run_id() -> str | None:
@@ -85,6 +93,8 @@ class Tracker:
                        name=self.config.run.name, dir=str(self.log_path.parent), reinit="finish_previous",
                        config=dotted_keys(config_to_dict(self.config) | {"meta": self.meta}),
                        settings=wandb.Settings(init_timeout=section.init_timeout, console="off"))
+        if self.meta.get(WANDB_RUN_ID) and not sweep_run_id():  # an agent's run id is the agent's
+            options |= {"id": self.meta[WANDB_RUN_ID], "resume": "allow"}
         try:
             with writing(self.log_path.parent / "wandb"):
                 run = wandb.init(mode=mode, **_online_budget(options, mode, section.init_timeout))

@@ -166,18 +166,35 @@ def load_config(path: str | Path, overrides: list[str] | None = None, sweep_run_
     sweep (`sweep_run_id`: the wandb run id) "-<id>" is appended unless the template names every key the
     overrides set (`names_every_key`), so that two runs of one sweep never share a results folder."""
     path = Path(path)
+    if path.is_dir() and (path / "config.yaml").is_file():
+        path = path / "config.yaml"  # a run folder: the config it saved
     if not path.is_file():
-        raise ConfigError(str(path), [f"{path}: file not found"])
+        raise ConfigError(str(path), [f"{path}: {'is a folder without config.yaml' if path.is_dir() else 'file not found'}"])
     try:
         raw = read_yaml(path)
     except YamlProblem as exc:
         raise ConfigError(str(path), [str(exc)]) from None
+    saved = isinstance(raw, dict) and isinstance(raw.get("meta"), dict)  # a run's own config.yaml
+    if saved:
+        raw = stored_run_config(raw, path.parent)
     raw = apply_overrides(raw if raw is not None else {}, overrides or [])
     config = validate_config(raw, str(path))
     template = raw["run"]["name"] if "name" in (raw.get("run") or {}) else config.run.name
-    if sweep_run_id and not names_every_key(template, override_keys(overrides or [])):
+    if sweep_run_id and not saved and not names_every_key(template, override_keys(overrides or [])):
         config.run.name = f"{config.run.name}-{sweep_run_id}"
     return resolve_paths(config, path.parent)
+
+
+def stored_run_config(document: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The config a run saved in `folder`/config.yaml, without its meta, naming that folder as the run's
+    (output_dir = its parent, run.name = its name): `cl-flat train RUN_DIR --resume` continues that run
+    wherever it was moved and whatever the working directory."""
+    raw = {key: value for key, value in document.items() if key != "meta"}
+    run = dict(raw.get("run") or {}) if isinstance(raw.get("run") or {}, dict) else raw.get("run")
+    if isinstance(run, dict):
+        folder = folder.resolve()
+        raw["run"] = run | {"output_dir": str(folder.parent), "name": folder.name}
+    return raw
 
 
 def _resolve(value: str | Path, base: Path) -> str | Path:

@@ -24,6 +24,7 @@ from cl_flat.recipes.skeleton import Skeleton, Unit
 from cl_flat.rundir import RunDir
 from cl_flat.rundir.resume import restart, skipped_updates, truncate_log
 from cl_flat.strategies import build_strategies
+from cl_flat.tracking import WANDB_RUN_ID, new_wandb_run_id
 from cl_flat.train import TrainTask
 
 PLOTS = ("acc_matrix", "op_curve", "learning_curves")  # the figures a run draws; also logged to wandb
@@ -64,14 +65,16 @@ class Sequence(Skeleton):
                                self.config.task_training(index).checkpoint_every)
 
     def meta(self) -> dict[str, Any]:
+        # one wandb run for the whole sequence, however often it is resumed
+        meta = {WANDB_RUN_ID: self.restart.meta.get(WANDB_RUN_ID) or new_wandb_run_id()}
         if not self.resume:
-            return {}
+            return meta
         # the changes accepted by earlier resumes are kept, this one's appended
         changes = list(self.restart.meta.get("config_changes") or [])
         if self.restart.changes:
             changes.append({"before_task": self.names[self.done] if self.done < len(self.names) else None,
                             "changes": self.restart.changes})
-        return {"config_changes": changes}
+        return meta | {"config_changes": changes}
 
     def opened(self) -> None:
         # the log first: a malformed one is refused (DataError) before anything else of the folder changes

@@ -44,7 +44,10 @@ def config_changes(stored: RunConfig, config: RunConfig) -> list[str]:
 
     ours, theirs = dotted_keys(config_to_dict(config)), dotted_keys(config_to_dict(stored))
     return [f"{key}: {shown(theirs, key)} → {shown(ours, key)}" for key in sorted(set(ours) | set(theirs))
-            if key not in ours or key not in theirs or ours[key] != theirs[key]]
+            if key != LOCATION and (key not in ours or key not in theirs or ours[key] != theirs[key])]
+
+
+LOCATION = "run.output_dir"  # where the folder lies, not what the run computes: a moved folder resumes
 
 
 def _refuse_fresh_start(run_dir: RunDir) -> None:
