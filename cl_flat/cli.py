@@ -13,14 +13,53 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
+from typer.core import TyperCommand
 
 if TYPE_CHECKING:
     from cl_flat.metrics import Rows
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Continual LoRA learning with flatness methods: train, evaluate, measure.")
 
-SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="override a config value: a.b=v (repeatable)")]
+class Command(TyperCommand):
+    """Usage in the usual form, `cl-flat train [OPTIONS] CONFIG` (typer writes `{config}`)."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = (param.metavar or param.name or "").upper() + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+class App(typer.Typer):
+    """Plain help (no `<bool>` after flags, no rich markup eating `[i,i]`), -h as --help, usual usage lines."""
+
+    def __init__(self, **options) -> None:
+        super().__init__(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                         rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]}, **options)
+
+    def command(self, *args, **options):
+        return super().command(*args, cls=options.pop("cls", Command), **options)
+
+
+app = App(help="Continual LoRA learning with flatness methods: train, evaluate, measure.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from cl_flat import __version__
+
+        typer.echo(f"cl-flat {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                                help="print the version and exit")] = False) -> None:
+    """Continual LoRA learning with flatness methods: train, evaluate, measure."""
+
+OVERRIDE_FORMS = {"allow_extra_args": True, "ignore_unknown_options": True}  # what a wandb agent writes
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="override a config value: a.b=v (repeatable)")]
 
 
 NOISY_LIBRARIES = ("torch", "transformers", "peft", "deepspeed", "datasets", "huggingface_hub", "accelerate", "gguf",
@@ -67,14 +106,14 @@ def _format_metrics(metrics: dict) -> str:
     return line + "  OP=[" + ", ".join(fmt(v) for v in metrics["OP"]) + "]"
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings=OVERRIDE_FORMS)
 def train(ctx: typer.Context, config: Path, set_: SetOption = None,
           resume: Annotated[bool, typer.Option("--resume", help="continue a started run")] = False,
           allow_config_change: Annotated[bool, typer.Option(
               "--allow-config-change", help="with --resume: train the remaining tasks with a changed config "
               "(recorded in config.yaml meta.config_changes)")] = False,
           reference: Annotated[Optional[str], typer.Option(
-              "--reference", help="per_task: each task on a fresh adapter alone; joint: one adapter on all "
+              "--reference", metavar="per_task|joint", help="per_task: each task on a fresh adapter alone; joint: one adapter on all "
               "tasks' data; written to results/<run.name>-<kind>/")] = None) -> None:
     """Run the task sequence and write results/<run.name>/ (or one of its reference runs).
 
@@ -104,15 +143,17 @@ def train(ctx: typer.Context, config: Path, set_: SetOption = None,
     dist.shutdown()
 
 
-@app.command()
-def validate(config: Path, set_: SetOption = None) -> None:
-    """Check the config and every local data file (never downloads); print the resolved config."""
+@app.command(context_settings=OVERRIDE_FORMS)
+def validate(ctx: typer.Context, config: Path, set_: SetOption = None) -> None:
+    """Check the config and every local data file (never downloads); print the resolved config.
+    Takes overrides in every form `train` takes, so a sweep's command line can be checked as it is."""
     import yaml
 
     from cl_flat.config import config_to_dict
+    from cl_flat.overrides import overrides_from_args
     from cl_flat.recipes.validate import validate as validate_config_file
 
-    cfg, notes = validate_config_file(config, set_ or [])
+    cfg, notes = validate_config_file(config, overrides_from_args(ctx.args) + (set_ or []))
     typer.echo(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), nl=False)
     for note in notes:
         typer.echo(f"note: {note}", err=True)
@@ -192,11 +233,11 @@ def landscape(
     run_dir: Path,
     task: Annotated[Optional[str], typer.Option("--task", help="task to measure (default: every trained task, "
                                                 "or every task up to --after)")] = None,
-    dims: Annotated[int, typer.Option("--dims", help="1: curve along one direction; 2: grid over two")] = 1,
+    dims: Annotated[int, typer.Option("--dims", metavar="1|2", help="1: curve along one direction; 2: grid over two")] = 1,
     points: Annotated[int, typer.Option("--points", help="grid points per axis, alpha in [-1, 1]")] = 21,
-    space: Annotated[Optional[str], typer.Option("--space", help="adapter (the task's A, B) or merged "
+    space: Annotated[Optional[str], typer.Option("--space", metavar="adapter|merged", help="adapter (the task's A, B) or merged "
                                                  "(W0 + Σ s·BA); default: evaluation.sharpness_space")] = None,
-    split: Annotated[str, typer.Option("--split", help="held-out data: test or train")] = "test",
+    split: Annotated[str, typer.Option("--split", metavar="test|train", help="held-out data: test or train")] = "test",
     after: Annotated[Optional[str], typer.Option("--after", help="use the adapter stack as it was after this "
                                                  "(later) task instead of right after --task")] = None,
     rho: Annotated[Optional[float], typer.Option("--rho", help="sharpness radius, relative: row i of the "
@@ -210,7 +251,7 @@ def landscape(
     max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="cap on held-out examples "
                                                        "(default: min(evaluation.max_samples_per_task, "
                                                        "evaluation.landscape_max_samples))")] = None,
-    direction: Annotated[str, typer.Option("--direction", help="random: random filter-normalised axes; worst: "
+    direction: Annotated[str, typer.Option("--direction", metavar="random|worst", help="random: random filter-normalised axes; worst: "
                                            "the first axis is the worst-case sharpness perturbation")] = "random",
 ) -> None:
     """Loss landscape (1-D/2-D, filter-normalised) and average/worst-case sharpness of a run's tasks:
@@ -292,7 +333,7 @@ def report(
     typer.echo(f"saved: {out / 'report.md'} {out / 'report.csv'} and {len(written) - 2} figures", err=True)
 
 
-data_app = typer.Typer(no_args_is_help=True, help="Benchmark data for offline runs.")
+data_app = App(help="Benchmark data for offline runs.")
 app.add_typer(data_app, name="data")
 
 
@@ -346,7 +387,7 @@ def main() -> None:
 
     interrupt_raises()  # not KeyboardInterrupt: typer would exit before the message below
     try:
-        app()
+        app(prog_name="cl-flat")  # also under `python -m cl_flat.cli`
     except UserError as exc:
         if os.environ.get("RANK", "0") == "0":  # every rank finds the same problem: say it once
             typer.echo(f"error: {exc}", err=True)

@@ -142,3 +142,32 @@ def test_metrics_on_a_malformed_csv(tmp_path, cli_here):
     path.write_text("after_task,a,b\na,50,10\nb,40\n")  # line 3 has 2 columns, expected 3
     result = cli_here(["metrics", str(path)], tmp_path)
     assert_clean_failure(result, f"{path}:3")
+
+
+# ---------------------------------------------------------------- conventions
+
+
+def test_validate_takes_the_override_forms_train_takes(project, cli_here):
+    tmp_path, raw = project
+    config = str(write_yaml(tmp_path / "run.yaml", raw))
+    for forms in (["--training.learning_rate=5e-4"], ["--training.learning_rate", "5e-4"],
+                  ["training.learning_rate=5e-4"]):
+        result = cli_here(["validate", config, *forms], tmp_path)
+        assert result.returncode == 0, (forms, result.stderr)
+        assert yaml.safe_load(result.stdout)["training"]["learning_rate"] == pytest.approx(5e-4), forms
+
+
+def test_short_help_version_and_plain_usage(cli_here, tmp_path):
+    from cl_flat import __version__
+
+    assert cli_here(["--version"], tmp_path).stdout == f"cl-flat {__version__}\n"
+    for command, usage in ((["train"], "Usage: cl-flat train [OPTIONS] CONFIG\n"),
+                           (["report"], "Usage: cl-flat report [OPTIONS] RUNS...\n"),
+                           (["data", "prepare"], "Usage: cl-flat data prepare [OPTIONS] BENCHMARK\n")):
+        result = cli_here([*command, "-h"], tmp_path)
+        assert result.returncode == 0 and result.stdout.startswith(usage), result.stdout[:200]
+        assert "<bool>" not in result.stdout and "{" not in result.stdout.splitlines()[0]
+    landscape = cli_here(["landscape", "-h"], tmp_path).stdout
+    assert all(choices in landscape for choices in ("--space adapter|merged", "--split test|train",
+                                                     "--direction random|worst", "--dims 1|2"))
+    assert "R[i,i]" in cli_here(["metrics", "-h"], tmp_path).stdout  # no markup eats the brackets

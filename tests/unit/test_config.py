@@ -504,3 +504,18 @@ def test_per_task_errors_name_their_dotted_path():
     for path in ("tasks.1.training.epochs", "tasks.1.training.learning_rte", "tasks.1.flatness.rhoo",
                  "tasks.1.training.max_seq_length: one length serves the whole run"):
         assert path in text, (path, text)
+
+
+def test_a_run_folder_or_its_config_yaml_loads_as_that_run(tmp_path):
+    from cl_flat.config import config_to_dict
+
+    raw = {"run": {"name": "first", "output_dir": "somewhere/else"}, "model": {"name_or_path": "tiny-random:llama"},
+           "tasks": [{"name": "t", "source": "builtin"}]}
+    saved = config_to_dict(load_config(write_yaml(tmp_path / "c.yaml", raw)))
+    folder = tmp_path / "moved" / "renamed"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(saved | {"meta": {"results_format": 1}}))
+    for given in (folder, folder / "config.yaml"):
+        config = load_config(given, ["training.learning_rate=0.5"])
+        assert (config.run.output_dir, config.run.name) == (folder.parent, "renamed")
+        assert config.training.learning_rate == 0.5
