@@ -59,7 +59,8 @@ def _root(version: Annotated[bool, typer.Option("--version", is_eager=True, call
     """Continual LoRA learning with flatness methods: train, evaluate, measure."""
 
 OVERRIDE_FORMS = {"allow_extra_args": True, "ignore_unknown_options": True}  # what a wandb agent writes
-SetOption = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="override a config value: a.b=v (repeatable)")]
+SetOption = Annotated[Optional[list[str]], typer.Option(
+    "--set", metavar="KEY=VALUE", help="override a config value: a.b=v (repeatable)")]
 
 
 NOISY_LIBRARIES = ("torch", "transformers", "peft", "deepspeed", "datasets", "huggingface_hub", "accelerate", "gguf",
@@ -113,8 +114,8 @@ def train(ctx: typer.Context, config: Path, set_: SetOption = None,
               "--allow-config-change", help="with --resume: train the remaining tasks with a changed config "
               "(recorded in config.yaml meta.config_changes)")] = False,
           reference: Annotated[Optional[str], typer.Option(
-              "--reference", metavar="per_task|joint", help="per_task: each task on a fresh adapter alone; joint: one adapter on all "
-              "tasks' data; written to results/<run.name>-<kind>/")] = None) -> None:
+              "--reference", metavar="per_task|joint", help="per_task: each task on a fresh adapter alone; joint: one "
+              "adapter on all tasks' data; written to results/<run.name>-<kind>/")] = None) -> None:
     """Run the task sequence and write results/<run.name>/ (or one of its reference runs).
 
     Overrides follow CONFIG, in any form a wandb agent writes:
@@ -233,10 +234,12 @@ def landscape(
     run_dir: Path,
     task: Annotated[Optional[str], typer.Option("--task", help="task to measure (default: every trained task, "
                                                 "or every task up to --after)")] = None,
-    dims: Annotated[int, typer.Option("--dims", metavar="1|2", help="1: curve along one direction; 2: grid over two")] = 1,
+    dims: Annotated[int, typer.Option("--dims", metavar="1|2",
+                                      help="1: curve along one direction; 2: grid over two")] = 1,
     points: Annotated[int, typer.Option("--points", help="grid points per axis, alpha in [-1, 1]")] = 21,
-    space: Annotated[Optional[str], typer.Option("--space", metavar="adapter|merged", help="adapter (the task's A, B) or merged "
-                                                 "(W0 + Σ s·BA); default: evaluation.sharpness_space")] = None,
+    space: Annotated[Optional[str], typer.Option("--space", metavar="adapter|merged",
+                                                 help="adapter (the task's A, B) or merged (W0 + Σ s·BA); "
+                                                 "default: evaluation.sharpness_space")] = None,
     split: Annotated[str, typer.Option("--split", metavar="test|train", help="held-out data: test or train")] = "test",
     after: Annotated[Optional[str], typer.Option("--after", help="use the adapter stack as it was after this "
                                                  "(later) task instead of right after --task")] = None,
@@ -251,8 +254,8 @@ def landscape(
     max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="cap on held-out examples "
                                                        "(default: min(evaluation.max_samples_per_task, "
                                                        "evaluation.landscape_max_samples))")] = None,
-    direction: Annotated[str, typer.Option("--direction", metavar="random|worst", help="random: random filter-normalised axes; worst: "
-                                           "the first axis is the worst-case sharpness perturbation")] = "random",
+    direction: Annotated[str, typer.Option("--direction", metavar="random|worst",
+                                           help="random: random filter-normalised axes; worst: the first axis is the worst-case sharpness perturbation")] = "random",
 ) -> None:
     """Loss landscape (1-D/2-D, filter-normalised) and average/worst-case sharpness of a run's tasks:
     landscape/<task>_{1d,2d}.csv, plots/landscape_<task>_*.png, landscape/sharpness.json.

@@ -169,7 +169,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None, sweep_run_
     if path.is_dir() and (path / "config.yaml").is_file():
         path = path / "config.yaml"  # a run folder: the config it saved
     if not path.is_file():
-        raise ConfigError(str(path), [f"{path}: {'is a folder without config.yaml' if path.is_dir() else 'file not found'}"])
+        what = "is a folder without config.yaml" if path.is_dir() else "file not found"
+        raise ConfigError(str(path), [f"{path}: {what}"])
     try:
         raw = read_yaml(path)
     except YamlProblem as exc:
