@@ -255,7 +255,8 @@ def landscape(
                                                        "(default: min(evaluation.max_samples_per_task, "
                                                        "evaluation.landscape_max_samples))")] = None,
     direction: Annotated[str, typer.Option("--direction", metavar="random|worst",
-                                           help="random: random filter-normalised axes; worst: the first axis is the worst-case sharpness perturbation")] = "random",
+                                           help="random: random filter-normalised axes; worst: the first axis is the "
+                                                "worst-case sharpness perturbation")] = "random",
 ) -> None:
     """Loss landscape (1-D/2-D, filter-normalised) and average/worst-case sharpness of a run's tasks:
     landscape/<task>_{1d,2d}.csv, plots/landscape_<task>_*.png, landscape/sharpness.json.
