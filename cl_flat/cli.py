@@ -80,16 +80,16 @@ def _quiet_libraries() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def _print_matrix(names: list[str], rows: Rows, metrics: dict) -> None:
+def _print_matrix(names: list[str], rows: Rows, metrics: dict, title: str, digits: int = 1) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="accuracy matrix (%)")
+    table = Table(title=title)
     table.add_column("after_task")
     for name in names:
         table.add_column(name, justify="right")
     for after, scores in rows:
-        table.add_row(after, *("" if s is None else f"{s:.1f}" for s in scores))
+        table.add_row(after, *("" if s is None else f"{s:.{digits}f}" for s in scores))
     console = Console()
     console.print(table)
     if metrics:
@@ -133,13 +133,14 @@ def train(ctx: typer.Context, config: Path, set_: SetOption = None,
 
         ref = run_reference(cfg, reference)
         if dist.is_main():
-            _print_matrix(ref.tasks, [("zero_shot", ref.zero_shot), (ref.kind, ref.scores)], {})
+            _print_matrix(ref.tasks, [("zero_shot", ref.zero_shot), (ref.kind, ref.scores)], {},
+                          f"{cfg.evaluation.metric} (%): {ref.run_dir}")
             typer.echo(f"mean {sum(ref.scores) / len(ref.scores):.2f}; results: {ref.run_dir}")
         dist.shutdown()
         return
     result = run_sequence(cfg, resume=resume, allow_config_change=allow_config_change)
     if dist.is_main():
-        _print_matrix(result.tasks, result.rows, result.metrics)
+        _print_matrix(result.tasks, result.rows, result.metrics, f"{cfg.evaluation.metric} matrix (%): {cfg.run.name}")
         typer.echo(f"results: {result.run_dir}")
     dist.shutdown()
 
@@ -198,30 +199,58 @@ def metrics(matrix: Path, as_json: Annotated[bool, typer.Option("--json", help="
 
 
 @app.command(name="eval")
-def eval_(run_dir: Path) -> None:
-    """Reload the saved adapters in order and re-evaluate every task."""
+def eval_(
+    run_dir: Path,
+    metric: Annotated[Optional[str], typer.Option("--metric", metavar="accuracy|exact_match",
+                                                  help="score with this metric (default: the run's)")] = None,
+    max_samples: Annotated[Optional[str], typer.Option("--max-samples", metavar="N|all", help="test examples per "
+                                                       "task; all = the full test sets (default: the run's)")] = None,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", metavar="T1,T2", help="tasks to score (default: "
+                                                 "all)")] = None,
+    after: Annotated[Optional[str], typer.Option("--after", metavar="ROW1,ROW2", help="rows: zero_shot and/or "
+                                                 "trained tasks, the stack right after each (default: all)")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="output name: eval/<name>.csv and .json "
+                                                "(default: <metric>-<max samples>)")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Score a finished run again. Without options: reload the stack after the last task, score every
+    task with the run's settings and compare with acc_matrix.csv's last row (exit 1 if it differs). With
+    any option (--metric, --max-samples, --tasks, --after, --set evaluation.*): score the chosen rows and
+    tasks (default: the whole matrix, zero_shot included) and write eval/<name>.csv in acc_matrix.csv's
+    format plus eval/<name>.json (settings; AA, BWT, ... for a whole matrix); acc_matrix.csv is never touched."""
     from cl_flat import dist
-    from cl_flat.recipes.eval import reevaluate
+    from cl_flat.recipes.eval import reevaluate, rescore, rescoring
 
+    def listed(text: Optional[str]) -> Optional[list[str]]:
+        return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
+
+    values = {"metric": metric, "max_samples": max_samples if max_samples in (None, "all") else _number(max_samples),
+              "tasks": listed(tasks), "after": listed(after), "name": name}
+    if rescoring(values, set_ or []):
+        result = rescore(run_dir, values, set_ or [])
+        if dist.is_main():
+            _print_matrix(result.tasks, result.rows, result.metrics or {}, f"{run_dir}: re-scored", digits=2)
+            typer.echo(f"saved: {result.csv} {result.record}")
+        dist.shutdown()
+        return
     result = reevaluate(run_dir)
     is_main = dist.is_main()
     dist.shutdown()
     if is_main:
-        rows = [("saved", result.saved), ("reloaded", result.scores)]
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=f"{run_dir}: last row")
-        table.add_column("")
-        for name in result.tasks:
-            table.add_column(name, justify="right")
-        for label, scores in rows:
-            table.add_row(label, *(f"{s:.2f}" for s in scores))
-        Console().print(table)
+        _print_matrix(result.tasks, [("saved", result.saved), ("reloaded", result.scores)], {},
+                      f"{run_dir}: last row", digits=2)
         same = all(abs(a - b) < 1e-9 for a, b in zip(result.saved, result.scores))
         typer.echo("reproduced exactly" if same else "DIFFERS from the saved matrix")
         if not same:
             raise typer.Exit(1)
+
+
+def _number(text: str) -> int | str:
+    """An integer option value, or the text itself (then refused by the option's validation, named)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 LANDSCAPE_FLAGS = {"dims": "--dims", "points": "--points", "space": "--space", "split": "--split", "rho": "--rho",
