@@ -10,37 +10,11 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperCommand
 
-if TYPE_CHECKING:
-    from cl_flat.metrics import Rows
-
-
-class Command(TyperCommand):
-    """Usage in the usual form, `cl-flat train [OPTIONS] CONFIG` (typer writes `{config}`)."""
-
-    def collect_usage_pieces(self, ctx) -> list[str]:
-        pieces = [self.options_metavar] if self.options_metavar else []
-        for param in self.get_params(ctx):
-            if param.param_type_name == "argument":
-                name = (param.metavar or param.name or "").upper() + ("..." if param.nargs != 1 else "")
-                pieces.append(name if param.required else f"[{name}]")
-        return pieces
-
-
-class App(typer.Typer):
-    """Plain help (no `<bool>` after flags, no rich markup eating `[i,i]`), -h as --help, usual usage lines."""
-
-    def __init__(self, **options) -> None:
-        super().__init__(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                         rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]}, **options)
-
-    def command(self, *args, **options):
-        return super().command(*args, cls=options.pop("cls", Command), **options)
-
+from cl_flat.console import App, format_metrics, print_matrix
 
 app = App(help="Continual LoRA learning with flatness methods: train, evaluate, measure.")
 
@@ -80,33 +54,6 @@ def _quiet_libraries() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def _print_matrix(names: list[str], rows: Rows, metrics: dict, title: str, digits: int = 1) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("after_task")
-    for name in names:
-        table.add_column(name, justify="right")
-    for after, scores in rows:
-        table.add_row(after, *("" if s is None else f"{s:.{digits}f}" for s in scores))
-    console = Console()
-    console.print(table)
-    if metrics:
-        console.print(_format_metrics(metrics))
-
-
-def _format_metrics(metrics: dict) -> str:
-    def fmt(v):
-        return "null" if v is None else f"{v:.2f}"
-
-    from cl_flat.metrics import METRICS, REFERENCE_MEASURES
-
-    line = "  ".join(f"{k}={fmt(metrics[k])}" for k in METRICS)
-    line += "".join(f"  {k}={fmt(metrics[k])}" for k, _ in REFERENCE_MEASURES.values() if k in metrics)
-    return line + "  OP=[" + ", ".join(fmt(v) for v in metrics["OP"]) + "]"
-
-
 @app.command(context_settings=OVERRIDE_FORMS)
 def train(ctx: typer.Context, config: Path, set_: SetOption = None,
           resume: Annotated[bool, typer.Option("--resume", help="continue a started run")] = False,
@@ -133,14 +80,14 @@ def train(ctx: typer.Context, config: Path, set_: SetOption = None,
 
         ref = run_reference(cfg, reference)
         if dist.is_main():
-            _print_matrix(ref.tasks, [("zero_shot", ref.zero_shot), (ref.kind, ref.scores)], {},
+            print_matrix(ref.tasks, [("zero_shot", ref.zero_shot), (ref.kind, ref.scores)], {},
                           f"{cfg.evaluation.metric} (%): {ref.run_dir}")
             typer.echo(f"mean {sum(ref.scores) / len(ref.scores):.2f}; results: {ref.run_dir}")
         dist.shutdown()
         return
     result = run_sequence(cfg, resume=resume, allow_config_change=allow_config_change)
     if dist.is_main():
-        _print_matrix(result.tasks, result.rows, result.metrics, f"{cfg.evaluation.metric} matrix (%): {cfg.run.name}")
+        print_matrix(result.tasks, result.rows, result.metrics, f"{cfg.evaluation.metric} matrix (%): {cfg.run.name}")
         typer.echo(f"results: {result.run_dir}")
     dist.shutdown()
 
@@ -195,7 +142,7 @@ def metrics(matrix: Path, as_json: Annotated[bool, typer.Option("--json", help="
     from cl_flat.recipes.metrics import matrix_metrics
 
     result = matrix_metrics(matrix, per_task_reference, joint_reference)
-    typer.echo(json.dumps(result, indent=2) if as_json else _format_metrics(result))
+    typer.echo(json.dumps(result, indent=2) if as_json else format_metrics(result))
 
 
 @app.command(name="eval")
@@ -229,7 +176,7 @@ def eval_(
     if rescoring(values, set_ or []):
         result = rescore(run_dir, values, set_ or [])
         if dist.is_main():
-            _print_matrix(result.tasks, result.rows, result.metrics or {}, f"{run_dir}: re-scored", digits=2)
+            print_matrix(result.tasks, result.rows, result.metrics or {}, f"{run_dir}: re-scored", digits=2)
             typer.echo(f"saved: {result.csv} {result.record}")
         dist.shutdown()
         return
@@ -237,7 +184,7 @@ def eval_(
     is_main = dist.is_main()
     dist.shutdown()
     if is_main:
-        _print_matrix(result.tasks, [("saved", result.saved), ("reloaded", result.scores)], {},
+        print_matrix(result.tasks, [("saved", result.saved), ("reloaded", result.scores)], {},
                       f"{run_dir}: last row", digits=2)
         same = all(abs(a - b) < 1e-9 for a, b in zip(result.saved, result.scores))
         typer.echo("reproduced exactly" if same else "DIFFERS from the saved matrix")

@@ -1,0 +1,61 @@
+"""How the command line looks: the typer app's help conventions and the tables it prints."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import typer
+from typer.core import TyperCommand
+
+if TYPE_CHECKING:
+    from cl_flat.metrics import Rows
+
+
+class Command(TyperCommand):
+    """Usage in the usual form, `cl-flat train [OPTIONS] CONFIG` (typer writes `{config}`)."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = (param.metavar or param.name or "").upper() + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+class App(typer.Typer):
+    """Plain help (no `<bool>` after flags, no rich markup eating `[i,i]`), -h as --help, usual usage lines."""
+
+    def __init__(self, **options) -> None:
+        super().__init__(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                         rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]}, **options)
+
+    def command(self, *args, **options):
+        return super().command(*args, cls=options.pop("cls", Command), **options)
+
+
+def print_matrix(names: list[str], rows: Rows, metrics: dict, title: str, digits: int = 1) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("after_task")
+    for name in names:
+        table.add_column(name, justify="right")
+    for after, scores in rows:
+        table.add_row(after, *("" if s is None else f"{s:.{digits}f}" for s in scores))
+    console = Console()
+    console.print(table)
+    if metrics:
+        console.print(format_metrics(metrics))
+
+
+def format_metrics(metrics: dict) -> str:
+    def fmt(v):
+        return "null" if v is None else f"{v:.2f}"
+
+    from cl_flat.metrics import METRICS, REFERENCE_MEASURES
+
+    line = "  ".join(f"{k}={fmt(metrics[k])}" for k in METRICS)
+    line += "".join(f"  {k}={fmt(metrics[k])}" for k, _ in REFERENCE_MEASURES.values() if k in metrics)
+    return line + "  OP=[" + ", ".join(fmt(v) for v in metrics["OP"]) + "]"
