@@ -139,6 +139,29 @@ def problems_of(doc: Path, root_group) -> list[str]:
     return path_problems(text, ROOT) + link_problems(text, doc) + command_problems(text, root_group)
 
 
+def shown_runs(text: str) -> list[tuple[str, list[str]]]:
+    """(config path, its `--set` overrides) of each `cl-flat train|validate|bench CONFIG` shown with a
+    repository config; overrides holding a shell variable or a placeholder are left out."""
+    runs = []
+    for piece in code_pieces(text):
+        for name, sub, rest in COMMAND.findall(piece):
+            words = COMMAND_END.split(sub + rest)[0].split()
+            config = words[0] if words else ""
+            if name in ("train", "validate", "bench") and PATH.fullmatch(config) and config.endswith(".yaml") \
+                    and not re.search(r"[$<*]", config):
+                overrides = [v for k, v in zip(words, words[1:]) if k == "--set" and not re.search(r"[$<]", v)]
+                runs.append((words[0], overrides))
+    return runs
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(ROOT)) for d in DOCS])
+def test_the_configs_a_doc_runs_validate_with_the_overrides_shown(doc: Path):
+    from cl_flat.config import load_config
+
+    for path, overrides in shown_runs(doc.read_text(encoding="utf-8")):
+        load_config(ROOT / path, overrides)  # a ConfigError names the problem
+
+
 @pytest.fixture(scope="module")
 def cli():
     return typer.main.get_command(app)
@@ -177,6 +200,7 @@ def test_the_checks_catch_a_broken_doc(tmp_path: Path, cli):
     assert path_problems(text, tmp_path) == ["path 'configs/a{1,2}.yaml' does not exist (configs/a2.yaml)"]
     assert link_problems(text, doc) == ["link 'nothere.md': no file nothere.md",
                                         "link 'other.md#nope': no heading #nope in other.md"]
+    assert shown_runs(text) == [("configs/a1.yaml", ["a=1"])]
     found = command_problems(text, cli)
     assert [p.split(" (")[0] for p in found] == [
         "'cl-flat train': no option --resum", "'cl-flat trian': no such command",
