@@ -1,4 +1,4 @@
-"""The README's package map (the `cl_flat/` block under "The package") matches the tree: every module and
+"""The package map (the `cl_flat/` block under "The package" in docs/internals.md) matches the tree: every module and
 package at the top of cl_flat/ appears in it, and every name in it exists where the map puts it.
 
 How the map reads: each line indented by two spaces is an entry, lines indented further continue it. An
@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "cl_flat"
-README = PACKAGE.parent / "README.md"
+MAP_DOC = PACKAGE.parent / "docs" / "internals.md"
 NAME = re.compile(r"(?<![\w./-])(\w+\.py|\w+/)(?![\w/])")
 HEAD = re.compile(r"  ((?:\w+\.py|\w+/)(?:, (?:\w+\.py|\w+/))*)(.*)")
 
@@ -21,7 +21,7 @@ HEAD = re.compile(r"  ((?:\w+\.py|\w+/)(?:, (?:\w+\.py|\w+/))*)(.*)")
 def package_map(text: str) -> list[str]:
     """The lines of the fenced block that starts with `cl_flat/`, that line left out."""
     blocks = re.findall(r"^```\n(cl_flat/\n.*?)^```", text, re.S | re.M)
-    assert len(blocks) == 1, f"README.md holds {len(blocks)} package maps (a ``` block starting with cl_flat/)"
+    assert len(blocks) == 1, f"docs/internals.md holds {len(blocks)} package maps (a ``` block starting with cl_flat/)"
     return blocks[0].splitlines()[1:]
 
 
@@ -65,10 +65,10 @@ def top_level() -> set[str]:
 
 
 def test_every_top_level_module_is_in_the_map_and_every_name_in_it_exists():
-    mentioned, missing = resolve(package_map(README.read_text(encoding="utf-8")))
-    assert not missing, f"the README's package map names what does not exist there: {missing}"
+    mentioned, missing = resolve(package_map(MAP_DOC.read_text(encoding="utf-8")))
+    assert not missing, f"the package map in docs/internals.md names what does not exist there: {missing}"
     absent = sorted(top_level() - mentioned)
-    assert not absent, f"the README's package map leaves out: {absent}"
+    assert not absent, f"the package map in docs/internals.md leaves out: {absent}"
 
 
 def test_the_map_reader_catches_a_misplaced_or_missing_name():
