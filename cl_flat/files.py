@@ -1,5 +1,5 @@
 """Atomic file writes: write beside the target, then rename, so an interrupted run never leaves
-a half-written file that looks complete (the README's results contract); the one translation of a full
+a half-written file that looks complete (the results contract, docs/results.md); the one translation of a full
 disk into `DiskFull`; the one JSON-lines reader; and the tool's cache root."""
 
 from __future__ import annotations

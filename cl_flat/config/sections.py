@@ -1,4 +1,4 @@
-"""The run configuration's schema: one pydantic model per YAML section of the README.
+"""The run configuration's schema: one pydantic model per YAML section (docs/configuration.md).
 
 Every default of a run lives here and nowhere else; `cl_flat.config` loads and validates files
 against it.

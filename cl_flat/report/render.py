@@ -4,7 +4,7 @@ report.csv (CSV_COLUMNS): kind (group | run | paired | reference | reference_run
 (paired rows), run and path (run rows), seed (group/paired rows: the seeds), method, tasks ("a > b"), n (1,
 runs, or pairs), M for M in METRICS and then
 REFERENCE_KEYS (run rows), M_mean, M_std, M_ci_low, M_ci_high (group, paired and
-reference rows; a reference's value is in AA); README "Comparing runs" explains each. An empty cell is
+reference rows; a reference's value is in AA); docs/results.md explains each. An empty cell is
 undefined, never 0.
 """
 

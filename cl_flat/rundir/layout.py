@@ -1,4 +1,4 @@
-"""RunDir: where each file of a run's results folder lives (README, "Results of a run"), its atomic writes,
+"""RunDir: where each file of a run's results folder lives (docs/results.md), its atomic writes,
 and the readers of what a run saved.
 
     config.yaml        resolved config + "meta" (world size, global batch, LoRA targets adapted, versions, git commit)
@@ -8,6 +8,7 @@ and the readers of what a run saved.
     adapters/<task>/   the peft adapter each task trained
     checkpoints/<task>/  the in-flight task's newest in-task checkpoint (removed once its row is written)
     landscape/         <stem>_1d.csv, <stem>_2d.csv, sharpness.json
+    eval/              <name>.csv, <name>.json: `cl-flat eval` re-scores (never acc_matrix.csv)
     plots/             PNGs drawn from the files above
     logs/rank<k>.log   everything process k printed (stdout and stderr), every attempt appended
     wandb/             the wandb run's local files (logging.wandb.mode online or offline)

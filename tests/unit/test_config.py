@@ -1,6 +1,6 @@
-"""Config schema (the README's configuration contract): every error names its dotted path and
+"""Config schema (docs/configuration.md's contract): every error names its dotted path and
 what was expected, all errors at once; `--set` overrides are applied to the raw dict before
-validation and parsed as YAML. Expected paths and values below are written from the README."""
+validation and parsed as YAML. Expected paths and values below are written from docs/configuration.md."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def write_yaml(path: Path, data) -> Path:
 
 def test_minimal_config_is_valid_and_gets_the_documented_defaults():
     config = validate_config(minimal())
-    # the defaults of the README's example block
+    # the defaults of docs/configuration.md's example block
     assert config.training.micro_batch_size == 8
     assert config.training.learning_rate == pytest.approx(1.0e-3)
     assert config.lora.target_modules == ["q_proj", "v_proj"]

@@ -2,7 +2,7 @@
 each strategy's adapter naming and saved-adapter order, SeqLoRA's shared adapter, replay composed with
 any strategy, the hooks of several strategies called in order, and a strategy from outside the package
 (one file, registered at runtime) accepted, validated and trained like a built-in. Expected values are
-written by hand from the README's description of each strategy."""
+written by hand from docs/methods.md's description of each strategy."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from cl_flat.strategies import RunStrategies, Strategy, build_strategies
 from cl_flat.strategies.inclora import IncLora
 from cl_flat.strategies.replay import Replay, replay_examples
 
-BUILT_IN = {"inclora", "seqlora", "olora"}  # the README's lora.strategy values
+BUILT_IN = {"inclora", "seqlora", "olora"}  # docs/methods.md's lora.strategy values
 TASKS = ["t0", "t1", "t2"]
 
 
