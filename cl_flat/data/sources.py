@@ -141,7 +141,42 @@ def load_task(task: TaskConfig, seed: int, default_metric: str) -> TaskData:
 
 def load_tasks(config: RunConfig) -> list[TaskData]:
     """Every task of the run, in order."""
+    require_prepared(config.tasks)
     return [load_task(task, config.run.seed, config.evaluation.metric) for task in config.tasks]
+
+
+def _local_name(dataset: str) -> bool:
+    """A name that can only be a folder: a hub id is `name` or `owner/name`."""
+    return dataset.startswith((".", "/", "~")) or dataset.count("/") >= 2
+
+
+def _unprepared(tasks: Sequence[TaskConfig]) -> list[HfTaskConfig]:
+    return [task for task in tasks if isinstance(task, HfTaskConfig) and task.data_files is None
+            and _local_name(task.dataset) and not Path(task.dataset).expanduser().exists()]
+
+
+def unprepared_message(tasks: Sequence[TaskConfig]) -> str | None:
+    """What is wrong when hf tasks name local dataset folders that are not there, with the `cl-flat data
+    prepare` command that writes them when they are a benchmark's tasks in one folder; None if none is."""
+    missing = _unprepared(tasks)
+    if not missing:
+        return None
+    from cl_flat.data.benchmarks import BENCHMARKS
+
+    folders = {str(Path(task.dataset).parent) for task in missing}
+    names = [Path(task.dataset).name for task in missing]
+    benchmark = next((b for b, members in BENCHMARKS.items() if set(names) <= set(members)), None)
+    what = "dataset folder not found: " + ", ".join(f"tasks[{task.name}] {task.dataset}" for task in missing)
+    if benchmark is None or len(folders) != 1:
+        return what
+    return (f"{what}; prepare them first: cl-flat data prepare {benchmark} --out {folders.pop()} --source "
+            "PATH (a copy of O-LoRA's CL_Benchmark folder) or --source hub; see docs/benchmarks.md")
+
+
+def require_prepared(tasks: Sequence[TaskConfig]) -> None:
+    message = unprepared_message(tasks)
+    if message:
+        raise DataError(message)
 
 
 def _load_task(task: TaskConfig, seed: int, metric: str) -> TaskData:
@@ -171,8 +206,12 @@ def _load_task(task: TaskConfig, seed: int, metric: str) -> TaskData:
 def check_local_data(config: RunConfig) -> list[str]:
     """Load every task whose data is local (builtin, jsonl, hf with data_files); return notes
     for tasks that would need a download (never attempted here)."""
-    notes = []
+    unprepared = unprepared_message(config.tasks)
+    notes = [unprepared] if unprepared else []
+    skipped = {task.name for task in _unprepared(config.tasks)}
     for task in config.tasks:
+        if task.name in skipped:
+            continue
         if isinstance(task, HfTaskConfig) and task.data_files is None and not Path(task.dataset).exists():
             notes.append(f"tasks[{task.name}]: hub dataset {task.dataset!r} is not checked (no download)")
             continue

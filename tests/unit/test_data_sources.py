@@ -308,3 +308,34 @@ def test_hf_data_files_naming_a_directory_is_said_as_such(tmp_path, offline):
     with pytest.raises(DataError) as info:
         load_task(config.tasks[0], config.run.seed, config.evaluation.metric)
     assert str(info.value) == f"tasks[h]: data_files {tmp_path / 'folder'}: is a directory (expected a file or a glob)"
+
+
+def _hf_tasks(*datasets: str) -> list[dict]:
+    return [{"name": f"x{i}", "source": "hf", "dataset": d, "labels": ["a", "b"]} for i, d in enumerate(datasets)]
+
+
+def test_an_unprepared_benchmark_names_its_folders_and_the_prepare_command(tmp_path, monkeypatch):
+    from cl_flat.data.sources import check_local_data, load_tasks
+
+    monkeypatch.chdir(tmp_path)
+    tasks = _hf_tasks("data/olora/mnli", "data/olora/cb")
+    tasks.append({"name": "hub", "source": "hf", "dataset": "org/set", "labels": ["a", "b"]})
+    config = validate_config({"model": {"name_or_path": "tiny-random:llama"}, "tasks": tasks})
+    expected = ("dataset folder not found: tasks[x0] data/olora/mnli, tasks[x1] data/olora/cb; prepare them first: "
+                "cl-flat data prepare long --out data/olora --source PATH (a copy of O-LoRA's CL_Benchmark folder) "
+                "or --source hub; see docs/benchmarks.md")  # mnli and cb are tasks of the long sequence only
+    assert check_local_data(config) == [expected, "tasks[hub]: hub dataset 'org/set' is not checked (no download)"]
+    with pytest.raises(DataError) as info:
+        load_tasks(config)
+    assert str(info.value) == expected
+
+
+def test_missing_folders_outside_one_benchmark_folder_are_only_named(tmp_path, monkeypatch):
+    from cl_flat.data.sources import unprepared_message
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here" / "agnews").mkdir(parents=True)  # present: not named
+    config = validate_config({"model": {"name_or_path": "tiny-random:llama"},
+                              "tasks": _hf_tasks("a/b/dbpedia", "./c/yahoo", "here/agnews", "./mine")})
+    assert unprepared_message(config.tasks) == \
+        "dataset folder not found: tasks[x0] a/b/dbpedia, tasks[x1] ./c/yahoo, tasks[x3] ./mine"
