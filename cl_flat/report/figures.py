@@ -34,6 +34,17 @@ def _save(fig: Any, out_png: Path) -> None:
         plt.close(fig)
 
 
+def _panels(count: int, width: float, height: float, **kwargs: Any) -> tuple[Any, list[Any]]:
+    """A figure of `count` panels, at most 4 a row; unused panels hidden. Returns (figure, panels)."""
+    cols = min(4, count)
+    rows = math.ceil(count / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols + 1.5, height * rows), squeeze=False, **kwargs)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[count:]:
+        ax.set_visible(False)
+    return fig, flat[:count]
+
+
 def _legend_below(fig: Any, ax: Any) -> None:
     handles, labels = ax.get_legend_handles_labels()
     if handles:
@@ -59,8 +70,8 @@ def plot_op_curves(groups: list[Group], out_png: Path) -> None:
 def plot_metric_bars(groups: list[Group], measures: tuple[str, ...], out_png: Path) -> None:
     """One panel per metric (AA, BWT, F and the flatness measures present), each on its own axis: one bar
     per group (the mean), error bars the 95% CI (none for n = 1 or undefined)."""
-    fig, axes = plt.subplots(1, len(measures), figsize=(2.2 * len(measures) + 0.4 * len(groups) + 2, 4), squeeze=False)
-    for ax, metric in zip(axes[0], measures):
+    fig, axes = _panels(len(measures), 2.2 + 0.3 * len(groups), 3.2)
+    for ax, metric in zip(axes, measures):
         for k, group in enumerate(groups):
             summary = group.metrics.get(metric)
             ax.bar(k, math.nan if summary is None else summary.mean, 0.8, capsize=3, color=f"C{k}",
@@ -69,8 +80,8 @@ def plot_metric_bars(groups: list[Group], measures: tuple[str, ...], out_png: Pa
         ax.axhline(0.0, color="grey", linewidth=0.5)
         ax.set(xticks=[], title=metric)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("mean over runs, 95% CI")
-    _legend_below(fig, axes[0][0])
+    axes[0].set_ylabel("mean over runs, 95% CI")
+    _legend_below(fig, axes[0])
     _save(fig, out_png)
 
 
@@ -78,10 +89,10 @@ def plot_paired_forest(paired: list[PairedComparison], measures: tuple[str, ...]
                        out_png: Path) -> None:
     """Forest plot: one panel per metric; per group its mean paired difference vs the baseline with the 95%
     CI as a horizontal bar (a hollow marker: one pair, no interval), 0 (no difference) marked."""
-    fig, axes = plt.subplots(1, len(measures), figsize=(2.6 * len(measures) + 2, 0.5 * len(paired) + 2.2),
-                             squeeze=False, sharey=True)
+    fig, axes = _panels(len(measures), 2.8, 0.4 * len(paired) + 1.8)
     ys = np.arange(len(paired))[::-1]
-    for ax, metric in zip(axes[0], measures):
+    names = [f"{c.group.label} ({len(c.seeds)} pairs)" for c in paired]
+    for k, (ax, metric) in enumerate(zip(axes, measures)):
         for y, comparison in zip(ys, paired):
             summary = comparison.metrics.get(metric)
             if summary is None:
@@ -91,9 +102,10 @@ def plot_paired_forest(paired: list[PairedComparison], measures: tuple[str, ...]
                         color="C0", markerfacecolor="C0" if interval else "white")
         ax.axvline(0.0, color="grey", linewidth=0.8, linestyle="--")
         ax.set(title=f"Δ{metric}", ylim=(-0.7, len(paired) - 0.3))
+        ax.set_yticks(ys, names if k % 4 == 0 else [], fontsize=7)
         ax.grid(axis="x", alpha=0.3)
-    axes[0][0].set_yticks(ys, [f"{c.group.label} ({len(c.seeds)} pairs)" for c in paired], fontsize=7)
-    fig.suptitle(f"Paired difference vs {baseline}: mean, 95% CI (hollow: one pair)", fontsize=9)
+    fig.suptitle(f"Paired difference vs {baseline}: mean, 95% CI (hollow: one pair)", fontsize=9, y=1.0)
+    fig.tight_layout()
     _save(fig, out_png)
 
 

@@ -86,5 +86,7 @@ def describe(study: FlatnessForgetting) -> str:
         return f"{head}; no interval ({why}: the seed bootstrap needs 2 seeds or more), so no conclusion."
     verdict = ("contains 0: no monotone relation distinguishable" if rho.low <= 0 <= rho.high else
                "excludes 0: flatter minima (smaller values) forget " + ("less" if rho.low > 0 else "more"))
+    caveat = (" With so few seeds the bootstrap has few distinct resamples and its interval understates the "
+              "uncertainty." if rho.clusters < 10 else "")
     return (f"{head}, 95% seed-bootstrap interval [{rho.low:+.2f}, {rho.high:+.2f}] ({rho.clusters} seeds "
-            f"resampled, {rho.resamples} resamples): {verdict} at {rho.clusters} seeds.")
+            f"resampled, {rho.resamples} resamples): {verdict} at {rho.clusters} seeds.{caveat}")

@@ -55,10 +55,13 @@ FIGURE_CAPTIONS = {
 }
 
 
-def _cell(summary: Summary | None) -> str:
+def _cell(summary: Summary | None, metric: str = "") -> str:
+    """mean ± h in points (2 decimals), or for a flatness measure (loss units, often small) 3 significant digits."""
     if summary is None:
         return "—"
-    return f"{summary.mean:.2f} (n=1)" if summary.n == 1 else f"{summary.mean:.2f} ± {summary.half_width:.2f}"
+    form = ".3g" if metric in FLATNESS_KEYS else ".2f"
+    return (f"{summary.mean:{form}} (n=1)" if summary.n == 1
+            else f"{summary.mean:{form}} ± {summary.half_width:{form}}")
 
 
 def _md(text: object) -> str:
@@ -79,22 +82,23 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             + ["| " + " | ".join(map(_md, row)) + " |" for row in rows])
 
 
-def interval_words(name: str, summary: Summary | None) -> str | None:
+def interval_words(name: str, summary: Summary | None, form: str = ".2f") -> str | None:
     """What a paired difference's interval says, e.g. "ΔBWT +3.30 ± 9.90: not distinguishable from 0 at
     n = 3" (the 95% CI contains 0) or "ΔAA +5.33 ± 2.87: above 0 at n = 3 (95% CI [+2.46, +8.20])"."""
     if summary is None:
         return None
     if summary.n == 1 or math.isnan(summary.half_width):
-        return f"{name} {summary.mean:+.2f}: one pair, no interval, no conclusion"
-    head = f"{name} {summary.mean:+.2f} ± {summary.half_width:.2f}"
+        return f"{name} {summary.mean:+{form}}: one pair, no interval, no conclusion"
+    head = f"{name} {summary.mean:+{form}} ± {summary.half_width:{form}}"
     if summary.ci_low <= 0 <= summary.ci_high:
         return f"{head}: not distinguishable from 0 at n = {summary.n}"
     side = "above" if summary.ci_low > 0 else "below"
-    return f"{head}: {side} 0 at n = {summary.n} (95% CI [{summary.ci_low:+.2f}, {summary.ci_high:+.2f}])"
+    return f"{head}: {side} 0 at n = {summary.n} (95% CI [{summary.ci_low:+{form}}, {summary.ci_high:+{form}}])"
 
 
 def _paired_words(comparison: PairedComparison, measures: tuple[str, ...]) -> str:
-    words = [w for m in measures if (w := interval_words(f"Δ{m}", comparison.metrics.get(m)))]
+    words = [w for m in measures if (w := interval_words(f"Δ{m}", comparison.metrics.get(m),
+                                                         ".3g" if m in FLATNESS_KEYS else ".2f"))]
     return f"- {_one_line(comparison.group.label)}: " + ("; ".join(words) if words else "no pair") + "."
 
 
@@ -104,7 +108,7 @@ def _groups_table(report: Report, measures: tuple[str, ...]) -> list[str]:
     def extra(runs: list, n_orders: int | str) -> list[str]:
         return [*([str(n_orders)] if orders else []), *([_tasks_of(runs)] if mixed else [])]
     rows = [[g.label, str(len(g.runs)), " ".join(map(str, sorted(set(g.seeds)))), *extra(g.runs, len(g.orders)),
-             *(_cell(g.metrics[m]) for m in measures)] for g in report.groups]
+             *(_cell(g.metrics[m], m) for m in measures)] for g in report.groups]
     rows += [[r.label, str(len(r.runs)), " ".join(map(str, r.seeds)), *extra(r.runs, len(set(x.tasks for x in r.runs))),
               _cell(r.mean), *("—" for _ in measures[1:])] for r in report.references]
     if report.published:
@@ -153,7 +157,7 @@ def render_markdown(report: Report, figures_written: list[Path] | None = None,
                   "differences.", ""]
         lines += _table(["group", "pairs", "seeds", *(f"Δ{m}" for m in measures)],
                         [[c.group.label, str(len(c.seeds)), " ".join(map(str, sorted(set(c.seeds)))) or "—",
-                          *(_cell(c.metrics[m]) for m in measures)] for c in report.paired])
+                          *(_cell(c.metrics[m], m) for m in measures)] for c in report.paired])
         lines += ["", "What the intervals say (a 95% CI that contains 0: the data do not tell the group from the "
                   "baseline; more seeds narrow it):", "", *(_paired_words(c, measures) for c in report.paired)]
     if study is not None:
