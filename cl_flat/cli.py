@@ -318,6 +318,9 @@ def data_prepare(
     seed: Annotated[int, typer.Option("--seed", min=0, help="seed of the samples drawn from larger splits")] = 42,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --out (only once the new "
                                             "preparation is complete)")] = False,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="comma-separated tasks of the benchmark to prepare "
+                                                 "(e.g. agnews,amazon,sst2: a partial CL_Benchmark copy); "
+                                                 "default all")] = None,
 ) -> None:
     """O-LoRA's benchmark as jsonl, sampled as published (1000 training examples per class, the published
     test sizes), written atomically with a prepared.json manifest (sizes, seed, sha256 of each file)."""
@@ -328,7 +331,9 @@ def data_prepare(
         note = f" (dropped {dropped} rows with labels outside the task's: {dict(rows.dropped)})" if dropped else ""
         typer.echo(f"{task}/{split}.jsonl: {len(rows.pairs)} examples{note}", err=True)
 
-    manifest = prepare_benchmark(benchmark, out, source, seed=seed, overwrite=overwrite, progress=report_split)
+    selected = None if tasks is None else [name.strip() for name in tasks.split(",") if name.strip()]
+    manifest = prepare_benchmark(benchmark, out, source, seed=seed, overwrite=overwrite, progress=report_split,
+                                 tasks=selected)
     typer.echo(f"{out}: {benchmark} benchmark, {len(manifest['tasks'])} tasks, manifest {out / 'prepared.json'}")
 
 
