@@ -134,7 +134,7 @@ def group_references(references: list[ReferenceRun]) -> list[ReferenceGroup]:
     groups = []
     for members, values in zip(buckets.values(), settings):
         label = ", ".join([f"reference {members[0].kind}",
-                           *(f"{k}={_format_value(values[k])}" for k in differing if k in values)])
+                           *(f"{k}={short_value(values[k])}" for k in differing if k in values)])
         groups.append(ReferenceGroup(label, members[0].kind, members, summarize([ref.mean for ref in members])))
     return sorted(groups, key=lambda group: group.label)
 
@@ -239,7 +239,7 @@ def choose_baseline(groups: list[Group], specs: Sequence[str]) -> tuple[Group | 
     if matching:
         raise ReportInputError(f"--baseline {' '.join(specs)} matches {len(matching)} groups ({labels}); "
                                "add another --baseline KEY=VALUE to choose one")
-    present = {key: sorted({_format_value(run.settings[key]) for g in groups for run in g.runs if key in run.settings})
+    present = {key: sorted({short_value(run.settings[key]) for g in groups for run in g.runs if key in run.settings})
                for key, _ in conditions}
     raise ReportInputError(f"--baseline {' '.join(specs)}: no group has " + "; ".join(
         f"{key}={text} (values of {key}: {', '.join(present[key]) or 'none, no run has this key'})"
