@@ -5,7 +5,8 @@ cl_flat.report.runs) to how much of task i the run forgot by the end: R[i,i] −
 The pooled relation over all (run, task) points is summarised by Spearman's ρ (cl_flat.stats.spearman) and
 a 95% cluster-bootstrap interval that resamples SEEDS (cl_flat.stats.cluster_bootstrap_ci): the runs of
 one seed share its data sample and initialisation, so their points are not independent. With one seed
-there is no interval.
+there is no interval. Pooled over methods, ρ also reflects differences between the methods (a flatter
+method that forgets less); the same statistic within each group separates the two.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class FlatnessForgetting:
     points: list[FlatnessPoint]
     missing: int                       # (run, task i < T) with a forgetting but without the measure
     correlation: BootstrapInterval     # Spearman ρ of (flatness, forgetting), seeds resampled
+    within: dict[str, BootstrapInterval]  # group label -> the same over that group's points only
 
     @property
     def label(self) -> str:
@@ -68,9 +70,21 @@ def flatness_forgetting(report: Report, measure: str = "auto") -> FlatnessForget
                 missing += 1
             else:
                 points.append(FlatnessPoint(run, group_of[id(run)], task, value, forgot))
-    correlation = cluster_bootstrap_ci([p.flatness for p in points], [p.forgetting for p in points],
-                                       [p.run.seed for p in points])
-    return FlatnessForgetting(field_name, points, missing, correlation)
+
+    def rho(mine: list[FlatnessPoint]) -> BootstrapInterval:
+        return cluster_bootstrap_ci([p.flatness for p in mine], [p.forgetting for p in mine],
+                                    [p.run.seed for p in mine])
+
+    within = {label: rho([p for p in points if p.group == label]) for label in dict.fromkeys(p.group for p in points)}
+    return FlatnessForgetting(field_name, points, missing, rho(points), within)
+
+
+def _interval(rho: BootstrapInterval) -> str:
+    if math.isnan(rho.estimate):
+        return "undefined"
+    if math.isnan(rho.low):
+        return f"{rho.estimate:+.2f} (no interval)"
+    return f"{rho.estimate:+.2f} [{rho.low:+.2f}, {rho.high:+.2f}]"
 
 
 def describe(study: FlatnessForgetting) -> str:
@@ -80,13 +94,15 @@ def describe(study: FlatnessForgetting) -> str:
             f"R[i,i] − R[T,i], over {len(study.points)} (run, task) points")
     if math.isnan(rho.estimate):
         return f"{head}: undefined (fewer than 2 points, or one of the two is constant)."
+    groups = (f" Within groups: {'; '.join(f'{label}: {_interval(r)}' for label, r in study.within.items())}."
+              if len(study.within) > 1 else "")
     head += f": ρ = {rho.estimate:+.2f}"
     if math.isnan(rho.low):
         why = "one seed" if rho.clusters < 2 else "ρ undefined in every resample"
-        return f"{head}; no interval ({why}: the seed bootstrap needs 2 seeds or more), so no conclusion."
+        return f"{head}; no interval ({why}: the seed bootstrap needs 2 seeds or more), so no conclusion.{groups}"
     verdict = ("contains 0: no monotone relation distinguishable" if rho.low <= 0 <= rho.high else
                "excludes 0: flatter minima (smaller values) forget " + ("less" if rho.low > 0 else "more"))
-    caveat = (" With so few seeds the bootstrap has few distinct resamples and its interval understates the "
-              "uncertainty." if rho.clusters < 10 else "")
+    caveat = groups + (" With so few seeds the bootstrap has few distinct resamples and its interval understates "
+                       "the uncertainty." if rho.clusters < 10 else "")
     return (f"{head}, 95% seed-bootstrap interval [{rho.low:+.2f}, {rho.high:+.2f}] ({rho.clusters} seeds "
             f"resampled, {rho.resamples} resamples): {verdict} at {rho.clusters} seeds.{caveat}")

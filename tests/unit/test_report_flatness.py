@@ -118,6 +118,11 @@ def test_flatness_vs_forgetting_points_and_rho_by_hand(flat_results):
     assert study.correlation.estimate == pytest.approx(17 / math.sqrt(17.5 * 17))
     assert study.correlation.clusters == 3  # seeds 1, 2, 3
     assert study.correlation.low <= study.correlation.estimate <= study.correlation.high
+    # within each group: none x (0.5, 0.4, 0.3) with y (20, 18, 14) and sam x (0.2, 0.1, 0.15) with y (10, 8, 8):
+    # sam ranks x 3 1 2, y 3 1.5 1.5 -> centred (1, −1, 0), (1, −.5, −.5): ρ = 1.5/√(2·1.5)
+    within = {label: r.estimate for label, r in study.within.items()}
+    assert within == {"flatness.method=none": pytest.approx(1),
+                      "flatness.method=sam": pytest.approx(1.5 / math.sqrt(3))}
 
 
 def test_lambda_max_is_the_default_measure_when_present_and_missing_entries_are_counted(flat_results):
