@@ -6,7 +6,8 @@ skipped, never averaged.
 
 Grouping: runs whose resolved configs are equal once run.seed, run.name, run.output_dir, logging.*, the
 tasks' data file paths (tasks.<i>.train / test / data_files) and the ORDER of the tasks are set aside form
-one group ("meta" is never part of a config): runs of the same tasks in different orders are one group, its
+one group ("meta" is never part of a config; a task's override blocks count as the values they change,
+wherever in the sequence, see order_free): runs of the same tasks in different orders are one group, its
 numbers averaged over the orders (the number O-LoRA reports); runs of different task sets are refused unless
 --allow-mixed. `group_by` (dotted keys) groups by just those keys. A group's label is flatness.method plus
 the keys whose values differ between groups (see group_runs), or the `group_by` keys, each value shortened
@@ -65,6 +66,7 @@ UNSET = "(unset)"
 PAIR_BY = {"seed,order": lambda run: (run.seed, run.tasks), "order": lambda run: run.tasks,
            "seed": lambda run: run.seed}
 TASK_KEY = re.compile(r"tasks\.(\d+)\.(.+)")
+TASK_BLOCKS = ("training", "flatness", "lora")  # a task's overrides of the run-level sections
 LABEL_WIDTH = 40
 
 
@@ -156,21 +158,36 @@ def short_value(value: Any) -> str:
 
 
 def order_free(settings: dict[str, Any]) -> dict[str, Any]:
-    """comparable_settings with each tasks.<i>.<key> renamed tasks.<name>.<key> (name: task i's): equal for
-    runs of the same tasks in different orders."""
-    out = {}
+    """comparable_settings, equal for runs of the same tasks in different orders: each task's own fields
+    (tasks.<i>.<field>) renamed tasks.<name>.<field>; its override blocks (tasks.<i>.training / flatness /
+    lora) reduced to the values that differ from the run-level section's (e.g. training.learning_rate=0.001)
+    and gathered over all tasks into one sorted list, `tasks.overrides`: configs set them by position
+    (O-LoRA's LLaMA scripts: a higher learning rate for whichever task comes first) and by task (MNLI's two
+    epochs) alike, so neither the position nor the task of an override tells orders apart."""
+    out: dict[str, Any] = {}
+    overrides: list[str] = []
     for key, value in comparable_settings(settings).items():
         match = TASK_KEY.fullmatch(key)
-        out[f"tasks.{settings.get(f'tasks.{match[1]}.name', match[1])}.{match[2]}" if match else key] = value
+        if not match:
+            out[key] = value
+        elif match[2].split(".")[0] in TASK_BLOCKS:
+            if value is not None and _canonical(settings.get(match[2], UNSET)) != _canonical(value):
+                overrides.append(f"{match[2]}={_format_value(value)}")
+        else:
+            out[f"tasks.{settings.get(f'tasks.{match[1]}.name', match[1])}.{match[2]}"] = value
+    if overrides:
+        out["tasks.overrides"] = sorted(overrides)
     return out
 
 
 def _label_parts(settings: list[dict[str, Any]], differing: list[str]) -> tuple[list[str], dict[str, str]]:
     """The differing keys to show and, when the task sets differ, each bucket's "tasks=a,b" part: per-task
     keys of tasks not in every bucket are summarised by that part, never shown one by one."""
-    name_sets = [frozenset(key.split(".")[1] for key in values if key.startswith("tasks.")) for values in settings]
+    name_sets = [frozenset(key.split(".")[1] for key in values if key.startswith("tasks.") and key != "tasks.overrides")
+                 for values in settings]
     common = frozenset.intersection(*name_sets) if name_sets else frozenset()
-    shown = [key for key in differing if not key.startswith("tasks.") or key.split(".")[1] in common]
+    shown = [key for key in differing
+             if not key.startswith("tasks.") or key == "tasks.overrides" or key.split(".")[1] in common]
     if len(set(name_sets)) == 1:
         return shown, {}
     return shown, {_canonical(values): "tasks=" + ",".join(sorted(names)) for values, names in zip(settings, name_sets)}

@@ -16,8 +16,11 @@ from pathlib import Path
 import pytest
 
 from cl_flat import stats
+from cl_flat.config import config_to_dict, load_config
 from cl_flat.errors import UserError
+from cl_flat.overrides import dotted_keys
 from cl_flat.report import build_report, render_csv, render_markdown, write_report
+from cl_flat.report.build import order_free
 from cl_flat.report.flatness import flatness_forgetting
 from cl_flat.report.published import PUBLISHED
 from cl_flat.report.render import interval_words
@@ -178,8 +181,9 @@ REVERSED = tuple(reversed(SEQUENCE))
 
 
 def make_orders(root: Path, seeds: dict[str, int] | None = None) -> Path:
-    """none and sam, each in both orders, all with seed 42 (as the benchmark configs): AA by hand
-    none: 70 (order 1), 74 (order 2); sam: 76, 82."""
+    """none and sam, each in both orders, all with seed 42 (as the benchmark configs), the first task of
+    each order with a learning rate of its own (O-LoRA's LLaMA configs): AA by hand none: 70 (order 1),
+    74 (order 2); sam: 76, 82."""
     seeds = seeds or {}
     for method, order, (after_1, after_2), aa in (("none", SEQUENCE, ([80, 45], [60, 80]), 70),
                                                  ("none", REVERSED, ([84, 40], [68, 80]), 74),
@@ -189,7 +193,7 @@ def make_orders(root: Path, seeds: dict[str, int] | None = None) -> Path:
                    "AIA": (after_1[0] + aa) / 2, "OP": [after_1[0], aa]}
         tag = "o1" if order == SEQUENCE else "o2"
         make_run(root, f"{method}-{tag}", seeds.get(method, 42), SAM if method == "sam" else {"method": "none"},
-                 [after_1, after_2], metrics, tasks=order)
+                 [after_1, after_2], metrics, tasks=order, first_task={"training": {"learning_rate": 5e-3}})
     return root
 
 
@@ -209,6 +213,24 @@ def test_orders_of_one_task_set_form_one_group_and_pair_by_order(tmp_path):
     assert by_seed.paired[0].seeds == [] and any("seed(s) 42 not paired" in note for note in by_seed.notes)
     with pytest.raises(UserError, match="--pair-by seeds: expected one of seed,order, order, seed"):
         build_report([str(tmp_path / "r")], pair_by="seeds")
+    # a task's own override is a real difference: the same order without it is a group of its own
+    after_1, after_2, metrics = RUNS[("none", 1)]
+    make_run(tmp_path / "r", "none-plain", 42, {"method": "none"}, [after_1, after_2], metrics)
+    labels = [g.label for g in build_report([str(tmp_path / "r")]).groups]
+    assert len(labels) == 3 and sum('tasks.overrides=["training.learning_rate=0.005"]' in label
+                                    for label in labels) == 2
+
+
+@pytest.mark.parametrize("family, orders", [("standard_order", (1, 2, 3)), ("olora_order", (1, 2, 3)),
+                                            ("t5_standard_order", (1, 2, 3)), ("t5_olora_order", (1, 2, 3)),
+                                            ("long_order", (4, 5, 6)), ("t5_long_order", (4, 5, 6))])
+def test_the_shipped_benchmark_configs_of_one_method_are_one_group_over_their_orders(family, orders):
+    # the LLaMA configs give the FIRST task (whichever it is) its own learning rate, and MNLI (wherever it is)
+    # two epochs: both are order-free overrides
+    settings = [order_free(dotted_keys(config_to_dict(load_config(REPO / "configs" / "benchmarks" /
+                                                                  f"{family}{order}.yaml")))) for order in orders]
+    assert all(s == settings[0] for s in settings)
+    assert len({s["tasks.dbpedia.name"] for s in settings}) == 1
 
 
 def test_pairing_by_order_ignores_different_seeds(tmp_path):
