@@ -298,16 +298,27 @@ def report(
     group_by: Annotated[Optional[str], typer.Option("--group-by", help="comma-separated dotted keys to group by, "
                                                     "e.g. flatness.method,flatness.scope (default: the whole "
                                                     "config but seed, name, paths, logging)")] = None,
-    allow_mixed: Annotated[bool, typer.Option("--allow-mixed", help="compare runs of different task "
-                                              "sequences")] = False,
+    allow_mixed: Annotated[bool, typer.Option("--allow-mixed", help="compare runs of different task sets (runs "
+                                              "of the same tasks in other orders are always grouped)")] = False,
+    pair_by: Annotated[str, typer.Option("--pair-by", help="pair runs with the baseline's by seed,order (same "
+                                         "seed and task order), order, or seed")] = "seed,order",
+    flatness_measure: Annotated[str, typer.Option("--flatness-measure", help="sharpness.json field of the "
+                                                  "flatness-vs-forgetting figure: auto (lambda_max if present, "
+                                                  "else worst), worst, avg, lambda_max, trace")] = "auto",
+    published: Annotated[Optional[str], typer.Option("--published", help="add O-LoRA's published T5-large AA "
+                                                     "as marked reference rows: standard or long")] = None,
 ) -> None:
-    """Compare finished runs: per group of seeds n, mean ± 95% t-interval of AA, BWT, FWT, F, AIA, paired
-    differences against a baseline; report.md, report.csv, OP curves, metric bars, heatmaps."""
-    from cl_flat.report import build_report, render_markdown, write_report
+    """Compare finished runs: per group (seeds, task orders) n, mean ± 95% t-interval of AA, BWT, FWT, F, AIA
+    and the flatness measures saved, paired differences against a baseline, flatness vs forgetting;
+    report.md, report.csv and figures."""
+    from cl_flat.report import build_report, write_report
+    from cl_flat.report.flatness import choose_measure
 
-    result = build_report(runs, group_by=group_by, baseline=baseline or [], allow_mixed=allow_mixed)
-    written = write_report(result, out)
-    typer.echo(render_markdown(result), nl=False)
+    result = build_report(runs, group_by=group_by, baseline=baseline or [], allow_mixed=allow_mixed,
+                          pair_by=pair_by, published=published)
+    choose_measure(result.runs, flatness_measure)  # a bad --flatness-measure stops before anything is written
+    written = write_report(result, out, flatness_measure)
+    typer.echo((out / "report.md").read_text(encoding="utf-8"), nl=False)
     for path in result.skipped:
         typer.echo(f"skipped (incomplete, no metrics.json): {path}", err=True)
     typer.echo(f"saved: {out / 'report.md'} {out / 'report.csv'} and {len(written) - 2} figures", err=True)
@@ -328,6 +339,9 @@ def data_prepare(
     seed: Annotated[int, typer.Option("--seed", min=0, help="seed of the samples drawn from larger splits")] = 42,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --out (only once the new "
                                             "preparation is complete)")] = False,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="comma-separated tasks of the benchmark to prepare "
+                                                 "(e.g. agnews,amazon,sst2: a partial CL_Benchmark copy); "
+                                                 "default all")] = None,
 ) -> None:
     """O-LoRA's benchmark as jsonl, sampled as published (1000 training examples per class, the published
     test sizes), written atomically with a prepared.json manifest (sizes, seed, sha256 of each file)."""
@@ -338,7 +352,9 @@ def data_prepare(
         note = f" (dropped {dropped} rows with labels outside the task's: {dict(rows.dropped)})" if dropped else ""
         typer.echo(f"{task}/{split}.jsonl: {len(rows.pairs)} examples{note}", err=True)
 
-    manifest = prepare_benchmark(benchmark, out, source, seed=seed, overwrite=overwrite, progress=report_split)
+    selected = None if tasks is None else [name.strip() for name in tasks.split(",") if name.strip()]
+    manifest = prepare_benchmark(benchmark, out, source, seed=seed, overwrite=overwrite, progress=report_split,
+                                 tasks=selected)
     typer.echo(f"{out}: {benchmark} benchmark, {len(manifest['tasks'])} tasks, manifest {out / 'prepared.json'}")
 
 

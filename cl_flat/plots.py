@@ -32,6 +32,7 @@ __all__ = [
     "plot_op_curve",
     "plot_learning_curves",
     "plot_landscape_1d",
+    "plot_landscapes_1d",
     "plot_landscape_2d",
 ]
 
@@ -200,14 +201,28 @@ def _read_columns(path: PathLike, columns: Sequence[str]) -> dict[str, np.ndarra
 
 def plot_landscape_1d(csv_path: PathLike, out_png: PathLike) -> None:
     """Loss along one direction: csv columns alpha,loss (alpha = 0 is the trained point)."""
-    d = _read_columns(csv_path, ("alpha", "loss"))
-    order = np.argsort(d["alpha"], kind="stable")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(d["alpha"][order], d["loss"][order], marker=".")
+    plot_landscapes_1d([(None, csv_path)], out_png,
+                       f"1-D loss landscape: {os.path.basename(os.fspath(csv_path))}")
+
+
+def plot_landscapes_1d(curves: Sequence[tuple[str | None, PathLike]], out_png: PathLike, title: str) -> None:
+    """Several 1-D landscapes (csv alpha,loss each) on one axis, one line per (label, csv); a ValueError
+    names the file:line of a malformed csv."""
+    fig, ax = plt.subplots(figsize=(6, 4) if len(curves) == 1 else (7, 4.5))
+    try:
+        for label, csv_path in curves:
+            d = _read_columns(csv_path, ("alpha", "loss"))
+            order = np.argsort(d["alpha"], kind="stable")
+            ax.plot(d["alpha"][order], d["loss"][order], marker=".", label=label)
+    except ValueError:
+        plt.close(fig)
+        raise
     ax.axvline(0.0, color="grey", linewidth=0.5)
     ax.set_xlabel("alpha")
     ax.set_ylabel("loss")
-    ax.set_title(f"1-D loss landscape: {os.path.basename(os.fspath(csv_path))}")
+    ax.set_title(title)
+    if any(label for label, _ in curves):
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))
     ax.grid(alpha=0.3)
     _save(fig, out_png)
 

@@ -6,15 +6,20 @@ For values x_1..x_n (one per run, or one paired difference per seed):
     95% CI        x̄ ± h,  h = t_{0.975, n−1} · s / √n              (Student t, n − 1 degrees of freedom)
 The Student-t quantile is computed here (no scipy): the t CDF is written with the regularised
 incomplete beta function I_x(a, b) and inverted by bisection. Undefined values are NaN, never 0.
+
+Rank correlation of pairs (x_k, y_k) and its interval when the pairs come in dependent clusters (runs of one
+seed share its data sample and initialisation): `spearman` and `cluster_bootstrap_ci`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import random
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Summary", "mean", "sample_std", "t_quantile", "t_cdf", "ci_half_width", "summarize", "summarize_defined"]
+__all__ = ["Summary", "mean", "sample_std", "t_quantile", "t_cdf", "ci_half_width", "summarize", "summarize_defined",
+           "average_ranks", "spearman", "BootstrapInterval", "cluster_bootstrap_ci"]
 
 CONFIDENCE = 0.95
 
@@ -127,3 +132,82 @@ def summarize_defined(values: Sequence[float | None]) -> Summary | None:
     if not values or any(v is None for v in values):
         return None
     return summarize([float(v) for v in values])
+
+
+def average_ranks(values: Sequence[float]) -> list[float]:
+    """Ranks 1..n of `values`, tied values sharing the mean of the ranks they span ([5, 1, 5] -> [2.5, 1, 2.5])."""
+    order = sorted(range(len(values)), key=lambda k: values[k])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for k in order[start:end + 1]:
+            ranks[k] = (start + end) / 2.0 + 1.0
+        start = end + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation ρ = Pearson correlation of the average ranks of x and of y (Spearman 1904):
+        ρ = Σ (r_k − r̄)(q_k − q̄) / sqrt(Σ (r_k − r̄)² · Σ (q_k − q̄)²),  r = ranks(x), q = ranks(y);
+    without ties this is 1 − 6 Σ (r_k − q_k)² / (n (n² − 1)). NaN for n < 2 or when x or y is constant."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman needs as many x as y values, got {len(x)} and {len(y)}")
+    if len(x) < 2:
+        return math.nan
+    r, q = average_ranks(x), average_ranks(y)
+    r_bar, q_bar = mean(r), mean(q)
+    sxy = math.fsum((a - r_bar) * (b - q_bar) for a, b in zip(r, q))
+    sxx, syy = math.fsum((a - r_bar) ** 2 for a in r), math.fsum((b - q_bar) ** 2 for b in q)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+
+
+@dataclass(frozen=True)
+class BootstrapInterval:
+    """A statistic of all the points, and the percentile interval [low, high] of its cluster bootstrap."""
+
+    estimate: float
+    low: float                 # NaN with fewer than 2 clusters, or no resample where it is defined
+    high: float
+    clusters: int              # distinct clusters among the points
+    resamples: int             # bootstrap resamples where the statistic was defined (of those drawn)
+
+
+def cluster_bootstrap_ci(x: Sequence[float], y: Sequence[float], clusters: Sequence[Hashable],
+                         statistic=spearman, resamples: int = 2000, confidence: float = CONFIDENCE,
+                         seed: int = 0) -> BootstrapInterval:
+    """Cluster (block) bootstrap of statistic(x, y) (Davison & Hinkley 1997, §3.8): with C distinct clusters, a
+    resample draws C clusters uniformly with replacement and takes all the points of each draw (a cluster drawn
+    twice contributes its points twice); the interval is the (1 − c)/2 and (1 + c)/2 percentiles (linear
+    interpolation between order statistics) of the statistic over the resamples where it is defined. Points
+    of one cluster are resampled together because they are not independent. Deterministic for a `seed`."""
+    if not len(x) == len(y) == len(clusters):
+        raise ValueError("cluster_bootstrap_ci needs one x, one y and one cluster per point")
+    members: dict[Hashable, list[int]] = {}
+    for k, cluster in enumerate(clusters):
+        members.setdefault(cluster, []).append(k)
+    keys = list(members)
+    estimate = statistic(list(x), list(y))
+    if len(keys) < 2:
+        return BootstrapInterval(estimate, math.nan, math.nan, len(keys), 0)
+    rng = random.Random(seed)
+    values = []
+    for _ in range(resamples):
+        picked = [k for _ in keys for k in members[keys[rng.randrange(len(keys))]]]
+        value = statistic([x[k] for k in picked], [y[k] for k in picked])
+        if not math.isnan(value):
+            values.append(value)
+    if not values:
+        return BootstrapInterval(estimate, math.nan, math.nan, len(keys), 0)
+    values.sort()
+
+    def percentile(p: float) -> float:
+        position = p * (len(values) - 1)
+        below = math.floor(position)
+        above = min(below + 1, len(values) - 1)
+        return values[below] + (position - below) * (values[above] - values[below])
+
+    return BootstrapInterval(estimate, percentile((1 - confidence) / 2), percentile((1 + confidence) / 2),
+                             len(keys), len(values))

@@ -25,11 +25,14 @@ RUNS = {
 
 
 def make_run(root: Path, name: str, seed: int, flatness: dict, rows: list[list[float]] | None,
-             metrics: dict | None, tasks: tuple[str, ...] = SEQUENCE) -> Path:
-    """A result folder as cl-flat writes it (RunDir.save_config / write_matrix / write_metrics)."""
+             metrics: dict | None, tasks: tuple[str, ...] = SEQUENCE, task_fields: dict | None = None,
+             first_task: dict | None = None) -> Path:
+    """A result folder as cl-flat writes it (RunDir.save_config / write_matrix / write_metrics); `task_fields`
+    are added to every task's config (e.g. a prompt_template), `first_task` to the first one's."""
     raw = {"run": {"name": name, "output_dir": str(root), "seed": seed},
            "model": {"name_or_path": "tiny-random:llama"},
-           "tasks": [{"name": task, "source": "builtin"} for task in tasks],
+           "tasks": [{"name": task, "source": "builtin", **(task_fields or {}),
+                      **((first_task or {}) if i == 0 else {})} for i, task in enumerate(tasks)],
            "flatness": flatness, "logging": {"progress": False}}
     config = validate_config(raw)
     run = RunDir.of(config)

@@ -1,9 +1,11 @@
-"""`cl-flat data prepare BENCHMARK --out DIR [--source hub|PATH]`: O-LoRA's benchmarks as jsonl.
+"""`cl-flat data prepare BENCHMARK --out DIR [--source hub|PATH] [--tasks a,b]`: O-LoRA's benchmarks as jsonl.
 
 Writes `DIR/<task>/train.jsonl` and `DIR/<task>/test.jsonl` (one `{"input": ..., "output": ...}` per
 line: `input` is the task's CL_Benchmark sentence, `output` its label name) for every task of the
 benchmark (cl_flat.data.benchmarks: `standard` = DBpedia, Amazon, Yahoo, AG News; `long` = the 15
-tasks), and `DIR/prepared.json` last: benchmark, source, seed, the sampling rule, and per task its
+tasks), or only the `--tasks` named (a partial copy of CL_Benchmark: a selected task whose folder is
+missing is one error naming the folder, before anything is written), and `DIR/prepared.json` last:
+benchmark, the tasks prepared, source, seed, the sampling rule, and per task its
 labels, instruction, prompt template, examples per split and per label, the source rows dropped,
 and the sha256 of every file written. The shipped configs read DIR = `data/olora`.
 
@@ -38,6 +40,7 @@ import random
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -252,10 +255,15 @@ def _task_entry(task: TaskSpec, splits: dict[str, tuple[Rows, str]]) -> dict:
     return entry
 
 
-def _check_options(benchmark: str, out: Path, source: str, overwrite: bool) -> None:
+def _check_options(benchmark: str, out: Path, source: str, overwrite: bool, tasks: Sequence[str] | None) -> None:
     problems = []
     if benchmark not in BENCHMARKS:
         problems.append(f"BENCHMARK: unknown benchmark {benchmark!r}; available: {sorted(BENCHMARKS)}")
+    elif tasks is not None:
+        unknown = [name for name in tasks if name not in BENCHMARKS[benchmark]]
+        if unknown or not tasks:
+            problems.append(f"--tasks: {', '.join(unknown) or 'no task named'}: not a task of the {benchmark} "
+                            f"benchmark; its tasks: {', '.join(BENCHMARKS[benchmark])}")
     if source != "hub" and not Path(source).is_dir():
         problems.append(f"--source: {source} is not a folder (give 'hub' or the path of O-LoRA's CL_Benchmark/)")
     if out.exists() and not out.is_dir():
@@ -277,34 +285,50 @@ def _install(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _check_folders(source: str, selected: list[TaskSpec], all_tasks: bool) -> None:
+    """One DataError naming every selected task's missing CL_Benchmark/<category>/<dataset>/ folder."""
+    missing = [task for task in selected if not (Path(source) / task.category / task.dataset).is_dir()]
+    if missing:
+        present = [task.name for task in selected if task not in missing]
+        hint = (f"; prepare the tasks this copy has with --tasks {','.join(present)}" if all_tasks and present
+                else "")
+        raise DataError("; ".join(f"{Path(source) / t.category / t.dataset}: no such folder (task {t.name})"
+                                  for t in missing) + hint)
+
+
 def prepare_benchmark(benchmark: str, out: str | Path, source: str = "hub", seed: int = 42,
-                      overwrite: bool = False, progress=None) -> dict:
-    """Prepare `benchmark` from `source` ('hub' or a CL_Benchmark folder) into `out`; return the manifest.
-    `progress(task, split, rows)` is called after each split is written."""
+                      overwrite: bool = False, progress=None, tasks: Sequence[str] | None = None) -> dict:
+    """Prepare `benchmark` (its `tasks` only, in the benchmark's order, when given) from `source` ('hub' or a
+    CL_Benchmark folder) into `out`; return the manifest. `progress(task, split, rows)` is called after each
+    split is written."""
     out = Path(out)
     source = source if source == "hub" else str(Path(source).resolve())
-    _check_options(benchmark, out, source, overwrite)
+    _check_options(benchmark, out, source, overwrite, tasks)
+    selected = [task for task in benchmark_tasks(benchmark) if tasks is None or task.name in tasks]
+    if source != "hub":
+        _check_folders(source, selected, tasks is None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        tasks = {}
-        for task in benchmark_tasks(benchmark):
+        entries = {}
+        for task in selected:
             splits = {}
             for split in SPLITS:
                 rows = _read_split(task, split, source, seed)
                 splits[split] = (rows, _write_jsonl(tmp / task.name / f"{split}.jsonl", rows.pairs))
                 if progress is not None:
                     progress(task.name, split, rows)
-            tasks[task.name] = _task_entry(task, splits)
+            entries[task.name] = _task_entry(task, splits)
         manifest = {
             "format": MANIFEST_FORMAT, "benchmark": benchmark,
+            "prepared_tasks": [task.name for task in selected],  # all of the benchmark's, or --tasks
             "source": {"kind": "hub"} if source == "hub" else {"kind": "cl_benchmark", "path": source},
             "seed": seed,
             "sampling": {"train_per_class": TRAIN_PER_CLASS, "rule": "a split of at most the published size is "
                          "kept whole; a larger train split gives train_per_class per label, a larger test split "
                          "the published size drawn uniformly; source order kept"},
-            "tasks": tasks,
-            "files": {e["file"]: e["sha256"] for t in tasks.values() for e in t["splits"].values()},
+            "tasks": entries,
+            "files": {e["file"]: e["sha256"] for t in entries.values() for e in t["splits"].values()},
         }
         _write_manifest(tmp / MANIFEST, manifest)  # last: its presence marks a complete preparation
         _install(tmp, out)

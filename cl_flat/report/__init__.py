@@ -1,7 +1,8 @@
 """`cl-flat report`: compare finished runs, grouped over seeds, from their result files only (never a model).
 
-`build` reads and compares (groups, statistics over seeds, paired differences, reference runs); `render`
-writes report.md, report.csv and the figures.
+`runs` loads run folders; `build` reads and compares (groups over seeds and task orders, statistics, paired
+differences, reference runs, `published` numbers); `flatness` relates each task's flatness to its
+forgetting; `render` writes report.md and report.csv, `figures` the figures.
 """
 
 from cl_flat.report.build import Report, build_report

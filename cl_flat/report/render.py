@@ -1,11 +1,13 @@
-"""Writing a `cl-flat report`: report.md, report.csv and figures, drawn from a Report only.
+"""Writing a `cl-flat report`: report.md, report.csv and figures (cl_flat.report.figures), drawn from a
+Report only.
 
-report.csv (CSV_COLUMNS): kind (group | run | paired | reference | reference_run), group (label), baseline
-(paired rows), run and path (run rows), seed (group/paired rows: the seeds), method, tasks ("a > b"), n (1,
-runs, or pairs), M for M in METRICS and then
-REFERENCE_KEYS (run rows), M_mean, M_std, M_ci_low, M_ci_high (group, paired and
-reference rows; a reference's value is in AA); docs/results.md explains each. An empty cell is
-undefined, never 0.
+report.csv (CSV_COLUMNS): kind (group | run | paired | reference | reference_run | published), group
+(label), baseline (paired rows), run and path (run rows), seed (group/paired rows: the seeds), method,
+tasks ("a > b", several orders joined by "; "), n (1, runs, or pairs), M for M in METRICS, then
+REFERENCE_KEYS, then FLATNESS_KEYS (run rows), M_mean, M_std, M_ci_low, M_ci_high (group, paired and
+reference rows; a reference's or a published row's value is in AA), source (published rows);
+docs/results.md explains each. An empty cell is undefined, never 0. No cell holds a newline; report.md
+escapes "|" in its cells.
 """
 
 from __future__ import annotations
@@ -17,14 +19,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
-import numpy as np
-
-from cl_flat import plots  # selects matplotlib's headless Agg backend before any figure exists
-from cl_flat.files import atomic_path, atomic_write_text
+from cl_flat import plots
+from cl_flat.files import atomic_write_text
 from cl_flat.metrics import METRICS, REFERENCE_MEASURES
+from cl_flat.report import figures
 from cl_flat.report.build import (
     Group,
+    PairedComparison,
     ReferenceGroup,
     ReferenceRun,
     Report,
@@ -32,66 +33,144 @@ from cl_flat.report.build import (
     RunResult,
     sequence_label,
 )
+from cl_flat.report.flatness import FlatnessForgetting, describe, flatness_forgetting
+from cl_flat.report.runs import FLATNESS_MEASURES
 from cl_flat.rundir import RunDir
 from cl_flat.stats import Summary
 
 REFERENCE_KEYS = tuple(key for key, _ in REFERENCE_MEASURES.values())
-BAR_METRICS = ("AA", "BWT", "F")
+FLATNESS_KEYS = tuple(FLATNESS_MEASURES)
 SUMMARY_PARTS = ("mean", "std", "ci_low", "ci_high")
-# the reference measures' columns come last, so that the columns of earlier versions keep their places
+# later additions come last, so that the columns of earlier versions keep their places
 CSV_COLUMNS = ["kind", "group", "baseline", "run", "path", "seed", "method", "tasks", "n", *METRICS,
                *(f"{m}_{part}" for m in METRICS for part in SUMMARY_PARTS),
-               *REFERENCE_KEYS, *(f"{m}_{part}" for m in REFERENCE_KEYS for part in SUMMARY_PARTS)]
+               *REFERENCE_KEYS, *(f"{m}_{part}" for m in REFERENCE_KEYS for part in SUMMARY_PARTS),
+               *FLATNESS_KEYS, *(f"{m}_{part}" for m in FLATNESS_KEYS for part in SUMMARY_PARTS), "source"]
+FIGURE_CAPTIONS = {
+    "op_curves.png": "OP_t per group (mean over runs, 95% CI band)",
+    "metrics_bars.png": "each metric in its own panel: group means, 95% CI error bars",
+    "paired_differences.png": "forest plot: each metric's paired difference vs the baseline, 95% CI; "
+                              "an interval crossing the dashed 0 line is not distinguishable from no difference",
+    "flatness_forgetting.png": "flatness of each task's minimum vs its forgetting, one colour per group",
+}
 
 
-def _cell(summary: Summary | None) -> str:
+def _cell(summary: Summary | None, metric: str = "") -> str:
+    """mean ± h in points (2 decimals), or for a flatness measure (loss units, often small) 3 significant digits."""
     if summary is None:
         return "—"
-    return f"{summary.mean:.2f} (n=1)" if summary.n == 1 else f"{summary.mean:.2f} ± {summary.half_width:.2f}"
+    form = ".3g" if metric in FLATNESS_KEYS else ".2f"
+    return (f"{summary.mean:{form}} (n=1)" if summary.n == 1
+            else f"{summary.mean:{form}} ± {summary.half_width:{form}}")
+
+
+def _md(text: object) -> str:
+    """A markdown table cell: one line, "|" escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
 
 
 def _tasks_of(runs: list[RunResult] | list[ReferenceRun]) -> str:
-    return " | ".join(dict.fromkeys(sequence_label(run.tasks) for run in runs))
+    return "; ".join(dict.fromkeys(sequence_label(run.tasks) for run in runs))
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    return (["| " + " | ".join(map(_md, header)) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(map(_md, row)) + " |" for row in rows])
 
 
-def render_markdown(report: Report) -> str:
-    """report.md: groups (mean ± 95% CI half-width), paired differences vs the baseline, notes, skipped runs."""
+def interval_words(name: str, summary: Summary | None, form: str = ".2f") -> str | None:
+    """What a paired difference's interval says, e.g. "ΔBWT +3.30 ± 9.90: not distinguishable from 0 at
+    n = 3" (the 95% CI contains 0) or "ΔAA +5.33 ± 2.87: above 0 at n = 3 (95% CI [+2.46, +8.20])"."""
+    if summary is None:
+        return None
+    if summary.n == 1 or math.isnan(summary.half_width):
+        return f"{name} {summary.mean:+{form}}: one pair, no interval, no conclusion"
+    head = f"{name} {summary.mean:+{form}} ± {summary.half_width:{form}}"
+    if summary.ci_low <= 0 <= summary.ci_high:
+        return f"{head}: not distinguishable from 0 at n = {summary.n}"
+    side = "above" if summary.ci_low > 0 else "below"
+    return f"{head}: {side} 0 at n = {summary.n} (95% CI [{summary.ci_low:+{form}}, {summary.ci_high:+{form}}])"
+
+
+def _paired_words(comparison: PairedComparison, measures: tuple[str, ...]) -> str:
+    words = [w for m in measures if (w := interval_words(f"Δ{m}", comparison.metrics.get(m),
+                                                         ".3g" if m in FLATNESS_KEYS else ".2f"))]
+    return f"- {_one_line(comparison.group.label)}: " + ("; ".join(words) if words else "no pair") + "."
+
+
+def _groups_table(report: Report, measures: tuple[str, ...]) -> list[str]:
+    mixed = len({run.tasks for run in report.runs}) > 1
+    orders = any(len(g.orders) > 1 for g in report.groups)
+    def extra(runs: list, n_orders: int | str) -> list[str]:
+        return [*([str(n_orders)] if orders else []), *([_tasks_of(runs)] if mixed else [])]
+    rows = [[g.label, str(len(g.runs)), " ".join(map(str, sorted(set(g.seeds)))), *extra(g.runs, len(g.orders)),
+             *(_cell(g.metrics[m], m) for m in measures)] for g in report.groups]
+    rows += [[r.label, str(len(r.runs)), " ".join(map(str, r.seeds)), *extra(r.runs, len(set(x.tasks for x in r.runs))),
+              _cell(r.mean), *("—" for _ in measures[1:])] for r in report.references]
+    if report.published:
+        rows += [[f"published: {p.method}", "—", "—", *(["—"] * len(extra([], 0))), f"{p.aa:.1f}",
+                  *("—" for _ in measures[1:])] for p in report.published[1]]
+    return _table(["group", "n", "seeds", *(["orders"] if orders else []), *(["tasks"] if mixed else []), *measures],
+                  rows)
+
+
+def render_markdown(report: Report, figures_written: list[Path] | None = None,
+                    study: FlatnessForgetting | None = None) -> str:
+    """report.md: groups (mean ± 95% CI half-width), paired differences vs the baseline and what their
+    intervals say, flatness vs forgetting, published numbers, figures, notes, skipped runs."""
     sequences = list(dict.fromkeys(run.tasks for run in report.runs))
-    mixed = len(sequences) > 1
     lines = ["# cl-flat report", "",
              f"{len(report.runs)} complete run(s) in {len(report.groups)} group(s); "
-             + ("task sequences differ (--allow-mixed), see the tasks column." if mixed
+             + (f"{len(sequences)} task sequences (orders or sets), see the orders/tasks columns." if len(sequences) > 1
                 else f"task sequence {sequence_label(sequences[0])}."), "",
              "Scores in percent. A cell is mean ± h, the half-width of the 95% confidence interval "
-             "(Student t with n − 1 degrees of freedom, h = t·s/√n, s the sample standard deviation). "
-             "\"n=1\": one run, no interval. —: undefined (null in metrics.json). A label omits method "
-             "parameters at their defaults (cl-flat methods).", "",
+             "(Student t with n − 1 degrees of freedom, h = t·s/√n, s the sample standard deviation) over the "
+             "group's runs (seeds, and task orders where it has several: the mean over orders is the number "
+             "O-LoRA reports). \"n=1\": one run, no interval. —: undefined (null in metrics.json). A label omits "
+             "method parameters at their defaults (cl-flat methods).", "",
              f"## Groups ({report.grouping})", ""]
     measures = report.measures
-    lines += _table(["group", "n", "seeds", *(["tasks"] if mixed else []), *measures],
-                    [[g.label, str(len(g.runs)), " ".join(map(str, g.seeds)), *([_tasks_of(g.runs)] if mixed else []),
-                      *(_cell(g.metrics[m]) for m in measures)] for g in report.groups]
-                    + [[r.label, str(len(r.runs)), " ".join(map(str, r.seeds)),
-                        *([_tasks_of(r.runs)] if mixed else []), _cell(r.mean), *("—" for _ in measures[1:])]
-                       for r in report.references])
+    lines += _groups_table(report, measures)
     if report.references:
         lines += ["", "A reference row's AA is the mean over tasks of its per-task scores (each task under its "
                   "own adapter for per_task, under the joint adapter for joint). FWT_alone = mean_{i≥2} "
                   "(R[i,i] − P_i) against the per_task reference P; gap_joint = mean_i J_i − AA against the "
                   "joint reference J; each run against the reference of its seed."]
+    if any(m in FLATNESS_KEYS for m in measures):
+        lines += ["", "Flatness columns: the mean over a run's tasks of each task's landscape/sharpness.json entry, "
+                  "measured right after training it (sharpness_avg / sharpness_worst: its \"avg\" / \"worst\"; "
+                  "lambda_max, trace: the Hessian's), in loss units; — where a task lacks it."]
+    if report.published:
+        key, rows = report.published
+        lines += ["", f"Rows \"published: …\" are **published numbers, not measured here** (--published {key}): "
+                  "AA as the source reports it, on its own setup.", ""]
+        lines += _table(["published", "AA", "source"], [[p.method, f"{p.aa:.1f}", p.source] for p in rows])
     if report.baseline is not None:
-        lines += ["", f"## Paired difference vs baseline `{report.baseline.label}`", "",
-                  "Mean over seeds of (group − baseline) for runs with the same run.seed, ± the 95% CI half-width "
-                  "of those differences.", ""]
+        pairing = {"seed,order": "the same run.seed and task order", "order": "the same task order",
+                   "seed": "the same run.seed"}[report.pair_by]
+        lines += ["", f"## Paired difference vs baseline `{_one_line(report.baseline.label)}`", "",
+                  f"Mean over pairs (runs with {pairing}) of (group − baseline), ± the 95% CI half-width of those "
+                  "differences.", ""]
         lines += _table(["group", "pairs", "seeds", *(f"Δ{m}" for m in measures)],
-                        [[c.group.label, str(len(c.seeds)), " ".join(map(str, c.seeds)) or "—",
-                          *(_cell(c.metrics[m]) for m in measures)] for c in report.paired])
+                        [[c.group.label, str(len(c.seeds)), " ".join(map(str, sorted(set(c.seeds)))) or "—",
+                          *(_cell(c.metrics[m], m) for m in measures)] for c in report.paired])
+        lines += ["", "What the intervals say (a 95% CI that contains 0: the data do not tell the group from the "
+                  "baseline; more seeds narrow it):", "", *(_paired_words(c, measures) for c in report.paired)]
+    if study is not None:
+        lines += ["", "## Flatness vs forgetting", "", describe(study)
+                  + (f" {study.missing} (run, task) pairs lack the measure and are left out." if study.missing else "")]
+    if figures_written:
+        lines += ["", "## Figures", ""]
+        for path in figures_written:
+            caption = FIGURE_CAPTIONS.get(path.name, "heatmap of a run's accuracy matrix" if path.parent.name ==
+                                          "heatmaps" else f"1-D landscapes of {path.stem[:-3]} from several runs")
+            lines.append(f"- [{path.as_posix()}]({path.as_posix()}): {caption}")
     if report.notes:
-        lines += ["", "## Notes", "", *(f"- {note}" for note in report.notes)]
+        lines += ["", "## Notes", "", *(f"- {_one_line(note)}" for note in report.notes)]
     lines += ["", "## Skipped incomplete runs (no metrics.json)", ""]
     lines += [f"- {path}" for path in report.skipped] or ["none"]
     return "\n".join(lines) + "\n"
@@ -107,7 +186,7 @@ def _summary_cells(metrics: dict[str, Summary | None]) -> dict[str, str]:
 
 
 def _methods(runs: list[RunResult] | list[ReferenceRun]) -> str:
-    return " ".join(dict.fromkeys(str(run.settings.get("flatness.method", "")) for run in runs))
+    return " ".join(dict.fromkeys(_one_line(run.settings.get("flatness.method", "")) for run in runs))
 
 
 def render_csv(report: Report) -> str:
@@ -130,6 +209,10 @@ def render_csv(report: Report) -> str:
         rows += [{"kind": "reference_run", "group": ref.label, "run": run.name, "path": str(run.path),
                   "seed": run.seed, "method": _methods([run]), "tasks": sequence_label(run.tasks), "n": 1,
                   "AA": _number(run.mean)} for run in ref.runs]
+    if report.published:
+        rows += [{"kind": "published", "group": f"published: {p.method}", "AA_mean": repr(p.aa), "source": p.source}
+                 for p in report.published[1]]
+    rows = [{key: _one_line(value) if isinstance(value, str) else value for key, value in row.items()} for row in rows]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, restval="", lineterminator="\n")
     writer.writeheader()
@@ -137,56 +220,31 @@ def render_csv(report: Report) -> str:
     return buffer.getvalue()
 
 
-def _save_figure(fig: Any, ax: Any, title: str, out_png: Path) -> None:
-    """Title, legend below the axes, then savefig to a temp file and rename; always closes the figure."""
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))
-    try:
-        with atomic_path(out_png, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-
-
-def plot_op_curves(groups: list[Group], out_png: Path) -> None:
-    """OP_t (mean over a group's runs) against t, one line per group, its 95% CI as a band (n ≥ 2)."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for group in groups:
-        ts = np.arange(1, len(group.op) + 1)
-        (line,) = ax.plot(ts, [s.mean for s in group.op], marker="o", label=f"{group.label} (n={len(group.runs)})")
-        if len(group.runs) > 1:
-            ax.fill_between(ts, [s.ci_low for s in group.op], [s.ci_high for s in group.op],
-                            color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set(xticks=range(1, max(len(group.op) for group in groups) + 1), xlabel="after task t", ylabel="OP$_t$ (%)")
-    ax.grid(alpha=0.3)
-    _save_figure(fig, ax, "Online performance: mean over seeds, 95% CI band", out_png)
-
-
-def plot_metric_bars(groups: list[Group], out_png: Path) -> None:
-    """AA, BWT and F: one bar per group (the mean), error bars the 95% CI (none for n = 1 or undefined)."""
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) + 4), 4.5))
-    width, xs = 0.8 / len(groups), np.arange(len(BAR_METRICS))
-    for k, group in enumerate(groups):
-        summaries = [group.metrics[m] for m in BAR_METRICS]
-        ax.bar(xs + (k - (len(groups) - 1) / 2) * width, [math.nan if s is None else s.mean for s in summaries],
-               width, yerr=[math.nan if s is None else s.half_width for s in summaries], capsize=3,
-               label=f"{group.label} (n={len(group.runs)})")
-    ax.axhline(0.0, color="grey", linewidth=0.5)
-    ax.set(xticks=xs, xticklabels=BAR_METRICS, ylabel="percent points")
-    _save_figure(fig, ax, "AA, BWT, F: mean over seeds, 95% CI", out_png)
-
-
-def write_report(report: Report, out: str | os.PathLike[str]) -> list[Path]:
-    """DIR/report.md, DIR/report.csv, DIR/op_curves.png, DIR/metrics_bars.png, DIR/heatmaps/<run>.png; every
-    file written atomically, figures drawn only from the files read. Returns the paths written."""
+def write_report(report: Report, out: str | os.PathLike[str], flatness_measure: str = "auto") -> list[Path]:
+    """DIR/report.md, DIR/report.csv and the figures (cl_flat.report.figures; paired_differences.png only
+    with a baseline and a pair, flatness_forgetting.png only with sharpness entries, landscapes/ only for a
+    task with 1-D landscapes in several runs) and DIR/heatmaps/<run>.png; every file written atomically,
+    figures drawn only from the files read. Returns the paths written, report.csv and report.md last."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ReportInputError(f"--out {out}: exists and is not a folder")
+    study = flatness_forgetting(report, flatness_measure)
     heatmaps = [out / "heatmaps" / f"{run.name}.png" for run in report.runs]
     for run, png in zip(report.runs, heatmaps):
         plots.plot_acc_matrix(RunDir(run.path).matrix_path, png)
-    plot_op_curves(report.groups, out / "op_curves.png")
-    plot_metric_bars(report.groups, out / "metrics_bars.png")
+    written = [out / "op_curves.png", out / "metrics_bars.png"]
+    figures.plot_op_curves(report.groups, written[0])
+    bars = tuple(m for m in report.measures if m in figures.BAR_METRICS or m in FLATNESS_KEYS)
+    figures.plot_metric_bars(report.groups, bars, written[1])
+    if report.baseline is not None and any(c.seeds for c in report.paired):
+        written.append(out / "paired_differences.png")
+        figures.plot_paired_forest(report.paired, report.measures, _one_line(report.baseline.label), written[-1])
+    if study is not None and study.points:
+        written.append(out / "flatness_forgetting.png")
+        figures.plot_flatness_forgetting(study, written[-1])
+    landscapes, notes = figures.plot_landscape_overlays(report.runs, out)
+    report.notes.extend(notes)
+    written += landscapes + heatmaps
     atomic_write_text(out / "report.csv", render_csv(report))
-    atomic_write_text(out / "report.md", render_markdown(report))
-    return [*heatmaps, out / "op_curves.png", out / "metrics_bars.png", out / "report.csv", out / "report.md"]
+    atomic_write_text(out / "report.md", render_markdown(report, [p.relative_to(out) for p in written], study))
+    return [*written, out / "report.csv", out / "report.md"]

@@ -1,6 +1,13 @@
 """The runs `cl-flat report` reads: run folders found from the inputs (folders, folders of them, quoted
 globs), each complete run or reference run loaded from its result files through RunDir (config.yaml,
-acc_matrix.csv, metrics.json; never a model), and each sequence matched with its reference runs."""
+acc_matrix.csv, metrics.json, landscape/sharpness.json; never a model), and each sequence matched with its
+reference runs.
+
+Flatness of a run (FLATNESS_MEASURES, each optional): task i's entry of landscape/sharpness.json (`<task>`,
+else `<task>_merged`; metrics.json's "sharpness" when the file is absent) holds the flatness of the minimum
+task i reached, measured right after training it. A run's `sharpness_avg`, `sharpness_worst`, `lambda_max`,
+`trace` is the mean over its tasks of that entry's "avg", "worst", "lambda_max", "trace"; undefined (None)
+unless every task has the field as a finite number."""
 
 from __future__ import annotations
 
@@ -21,6 +28,9 @@ from cl_flat.metrics import METRICS, REFERENCE_MEASURES, read_acc_matrix
 from cl_flat.overrides import dotted_keys
 from cl_flat.rundir import RunDir
 
+# report measure -> the field of a sharpness.json entry it averages over tasks
+FLATNESS_MEASURES = {"sharpness_avg": "avg", "sharpness_worst": "worst", "lambda_max": "lambda_max",
+                     "trace": "trace"}
 RUN_IDENTITY_KEYS = frozenset({"run.seed", "run.name", "run.output_dir"})
 finite_number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 PATH_OR_LOGGING_KEY = re.compile(r"logging\..*|tasks\.\d+\.(train|test|data_files)(\..*)?")
@@ -42,6 +52,14 @@ class RunResult:
     metrics: dict[str, float | None]   # METRICS (+ reference measures); None where undefined
     op: tuple[float, ...]              # OP_t, t = 1..T
     matrix: tuple[tuple[float | None, ...], ...] = ()  # R[t][i], the trained rows of acc_matrix.csv
+    flatness: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # task -> field -> value
+
+    @property
+    def forgetting(self) -> dict[str, float]:
+        """R[i,i] − R[T,i] of each task i < T with both scores (0-based rows: matrix[i][i] − matrix[T−1][i])."""
+        last = self.matrix[-1] if self.matrix else ()
+        return {task: self.matrix[i][i] - last[i] for i, task in enumerate(self.tasks[:-1])
+                if self.matrix[i][i] is not None and last[i] is not None}
 
 
 @dataclass(frozen=True)
@@ -120,8 +138,32 @@ def load_run(folder: Path, name: str) -> RunResult:
         raise ReportInputError(f"{path}: OP must be a list of {len(tasks)} finite numbers (one per task), "
                                f"got {op!r}")
     metrics = {key: None if data[key] is None else float(data[key]) for key in METRICS}
+    flatness = _flatness(run_dir, tasks, data.get("sharpness"))
+    for key, field_name in FLATNESS_MEASURES.items():
+        values = [flatness.get(task, {}).get(field_name) for task in tasks]
+        metrics[key] = None if any(v is None for v in values) else sum(values) / len(values)
     return RunResult(folder, name, config.run.seed, dotted_keys(config_to_dict(config)), tuple(tasks), metrics,
-                     tuple(float(v) for v in op), tuple(tuple(row) for row in matrix))
+                     tuple(float(v) for v in op), tuple(tuple(row) for row in matrix), flatness)
+
+
+def _flatness(run_dir: RunDir, tasks: list[str], in_metrics: Any) -> dict[str, dict[str, float]]:
+    """task -> the finite numbers of its sharpness.json entry (see the module docstring); {} when none."""
+    path = run_dir.sharpness_path
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ReportInputError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(saved, dict):
+            raise ReportInputError(f"{path}: expected an object of entries per task, got {type(saved).__name__}")
+    else:
+        saved = in_metrics if isinstance(in_metrics, dict) else {}
+    found = {}
+    for task in tasks:
+        entry = saved.get(task, saved.get(f"{task}_merged"))
+        if isinstance(entry, dict):
+            found[task] = {key: float(value) for key, value in entry.items() if finite_number(value)}
+    return found
 
 
 def is_reference(folder: Path) -> bool:

@@ -1,5 +1,6 @@
 """`cl-flat data prepare` in a process of its own, on O-LoRA's source files (tests/fixtures/olora): a
-malformed source through the command (exit 2, file:line, nothing written), and a preparation killed
+malformed source through the command (exit 2, file:line, nothing written), --tasks on a partial copy
+(the selected tasks prepared; a missing one is one error naming its folder), and a preparation killed
 mid-way (only a hidden partial folder is left)."""
 
 from __future__ import annotations
@@ -29,6 +30,21 @@ def test_malformed_source_file_exits_2_naming_file_and_line_through_the_cli(tmp_
     assert result.stderr.count("error:") == 1
     assert not out.exists()
     assert list(out.parent.iterdir()) == []  # no partial folder left behind
+
+
+def test_tasks_of_a_partial_copy_through_the_cli(tmp_path):
+    root = Path(shutil.copytree(OLORA_BENCHMARK, tmp_path / "CL_Benchmark"))
+    shutil.rmtree(root / "TC" / "dbpedia")
+    out = tmp_path / "data" / "olora"
+    args = ["data", "prepare", "standard", "--out", str(out), "--source", str(root)]
+    missing = run_cli(args + ["--tasks", "dbpedia,amazon"], cwd=tmp_path, timeout=300)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines() == [f"error: {root / 'TC' / 'dbpedia'}: no such folder (task dbpedia)"]
+    assert not out.exists()
+    result = run_cli(args + ["--tasks", "agnews, amazon"], cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["agnews", "amazon", "prepared.json"]
+    assert f"{out}: standard benchmark, 2 tasks" in result.stdout
 
 
 def test_a_killed_preparation_leaves_only_a_hidden_partial_folder(tmp_path):

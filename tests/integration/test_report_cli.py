@@ -1,5 +1,6 @@
 """`cl-flat report` through its entry point in a subprocess, on the hand-made result folders of
-report_runs.py: a bad path exits 2 with one line and writes nothing; a glob of runs grouped by a key."""
+report_runs.py: a bad path exits 2 with one line and writes nothing; a glob of runs grouped by a key;
+--published and --pair-by; a bad --flatness-measure exits 2 before anything is written."""
 
 from __future__ import annotations
 
@@ -33,3 +34,18 @@ def test_cli_report(results, tmp_path):
     assert "## Groups (by flatness.method)" in result.stdout
     assert "| flatness.method=sam | 3 | 1 2 3 |" in result.stdout
     assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "report.csv").is_file()
+
+
+def test_cli_report_published_and_pairing_options(results, tmp_path):
+    result = run_cli(["report", str(results), "--out", str(tmp_path / "out"), "--published", "standard",
+                      "--pair-by", "seed"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "| published: O-LoRA | — | — | 75.8 |" in result.stdout
+    assert "Mean over pairs (runs with the same run.seed)" in result.stdout
+    assert (tmp_path / "out" / "paired_differences.png").is_file()
+    bad = run_cli(["report", str(results), "--out", str(tmp_path / "bad"), "--flatness-measure", "flattest"],
+                  cwd=tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == ["error: --flatness-measure flattest: expected one of auto, worst, avg, "
+                                               "lambda_max, trace"]
+    assert not (tmp_path / "bad").exists()

@@ -149,6 +149,41 @@ def test_bad_options_are_refused_before_anything_is_written(tmp_path):
     assert (taken / "notes.txt").read_text() == "mine" and len(list(tmp_path.iterdir())) == 1
 
 
+# ---------------------------------------------------------------- --tasks: a partial copy of CL_Benchmark
+
+
+def test_tasks_prepare_a_partial_copy_in_the_benchmarks_order(tmp_path):
+    root = copy_fixture(tmp_path)
+    shutil.rmtree(root / "TC" / "dbpedia")
+    shutil.rmtree(root / "TC" / "yahoo")
+    out = tmp_path / "olora"
+    manifest = prep.prepare_benchmark("standard", out, str(root), tasks=["agnews", "amazon"])
+    assert manifest["prepared_tasks"] == ["amazon", "agnews"]  # standard: dbpedia, amazon, yahoo, agnews
+    assert list(manifest["tasks"]) == ["amazon", "agnews"]
+    assert {str(p.relative_to(out)) for p in out.rglob("*.jsonl")} == \
+        {f"{t}/{s}.jsonl" for t in ("amazon", "agnews") for s in ("train", "test")}
+    assert jsonl(out / "agnews" / "train.jsonl") == fixture_rows("TC", "agnews", "train")
+    # the long sequence from the same partial copy: MNLI and AG News, in order 6 (long.sh: mnli first)
+    long = prep.prepare_benchmark("long", tmp_path / "long", str(FIXTURE), tasks=["agnews", "mnli"])
+    assert long["prepared_tasks"] == [t for t in ORDERS[6] if t in ("agnews", "mnli")]
+
+
+def test_a_missing_task_folder_is_one_error_naming_it_before_anything_is_written(tmp_path):
+    root = copy_fixture(tmp_path)
+    shutil.rmtree(root / "TC" / "yahoo")
+    with pytest.raises(DataError) as info:
+        prep.prepare_benchmark("standard", tmp_path / "out", str(root), tasks=["yahoo", "amazon"])
+    assert str(info.value) == f"{root / 'TC' / 'yahoo'}: no such folder (task yahoo)"
+    with pytest.raises(DataError) as info:  # every task by default: the hint names the tasks present
+        prep.prepare_benchmark("standard", tmp_path / "out", str(root))
+    assert str(info.value) == (f"{root / 'TC' / 'yahoo'}: no such folder (task yahoo); prepare the tasks this "
+                               "copy has with --tasks dbpedia,amazon,agnews")
+    with pytest.raises(ConfigError, match="--tasks: sst3: not a task of the standard benchmark; its tasks: "
+                                          "dbpedia, amazon, yahoo, agnews"):
+        prep.prepare_benchmark("standard", tmp_path / "out", str(root), tasks=["amazon", "sst3"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CL_Benchmark"]  # nothing written, no partial folder
+
+
 # ---------------------------------------------------------------- an interrupted preparation
 
 

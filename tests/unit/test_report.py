@@ -161,11 +161,12 @@ def test_files_written_and_their_columns(results, tmp_path):
     out = tmp_path / "report"
     report = build_report([str(results)])
     write_report(report, out)
-    assert sorted(p.name for p in out.iterdir()) == ["heatmaps", "metrics_bars.png", "op_curves.png", "report.csv",
-                                                      "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["heatmaps", "metrics_bars.png", "op_curves.png",
+                                                      "paired_differences.png", "report.csv", "report.md"]
     names = sorted(f"{m}-s{s}.png" for m, s in RUNS)
     assert sorted(p.name for p in (out / "heatmaps").iterdir()) == names
-    for png in [out / "metrics_bars.png", out / "op_curves.png", *(out / "heatmaps").iterdir()]:
+    for png in [out / "metrics_bars.png", out / "op_curves.png", out / "paired_differences.png",
+                *(out / "heatmaps").iterdir()]:
         assert png.read_bytes().startswith(PNG_MAGIC)
     with (out / "report.csv").open() as handle:
         reader = csv.DictReader(handle)
@@ -175,7 +176,10 @@ def test_files_written_and_their_columns(results, tmp_path):
     assert reader.fieldnames == ["kind", "group", "baseline", "run", "path", "seed", "method", "tasks", "n",
                                  "AA", "BWT", "FWT", "F", "AIA", *metric_columns, "FWT_alone", "gap_joint",
                                  *(f"{m}_{part}" for m in ("FWT_alone", "gap_joint")
-                                   for part in ("mean", "std", "ci_low", "ci_high"))]
+                                   for part in ("mean", "std", "ci_low", "ci_high")),
+                                 "sharpness_avg", "sharpness_worst", "lambda_max", "trace",
+                                 *(f"{m}_{part}" for m in ("sharpness_avg", "sharpness_worst", "lambda_max", "trace")
+                                   for part in ("mean", "std", "ci_low", "ci_high")), "source"]
     assert [r["kind"] for r in rows].count("run") == 6
     assert [(r["kind"], r["group"]) for r in rows if r["kind"] != "run"] == \
         [("group", NONE_LABEL), ("group", SAM_LABEL), ("paired", SAM_LABEL)]
