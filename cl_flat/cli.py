@@ -56,7 +56,11 @@ def _quiet_libraries() -> None:
 
 @app.command(context_settings=OVERRIDE_FORMS)
 def train(ctx: typer.Context, config: Path, set_: SetOption = None,
-          resume: Annotated[bool, typer.Option("--resume", help="continue a started run")] = False,
+          resume: Annotated[bool, typer.Option("--resume", help="continue a started run (CONFIG may be its run "
+                                                              "folder: its saved config)")] = False,
+          overwrite: Annotated[bool, typer.Option("--overwrite", help="start afresh where a run of this name "
+                                                  "exists: its files are removed once the config and data are "
+                                                  "accepted")] = False,
           allow_config_change: Annotated[bool, typer.Option(
               "--allow-config-change", help="with --resume: train the remaining tasks with a changed config "
               "(recorded in config.yaml meta.config_changes)")] = False,
@@ -76,7 +80,12 @@ def train(ctx: typer.Context, config: Path, set_: SetOption = None,
 
     cfg = load_config(config, overrides_from_args(ctx.args) + (set_ or []), sweep_run_id=sweep_run_id())
     if reference is not None:
+        from cl_flat.errors import UserError
         from cl_flat.recipes.reference import run_reference
+
+        if overwrite:
+            raise UserError("--overwrite: a reference run keeps nothing to replace; it is refused only when "
+                            "complete (remove its folder to run it again)")
 
         ref = run_reference(cfg, reference)
         if dist.is_main():
@@ -85,7 +94,7 @@ def train(ctx: typer.Context, config: Path, set_: SetOption = None,
             typer.echo(f"mean {sum(ref.scores) / len(ref.scores):.2f}; results: {ref.run_dir}")
         dist.shutdown()
         return
-    result = run_sequence(cfg, resume=resume, allow_config_change=allow_config_change)
+    result = run_sequence(cfg, resume=resume, allow_config_change=allow_config_change, overwrite=overwrite)
     if dist.is_main():
         print_matrix(result.tasks, result.rows, result.metrics, f"{cfg.evaluation.metric} matrix (%): {cfg.run.name}")
         typer.echo(f"results: {result.run_dir}")

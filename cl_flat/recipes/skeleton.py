@@ -146,6 +146,9 @@ class Skeleton:
     def accept(self) -> None:
         """Check the results folder before anything is loaded (an error if the folder is in use)."""
 
+    def loaded(self) -> None:
+        """After the data and model are loaded, before anything is written (every rank)."""
+
     def meta(self) -> dict[str, Any]:
         """What the recipe adds to config.yaml's meta (rank 0)."""
         return {}
@@ -180,6 +183,7 @@ class Skeleton:
     def _run(self, rank_log: RankLog) -> Any:
         self.accept()
         self.methods, self.tasks, model, self.tokenizer = prepare(self.config)
+        self.loaded()
         rank_log.attach(self.run_dir.rank_log(dist.rank()), dist.rank(), dist.world_size())  # input accepted
         self.device = dist.device()
         model.to(self.device)

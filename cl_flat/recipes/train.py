@@ -50,15 +50,21 @@ def _record_sharpness(config: RunConfig, run_dir: RunDir, stack: AdapterStack, t
 class Sequence(Skeleton):
     """The task sequence on one adapter stack: a row of the accuracy matrix after every task."""
 
-    def __init__(self, config: RunConfig, resume: bool, allow_config_change: bool):
+    def __init__(self, config: RunConfig, resume: bool, allow_config_change: bool, overwrite: bool = False):
         super().__init__(config)
-        self.resume, self.allow_config_change = resume, allow_config_change
+        self.resume, self.allow_config_change, self.overwrite = resume, allow_config_change, overwrite
         self.rows: Rows = []
         self.skipped: dict[str, int] = {}  # per task, the updates dropped as non-finite
 
     def accept(self) -> None:
-        self.restart = restart(self.run_dir, self.config, self.resume, self.allow_config_change)
+        self.restart = restart(self.run_dir, self.config, self.resume, self.allow_config_change, self.overwrite)
         self.done = self.restart.done
+
+    def loaded(self) -> None:
+        if self.overwrite:  # only now: a config or data error leaves the old run as it was
+            if dist.is_main():
+                self.run_dir.clear()
+            dist.barrier()  # before any rank writes its log into the folder
 
     def checkpoints(self, index: int) -> TaskCheckpoints:
         return TaskCheckpoints(self.run_dir.checkpoint_dir(self.names[index]),
@@ -137,10 +143,13 @@ class Sequence(Skeleton):
         return SequenceResult(run_dir, names, rows, metrics)
 
 
-def run_sequence(config: RunConfig, resume: bool = False, allow_config_change: bool = False) -> SequenceResult:
+def run_sequence(config: RunConfig, resume: bool = False, allow_config_change: bool = False,
+                 overwrite: bool = False) -> SequenceResult:
     """Train and evaluate the sequence. With `resume`, tasks whose adapter and matrix row are
     saved are reloaded, not retrained, and the in-flight task continues from its newest in-task
     checkpoint; all randomness is keyed by (seed, task, update), so the final matrix equals that
     of an uninterrupted run. `allow_config_change`: resume although the config differs (the
-    changes are recorded in meta.config_changes; the in-flight task restarts from its start)."""
-    return Sequence(config, resume, allow_config_change).run()
+    changes are recorded in meta.config_changes; the in-flight task restarts from its start). `overwrite`:
+    a fresh start in a folder that holds a run, whose files are removed once the config, data and model
+    are loaded."""
+    return Sequence(config, resume, allow_config_change, overwrite).run()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from cl_flat.config.yamlfile import YamlProblem, read_yaml
 from cl_flat.errors import ConfigError, UserError
 from cl_flat.files import atomic_write_text
 from cl_flat.metrics import ZERO_SHOT, Rows, read_acc_matrix, write_acc_matrix
+from cl_flat.rundir.lock import NAME as LOCK_NAME
 from cl_flat.strategies import build_strategies
 
 
@@ -92,6 +94,16 @@ class RunDir:
 
     def rank_log(self, rank: int) -> Path:
         return self.path / "logs" / f"rank{rank}.log"
+
+    def clear(self) -> None:
+        """Remove everything the folder holds but its lock file (`--overwrite`, under that lock)."""
+        for entry in self.path.iterdir() if self.path.is_dir() else []:
+            if entry.name == LOCK_NAME:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
     # ------------------------------------------------------------ config.yaml
 

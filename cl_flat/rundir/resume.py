@@ -53,18 +53,22 @@ LOCATION = "run.output_dir"  # where the folder lies, not what the run computes:
 def _refuse_fresh_start(run_dir: RunDir) -> None:
     if run_dir.metrics_path.exists():
         raise UserError(f"{run_dir.path} already holds a complete run; choose another run.name "
-                        "(--set run.name=...)")
+                        "(--set run.name=...), or replace it with --overwrite")
     if run_dir.matrix_path.exists():
-        raise UserError(f"{run_dir.path} holds a started run; continue it with --resume, or choose another "
-                        "run.name")
+        raise UserError(f"{run_dir.path} holds a started run; continue it with --resume, start it afresh with "
+                        "--overwrite, or choose another run.name")
 
 
-def completed_rows(run_dir: RunDir, config: RunConfig, resume: bool, allow_changes: bool = False) -> Restart:
-    """The saved rows to resume from, or an error if the folder is in use; empty for a fresh start. A
-    resumed config must equal the stored one unless `allow_changes` (then the changes apply to the tasks
-    still to train)."""
+def completed_rows(run_dir: RunDir, config: RunConfig, resume: bool, allow_changes: bool = False,
+                   overwrite: bool = False) -> Restart:
+    """The saved rows to resume from, or an error if the folder is in use; empty for a fresh start (which
+    `overwrite` allows over an earlier run). A resumed config must equal the stored one unless
+    `allow_changes` (then the changes apply to the tasks still to train)."""
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite: choose one (continue the run, or start it afresh)")
     if not resume:
-        _refuse_fresh_start(run_dir)
+        if not overwrite:
+            _refuse_fresh_start(run_dir)
         return Restart([], [])
     if run_dir.metrics_path.exists():
         raise UserError(f"{run_dir.path} is already complete; nothing to resume")
@@ -100,12 +104,13 @@ def completed_rows(run_dir: RunDir, config: RunConfig, resume: bool, allow_chang
                    meta_of(document))
 
 
-def restart(run_dir: RunDir, config: RunConfig, resume: bool, allow_changes: bool) -> Restart:
+def restart(run_dir: RunDir, config: RunConfig, resume: bool, allow_changes: bool,
+            overwrite: bool = False) -> Restart:
     """`completed_rows` read by rank 0; every rank gets the same answer or the same error."""
     outcome: Restart | tuple[int, str] = Restart([], [])
     if dist.is_main():
         try:
-            outcome = completed_rows(run_dir, config, resume, allow_changes)
+            outcome = completed_rows(run_dir, config, resume, allow_changes, overwrite)
         except UserError as exc:
             outcome = (exc.exit_code, str(exc))  # malformed input (exit 2) stays exit 2 on every rank
     outcome = dist.broadcast_object(outcome)

@@ -81,7 +81,7 @@ def test_a_second_ctrl_c_acts_at_once_and_outside_training_raises_interrupted(fr
 def test_the_cli_says_what_is_kept_on_ctrl_c(cli_here, tmp_path, monkeypatch, fresh_stop_state):
     import cl_flat.cli
 
-    def interrupted() -> None:
+    def interrupted(**_options) -> None:  # app(prog_name=...)
         signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(cl_flat.cli, "app", interrupted)
@@ -92,7 +92,7 @@ def test_the_cli_says_what_is_kept_on_ctrl_c(cli_here, tmp_path, monkeypatch, fr
 def test_the_stop_message_names_the_update_and_the_resume_command(cli_here, tmp_path, monkeypatch, fresh_stop_state):
     import cl_flat.cli
 
-    def stopped() -> None:
+    def stopped(**_options) -> None:  # app(prog_name=...)
         raise stopping.Stopped(signal.SIGTERM, "t2", 3, 20, checkpointed=True)
 
     monkeypatch.setattr(cl_flat.cli, "app", stopped)
