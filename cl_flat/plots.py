@@ -59,17 +59,29 @@ def _split_rows(rows: metrics.Rows) -> tuple[list[list[float]], list[float] | No
     return [scores for _, scores in rows], None
 
 
+def about_run(config) -> str:
+    """What a run's figures are about: its name, flatness method (per-task methods: "per task") and metric."""
+    methods = {config.task_flatness(i).method for i in range(len(config.tasks))}
+    method = methods.pop() if len(methods) == 1 else "per-task methods"
+    return f"{config.run.name} · {method} · {config.evaluation.metric}"
+
+
+def _titled(title: str, about: str) -> str:
+    """A figure's title, with what it is about (run, method, metric) on a second line."""
+    return f"{title}\n{about}" if about else title
+
+
 def _saved_rows(csv_path: PathLike) -> tuple[list[str], metrics.Rows]:
     tasks, matrix, zero_shot = metrics.read_acc_matrix(csv_path)
     return tasks, ([(metrics.ZERO_SHOT, zero_shot)] if zero_shot is not None else []) + list(zip(tasks, matrix))
 
 
-def plot_acc_matrix(csv_path: PathLike, out_png: PathLike) -> None:
+def plot_acc_matrix(csv_path: PathLike, out_png: PathLike, about: str = "") -> None:
     """`draw_acc_matrix` of a saved acc_matrix.csv."""
-    draw_acc_matrix(*_saved_rows(csv_path), out_png)
+    draw_acc_matrix(*_saved_rows(csv_path), out_png, about)
 
 
-def draw_acc_matrix(tasks: list[str], score_rows: metrics.Rows, out_png: PathLike) -> None:
+def draw_acc_matrix(tasks: list[str], score_rows: metrics.Rows, out_png: PathLike, about: str = "") -> None:
     """Heatmap of the accuracy matrix (zero_shot row first if present), cell values annotated."""
     matrix, zero_shot = _split_rows(score_rows)
     rows = ([zero_shot] if zero_shot is not None else []) + matrix
@@ -96,7 +108,7 @@ def draw_acc_matrix(tasks: list[str], score_rows: metrics.Rows, out_png: PathLik
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("evaluated task")
     ax.set_ylabel("after training")
-    ax.set_title("Accuracy matrix R[t, i]")
+    ax.set_title(_titled("Score matrix R[t, i] (%)", about))
     _save(fig, out_png)
 
 
@@ -105,7 +117,7 @@ def plot_op_curve(csv_path: PathLike, out_png: PathLike) -> None:
     draw_op_curve(*_saved_rows(csv_path), out_png)
 
 
-def draw_op_curve(tasks: list[str], rows: metrics.Rows, out_png: PathLike) -> None:
+def draw_op_curve(tasks: list[str], rows: metrics.Rows, out_png: PathLike, about: str = "") -> None:
     """OP_t vs t, plus each task's score across rows (t = 0 is the zero-shot row)."""
     matrix, zero_shot = _split_rows(rows)
     T = len(tasks)
@@ -124,7 +136,7 @@ def draw_op_curve(tasks: list[str], rows: metrics.Rows, out_png: PathLike) -> No
     ax.set_xticks(range(0 if b is not None else 1, T + 1))
     ax.set_xlabel("after task t" + (" (0 = zero-shot)" if b is not None else ""))
     ax.set_ylabel("score (%)")
-    ax.set_title("Online performance and per-task scores")
+    ax.set_title(_titled("Online performance and per-task scores", about))
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     _save(fig, out_png)
@@ -136,13 +148,15 @@ def plot_learning_curves(train_log_jsonl: PathLike, out_png: PathLike) -> None:
     _learning_curves(json_lines(path, error=ValueError), path, out_png)
 
 
-def draw_learning_curves(records: Sequence[dict[str, Any]], out_png: PathLike, source: str = "train log") -> None:
+def draw_learning_curves(records: Sequence[dict[str, Any]], out_png: PathLike, source: str = "train log",
+                         about: str = "") -> None:
     """Training loss vs global update (record order), one colour per task: `records` are train_log.jsonl's
     lines (errors name `source`:line)."""
-    _learning_curves(enumerate(records, start=1), source, out_png)
+    _learning_curves(enumerate(records, start=1), source, out_png, about)
 
 
-def _learning_curves(numbered: Iterable[tuple[int, dict[str, Any]]], path: str, out_png: PathLike) -> None:
+def _learning_curves(numbered: Iterable[tuple[int, dict[str, Any]]], path: str, out_png: PathLike,
+                     about: str = "") -> None:
     by_task: dict[str, tuple[list[int], list[float]]] = {}
     x = 0
     for n, rec in numbered:
@@ -168,7 +182,7 @@ def _learning_curves(numbered: Iterable[tuple[int, dict[str, Any]]], path: str, 
         ax.plot(xs, ys, linewidth=1, label=name)
     ax.set_xlabel("global update")
     ax.set_ylabel("training loss")
-    ax.set_title("Learning curves")
+    ax.set_title(_titled("Learning curves", about))
     ax.legend(title="task", fontsize=8)
     ax.grid(alpha=0.3)
     _save(fig, out_png)
@@ -199,10 +213,10 @@ def _read_columns(path: PathLike, columns: Sequence[str]) -> dict[str, np.ndarra
     return {c: np.array(v, dtype=float) for c, v in data.items()}
 
 
-def plot_landscape_1d(csv_path: PathLike, out_png: PathLike) -> None:
+def plot_landscape_1d(csv_path: PathLike, out_png: PathLike, about: str = "") -> None:
     """Loss along one direction: csv columns alpha,loss (alpha = 0 is the trained point)."""
     plot_landscapes_1d([(None, csv_path)], out_png,
-                       f"1-D loss landscape: {os.path.basename(os.fspath(csv_path))}")
+                       _titled(f"1-D loss landscape: {os.path.basename(os.fspath(csv_path))}", about))
 
 
 def plot_landscapes_1d(curves: Sequence[tuple[str | None, PathLike]], out_png: PathLike, title: str) -> None:
@@ -227,7 +241,7 @@ def plot_landscapes_1d(curves: Sequence[tuple[str | None, PathLike]], out_png: P
     _save(fig, out_png)
 
 
-def plot_landscape_2d(csv_path: PathLike, out_png: PathLike) -> None:
+def plot_landscape_2d(csv_path: PathLike, out_png: PathLike, about: str = "") -> None:
     """Loss on a full alpha x beta grid (csv alpha,beta,loss): contour and 3-D surface."""
     p = os.fspath(csv_path)
     d = _read_columns(p, ("alpha", "beta", "loss"))
@@ -256,5 +270,5 @@ def plot_landscape_2d(csv_path: PathLike, out_png: PathLike) -> None:
     ax2.set_ylabel("beta")
     ax2.set_zlabel("loss")
     ax2.set_title("surface")
-    fig.suptitle(f"2-D loss landscape: {os.path.basename(p)}")
+    fig.suptitle(_titled(f"2-D loss landscape: {os.path.basename(p)}", about))
     _save(fig, out_png)

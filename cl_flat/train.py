@@ -316,7 +316,7 @@ def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, 
     split_loss_fn = target_split_losses if regulariser is None else None
     bar = progress.add_task(task.name, total=plan.updates) if progress is not None else None
     if bar is not None:
-        progress.update(bar, advance=start)
+        progress.update(bar, completed=start)  # a resumed task's updates done before
     started = time.perf_counter()
     losses: list[float] = []
     engine.train()

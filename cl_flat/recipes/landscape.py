@@ -87,7 +87,8 @@ def _measured(run: CheckedRun, base: _BaseModel, task: str, options: LandscapeOp
     stem = landscape_stem(task, after, options.space, options.direction)
     csv_path = run_dir.write_landscape(stem, surface.coords, surface.losses)
     png_path = run_dir.plot(f"landscape_{stem}_{options.dims}d")
-    (plots.plot_landscape_1d if options.dims == 1 else plots.plot_landscape_2d)(csv_path, png_path)
+    (plots.plot_landscape_1d if options.dims == 1 else plots.plot_landscape_2d)(csv_path, png_path,
+                                                                                 plots.about_run(config))
     json_path = run_dir.merge_sharpness(landscape_stem(task, after, options.space), surface.sharpness)
     return LandscapeResult(stem, csv_path, png_path, json_path, surface.loss, surface.losses, surface.sharpness,
                            surface.passes, surface.examples, time.perf_counter() - started)

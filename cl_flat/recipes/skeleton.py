@@ -32,7 +32,7 @@ from cl_flat.evaluate import evaluate_tasks
 from cl_flat.family import family_of, lora_targets
 from cl_flat.flatness import FlatnessMethod, build_method
 from cl_flat.models import check_target_modules, load_run_model, run_precision
-from cl_flat.progress import training_bars
+from cl_flat.progress import announce, training_bars
 from cl_flat.rundir import RunDir
 from cl_flat.rundir.lock import held
 from cl_flat.seeding import deterministic_kernels
@@ -112,6 +112,7 @@ def prepare(config: RunConfig):
     methods = task_methods(config)
     tasks = load_tasks(config)
     check_batches(config, tasks, dist.world_size())
+    announce(dist.is_main() and config.logging.progress, f"loading {config.model.name_or_path} ...")
     model, tokenizer = load_run_model(config.model, config.deepspeed, config.run.seed)
     check_target_modules(config.lora.target_modules, {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()},
                          family_of(model))

@@ -135,9 +135,10 @@ class Sequence(Skeleton):
         if self.config.evaluation.sharpness:
             metrics["sharpness"] = run_dir.saved_sharpness(names) if is_main else None
         if is_main:
-            plots.draw_acc_matrix(names, rows, run_dir.plot("acc_matrix"))
-            plots.draw_op_curve(names, rows, run_dir.plot("op_curve"))
-            plots.draw_learning_curves(self.records, run_dir.plot("learning_curves"), str(run_dir.log_path))
+            about = plots.about_run(self.config)
+            plots.draw_acc_matrix(names, rows, run_dir.plot("acc_matrix"), about)
+            plots.draw_op_curve(names, rows, run_dir.plot("op_curve"), about)
+            plots.draw_learning_curves(self.records, run_dir.plot("learning_curves"), str(run_dir.log_path), about)
             run_dir.write_metrics(metrics | {"tasks": names})
         self.tracker.log_results(names, rows, metrics, {name: run_dir.plot(name) for name in PLOTS})
         return SequenceResult(run_dir, names, rows, metrics)

@@ -99,3 +99,18 @@ def test_plot_landscape_2d_rejects_incomplete_grid(tmp_path: Path) -> None:
     p.write_text("alpha,beta,loss\n0,0,1\n0,1,2\n1,0,3\n")  # (1,1) missing
     with pytest.raises(ValueError, match="full grid"):
         plots.plot_landscape_2d(p, tmp_path / "x.png")
+
+
+def test_a_run_s_figures_name_the_run_its_method_and_metric(acc_csv: Path, tmp_path: Path, monkeypatch) -> None:
+    from cl_flat.config import validate_config
+
+    raw = {"run": {"name": "q1-sam-s3"}, "model": {"name_or_path": "tiny-random:llama"},
+           "tasks": [{"name": "a", "source": "builtin"}, {"name": "b", "source": "builtin"}],
+           "flatness": {"method": "sam", "rho": 0.05}, "evaluation": {"metric": "exact_match"}}
+    assert plots.about_run(validate_config(raw)) == "q1-sam-s3 · sam · exact_match"
+    raw["tasks"][1]["flatness"] = {"method": "none"}
+    assert plots.about_run(validate_config(raw)) == "q1-sam-s3 · per-task methods · exact_match"
+    titles = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out: titles.append(fig.axes[0].get_title()))
+    plots.plot_acc_matrix(acc_csv, tmp_path / "m.png", "q1-sam-s3 · sam · accuracy")
+    assert titles == ["Score matrix R[t, i] (%)\nq1-sam-s3 · sam · accuracy"]
