@@ -354,12 +354,13 @@ def data_prepare(
 ) -> None:
     """O-LoRA's benchmark as jsonl, sampled as published (1000 training examples per class, the published
     test sizes), written atomically with a prepared.json manifest (sizes, seed, sha256 of each file)."""
-    from cl_flat.data.prepare import prepare_benchmark
+    from cl_flat.data.prepare import prepare_benchmark, size_against_published
 
     def report_split(task: str, split: str, rows) -> None:
         dropped = sum(rows.dropped.values())
         note = f" (dropped {dropped} rows with labels outside the task's: {dict(rows.dropped)})" if dropped else ""
-        typer.echo(f"{task}/{split}.jsonl: {len(rows.pairs)} examples{note}", err=True)
+        size = size_against_published(task, split, len(rows.pairs))
+        typer.echo(f"{task}/{split}.jsonl: {len(rows.pairs)} examples{note}{size}", err=True)
 
     selected = None if tasks is None else [name.strip() for name in tasks.split(",") if name.strip()]
     manifest = prepare_benchmark(benchmark, out, source, seed=seed, overwrite=overwrite, progress=report_split,

@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cl_flat.data.benchmarks import BENCHMARKS, TRAIN_PER_CLASS, TaskSpec, benchmark_tasks
+from cl_flat.data.benchmarks import BENCHMARKS, TASKS, TRAIN_PER_CLASS, TaskSpec, benchmark_tasks
 from cl_flat.errors import ConfigError, DataError
 from cl_flat.seeding import derive_seed
 
@@ -294,6 +294,18 @@ def _check_folders(source: str, selected: list[TaskSpec], all_tasks: bool) -> No
                 else "")
         raise DataError("; ".join(f"{Path(source) / t.category / t.dataset}: no such folder (task {t.name})"
                                   for t in missing) + hint)
+
+
+def size_against_published(task: str, split: str, count: int) -> str:
+    """How a prepared split's size compares with the paper's (`TaskSpec.train_size`/`test_size`): "" when
+    equal, else a note, a warning when smaller (a partial copy of the data: scores will not compare)."""
+    spec = TASKS[task]
+    published = spec.train_size if split == "train" else spec.test_size
+    if count == published:
+        return ""
+    if count < published:
+        return f"; warning: the paper used {published}, {published - count} fewer here (a partial source?)"
+    return f"; the paper used {published}"
 
 
 def prepare_benchmark(benchmark: str, out: str | Path, source: str = "hub", seed: int = 42,

@@ -387,3 +387,13 @@ def test_a_prepared_benchmark_is_read_offline_through_a_shipped_config(tmp_path,
         "Title: Northwind Anvils\nText:  Northwind Anvils is a maker of forged tools based in Ohio.\n\nAnswer:")
     assert Counter(e.output for e in tasks[3].train) == {"World": 2, "Sports": 2, "Business": 1,
                                                           "Science or Technology": 1}
+
+
+def test_a_split_smaller_than_the_paper_s_is_a_warning():
+    from cl_flat.data.prepare import size_against_published
+
+    # dbpedia: 14 classes x 1000 training examples, 7600 test examples in O-LoRA's paper
+    assert size_against_published("dbpedia", "train", 14000) == ""
+    assert size_against_published("dbpedia", "test", 40) == \
+        "; warning: the paper used 7600, 7560 fewer here (a partial source?)"
+    assert size_against_published("dbpedia", "test", 7601) == "; the paper used 7600"
