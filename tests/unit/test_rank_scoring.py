@@ -97,7 +97,7 @@ def test_the_reference_is_sensitive_to_context():
 
 
 def test_a_peft_wrapped_model_packs_too():
-    from cl_flat.evaluate import family_of
+    from cl_flat.family import family_of
     from helpers import tiny_peft_model
 
     model = tiny_peft_model().eval()
