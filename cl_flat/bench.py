@@ -13,6 +13,12 @@ model and batch (no DeepSpeed, no tool code), and `rwp_full_stored_noise` is RWP
 model implemented naively (every layer's ε drawn, stored and added in place, as the reference code does),
 to show what not storing the noise saves. Variants whose label ends in `_2ranks` run in two processes.
 
+The evaluation rows (`EVAL_ROWS`, `measure_evaluation`) time `evaluate.evaluate_tasks` on the config's model
+with one LoRA adapter, over a synthetic task of `evaluation.batch_size` examples (one batch): prompts of about
+max_seq_length tokens and ten multi-word labels, scored by rank classification (`accuracy`) or by greedy
+generation of up to `evaluation.max_new_tokens` tokens (`exact_match`). Reported: examples per second of the
+median pass after warm-up.
+
 Run as a worker: python -m cl_flat.bench CONFIG LABEL UPDATES WARMUP OUT (writes the JSON result to OUT).
 """
 
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import resource
 import statistics
 import sys
@@ -32,6 +39,8 @@ import torch
 from cl_flat import dist
 from cl_flat.adapters import AdapterStack
 from cl_flat.config import load_config
+from cl_flat.data.sources import Example, TaskData
+from cl_flat.evaluate import evaluate_tasks
 from cl_flat.flatness import FlatnessMethod, build_method
 from cl_flat.flatness.noise import frozen_targets
 from cl_flat.loss import target_loss, target_split_losses
@@ -198,10 +207,50 @@ def measure(config_path: str, label: str, updates: int, warmup: int) -> dict[str
     return result
 
 
+EVAL_ROWS = {"eval_rank_classification": "accuracy", "eval_exact_match": "exact_match"}
+EVAL_LABELS = ("Company", "Educational Institution", "Artist", "Athlete", "Office Holder", "Mean Of Transportation",
+               "Building", "Natural Place", "Village", "Animal")
+
+
+def eval_task(metric: str, examples: int, words: int) -> TaskData:
+    """The synthetic task the evaluation rows score: `examples` prompts of `words` random words (fixed draw)
+    and the ten multi-word `EVAL_LABELS`."""
+    rng = random.Random(0)
+    vocabulary = "the a river town school team player company museum village mountain animal bus built".split()
+    test = tuple(Example(" ".join(rng.choice(vocabulary) for _ in range(words)), EVAL_LABELS[i % len(EVAL_LABELS)])
+                 for i in range(examples))
+    return TaskData("bench_eval", "Which category fits the text?", EVAL_LABELS, metric,
+                    "{instruction} Options: {options}.\nText: {input}\nCategory:", (), test)
+
+
+def measure_evaluation(config_path: str, label: str, updates: int, warmup: int) -> dict[str, Any]:
+    """One evaluation row in this process: `warmup` then `updates` timed passes of `evaluate_tasks` over one
+    batch of the synthetic task (`eval_task`); examples per second of the median pass."""
+    config = load_config(config_path)
+    model, tokenizer = load_model(config.model.name_or_path, config.model.dtype, config.run.seed)
+    device = dist.device()
+    model.to(device)
+    stack = AdapterStack(model, config.lora, config.run.seed)
+    stack.add_task(0, config.tasks[0].name)
+    examples = config.evaluation.batch_size
+    task = eval_task(EVAL_ROWS[label], examples, config.training.max_seq_length)
+    section = config.evaluation.model_copy(update={"max_samples_per_task": None})
+    times = []
+    for _ in range(warmup + updates):
+        start = time.perf_counter()
+        evaluate_tasks(stack.model, tokenizer, [task], section, config.training.max_seq_length, config.run.seed, device)
+        _synchronize()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times[warmup:])
+    return {"examples_per_second": examples / seconds, "seconds_per_pass": seconds, "examples": examples,
+            "updates": updates, "peak_memory_bytes": _peak_memory(), "ranks": 1}
+
+
 if __name__ == "__main__":  # worker: python -m cl_flat.bench CONFIG LABEL UPDATES WARMUP OUT
     config_arg, label_arg, updates_arg, warmup_arg, out_arg = sys.argv[1:6]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    outcome = measure(config_arg, label_arg, int(updates_arg), int(warmup_arg))
+    run = measure_evaluation if label_arg in EVAL_ROWS else measure
+    outcome = run(config_arg, label_arg, int(updates_arg), int(warmup_arg))
     if int(os.environ.get("RANK", "0")) == 0:
         Path(out_arg).write_text(json.dumps(outcome))
     dist.shutdown()

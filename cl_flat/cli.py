@@ -275,19 +275,28 @@ def bench(config: Path,
           rounds: Annotated[int, typer.Option(min=1, help="times every variant runs (interleaved); "
                                                        "medians over rounds")] = 1,
           out: Annotated[Path, typer.Option(help="folder for the JSON and markdown table")] = Path("results/bench"),
+          overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the JSON and markdown table of an "
+                                                  "earlier bench of this config and device in --out")] = False,
+          evaluation: Annotated[bool, typer.Option("--eval/--no-eval", help="also time evaluation (rank "
+                                                   "classification and exact match, examples/s)")] = True,
           as_json: Annotated[bool, typer.Option("--json", help="print the JSON result")] = False) -> None:
-    """Seconds per update and peak memory of each flatness method vs plain training."""
+    """Seconds per update and peak memory of each flatness method vs plain training, and evaluation's
+    examples per second."""
     from cl_flat.bench import variants
     from cl_flat.errors import ConfigError, UserError
-    from cl_flat.recipes.bench import bench_paths, failed_variants, markdown_table, run_bench, save_bench
+    from cl_flat.recipes.bench import failed_variants, markdown_table, planned_paths, run_bench, save_bench
 
     if out.exists() and not out.is_dir():
         raise ConfigError("cl-flat bench", [f"--out: {out} exists and is not a folder"], kind="options")
+    json_path, md_path = planned_paths(str(config), out)
+    taken = [str(path) for path in (json_path, md_path) if path.exists()]
+    if taken and not overwrite:  # e.g. a committed reference table: checked before anything is measured
+        raise ConfigError("cl-flat bench", [f"--out: {', '.join(taken)} already exist(s); pass --overwrite to "
+                                            "replace, or --out DIR to write elsewhere"], kind="options")
     labels = [m.strip() for m in methods.split(",")] if methods else list(variants())
     # saved after every variant (the last save holds the final result), so an interrupt keeps what was measured
     result = run_bench(str(config), labels, updates, warmup, rounds,
-                       on_progress=lambda so_far: save_bench(so_far, out))
-    json_path, md_path = bench_paths(result, out)
+                       on_progress=lambda so_far: save_bench(so_far, out), evaluation=evaluation)
     typer.echo(json.dumps(result, indent=2) if as_json else markdown_table(result))
     typer.echo(f"saved: {json_path} {md_path}", err=True)
     failures = failed_variants(result)

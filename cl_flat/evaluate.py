@@ -3,7 +3,12 @@
 - `accuracy`: rank classification. For each label, the mean log-probability of the label's
   tokens after the prompt (length-normalised log-likelihood), the label tokenised in context
   as in training (`prompt_and_targets`); the argmax label is the prediction. No generation:
-  deterministic and cheap.
+  deterministic and cheap. Causal models score all labels of a prompt in ONE forward
+  (`packed_label_logprobs`: the shared prompt prefix, then every label's tokens behind it with a
+  block-causal 4-D mask and positions restarting after the prefix), several prompts per forward
+  (`batch_size` prompts); model types or attention implementations that take no custom 4-D mask
+  (`packs_labels`) fall back to one forward per prompt for one-token labels and one per
+  (prompt, label) otherwise.
   Encoder-decoder models (`cl_flat.family`): the label tokenised alone + EOS, scored through the
   decoder given the prompt in the encoder: (1/n) Σ_t log p(y_t | prompt, y_<t), n = label tokens + 1
   (the encoder runs once per prompt, its output shared by every label's decoder pass).
@@ -86,6 +91,81 @@ def next_token_logprobs(model: torch.nn.Module, prompts: list[list[int]], token_
     return rows.gather(1, torch.tensor(token_ids, device=rows.device)).tolist()
 
 
+# Model types whose causal LM takes a custom 4-D additive attention mask as is (transformers' masking_utils
+# returns a 4-D mask unchanged) and reads positions from position_ids (RoPE or learned absolute positions:
+# not ALiBi, whose biases follow the key index); each is checked against per-pair scoring in
+# tests/unit/test_rank_scoring.py. Attention implementations that add the mask to the scores: sdpa, eager
+# (flash attention takes no arbitrary mask).
+PACKED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2"})
+PACKED_ATTENTION = frozenset({"sdpa", "eager"})
+
+
+def packs_labels(model) -> bool:
+    """Whether a causal model scores all labels of a prompt in one packed forward (`packed_label_logprobs`);
+    otherwise rank classification reads single-token labels from one forward per prompt
+    (`next_token_logprobs`) and scores multi-token labels one forward per (prompt, label) (`target_logprobs`)."""
+    config = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "config", None)
+    return (getattr(config, "model_type", None) in PACKED_MODEL_TYPES
+            and getattr(config, "_attn_implementation", None) in PACKED_ATTENTION)
+
+
+@torch.no_grad()
+def packed_label_logprobs(model: torch.nn.Module, rows: list[tuple[list[int], list[list[int]]]], pad_id: int,
+                          device) -> list[list[float]]:
+    """Mean log-probability of each label's tokens after its prompt, every label of a row in ONE forward.
+
+    A row is (prefix, labels): the prefix is the prompt tokens shared by every label in context, each
+    label its tokens after them (`prompt_and_targets`). The packed sequence is the prefix followed by
+    every label's tokens but its last (which is only predicted, never read): label j's token i sits at
+    position len(prefix) + i (position_ids restart after the prefix for each label) and attends to the
+    prefix and to label j's earlier tokens only (a block-causal 4-D mask), so it sees exactly the
+    sequence prefix + label_j[:i] that a forward of that pair alone would. Scores:
+    (1/n_j) Σ_i log p(label_j[i] | prefix, label_j[:i]), read at the last prefix position for i = 0
+    and at label j's token i − 1 otherwise. Rows are left-padded (a pad attends to itself only, so
+    every softmax has a key) and only the last logits are computed (`logits_to_keep`): the scored
+    positions of every row lie in its tail."""
+    if any(not prefix for prefix, _ in rows):
+        raise ValueError("rank classification needs at least one prompt token before the labels")
+    seqs, owners, positions = [], [], []
+    for prefix, labels in rows:
+        n = len(prefix)
+        seqs.append(list(prefix) + [t for label in labels for t in label[:-1]])
+        owners.append([-1] * n + [j for j, label in enumerate(labels) for _ in label[:-1]])
+        positions.append(list(range(n)) + [n + i for label in labels for i in range(len(label) - 1)])
+    width, tail = max(map(len, seqs)), max(len(s) - len(p) for s, (p, _) in zip(seqs, rows)) + 1
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    owner = torch.full((len(rows), width), -2, dtype=torch.long)  # -2 pad, -1 prefix, j label j
+    position = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (seq, own, pos) in enumerate(zip(seqs, owners, positions)):
+        ids[r, width - len(seq):], owner[r, width - len(seq):] = torch.tensor(seq), torch.tensor(own)
+        position[r, width - len(seq):] = torch.tensor(pos)
+    index = torch.arange(width)
+    causal = index[:, None] >= index[None, :]                        # [query, key]
+    key, query = owner[:, None, :], owner[:, :, None]
+    allowed = (causal & (key != -2) & ((key == -1) | (key == query))) | torch.eye(width, dtype=torch.bool)
+    dtype = model.get_input_embeddings().weight.dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position.to(device),
+                   logits_to_keep=tail, use_cache=False).logits
+    where, tokens, pair = [], [], []                                  # (row, kept position), token, (row, label)
+    for r, (prefix, labels) in enumerate(rows):
+        start = width - len(seqs[r])                                  # first real position of row r
+        cursor = start + len(prefix)                                  # where label tokens begin
+        for j, label in enumerate(labels):
+            reads = [start + len(prefix) - 1] + list(range(cursor, cursor + len(label) - 1))
+            cursor += len(label) - 1
+            where += [(r, p - (width - tail)) for p in reads]
+            tokens += label
+            pair += [(r, j)] * len(label)
+    rows_at, cols_at = torch.tensor(where).T.to(logits.device)
+    picked = torch.log_softmax(logits[rows_at, cols_at].float(), -1).gather(
+        1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    sums: dict[tuple[int, int], list[float]] = {}
+    for at, value in zip(pair, picked):
+        sums.setdefault(at, []).append(value)
+    return [[sum(sums[r, j]) / len(sums[r, j]) for j in range(len(labels))] for r, (_, labels) in enumerate(rows)]
+
+
 def _seq2seq_pairs(tokenizer, task: TaskData, indices: list[int], max_length: int) -> list[Seq2SeqEncoded]:
     """(prompt, label + EOS) for every example and label, label-major within an example."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -94,46 +174,63 @@ def _seq2seq_pairs(tokenizer, task: TaskData, indices: list[int], max_length: in
             for i in indices for ids in label_ids]
 
 
-def _rank_classification(model, tokenizer, task: TaskData, indices: list[int], batch_size: int,
-                         max_length: int, device) -> list[tuple[int, bool]]:
+def rank_scores(model, tokenizer, task: TaskData, indices: list[int], batch_size: int, max_length: int,
+                device) -> list[list[float]]:
+    """Each example's score of every label of `task` (in `task.labels` order): its mean log-probability
+    after the prompt (see the module docstring), `max_length` bounding the prompt window."""
     labels = list(task.labels)
-    per_prompt, step = 1, batch_size
     if family_of(model) == SEQ2SEQ:
         pairs = _seq2seq_pairs(tokenizer, task, indices, max_length)
         # whole examples per batch: the encoder runs once per prompt for all of its labels
-        per_prompt, step = len(labels), max(batch_size // len(labels), 1) * len(labels)
-    else:
-        contexts = [prompt_and_targets(tokenizer, task.prompt(task.test[i]), labels) for i in indices]
-        if all(len(ids) == 1 for _, label_ids in contexts for ids in label_ids):
-            # single-token labels: the length-normalised log-likelihood is the next-token log-prob,
-            # so one forward per prompt scores every label
-            scores: list[float] = []
-            for start in range(0, len(contexts), batch_size):
-                chunk = contexts[start:start + batch_size]
-                rows = next_token_logprobs(model, [prompt[-(max_length - 1):] for prompt, _ in chunk],
-                                           [[ids[0] for ids in label_ids] for _, label_ids in chunk],
-                                           tokenizer.pad_token_id, device)
-                scores += [s for row in rows for s in row]
-            return _predictions(task, indices, labels, scores)
+        step, scores = max(batch_size // len(labels), 1) * len(labels), []
+        for start in range(0, len(pairs), step):
+            scores += target_logprobs(model, pairs[start:start + step], tokenizer.pad_token_id, device, len(labels))
+        return [scores[k:k + len(labels)] for k in range(0, len(scores), len(labels))]
+    rows = []
+    for i in indices:
+        prompt, label_ids = prompt_and_targets(tokenizer, task.prompt(task.test[i]), labels)
         # every label is scored after the same prompt window: cut once, to fit the longest label
-        pairs = []
-        for prompt, label_ids in contexts:
-            keep = max(max_length - max(len(ids) for ids in label_ids), 1)
-            pairs += [encode(prompt[-keep:], ids, max_length) for ids in label_ids]
-    scores = []
-    for start in range(0, len(pairs), step):
-        scores += target_logprobs(model, pairs[start:start + step], tokenizer.pad_token_id, device, per_prompt)
-    return _predictions(task, indices, labels, scores)
+        rows.append((prompt[-max(max_length - max(len(ids) for ids in label_ids), 1):], label_ids))
+    return _causal_scores(model, rows, batch_size, tokenizer.pad_token_id, max_length, device)
 
 
-def _predictions(task: TaskData, indices: list[int], labels: list[str], scores: list[float]) -> list[tuple[int, bool]]:
-    """(index, argmax label == gold) per example; `scores` holds len(labels) per example, in order."""
+def _rank_classification(model, tokenizer, task: TaskData, indices: list[int], batch_size: int,
+                         max_length: int, device) -> list[tuple[int, bool]]:
+    """(index, argmax label == gold) per example."""
     results = []
-    for k, i in enumerate(indices):
-        row = scores[k * len(labels):(k + 1) * len(labels)]
-        predicted = labels[max(range(len(labels)), key=row.__getitem__)]
+    for i, row in zip(indices, rank_scores(model, tokenizer, task, indices, batch_size, max_length, device)):
+        predicted = task.labels[max(range(len(row)), key=row.__getitem__)]
         results.append((i, predicted == task.test[i].output))
     return results
+
+
+def _causal_scores(model, rows: list[tuple[list[int], list[list[int]]]], batch_size: int, pad_id: int,
+                   max_length: int, device) -> list[list[float]]:
+    """Every (prefix, labels) row's label scores: `batch_size` rows per packed forward, or
+    (a model that `packs_labels` not) one forward per prompt for single-token labels, else per pair."""
+    if packs_labels(model):
+        # rows of similar length share a forward (less padding); the scores go back to the rows' order
+        order = sorted(range(len(rows)), key=lambda r: len(rows[r][0]) + sum(map(len, rows[r][1])))
+        by_row: list[list[float]] = [[] for _ in rows]
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            for r, row in zip(chunk, packed_label_logprobs(model, [rows[r] for r in chunk], pad_id, device)):
+                by_row[r] = row
+        return by_row
+    if all(len(ids) == 1 for _, label_ids in rows for ids in label_ids):
+        # the length-normalised log-likelihood of a one-token label is its next-token log-prob
+        found: list[list[float]] = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            found += next_token_logprobs(model, [prefix for prefix, _ in chunk],
+                                         [[ids[0] for ids in label_ids] for _, label_ids in chunk], pad_id, device)
+        return found
+    pairs = [encode(prefix, ids, max_length) for prefix, label_ids in rows for ids in label_ids]
+    scores: list[float] = []
+    for start in range(0, len(pairs), batch_size):
+        scores += target_logprobs(model, pairs[start:start + batch_size], pad_id, device)
+    n = len(rows[0][1]) if rows else 1  # labels per row
+    return [scores[k:k + n] for k in range(0, len(scores), n)]
 
 
 def _exact_match(model, tokenizer, task: TaskData, indices: list[int], batch_size: int, max_length: int,

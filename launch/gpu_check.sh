@@ -73,7 +73,7 @@ timeout "${TESTS_TIMEOUT:-200}" "$PYTHON" -m pytest tests/gpu -q -x -p no:cachep
 
 echo "+ cl-flat bench configs/bench_gpu.yaml"
 timeout "${BENCH_TIMEOUT:-330}" "$PYTHON" -m cl_flat.cli bench configs/bench_gpu.yaml \
-  --updates "${UPDATES:-5}" --warmup "${WARMUP:-2}" --rounds "${ROUNDS:-1}" --out "$OUT" \
+  --updates "${UPDATES:-5}" --warmup "${WARMUP:-2}" --rounds "${ROUNDS:-1}" --out "$OUT" --overwrite \
   --methods "${METHODS:-none,floor,sam,asam,rwp_lora,rwp_full,rwp_base,rwp_full_one_pass,rwp_full_stored_noise,lpf_sgd,flat_lora}" \
   2>&1 | tail -40 | tee "$OUT/bench_gpu.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1

@@ -27,6 +27,11 @@ processes), the median over rounds. Two-process variants have no two-process flo
 `rwp_full_one_pass` is two-batch RWP with `one_pass: true` (clean half and noisy half of the
 micro-batch in one forward).
 
+With `evaluation`, each round also times the evaluation rows (`cl_flat.bench.EVAL_ROWS`, each in a fresh
+process): examples per second of rank classification over ten multi-word labels and of exact match
+(greedy generation), one batch of `evaluation.batch_size` synthetic examples per pass; reported: the median
+over rounds, under `evaluation` in the JSON and in a table of its own.
+
 A failing variant is recorded with its error and the others go on; the result so far is handed
 on after every variant (the CLI saves it), so a long bench loses nothing it measured.
 """
@@ -45,7 +50,7 @@ from typing import Any
 
 import torch
 
-from cl_flat.bench import variants
+from cl_flat.bench import EVAL_ROWS, variants
 from cl_flat.config import load_config
 from cl_flat.errors import ConfigError, UserError
 from cl_flat.files import atomic_write_text
@@ -60,7 +65,7 @@ def _device_name() -> str:
 
 
 def _run_variant(config_path: str, label: str, updates: int, warmup: int) -> dict[str, Any]:
-    nproc = variants()[label][1]
+    nproc = 1 if label in EVAL_ROWS else variants()[label][1]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         worker = ["-m", "cl_flat.bench", config_path, label, str(updates), str(warmup), str(out)]
@@ -76,13 +81,15 @@ def _run_variant(config_path: str, label: str, updates: int, warmup: int) -> dic
 
 
 def run_bench(config_path: str, labels: list[str], updates: int, warmup: int, rounds: int = 1,
-              on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+              on_progress: Callable[[dict[str, Any]], None] | None = None,
+              evaluation: bool = False) -> dict[str, Any]:
     """Run each variant in a fresh process, `rounds` times over (every variant once per round,
     so slow drifts of a shared machine hit all variants alike). Per round, a variant's time ratio
     is its in-process paired ratio, or (floor) its time over that of `none` of the SAME round;
     memory is compared with `none` (1 rank) or `none_2ranks` of the same round. Reported: medians
     over rounds, and the largest peak memory. A variant that fails is recorded with its error and
-    the others go on; `on_progress` receives the result so far after every variant run (to save it)."""
+    the others go on; `on_progress` receives the result so far after every variant run (to save it).
+    `evaluation`: also the evaluation rows, once per round after the variants (`evaluation_rows`)."""
     config = load_config(config_path)
     known = variants()
     unknown = [label for label in labels if label not in known]
@@ -103,17 +110,37 @@ def run_bench(config_path: str, labels: list[str], updates: int, warmup: int, ro
               "precision": "bf16" if config.deepspeed.bf16 else "fp32", "zero_stage": config.deepspeed.zero_stage,
               "updates": updates, "warmup": warmup, "threads": torch.get_num_threads()}
     result: dict[str, Any] = {}
+    evals: dict[str, list[dict[str, Any]]] = {label: [] for label in (EVAL_ROWS if evaluation else ())}
     for done in range(1, rounds + 1):
-        for label in needed:
+        for label in needed + list(evals):
             try:
-                raw[label].append(_run_variant(config_path, label, updates, warmup))
+                (evals if label in evals else raw)[label].append(_run_variant(config_path, label, updates, warmup))
             except UserError as error:
-                raw[label].append({"error": str(error)})
+                (evals if label in evals else raw)[label].append({"error": str(error)})
             result = {**header, "rounds": done,
                       "methods": {label: _summarize(label, raw) for label in needed if raw[label]}}
+            if evaluation:
+                result["evaluation"] = evaluation_rows(evals)
             if on_progress is not None:
                 on_progress(result)
     return result
+
+
+def evaluation_rows(raw: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Each evaluation row over its successful rounds: median examples/s and s/pass, the per-round
+    examples/s, and the last error of a failed round."""
+    rows: dict[str, Any] = {}
+    for label, runs in raw.items():
+        good, failed = [r for r in runs if "error" not in r], [r["error"] for r in runs if "error" in r]
+        row: dict[str, Any] = {"error": failed[-1]} if failed else {}
+        if good:
+            row = {"examples_per_second": statistics.median(r["examples_per_second"] for r in good),
+                   "seconds_per_pass": statistics.median(r["seconds_per_pass"] for r in good),
+                   "examples": good[0]["examples"], "updates": good[0]["updates"],
+                   "rounds": [r.get("examples_per_second") for r in runs], **row}
+        if runs:
+            rows[label] = row
+    return rows
 
 
 def _summarize(label: str, raw: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -142,8 +169,8 @@ def _summarize(label: str, raw: dict[str, list[dict[str, Any]]]) -> dict[str, An
 
 
 def failed_variants(result: dict[str, Any]) -> list[str]:
-    """The variants with an error in any round."""
-    return [label for label, m in result["methods"].items() if "error" in m]
+    """The variants (and evaluation rows) with an error in any round."""
+    return [label for label, m in (result["methods"] | result.get("evaluation", {})).items() if "error" in m]
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -165,11 +192,28 @@ def markdown_table(result: dict[str, Any]) -> str:
         lines.append(f"| {label} | {m['seconds_per_update']:.3f} | {m['time_ratio']:.3f} | "
                      f"{'—' if floor is None else f'{floor:.3f}'} | "
                      f"{m['peak_memory_bytes'] / 2**20:.0f} | {m['memory_ratio']:.3f} | {m['compared_with']} |")
+    lines += _evaluation_table(result.get("evaluation", {}))
     failures = failed_variants(result)
     if failures:
+        rows = result["methods"] | result.get("evaluation", {})
         lines += ["", "Failed (a row above, if any, is over the rounds that succeeded):", ""]
-        lines += [f"- {label}: {result['methods'][label]['error'].strip().splitlines()[-1]}" for label in failures]
+        lines += [f"- {label}: {rows[label]['error'].strip().splitlines()[-1]}" for label in failures]
     return "\n".join(lines) + "\n"
+
+
+def _evaluation_table(rows: dict[str, Any]) -> list[str]:
+    if not rows:
+        return []
+    first = next((r for r in rows.values() if "examples" in r), {})
+    lines = ["", f"Evaluation: one batch of {first.get('examples', '?')} synthetic examples per pass (prompts of "
+             "about max_seq_length tokens, ten multi-word labels), one LoRA adapter; median pass after warm-up, "
+             "median over rounds", "", "| evaluation | examples/s | s/pass |", "|---|---:|---:|"]
+    for label, row in rows.items():
+        if "examples_per_second" not in row:
+            lines.append(f"| {label} | failed | — |")
+        else:
+            lines.append(f"| {label} | {row['examples_per_second']:.2f} | {row['seconds_per_pass']:.3f} |")
+    return lines
 
 
 def bench_paths(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
@@ -177,6 +221,11 @@ def bench_paths(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     device = "".join(c if c.isalnum() else "-" for c in result["device"].split(" (")[0].lower()).strip("-")
     stem = f"{Path(result['config']).stem}-{device}"
     return out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+
+
+def planned_paths(config_path: str, out_dir: Path) -> tuple[Path, Path]:
+    """The files a bench of `config_path` on this machine writes (`bench_paths`), before it runs."""
+    return bench_paths({"device": _device_name(), "config": config_path}, out_dir)
 
 
 def save_bench(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:

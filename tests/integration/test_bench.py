@@ -44,6 +44,11 @@ def test_bench_writes_documented_format(tmp_path: Path):
     table = (tmp_path / "out" / "bench-cpu.md").read_text()
     assert "| rwp_parallel_2ranks |" in table and "| none |" in table
     assert "| time × none | time × floor |" in table and "| floor |" in table
+    # the evaluation rows (on by default), each measured in its own process
+    assert set(saved["evaluation"]) == {"eval_rank_classification", "eval_exact_match"}
+    for entry in saved["evaluation"].values():
+        assert entry["examples_per_second"] > 0 and entry["examples"] == 32 and "error" not in entry
+    assert "| evaluation | examples/s | s/pass |" in table and "| eval_exact_match |" in table
 
 
 @pytest.mark.parametrize("label", [label for label, (_, ranks) in variants().items() if ranks == 1])

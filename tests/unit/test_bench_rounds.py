@@ -122,7 +122,8 @@ def test_cli_saves_what_was_measured_and_exits_non_zero_on_a_failed_variant(tmp_
 
     monkeypatch.setattr(bench, "_run_variant", fake)
     path = tiny_bench_config(tmp_path)
-    outcome = CliRunner().invoke(app, ["bench", str(path), "--methods", "sam", "--out", str(tmp_path / "out")])
+    outcome = CliRunner().invoke(app, ["bench", str(path), "--methods", "sam", "--no-eval",
+                                       "--out", str(tmp_path / "out")])
     assert isinstance(outcome.exception, UserError) and outcome.exception.exit_code == 1
     assert "1 variant(s) failed: sam" in str(outcome.exception)
     saved = json.loads((tmp_path / "out" / "bench-cpu.json").read_text())

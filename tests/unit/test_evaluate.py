@@ -1,11 +1,11 @@
-"""Rank classification with single-token labels reads the next-token distribution once per
-prompt; it must give the same scores as scoring each (prompt, label) sequence."""
+"""Rank classification without packing (models that `packs_labels` not) reads one-token labels from the
+next-token distribution once per prompt; it must give the same scores as scoring each (prompt, label) sequence."""
 
 from __future__ import annotations
 
 import torch
 
-from cl_flat.data.batches import encode
+from cl_flat.data.batches import encode, prompt_ids
 from cl_flat.evaluate import next_token_logprobs, target_logprobs
 from cl_flat.models import load_model
 
@@ -32,21 +32,20 @@ def test_truncated_prompt_is_the_same_window_for_every_label(monkeypatch):
     to fit the longest label), so labels of different lengths compete on the same context."""
     from cl_flat import evaluate
     from cl_flat.data.sources import Example, TaskData
-    from cl_flat.loss import IGNORE
 
     model, tokenizer = load_model("tiny-random:llama", seed=4)
     task = TaskData("t", "Pick.", ("a", "abcdefgh"), "accuracy", "{input}", (), (Example("x" * 80, "a"),))
     seen = []
-    real = evaluate.target_logprobs
+    real = evaluate.packed_label_logprobs
 
-    def spy(model, items, pad_id, device, *rest):
-        seen.extend(items)
-        return real(model, items, pad_id, device, *rest)
+    def spy(model, rows, *rest):
+        seen.extend(rows)
+        return real(model, rows, *rest)
 
-    monkeypatch.setattr(evaluate, "target_logprobs", spy)
+    monkeypatch.setattr(evaluate, "packed_label_logprobs", spy)
     evaluate._rank_classification(model, tokenizer, task, [0], 8, 32, "cpu")
-    prompts = [item.input_ids[:sum(1 for t in item.labels if t == IGNORE)] for item in seen]
-    lengths = [len(t) for t in evaluate.prompt_and_targets(tokenizer, task.prompt(task.test[0]), task.labels)[1]]
-    assert lengths == [2, 9]  # byte-level: " a", " abcdefgh"
-    assert prompts[0] == prompts[1] and len(prompts[0]) == 32 - 9
-    assert all(len(item.input_ids) <= 32 for item in seen)
+    ((prefix, labels),) = seen
+    assert [len(t) for t in labels] == [2, 9]  # byte-level: " a", " abcdefgh"
+    whole = prompt_ids(tokenizer, task.prompt(task.test[0]))
+    assert prefix == whole[-(32 - 9):]  # the prompt's last tokens, room left for the longest label
+    assert all(len(prefix) + len(label) <= 32 for label in labels)

@@ -59,8 +59,8 @@ def test_a_merge_across_the_boundary_goes_to_the_target():
 
 
 def test_rank_classification_scores_the_in_context_tokens(monkeypatch):
-    """Single-token labels in context take the one-forward path, and the prediction is the argmax
-    of log p(label token | prompt) read from a direct forward of each whole text."""
+    """Single-token labels in context take one packed forward per batch of prompts, and the prediction
+    is the argmax of log p(label token | prompt) read from a direct forward of each whole text."""
     from transformers import AutoModelForCausalLM
 
     from cl_flat.models import tiny_config
@@ -70,8 +70,8 @@ def test_rank_classification_scores_the_in_context_tokens(monkeypatch):
     model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer))).eval()
     task = sentiment_task()
     calls = []
-    real = evaluate.next_token_logprobs
-    monkeypatch.setattr(evaluate, "next_token_logprobs", lambda *a: calls.append(a) or real(*a))
+    real = evaluate.packed_label_logprobs
+    monkeypatch.setattr(evaluate, "packed_label_logprobs", lambda *a: calls.append(a) or real(*a))
     monkeypatch.setattr(evaluate, "target_logprobs", lambda *a: (_ for _ in ()).throw(AssertionError("slow path")))
     results = evaluate._rank_classification(model, tokenizer, task, list(range(len(REVIEWS))), 8, 64, "cpu")
     assert calls
