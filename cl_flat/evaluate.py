@@ -41,6 +41,7 @@ from cl_flat.data.batches import (
 from cl_flat.data.sources import TaskData
 from cl_flat.family import SEQ2SEQ, family_of
 from cl_flat.loss import IGNORE
+from cl_flat.progress import counter
 from cl_flat.seeding import keyed_generator
 
 
@@ -250,24 +251,35 @@ def _exact_match(model, tokenizer, task: TaskData, indices: list[int], batch_siz
     return results
 
 
+PROGRESS_BATCHES = 8  # batches scored between two progress steps (length sorting works within them)
+
+
 def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: list[TaskData], section: EvaluationSection,
-                   max_length: int, seed: int, device) -> list[float]:
+                   max_length: int, seed: int, device, progress: str | None = None) -> list[float]:
     """Score (percent) of every task, in order; identical on every rank. `max_length` is
-    training.max_seq_length, `seed` the run seed (it fixes the test sample)."""
+    training.max_seq_length, `seed` the run seed (it fixes the test sample). `progress`: the description
+    of a progress bar (plain lines without a terminal) over this rank's examples; None: none."""
     was_training = model.training
     model.eval()
     scores = []
+    samples = [eval_indices(len(task.test), section.max_samples_per_task, seed, task.name) for task in tasks]
+    mine = [indices[dist.rank()::dist.world_size()] for indices in samples]
+    step = section.batch_size * PROGRESS_BATCHES
     try:
-        for task in tasks:
-            indices = eval_indices(len(task.test), section.max_samples_per_task, seed, task.name)
-            mine = indices[dist.rank()::dist.world_size()]
-            if task.metric == "accuracy":
-                local = _rank_classification(model, tokenizer, task, mine, section.batch_size, max_length, device)
-            else:
-                local = _exact_match(model, tokenizer, task, mine, section.batch_size, max_length,
-                                     section.max_new_tokens, device)
-            merged = [r for part in dist.all_gather_objects(local) for r in part]
-            scores.append(100.0 * sum(ok for _, ok in merged) / len(merged))
+        with counter(progress is not None, progress or "", sum(map(len, mine)), unit="examples") as advance:
+            for task, own in zip(tasks, mine):
+                local = []
+                for start in range(0, len(own), step):
+                    part = own[start:start + step]
+                    if task.metric == "accuracy":
+                        local += _rank_classification(model, tokenizer, task, part, section.batch_size, max_length,
+                                                      device)
+                    else:
+                        local += _exact_match(model, tokenizer, task, part, section.batch_size, max_length,
+                                              section.max_new_tokens, device)
+                    advance(len(part))
+                merged = [r for part in dist.all_gather_objects(local) for r in part]
+                scores.append(100.0 * sum(ok for _, ok in merged) / len(merged))
     finally:
         model.train(was_training)
     return scores

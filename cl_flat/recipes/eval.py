@@ -55,8 +55,9 @@ def _scores(run: CheckedRun, config: RunConfig, after: str, tasks) -> list[float
         model = run.run_dir.load_stack(model, config, after).model
     device = dist.device()
     model.to(device)
+    shown = dist.is_main() and config.logging.progress
     return evaluate_tasks(model, tokenizer, tasks, config.evaluation, config.training.max_seq_length,
-                          config.run.seed, device)
+                          config.run.seed, device, progress=f"evaluate {after}" if shown else None)
 
 
 def reevaluate(path: Path) -> Reevaluation:

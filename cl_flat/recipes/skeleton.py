@@ -195,7 +195,8 @@ class Skeleton:
             with training_bars(dist.is_main() and self.config.logging.progress) as bars:
                 for unit in self.units(model):
                     stats = self._train(unit, bars)
-                    self.record(unit, self.evaluate(unit.stack.model, unit.scored_on), stats)
+                    self.record(unit, self.evaluate(unit.stack.model, unit.scored_on, f"after {unit.task.name}"),
+                                stats)
             result = self.finish()
         dist.barrier()
         return result
@@ -224,7 +225,9 @@ class Skeleton:
         self.records.append(record)
         self.tracker.log_update(record)
 
-    def evaluate(self, model: torch.nn.Module, tasks: list[TaskData]) -> list[float]:
+    def evaluate(self, model: torch.nn.Module, tasks: list[TaskData], after: str = "zero-shot") -> list[float]:
         config = self.config
+        shown = dist.is_main() and config.logging.progress
         return evaluate_tasks(model, tokenizer=self.tokenizer, tasks=tasks, section=config.evaluation,
-                              max_length=config.training.max_seq_length, seed=config.run.seed, device=self.device)
+                              max_length=config.training.max_seq_length, seed=config.run.seed, device=self.device,
+                              progress=f"evaluate {len(tasks)} task(s), {after}" if shown else None)
