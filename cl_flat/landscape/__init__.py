@@ -64,6 +64,7 @@ from cl_flat.landscape.geometry import (
     row_radii,
     sharpness_passes,
 )
+from cl_flat.landscape.hessian import hutchinson_trace, power_iteration
 from cl_flat.landscape.perturbed_loss import Moved, PerturbedLoss, held_out_batches, moved_weights, unwrap_engine
 from cl_flat.progress import counter
 from cl_flat.seeding import keyed_generator
@@ -91,6 +92,9 @@ class LandscapeOptions(Strict):
     ascent_steps: int | None = Field(default=None, ge=0)
     max_samples: int | None = Field(default=None, ge=1)
     direction: Literal["random", "worst"] = "random"
+    hessian_iters: int | None = Field(default=None, ge=0, le=1000)
+    hessian_tol: float | None = Field(default=None, gt=0, lt=1)
+    hessian_probes: int | None = Field(default=None, ge=0, le=1000)
 
 
 def resolved(options: LandscapeOptions, evaluation: EvaluationSection) -> LandscapeOptions:
@@ -100,7 +104,9 @@ def resolved(options: LandscapeOptions, evaluation: EvaluationSection) -> Landsc
         "rho": evaluation.sharpness_rho if options.rho is None else options.rho,
         "samples": evaluation.sharpness_samples if options.samples is None else options.samples,
         "ascent_steps": evaluation.sharpness_ascent_steps if options.ascent_steps is None else options.ascent_steps,
-        "max_samples": evaluation.landscape_samples() if options.max_samples is None else options.max_samples})
+        "max_samples": evaluation.landscape_samples() if options.max_samples is None else options.max_samples,
+        **{k: getattr(evaluation, k) if getattr(options, k) is None else getattr(options, k)
+           for k in ("hessian_iters", "hessian_tol", "hessian_probes")}})
 
 
 # ---------------------------------------------------------------- sharpness
@@ -126,8 +132,34 @@ def _sharpness_record(est: SharpnessEstimate, options: LandscapeOptions, example
     return record
 
 
+def _hessian(evaluator: PerturbedLoss, moved: list[Moved], options: LandscapeOptions, generator: torch.Generator,
+             advance: Callable[[], None]) -> dict[str, Any]:
+    """The Hessian entries of the sharpness.json record: λ_max by power iteration (at most hessian_iters
+    products), the Hutchinson trace over hessian_probes Rademacher probes and its standard error
+    (`cl_flat.landscape.hessian`); None where the count is 0 (trace_se also for one probe)."""
+    shapes = {m.name: m.shape for m in moved}
+
+    def hvp(v):
+        out = evaluator.hvp(v)
+        advance()
+        return out
+
+    record: dict[str, Any] = {"lambda_max": None, "trace": None, "trace_se": None,
+                              "hessian_iters": options.hessian_iters, "hessian_tol": options.hessian_tol,
+                              "hessian_probes": options.hessian_probes, "power_iterations": 0,
+                              "lambda_converged": None}
+    if options.hessian_iters:
+        top = power_iteration(hvp, shapes, generator, iters=options.hessian_iters, tol=options.hessian_tol)
+        record.update(lambda_max=top.value, power_iterations=top.iterations, lambda_converged=top.converged)
+    if options.hessian_probes:
+        trace = hutchinson_trace(hvp, shapes, generator, probes=options.hessian_probes)
+        record.update(trace=trace.value, trace_se=trace.se)
+    return record
+
+
 def _passes(evaluator: PerturbedLoss) -> dict[str, int]:
-    return {"forward": evaluator.evaluations - evaluator.gradients, "forward_backward": evaluator.gradients}
+    return {"forward": evaluator.evaluations - evaluator.gradients, "forward_backward": evaluator.gradients,
+            "hessian_vector": evaluator.products}
 
 
 def compute_sharpness(model: nn.Module, tokenizer, task, adapter: str, evaluation: EvaluationSection, *,
@@ -154,9 +186,12 @@ def compute_sharpness(model: nn.Module, tokenizer, task, adapter: str, evaluatio
                                                     device=device)).item())
     generator = keyed_generator(seed, "sharpness", task.name, options.space, device=device)
     forwards, backwards = sharpness_passes(options.samples, options.ascent_steps)
-    with counter(progress, f"sharpness {task.name}", forwards + backwards) as advance:
+    products = options.hessian_iters + options.hessian_probes
+    with counter(progress, f"flatness {task.name}", forwards + backwards + products) as advance:
         est = _sharpness(evaluator, moved, options, generator, advance)
-    return _sharpness_record(est, options, examples, evaluator.tokens) | {"passes": _passes(evaluator)}
+        hessian = _hessian(evaluator, moved, options, keyed_generator(seed, "hessian", task.name, options.space,
+                                                                      device=device), advance)
+    return _sharpness_record(est, options, examples, evaluator.tokens) | hessian | {"passes": _passes(evaluator)}
 
 
 # ---------------------------------------------------------------- the landscape of one task
@@ -197,7 +232,8 @@ def measure_landscape(model: nn.Module, batches: list[dict[str, torch.Tensor]], 
     origin = sum(all(c == 0.0 for c in cs) for cs in coords)
     forwards, backwards = sharpness_passes(options.samples, options.ascent_steps, base=False)
     stem = landscape_stem(task, after, options.space, options.direction)
-    with counter(progress, f"landscape {stem}", 1 + len(coords) - origin + forwards + backwards) as advance:
+    products = options.hessian_iters + options.hessian_probes
+    with counter(progress, f"landscape {stem}", 1 + len(coords) - origin + forwards + backwards + products) as advance:
         # L(θ) once: the grid's origin and the sharpness baseline reuse it; sharpness first, since
         # the worst-direction landscape runs along the ε it finds
         base = evaluator(None)
@@ -213,6 +249,8 @@ def measure_landscape(model: nn.Module, batches: list[dict[str, torch.Tensor]], 
         if options.dims == 2:
             directions.append(orthogonalize(random_direction(norms, shapes, generator), first, norms))
         losses = loss_surface(lambda eps: base if eps is None else evaluator(eps), directions, coords, advance)
+        hessian = _hessian(evaluator, moved, options, keyed_generator(seed, "hessian", task, options.space,
+                                                                      device=device), advance)
     examples = sum(len(b["input_ids"]) for b in batches)
-    record = _sharpness_record(est, options.model_copy(update={"after": after}), examples, evaluator.tokens)
+    record = _sharpness_record(est, options.model_copy(update={"after": after}), examples, evaluator.tokens) | hessian
     return Surface(coords, losses, base, record, _passes(evaluator), examples)

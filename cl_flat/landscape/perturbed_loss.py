@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cl_flat import dist
 from cl_flat.config import EvaluationSection
@@ -150,6 +151,7 @@ class PerturbedLoss:
             raise UserError("the held-out sample has no target tokens")
         self.evaluations = 0  # passes over the sample: forward-only + forward+backward
         self.gradients = 0    # forward+backward passes (loss_and_grad)
+        self.products = 0     # Hessian-vector products (hvp): one forward + two backward passes each
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -220,3 +222,30 @@ class PerturbedLoss:
             out[k] = flat[offset:offset + g.numel()].view_as(g) / self.tokens
             offset += g.numel()
         return float(total.item()) / self.tokens, out
+
+    def hvp(self, v: Mapping[str, torch.Tensor]) -> Params:
+        """Hv, H = ∇²_ε L(θ+ε) at ε = 0: the Hessian of the held-out loss w.r.t. the moved weights (laid
+        out like ε), exactly, by double backward (Pearlmutter 1994): Hv = ∇_ε ⟨∇_ε L, v⟩, summed over the
+        batches and all-reduced, so every rank gets the same Hv. Attention runs torch's math kernel
+        here: the fused SDPA kernels have no second derivative."""
+        names = sorted(v)
+        leaves = {k: torch.zeros_like(v[k], dtype=torch.float32).requires_grad_(True) for k in names}
+        out = [torch.zeros_like(leaves[k]) for k in names]
+        with torch.enable_grad(), self._eval_mode(), sdpa_kernel([SDPBackend.MATH]):
+            for batch in self.batches:
+                value = self._ce_sum(batch, self._overrides(leaves))
+                grads = torch.autograd.grad(value, [leaves[k] for k in names], create_graph=True, allow_unused=True)
+                inner = sum((g.float() * v[k]).sum() for g, k in zip(grads, names) if g is not None)
+                if not torch.is_tensor(inner) or not inner.requires_grad:
+                    continue  # the loss is linear in ε on this batch (e.g. every B and A still 0)
+                parts = torch.autograd.grad(inner, [leaves[k] for k in names], allow_unused=True)
+                for acc, part in zip(out, parts):
+                    if part is not None:
+                        acc += part
+        flat = dist.all_reduce_sum(torch.cat([t.flatten() for t in out]))
+        self.products += 1
+        result, offset = {}, 0
+        for k, t in zip(names, out):
+            result[k] = flat[offset:offset + t.numel()].view_as(t) / self.tokens
+            offset += t.numel()
+        return result
