@@ -1,8 +1,10 @@
-"""Loss landscapes (1-D / 2-D, filter-normalised) and average- / worst-case sharpness of a run's tasks.
+"""Loss landscapes (1-D / 2-D, filter-normalised), average- / worst-case sharpness and the Hessian's top
+eigenvalue and trace of a run's tasks.
 
 `geometry`: directions, filter normalisation, orthogonalisation, the sharpness estimator (pure);
-`perturbed_loss`: which weights move and the loss at θ + ε (nothing is written); this module: the
-options, the sharpness after each task (`compute_sharpness`) and one task's landscape
+`hessian`: power iteration and the Hutchinson trace from Hessian-vector products (pure);
+`perturbed_loss`: which weights move, the loss at θ + ε and Hv (nothing is written); this module: the
+options, the flatness after each task (`compute_sharpness`) and one task's landscape
 (`measure_landscape`). `cl_flat.recipes.landscape` (`cl-flat landscape`) runs them on a saved run's
 adapter stacks and writes the files.
 
@@ -13,22 +15,32 @@ the sharpness ball's boundary in the worst direction; the second axis (2-D) is a
 orthogonalised to it. This is the "worst-direction" landscape of the method write-ups (find V_i, then
 V_j ⟂ V_i, plot L(W + a·V_i + b·V_j)).
 
+**Hessian.** H = ∇²L w.r.t. the weights the space moves (adapter: the adapter's A and B; merged: the
+W0 of every adapted layer, i.e. the merged weight), in plain parameter coordinates (not
+filter-normalised), at the trained point, on the same held-out sample. λ_max by power iteration (at most
+hessian_iters products, relative tolerance hessian_tol), tr(H) by Hutchinson over hessian_probes
+Rademacher vectors with its standard error; the vectors come from a generator keyed by (seed,
+"hessian", task, space), the same on every rank, and every Hv is all-reduced.
+
 **Options** (`LandscapeOptions`, the flags of `cl-flat landscape`, validated like the config):
-space, rho, samples, ascent_steps and the held-out cap default to the run's `evaluation` section
-(sharpness_space, sharpness_rho, sharpness_samples, sharpness_ascent_steps,
-landscape_samples()). Grid: alpha (and beta) = linspace(−1, 1, points). Directions are drawn from
-generators keyed by (seed, "landscape" | "sharpness", task, space) — the same draws for every
-`after` (`cl_flat.seeding`).
+space, rho, samples, ascent_steps, hessian_iters, hessian_tol, hessian_probes and the held-out cap
+default to the run's `evaluation` section (sharpness_space, sharpness_rho, sharpness_samples,
+sharpness_ascent_steps, hessian_*, landscape_samples()). Grid: alpha (and beta) = linspace(−1, 1,
+points). Directions are drawn from generators keyed by (seed, "landscape" | "sharpness", task, space)
+— the same draws for every `after` (`cl_flat.seeding`).
 
 **Cost** (passes over the held-out sample). `measure_landscape` (1-D, P points, M samples, K
 ascent steps): L(θ) once (shared by the grid origin and the sharpness baseline), P − 1 grid
 forwards (P odd), M forwards, K forward+backward, 1 forward for the last ascent iterate: for
 P = 21, M = 8, K = 5, 30 forwards + 5 forward+backward. `compute_sharpness` (after each task):
-1 + M + 1 forwards + K forward+backward. Both report their counts under "passes".
+1 + M + 1 forwards + K forward+backward. Both add the power iterations run (≤ hessian_iters) plus
+hessian_probes Hessian-vector products (one forward and two backward passes each, attention in torch's
+math kernel). Both report their counts under "passes".
 
 **Files** (results folder): `landscape/<stem>_1d.csv` (alpha,loss), `landscape/<stem>_2d.csv`
 (alpha,beta,loss), `plots/landscape_<stem>_{1d,2d}.png`, and the entry `<stem>` of
-`landscape/sharpness.json` = {"avg", "worst", "rho", "samples", ...}, with stem = `<task>` for the
+`landscape/sharpness.json` = {"avg", "worst", "rho", "samples", "lambda_max", "trace", "trace_se",
+"hessian_iters", "hessian_probes", ...}, with stem = `<task>` for the
 landscape of task T right after T was trained in the `adapter` space, `<task>_after_<X>` with
 `--after X` (X later than T), a `_merged` suffix for the merged space and a `_worst` suffix for the
 worst-direction landscape (e.g. `t1_after_t3_merged_worst_1d.csv`); the sharpness entry has no
@@ -174,7 +186,9 @@ def compute_sharpness(model: nn.Module, tokenizer, task, adapter: str, evaluatio
     all-reduced; every rank returns the same dict). The model is left bit for bit unchanged
     (parameters, requires_grad, .grad, train/eval mode). Returns the sharpness.json record
     {"avg", "worst", "rho", "samples", "radius", "loss", "ascent_steps", "ball", "space", "split",
-    "examples", "target_tokens"} plus "passes": {"forward", "forward_backward"}."""
+    "examples", "target_tokens", "lambda_max", "trace", "trace_se", "hessian_iters", "hessian_tol",
+    "hessian_probes", "power_iterations", "lambda_converged"} (+ "after" when options.after is another
+    task) plus "passes": {"forward", "forward_backward", "hessian_vector"}."""
     options = resolved(options or LandscapeOptions(), evaluation)
     inner = unwrap_engine(model)
     device = next(inner.parameters()).device

@@ -123,9 +123,9 @@ class Sequence(Skeleton):
 
     def record(self, unit: Unit, scores: list[float], stats: dict[str, float]) -> None:
         self.skipped[unit.task.name] = stats["skipped"]
-        self._add_row(unit.task.name, scores)
-        if self.config.evaluation.sharpness:
+        if self.config.evaluation.sharpness:  # before the row: a run stopped in between redoes both on resume
             _record_flatness(self.config, self.run_dir, unit.stack, self.tokenizer, self.tasks, unit.task.index)
+        self._add_row(unit.task.name, scores)
         unit.checkpoints.remove()
 
     def finish(self) -> SequenceResult:
