@@ -34,8 +34,9 @@ ascent steps): L(θ) once (shared by the grid origin and the sharpness baseline)
 forwards (P odd), M forwards, K forward+backward, 1 forward for the last ascent iterate: for
 P = 21, M = 8, K = 5, 30 forwards + 5 forward+backward. `compute_sharpness` (after each task):
 1 + M + 1 forwards + K forward+backward. Both add the power iterations run (≤ hessian_iters) plus
-hessian_probes Hessian-vector products (one forward and two backward passes each, attention in torch's
-math kernel). Both report their counts under "passes".
+hessian_probes Hessian-vector products: one forward and one backward with create_graph build ∇L's graph
+once, each product is then one backward through it (attention in torch's math kernel; the graph of the
+whole sample is held meanwhile). Both report their counts under "passes".
 
 **Files** (results folder): `landscape/<stem>_1d.csv` (alpha,loss), `landscape/<stem>_2d.csv`
 (alpha,beta,loss), `plots/landscape_<stem>_{1d,2d}.png`, and the entry `<stem>` of
@@ -151,21 +152,24 @@ def _hessian(evaluator: PerturbedLoss, moved: list[Moved], options: LandscapeOpt
     (`cl_flat.landscape.hessian`); None where the count is 0 (trace_se also for one probe)."""
     shapes = {m.name: m.shape for m in moved}
 
-    def hvp(v):
-        out = evaluator.hvp(v)
-        advance()
-        return out
-
     record: dict[str, Any] = {"lambda_max": None, "trace": None, "trace_se": None,
                               "hessian_iters": options.hessian_iters, "hessian_tol": options.hessian_tol,
                               "hessian_probes": options.hessian_probes, "power_iterations": 0,
                               "lambda_converged": None}
-    if options.hessian_iters:
-        top = power_iteration(hvp, shapes, generator, iters=options.hessian_iters, tol=options.hessian_tol)
-        record.update(lambda_max=top.value, power_iterations=top.iterations, lambda_converged=top.converged)
-    if options.hessian_probes:
-        trace = hutchinson_trace(hvp, shapes, generator, probes=options.hessian_probes)
-        record.update(trace=trace.value, trace_se=trace.se)
+    if not (options.hessian_iters or options.hessian_probes):
+        return record
+    with evaluator.hessian() as product:
+        def hvp(v):
+            out = product(v)
+            advance()
+            return out
+
+        if options.hessian_iters:
+            top = power_iteration(hvp, shapes, generator, iters=options.hessian_iters, tol=options.hessian_tol)
+            record.update(lambda_max=top.value, power_iterations=top.iterations, lambda_converged=top.converged)
+        if options.hessian_probes:
+            trace = hutchinson_trace(hvp, shapes, generator, probes=options.hessian_probes)
+            record.update(trace=trace.value, trace_se=trace.se)
     return record
 
 

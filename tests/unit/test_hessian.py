@@ -165,19 +165,23 @@ def _check_against_dense(model, task, tokenizer, adapter, layer_filter, max_leng
     evaluator = ls.PerturbedLoss(model, batches, moved)
     shapes = {m.name: m.shape for m in moved}
     g = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        v = {k: torch.randn(shapes[k], generator=g) for k in names}
-        hv = evaluator.hvp(v)
-        expected = H @ torch.cat([v[k].flatten() for k in names])
-        got = torch.cat([hv[k].flatten() for k in names])
-        assert torch.allclose(got, expected, rtol=1e-3, atol=1e-5 * float(expected.abs().max())), (got, expected)
-    eigenvalues = torch.linalg.eigvalsh(H.double())
-    dominant = float(eigenvalues[eigenvalues.abs().argmax()])
-    top = power_iteration(evaluator.hvp, shapes, torch.Generator().manual_seed(1), iters=500, tol=1e-7)
-    assert top.value == pytest.approx(dominant, rel=1e-3)
-    trace = hutchinson_trace(evaluator.hvp, shapes, torch.Generator().manual_seed(2), probes=30)
-    assert abs(trace.value - float(torch.trace(H))) <= 4 * trace.se
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with evaluator.hessian() as hvp:
+        for _ in range(3):
+            v = {k: torch.randn(shapes[k], generator=g) for k in names}
+            hv = hvp(v)
+            expected = H @ torch.cat([v[k].flatten() for k in names])
+            got = torch.cat([hv[k].flatten() for k in names])
+            assert torch.allclose(got, expected, rtol=1e-3, atol=1e-5 * float(expected.abs().max())), (got, expected)
+        eigenvalues = torch.linalg.eigvalsh(H.double())
+        dominant = float(eigenvalues[eigenvalues.abs().argmax()])
+        top = power_iteration(hvp, shapes, torch.Generator().manual_seed(1), iters=500, tol=1e-7)
+        assert top.value == pytest.approx(dominant, rel=1e-3)
+        trace = hutchinson_trace(hvp, shapes, torch.Generator().manual_seed(2), probes=30)
+        assert abs(trace.value - float(torch.trace(H))) <= 4 * trace.se
     assert evaluator.products == 3 + top.iterations + 30
+    for n, p in model.named_parameters():  # nothing written, no .grad left behind
+        assert torch.equal(p.detach(), before[n]) and p.grad is None, n
 
 
 def test_hvp_equals_the_dense_hessian_causal():
