@@ -69,6 +69,9 @@ def test_two_process_run(tmp_path, tiny_config, zero):
     proc = run_cli(["train", str(path)], cwd=tmp_path, nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_results_contract(tmp_path / "results" / "tiny", ["t1", "t2"], world=2, global_batch=8)
+    # the flatness measures (on by default) are collectives over the sharded held-out sample
+    flatness = json.loads((tmp_path / "results" / "tiny" / "metrics.json").read_text())["sharpness"]
+    assert all(entry["lambda_max"] > 0 and entry["trace"] is not None for entry in flatness.values())
 
 
 def test_seqlora_run(tmp_path, tiny_config):

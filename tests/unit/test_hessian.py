@@ -260,3 +260,34 @@ def test_sharpness_matrix_rows_and_empty_cells(tmp_path):
     assert rows[2] == ["t2", "t1", "adapter", "0.25", "2.0", "", "4.0", "0.5"]
     assert rows[3] == ["t2", "t2", "adapter", "", "", "", "", ""]  # not measured: empty, not 0
     assert set(json.loads(run_dir.sharpness_path.read_text())) == {"t1", "t1_after_t2"}
+
+
+def test_hvp_of_the_sharded_sample_is_the_token_weighted_sum_of_the_shards():
+    """Each rank's Hv covers its slice of the held-out sample (the all-reduce adds the slices): the
+    whole sample's Hv·T equals Σ_shards Hv_shard·T_shard (T: target tokens), as 2 ranks would sum it."""
+    from cl_flat.adapters import AdapterStack
+    from cl_flat.models import load_model
+
+    model, tokenizer = load_model("tiny-random:llama", seed=1)
+    stack = AdapterStack(model, LoraSection(r=2, alpha=4, target_modules=["q_proj", "v_proj"]), seed=1)
+    stack.add_task(0, "t1")
+    with torch.no_grad():
+        for name, p in stack.model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.2)
+    task = make_task(7)
+    section = EvaluationSection(batch_size=2, max_samples_per_task=None)
+    moved = ls.moved_weights(stack.model, "adapter", "t1")
+    shapes = {m.name: m.shape for m in moved}
+    v = {k: torch.randn(shapes[k], generator=torch.Generator().manual_seed(9)) for k in sorted(shapes)}
+    parts = []
+    for rank, world in ((0, 1), (0, 2), (1, 2)):
+        batches = ls.held_out_batches(task, tokenizer, section, max_length=64, seed=0, max_samples=7, rank=rank,
+                                      world=world)
+        evaluator = ls.PerturbedLoss(stack.model, batches, moved)
+        with evaluator.hessian() as hvp:
+            parts.append((evaluator.tokens, hvp(v)))
+    (total, whole), (t0, h0), (t1, h1) = parts
+    assert total == t0 + t1 and t0 > 0 and t1 > 0
+    for k in v:
+        assert torch.allclose(whole[k] * total, h0[k] * t0 + h1[k] * t1, rtol=1e-4, atol=1e-6)
