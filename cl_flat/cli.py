@@ -214,6 +214,10 @@ LANDSCAPE_FLAGS = {"dims": "--dims", "points": "--points", "space": "--space", "
                    "task": "--task", "after": "--after", "direction": "--direction"}
 
 
+def _number(value) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
 @app.command()
 def landscape(
     run_dir: Path,
@@ -261,8 +265,10 @@ def landscape(
         typer.echo(f"{result.stem} [{s['space']}, {s['split']}, {s['examples']} examples]: loss {s['loss']:.4f}; "
                    f"{dims}-D loss range [{min(result.grid):.4f}, {max(result.grid):.4f}]; sharpness avg "
                    f"{s['avg']:.4g} worst {s['worst']:.4g} (rho {s['rho']:g} per row, M {s['samples']}, "
-                   f"{s['ascent_steps']} ascent steps); {result.passes['forward']} forward + "
-                   f"{result.passes['forward_backward']} forward+backward passes, {result.seconds:.1f} s")
+                   f"{s['ascent_steps']} ascent steps); Hessian lambda_max {_number(s['lambda_max'])} trace "
+                   f"{_number(s['trace'])} ± {_number(s['trace_se'])} ({s['hessian_probes']} probes); "
+                   f"{result.passes['forward']} forward + {result.passes['forward_backward']} forward+backward passes "
+                   f"+ {result.passes['hessian_vector']} Hessian-vector products, {result.seconds:.1f} s")
         typer.echo(f"    {result.csv}  {result.png}")
         typer.echo(f"sharpness: {result.sharpness_json}")
 

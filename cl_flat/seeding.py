@@ -10,6 +10,7 @@ Key namespace of `derive_seed(run_seed, namespace, ...)` (sha256 of the '/'-join
 - `"replay", task_name`: the training examples of a task replayed in later tasks (`replay`);
 - `"landscape", task_name, space`: the directions of a loss landscape;
 - `"sharpness", task_name, space`: the random directions of the sharpness estimate;
+- `"hessian", task_name, space`: the power iteration's start and the Hutchinson probes;
 - `"dropout", task_index, update`: torch's global generator before update `update` (`seed_dropout`).
 `noise_key(method_seed, update, rank, micro_batch, tensor_name)` (blake2b) keys one tensor's noise
 in one pass. `adapter_init_seed(run_seed, task_index)` seeds a new adapter's A. `builtin_key(...)`

@@ -209,11 +209,21 @@ class EvaluationSection(Strict):
     max_samples_per_task: int | None = Field(default=200, ge=1)
     batch_size: int = Field(default=32, ge=1)
     max_new_tokens: int = Field(default=16, ge=1)
-    sharpness: bool = False  # average- and worst-case sharpness after each task (cl_flat.landscape)
+    # the flatness of each task right after it is trained (cl_flat.landscape): average- and worst-case
+    # sharpness and the Hessian's top eigenvalue and trace, on the held-out sample below
+    sharpness: bool = True
     sharpness_rho: float = Field(default=0.05, gt=0)
     sharpness_samples: int = Field(default=8, ge=1)
     sharpness_ascent_steps: int = Field(default=5, ge=0)
     sharpness_space: Literal["adapter", "merged"] = "adapter"
+    sharpness_every_task: bool = Field(default=False, description="also every earlier task after each task "
+                                       "(sharpness_matrix.csv)")
+    hessian_iters: int = Field(default=20, ge=0, le=1000, description="power-iteration cap for the "
+                               "Hessian's top eigenvalue; 0 = not measured")
+    hessian_tol: float = Field(default=1e-3, gt=0, lt=1, description="power iteration stops once λ changes by less "
+                               "than this, relative")
+    hessian_probes: int = Field(default=8, ge=0, le=1000, description="Rademacher probes of the "
+                                "Hutchinson trace estimate; 0 = not measured")
     # every landscape grid point and sharpness sample is a full pass over the held-out sample
     landscape_max_samples: int = Field(default=8, ge=1, description="held-out examples of landscapes and sharpness "
                                        "(at most max_samples_per_task)")

@@ -1,8 +1,10 @@
-"""Loss landscapes (1-D / 2-D, filter-normalised) and average- / worst-case sharpness of a run's tasks.
+"""Loss landscapes (1-D / 2-D, filter-normalised), average- / worst-case sharpness and the Hessian's top
+eigenvalue and trace of a run's tasks.
 
 `geometry`: directions, filter normalisation, orthogonalisation, the sharpness estimator (pure);
-`perturbed_loss`: which weights move and the loss at θ + ε (nothing is written); this module: the
-options, the sharpness after each task (`compute_sharpness`) and one task's landscape
+`hessian`: power iteration and the Hutchinson trace from Hessian-vector products (pure);
+`perturbed_loss`: which weights move, the loss at θ + ε and Hv (nothing is written); this module: the
+options, the flatness after each task (`compute_sharpness`) and one task's landscape
 (`measure_landscape`). `cl_flat.recipes.landscape` (`cl-flat landscape`) runs them on a saved run's
 adapter stacks and writes the files.
 
@@ -13,22 +15,33 @@ the sharpness ball's boundary in the worst direction; the second axis (2-D) is a
 orthogonalised to it. This is the "worst-direction" landscape of the method write-ups (find V_i, then
 V_j ⟂ V_i, plot L(W + a·V_i + b·V_j)).
 
+**Hessian.** H = ∇²L w.r.t. the weights the space moves (adapter: the adapter's A and B; merged: the
+W0 of every adapted layer, i.e. the merged weight), in plain parameter coordinates (not
+filter-normalised), at the trained point, on the same held-out sample. λ_max by power iteration (at most
+hessian_iters products, relative tolerance hessian_tol), tr(H) by Hutchinson over hessian_probes
+Rademacher vectors with its standard error; the vectors come from a generator keyed by (seed,
+"hessian", task, space), the same on every rank, and every Hv is all-reduced.
+
 **Options** (`LandscapeOptions`, the flags of `cl-flat landscape`, validated like the config):
-space, rho, samples, ascent_steps and the held-out cap default to the run's `evaluation` section
-(sharpness_space, sharpness_rho, sharpness_samples, sharpness_ascent_steps,
-landscape_samples()). Grid: alpha (and beta) = linspace(−1, 1, points). Directions are drawn from
-generators keyed by (seed, "landscape" | "sharpness", task, space) — the same draws for every
-`after` (`cl_flat.seeding`).
+space, rho, samples, ascent_steps, hessian_iters, hessian_tol, hessian_probes and the held-out cap
+default to the run's `evaluation` section (sharpness_space, sharpness_rho, sharpness_samples,
+sharpness_ascent_steps, hessian_*, landscape_samples()). Grid: alpha (and beta) = linspace(−1, 1,
+points). Directions are drawn from generators keyed by (seed, "landscape" | "sharpness", task, space)
+— the same draws for every `after` (`cl_flat.seeding`).
 
 **Cost** (passes over the held-out sample). `measure_landscape` (1-D, P points, M samples, K
 ascent steps): L(θ) once (shared by the grid origin and the sharpness baseline), P − 1 grid
 forwards (P odd), M forwards, K forward+backward, 1 forward for the last ascent iterate: for
 P = 21, M = 8, K = 5, 30 forwards + 5 forward+backward. `compute_sharpness` (after each task):
-1 + M + 1 forwards + K forward+backward. Both report their counts under "passes".
+1 + M + 1 forwards + K forward+backward. Both add the power iterations run (≤ hessian_iters) plus
+hessian_probes Hessian-vector products: one forward and one backward with create_graph build ∇L's graph
+once, each product is then one backward through it (attention in torch's math kernel; the graph of the
+whole sample is held meanwhile). Both report their counts under "passes".
 
 **Files** (results folder): `landscape/<stem>_1d.csv` (alpha,loss), `landscape/<stem>_2d.csv`
 (alpha,beta,loss), `plots/landscape_<stem>_{1d,2d}.png`, and the entry `<stem>` of
-`landscape/sharpness.json` = {"avg", "worst", "rho", "samples", ...}, with stem = `<task>` for the
+`landscape/sharpness.json` = {"avg", "worst", "rho", "samples", "lambda_max", "trace", "trace_se",
+"hessian_iters", "hessian_probes", ...}, with stem = `<task>` for the
 landscape of task T right after T was trained in the `adapter` space, `<task>_after_<X>` with
 `--after X` (X later than T), a `_merged` suffix for the merged space and a `_worst` suffix for the
 worst-direction landscape (e.g. `t1_after_t3_merged_worst_1d.csv`); the sharpness entry has no
@@ -64,6 +77,7 @@ from cl_flat.landscape.geometry import (
     row_radii,
     sharpness_passes,
 )
+from cl_flat.landscape.hessian import hutchinson_trace, power_iteration
 from cl_flat.landscape.perturbed_loss import Moved, PerturbedLoss, held_out_batches, moved_weights, unwrap_engine
 from cl_flat.progress import counter
 from cl_flat.seeding import keyed_generator
@@ -91,6 +105,9 @@ class LandscapeOptions(Strict):
     ascent_steps: int | None = Field(default=None, ge=0)
     max_samples: int | None = Field(default=None, ge=1)
     direction: Literal["random", "worst"] = "random"
+    hessian_iters: int | None = Field(default=None, ge=0, le=1000)
+    hessian_tol: float | None = Field(default=None, gt=0, lt=1)
+    hessian_probes: int | None = Field(default=None, ge=0, le=1000)
 
 
 def resolved(options: LandscapeOptions, evaluation: EvaluationSection) -> LandscapeOptions:
@@ -100,7 +117,9 @@ def resolved(options: LandscapeOptions, evaluation: EvaluationSection) -> Landsc
         "rho": evaluation.sharpness_rho if options.rho is None else options.rho,
         "samples": evaluation.sharpness_samples if options.samples is None else options.samples,
         "ascent_steps": evaluation.sharpness_ascent_steps if options.ascent_steps is None else options.ascent_steps,
-        "max_samples": evaluation.landscape_samples() if options.max_samples is None else options.max_samples})
+        "max_samples": evaluation.landscape_samples() if options.max_samples is None else options.max_samples,
+        **{k: getattr(evaluation, k) if getattr(options, k) is None else getattr(options, k)
+           for k in ("hessian_iters", "hessian_tol", "hessian_probes")}})
 
 
 # ---------------------------------------------------------------- sharpness
@@ -126,8 +145,37 @@ def _sharpness_record(est: SharpnessEstimate, options: LandscapeOptions, example
     return record
 
 
+def _hessian(evaluator: PerturbedLoss, moved: list[Moved], options: LandscapeOptions, generator: torch.Generator,
+             advance: Callable[[], None]) -> dict[str, Any]:
+    """The Hessian entries of the sharpness.json record: λ_max by power iteration (at most hessian_iters
+    products), the Hutchinson trace over hessian_probes Rademacher probes and its standard error
+    (`cl_flat.landscape.hessian`); None where the count is 0 (trace_se also for one probe)."""
+    shapes = {m.name: m.shape for m in moved}
+
+    record: dict[str, Any] = {"lambda_max": None, "trace": None, "trace_se": None,
+                              "hessian_iters": options.hessian_iters, "hessian_tol": options.hessian_tol,
+                              "hessian_probes": options.hessian_probes, "power_iterations": 0,
+                              "lambda_converged": None}
+    if not (options.hessian_iters or options.hessian_probes):
+        return record
+    with evaluator.hessian() as product:
+        def hvp(v):
+            out = product(v)
+            advance()
+            return out
+
+        if options.hessian_iters:
+            top = power_iteration(hvp, shapes, generator, iters=options.hessian_iters, tol=options.hessian_tol)
+            record.update(lambda_max=top.value, power_iterations=top.iterations, lambda_converged=top.converged)
+        if options.hessian_probes:
+            trace = hutchinson_trace(hvp, shapes, generator, probes=options.hessian_probes)
+            record.update(trace=trace.value, trace_se=trace.se)
+    return record
+
+
 def _passes(evaluator: PerturbedLoss) -> dict[str, int]:
-    return {"forward": evaluator.evaluations - evaluator.gradients, "forward_backward": evaluator.gradients}
+    return {"forward": evaluator.evaluations - evaluator.gradients, "forward_backward": evaluator.gradients,
+            "hessian_vector": evaluator.products}
 
 
 def compute_sharpness(model: nn.Module, tokenizer, task, adapter: str, evaluation: EvaluationSection, *,
@@ -142,7 +190,9 @@ def compute_sharpness(model: nn.Module, tokenizer, task, adapter: str, evaluatio
     all-reduced; every rank returns the same dict). The model is left bit for bit unchanged
     (parameters, requires_grad, .grad, train/eval mode). Returns the sharpness.json record
     {"avg", "worst", "rho", "samples", "radius", "loss", "ascent_steps", "ball", "space", "split",
-    "examples", "target_tokens"} plus "passes": {"forward", "forward_backward"}."""
+    "examples", "target_tokens", "lambda_max", "trace", "trace_se", "hessian_iters", "hessian_tol",
+    "hessian_probes", "power_iterations", "lambda_converged"} (+ "after" when options.after is another
+    task) plus "passes": {"forward", "forward_backward", "hessian_vector"}."""
     options = resolved(options or LandscapeOptions(), evaluation)
     inner = unwrap_engine(model)
     device = next(inner.parameters()).device
@@ -154,9 +204,12 @@ def compute_sharpness(model: nn.Module, tokenizer, task, adapter: str, evaluatio
                                                     device=device)).item())
     generator = keyed_generator(seed, "sharpness", task.name, options.space, device=device)
     forwards, backwards = sharpness_passes(options.samples, options.ascent_steps)
-    with counter(progress, f"sharpness {task.name}", forwards + backwards) as advance:
+    products = options.hessian_iters + options.hessian_probes
+    with counter(progress, f"flatness {task.name}", forwards + backwards + products) as advance:
         est = _sharpness(evaluator, moved, options, generator, advance)
-    return _sharpness_record(est, options, examples, evaluator.tokens) | {"passes": _passes(evaluator)}
+        hessian = _hessian(evaluator, moved, options, keyed_generator(seed, "hessian", task.name, options.space,
+                                                                      device=device), advance)
+    return _sharpness_record(est, options, examples, evaluator.tokens) | hessian | {"passes": _passes(evaluator)}
 
 
 # ---------------------------------------------------------------- the landscape of one task
@@ -197,7 +250,8 @@ def measure_landscape(model: nn.Module, batches: list[dict[str, torch.Tensor]], 
     origin = sum(all(c == 0.0 for c in cs) for cs in coords)
     forwards, backwards = sharpness_passes(options.samples, options.ascent_steps, base=False)
     stem = landscape_stem(task, after, options.space, options.direction)
-    with counter(progress, f"landscape {stem}", 1 + len(coords) - origin + forwards + backwards) as advance:
+    products = options.hessian_iters + options.hessian_probes
+    with counter(progress, f"landscape {stem}", 1 + len(coords) - origin + forwards + backwards + products) as advance:
         # L(θ) once: the grid's origin and the sharpness baseline reuse it; sharpness first, since
         # the worst-direction landscape runs along the ε it finds
         base = evaluator(None)
@@ -213,6 +267,8 @@ def measure_landscape(model: nn.Module, batches: list[dict[str, torch.Tensor]], 
         if options.dims == 2:
             directions.append(orthogonalize(random_direction(norms, shapes, generator), first, norms))
         losses = loss_surface(lambda eps: base if eps is None else evaluator(eps), directions, coords, advance)
+        hessian = _hessian(evaluator, moved, options, keyed_generator(seed, "hessian", task, options.space,
+                                                                      device=device), advance)
     examples = sum(len(b["input_ids"]) for b in batches)
-    record = _sharpness_record(est, options.model_copy(update={"after": after}), examples, evaluator.tokens)
+    record = _sharpness_record(est, options.model_copy(update={"after": after}), examples, evaluator.tokens) | hessian
     return Surface(coords, losses, base, record, _passes(evaluator), examples)

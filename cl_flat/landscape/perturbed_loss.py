@@ -28,7 +28,7 @@ ranks (each rank sums its slice; sums all-reduced), so every rank gets the same 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cl_flat import dist
 from cl_flat.config import EvaluationSection
@@ -150,6 +151,7 @@ class PerturbedLoss:
             raise UserError("the held-out sample has no target tokens")
         self.evaluations = 0  # passes over the sample: forward-only + forward+backward
         self.gradients = 0    # forward+backward passes (loss_and_grad)
+        self.products = 0     # Hessian-vector products (`hessian`): one backward through the kept graph each
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -220,3 +222,44 @@ class PerturbedLoss:
             out[k] = flat[offset:offset + g.numel()].view_as(g) / self.tokens
             offset += g.numel()
         return float(total.item()) / self.tokens, out
+
+    @contextmanager
+    def hessian(self) -> Iterator[Callable[[Mapping[str, torch.Tensor]], Params]]:
+        """A function v -> Hv, H = ∇²_ε L(θ+ε) at ε = 0: the Hessian of the held-out loss w.r.t. the moved
+        weights (laid out like ε), exact, by double backward (Pearlmutter 1994): Hv = ∇_ε ⟨∇_ε L, v⟩. On
+        entry one forward and one backward with create_graph per batch build ∇_ε L and its graph, kept
+        until exit (memory: the double-backward graph of the whole held-out sample); each Hv is then one
+        backward through it, summed over the batches and all-reduced, so every rank gets the same Hv (a
+        collective: every rank calls it with the same v). Attention runs torch's math kernel here: the
+        fused SDPA kernels have no second derivative."""
+        names = sorted(self.moved)
+        device = self._device()
+        leaves = [torch.zeros(tuple(self.moved[k].shape), dtype=torch.float32, device=device).requires_grad_(True)
+                  for k in names]
+        with torch.enable_grad(), self._eval_mode(), sdpa_kernel([SDPBackend.MATH]):
+            graphs = []  # per batch: (index of the leaf, its gradient) where the gradient still depends on ε
+            for batch in self.batches:
+                value = self._ce_sum(batch, self._overrides(dict(zip(names, leaves))))
+                grads = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
+                graphs.append([(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad])
+
+            def hvp(v: Mapping[str, torch.Tensor]) -> Params:
+                out = [torch.zeros_like(leaf) for leaf in leaves]
+                for pairs in graphs:
+                    if not pairs:  # the loss is linear in ε on this batch (e.g. every B and A still 0)
+                        continue
+                    parts = torch.autograd.grad([g for _, g in pairs], leaves,
+                                                grad_outputs=[v[names[i]].to(g) for i, g in pairs],
+                                                retain_graph=True, allow_unused=True)
+                    for acc, part in zip(out, parts):
+                        if part is not None:
+                            acc += part
+                flat = dist.all_reduce_sum(torch.cat([t.flatten() for t in out]))
+                self.products += 1
+                result, offset = {}, 0
+                for k, t in zip(names, out):
+                    result[k] = flat[offset:offset + t.numel()].view_as(t) / self.tokens
+                    offset += t.numel()
+                return result
+
+            yield hvp

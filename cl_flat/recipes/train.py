@@ -18,7 +18,7 @@ from cl_flat import dist, plots
 from cl_flat.adapters import AdapterStack
 from cl_flat.checkpoint import TaskCheckpoints
 from cl_flat.config import RunConfig
-from cl_flat.landscape import compute_sharpness, landscape_stem
+from cl_flat.landscape import LandscapeOptions, compute_sharpness, landscape_stem
 from cl_flat.metrics import ZERO_SHOT, Rows, compute_metrics
 from cl_flat.recipes.skeleton import Skeleton, Unit
 from cl_flat.rundir import RunDir
@@ -38,13 +38,24 @@ class SequenceResult:
     metrics: dict[str, Any]
 
 
-def _record_sharpness(config: RunConfig, run_dir: RunDir, stack: AdapterStack, tokenizer, task) -> None:
-    """Sharpness of the solution just trained (collective: every rank calls it), saved under
-    landscape/sharpness.json keyed by task, like `cl-flat landscape`."""
-    record = compute_sharpness(stack.model, tokenizer, task, stack.current, config.evaluation,
-                               max_length=config.training.max_seq_length, seed=config.run.seed)
-    if dist.is_main():
-        run_dir.merge_sharpness(landscape_stem(task.name, None, config.evaluation.sharpness_space), record)
+def _record_flatness(config: RunConfig, run_dir: RunDir, stack: AdapterStack, tokenizer, tasks, index: int) -> None:
+    """Flatness (sharpness and the Hessian's λ_max and trace, `compute_sharpness`) of the solution just
+    trained (collective: every rank calls it), saved under landscape/sharpness.json keyed by task, like
+    `cl-flat landscape`. With evaluation.sharpness_every_task also every earlier task's, on its own
+    adapter in the current stack (key `<task>_after_<current>`), and sharpness_matrix.csv rewritten."""
+    evaluation, names = config.evaluation, [t.name for t in tasks]
+    strategies = build_strategies(config)
+    earlier = range(index) if evaluation.sharpness_every_task else range(0)
+    for i in [index, *earlier]:
+        record = compute_sharpness(stack.model, tokenizer, tasks[i], strategies.adapter_name(names[i]), evaluation,
+                                   max_length=config.training.max_seq_length, seed=config.run.seed,
+                                   options=LandscapeOptions(after=names[index]))
+        if dist.is_main():
+            run_dir.merge_sharpness(landscape_stem(names[i], names[index], evaluation.sharpness_space), record)
+    if evaluation.sharpness_every_task and dist.is_main():
+        space = evaluation.sharpness_space
+        run_dir.write_sharpness_matrix([(after, task, landscape_stem(task, after, space))
+                                        for t, after in enumerate(names[:index + 1]) for task in names[:t + 1]], space)
 
 
 class Sequence(Skeleton):
@@ -123,9 +134,9 @@ class Sequence(Skeleton):
 
     def record(self, unit: Unit, scores: list[float], stats: dict[str, float]) -> None:
         self.skipped[unit.task.name] = stats["skipped"]
+        if self.config.evaluation.sharpness:  # before the row: a run stopped in between redoes both on resume
+            _record_flatness(self.config, self.run_dir, unit.stack, self.tokenizer, self.tasks, unit.task.index)
         self._add_row(unit.task.name, scores)
-        if self.config.evaluation.sharpness:
-            _record_sharpness(self.config, self.run_dir, unit.stack, self.tokenizer, self.tasks[unit.task.index])
         unit.checkpoints.remove()
 
     def finish(self) -> SequenceResult:

@@ -3,11 +3,15 @@ and the readers of what a run saved.
 
     config.yaml        resolved config + "meta" (world size, global batch, LoRA targets adapted, versions, git commit)
     acc_matrix.csv     zero_shot row, then one row per trained task (rewritten after every task)
+    sharpness_matrix.csv  evaluation.sharpness_every_task: after_task,task,space + SHARPNESS_COLUMNS, one
+                       row per (trained task t, task i <= t), from landscape/sharpness.json (rewritten after every task)
     metrics.json       written last: its presence marks a complete run
     train_log.jsonl    one line per update
     adapters/<task>/   the peft adapter each task trained
     checkpoints/<task>/  the in-flight task's newest in-task checkpoint (removed once its row is written)
-    landscape/         <stem>_1d.csv, <stem>_2d.csv, sharpness.json
+    landscape/         <stem>_1d.csv, <stem>_2d.csv, sharpness.json ({stem: {"avg", "worst", "rho", "samples",
+                       "lambda_max", "trace", "trace_se", "hessian_iters", "hessian_probes", ...}}; stems:
+                       cl_flat.landscape.landscape_stem)
     eval/              <name>.csv, <name>.json: `cl-flat eval` re-scores (never acc_matrix.csv)
     plots/             PNGs drawn from the files above
     logs/rank<k>.log   everything process k printed (stdout and stderr), every attempt appended
@@ -36,6 +40,8 @@ from cl_flat.files import atomic_write_text
 from cl_flat.metrics import ZERO_SHOT, Rows, read_acc_matrix, write_acc_matrix
 from cl_flat.rundir.lock import NAME as LOCK_NAME
 from cl_flat.strategies import build_strategies
+
+SHARPNESS_COLUMNS = ("avg", "worst", "lambda_max", "trace", "trace_se")  # the measures of sharpness_matrix.csv
 
 
 class RunDir:
@@ -75,6 +81,10 @@ class RunDir:
     @property
     def sharpness_path(self) -> Path:
         return self.path / "landscape" / "sharpness.json"
+
+    @property
+    def sharpness_matrix_path(self) -> Path:
+        return self.path / "sharpness_matrix.csv"
 
     @property
     def reference_path(self) -> Path:
@@ -205,6 +215,20 @@ class RunDir:
         data[key] = dict(record)
         atomic_write_text(self.sharpness_path, json.dumps(data, indent=2) + "\n")
         return self.sharpness_path
+
+    def write_sharpness_matrix(self, cells: list[tuple[str, str, str]], space: str) -> Path:
+        """sharpness_matrix.csv: one row per (after_task, task, sharpness.json key) of `cells`, in order, with
+        columns after_task,task,space + SHARPNESS_COLUMNS from that entry; an empty cell where there is none."""
+        saved = json.loads(self.sharpness_path.read_text()) if self.sharpness_path.is_file() else {}
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(("after_task", "task", "space", *SHARPNESS_COLUMNS))
+        for after, task, key in cells:
+            entry = saved.get(key, {})
+            writer.writerow([after, task, space, *("" if entry.get(c) is None else repr(float(entry[c]))
+                                                   for c in SHARPNESS_COLUMNS)])
+        atomic_write_text(self.sharpness_matrix_path, buffer.getvalue())
+        return self.sharpness_matrix_path
 
     def saved_sharpness(self, names: list[str]) -> dict[str, Any]:
         """The sharpness.json entries of tasks in `names` (stems `<task>` and `<task>_merged`)."""

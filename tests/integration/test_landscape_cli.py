@@ -48,6 +48,9 @@ def test_landscape_cli(tmp_path, tiny_config):
     first = json.loads((run_dir / "landscape" / "sharpness.json").read_text())["t1"]
     assert first["samples"] == 8 and first["ascent_steps"] == 5 and first["ball"] == "filter-wise"
     assert first["worst"] >= first["avg"]
+    # the Hessian measures too, with the run's settings (evaluation.hessian_*)
+    assert first["lambda_max"] > 0 and first["hessian_iters"] == 20 and first["hessian_probes"] == 8
+    assert f"lambda_max {first['lambda_max']:.4g}" in proc.stdout, proc.stdout
 
     proc = run_cli(["landscape", str(run_dir), "--task", "t1", "--dims", "2", "--points", "3", "--samples", "2"],
                    cwd=tmp_path)
@@ -79,7 +82,7 @@ def test_landscape_cli(tmp_path, tiny_config):
     assert (landscape / "t1_merged_1d.csv").is_file() and (landscape / "t2_merged_1d.csv").is_file()
     assert (landscape / "t1_after_t2_1d.csv").is_file()
     sharp = json.loads((landscape / "sharpness.json").read_text())
-    assert set(sharp) == {"t1", "t1_merged", "t2_merged", "t1_after_t2"}
+    assert set(sharp) == {"t1", "t2", "t1_merged", "t2_merged", "t1_after_t2"}  # t2: by the train run (default)
     assert sharp["t1_after_t2"]["after"] == "t2"
     assert sharp["t1_after_t2"]["ascent_steps"] == 1 and sharp["t1_after_t2"]["examples"] == 5
     assert "5 forward + 1 forward+backward passes" in proc.stdout, proc.stdout  # 1 + 2 + 1 + 1

@@ -69,6 +69,9 @@ def test_two_process_run(tmp_path, tiny_config, zero):
     proc = run_cli(["train", str(path)], cwd=tmp_path, nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_results_contract(tmp_path / "results" / "tiny", ["t1", "t2"], world=2, global_batch=8)
+    # the flatness measures (on by default) are collectives over the sharded held-out sample
+    flatness = json.loads((tmp_path / "results" / "tiny" / "metrics.json").read_text())["sharpness"]
+    assert all(entry["lambda_max"] > 0 and entry["trace"] is not None for entry in flatness.values())
 
 
 def test_seqlora_run(tmp_path, tiny_config):
@@ -111,8 +114,12 @@ def test_resume_gives_the_uninterrupted_matrix(tmp_path, tiny_config):
     assert proc.returncode != 0 and "differs" in proc.stderr
 
 
-def test_sharpness_after_each_task_lands_in_metrics(tmp_path, tiny_config):
-    tiny_config["evaluation"].update({"sharpness": True, "sharpness_samples": 2, "sharpness_ascent_steps": 1})
+def test_flatness_after_each_task_lands_in_metrics(tmp_path, tiny_config):
+    """By default every task's flatness is measured right after it is trained: sharpness and the
+    Hessian's λ_max and trace, in landscape/sharpness.json and metrics.json; with
+    sharpness_every_task also every earlier task's (key <task>_after_<later>) and sharpness_matrix.csv."""
+    assert "sharpness" not in tiny_config["evaluation"]  # the default
+    tiny_config["evaluation"]["sharpness_every_task"] = True
     path = write_config(tmp_path, tiny_config)
     proc = run_cli(["train", str(path)], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -120,8 +127,17 @@ def test_sharpness_after_each_task_lands_in_metrics(tmp_path, tiny_config):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["sharpness"]) == {"t1", "t2"}
     for record in metrics["sharpness"].values():
-        assert record["worst"] >= record["avg"] - 1e-12 and record["rho"] == 0.05 and record["samples"] == 2
-    assert json.loads((run_dir / "landscape" / "sharpness.json").read_text()) == metrics["sharpness"]
+        assert record["worst"] >= record["avg"] - 1e-12 and record["rho"] == 0.05 and record["samples"] == 8
+        assert record["hessian_iters"] == 20 and record["hessian_probes"] == 8 and record["space"] == "adapter"
+        assert record["lambda_max"] > 0 and record["trace"] is not None and record["trace_se"] >= 0
+        assert record["passes"]["hessian_vector"] == record["power_iterations"] + 8
+    saved = json.loads((run_dir / "landscape" / "sharpness.json").read_text())
+    assert set(saved) == {"t1", "t2", "t1_after_t2"} and saved["t1_after_t2"]["after"] == "t2"
+    assert {k: saved[k] for k in ("t1", "t2")} == metrics["sharpness"]
+    rows = list(csv.DictReader((run_dir / "sharpness_matrix.csv").open()))
+    assert [(r["after_task"], r["task"]) for r in rows] == [("t1", "t1"), ("t2", "t1"), ("t2", "t2")]
+    for row, key in zip(rows, ("t1", "t1_after_t2", "t2")):
+        assert float(row["lambda_max"]) == saved[key]["lambda_max"] and float(row["avg"]) == saved[key]["avg"]
 
 
 def test_the_same_config_and_seed_twice_gives_identical_results(tmp_path, tiny_config):

@@ -398,8 +398,11 @@ def test_compute_sharpness_leaves_live_model_bit_for_bit(tiny_stack, space):
     assert result["samples"] == 3 and result["rho"] == config.evaluation.sharpness_rho
     assert result["worst"] >= result["avg"] and result["worst"] > 0
     assert result["examples"] == 12 and result["space"] == space and result["ball"] == "filter-wise"
-    # L(θ) + 3 samples + the last ascent iterate forward-only; 2 ascent steps of one forward+backward each
-    assert result["passes"] == {"forward": 1 + 3 + 1, "forward_backward": 2}
+    # L(θ) + 3 samples + the last ascent iterate forward-only; 2 ascent steps of one forward+backward each;
+    # the Hessian: the power iterations run and one product per trace probe
+    hessian = result["power_iterations"] + config.evaluation.hessian_probes
+    assert result["passes"] == {"forward": 1 + 3 + 1, "forward_backward": 2, "hessian_vector": hessian}
+    assert 1 <= result["power_iterations"] <= config.evaluation.hessian_iters
     assert sum(ls.sharpness_passes(3, 2)) == 5 + 2
     again = ls.compute_sharpness(model, tokenizer, tasks[1], "t2", config.evaluation,
                                  max_length=config.training.max_seq_length, seed=config.run.seed, options=options)
@@ -470,7 +473,10 @@ def test_compute_landscape_on_a_saved_run(tiny_stack, tmp_path):
     # passes over the sample: L(θ) once (grid origin + sharpness baseline), 4 other grid points, 2 random
     # samples, the last ascent iterate; 5 ascent steps (config default) of one forward+backward each
     assert config.evaluation.sharpness_ascent_steps == 5
-    assert out.passes == {"forward": 1 + 4 + 2 + 1, "forward_backward": 5}
+    # the Hessian: the power iterations run (at most hessian_iters) and one product per trace probe
+    assert out.passes == {"forward": 1 + 4 + 2 + 1, "forward_backward": 5,
+                          "hessian_vector": out.sharpness["power_iterations"] + config.evaluation.hessian_probes}
+    assert out.sharpness["lambda_max"] > 0 and out.sharpness["hessian_probes"] == config.evaluation.hessian_probes
     assert out.examples == 8  # min(max_samples_per_task = 12, landscape_max_samples = 8)
     assert config.evaluation.landscape_max_samples == 8
     assert out.png.read_bytes()[:4] == b"\x89PNG"
