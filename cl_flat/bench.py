@@ -35,9 +35,10 @@ from cl_flat.config import load_config
 from cl_flat.flatness import FlatnessMethod, build_method
 from cl_flat.flatness.noise import frozen_targets
 from cl_flat.loss import target_loss, target_split_losses
-from cl_flat.models import load_model
+from cl_flat.models import load_run_model
 from cl_flat.registry import METHODS
-from cl_flat.train import BatchShape, EngineContext, TaskPlan, create_engine, one_update, plain_fp32
+from cl_flat.precision import Compute, compute_dtype
+from cl_flat.train import BatchShape, EngineContext, StepRule, TaskPlan, create_engine, one_update
 
 VARIANTS: dict[str, tuple[dict[str, Any] | None, int]] = {
     "none": ({"method": "none"}, 1),
@@ -112,19 +113,39 @@ class StoredNoiseRwp(FlatnessMethod):
         return {"loss": 0.0}
 
 
+def floor_optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """The floor's optimizer: torch AdamW on its multi-tensor path (torch's own default for CUDA parameters,
+    asked for explicitly so a CPU runs it too)."""
+    return torch.optim.AdamW(params, lr=lr, foreach=True)
+
+
+def floor_update(peft_model: torch.nn.Module, params: list[torch.nn.Parameter], optimizer, batches, bf16: bool,
+                 max_grad_norm: float | None) -> float:
+    """One update of the floor, as a user would hand-write it with torch + peft (no DeepSpeed, no tool code):
+    forward (under autocast(bfloat16) for bf16, the adapter in fp32 as peft creates it) and backward of each
+    micro-batch, clipping (torch's multi-tensor clip_grad_norm_), the optimizer step, gradients set to None,
+    and the loss read on the host (the loop's one host sync)."""
+    device = next(peft_model.parameters()).device
+    for batch in batches:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = peft_model(**batch).loss / len(batches)
+        loss.backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def _floor_times(peft_model: torch.nn.Module, params: dict[str, torch.nn.Parameter], batches, config,
                  count: int) -> list[float]:
-    """The floor: `count` updates of plain torch + peft (AdamW), no DeepSpeed, no tool code."""
-    if config.deepspeed.bf16:
-        peft_model.to(torch.bfloat16)
-    optimizer = torch.optim.AdamW(list(params.values()), lr=config.training.learning_rate)
+    """The floor: `count` updates of `floor_update`."""
+    weights = list(params.values())
+    optimizer = floor_optimizer(weights, config.training.learning_rate)
     times = []
     for _ in range(count):
         start = time.perf_counter()
-        for batch in batches:
-            (peft_model(**batch).loss / len(batches)).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        floor_update(peft_model, weights, optimizer, batches, config.deepspeed.bf16, config.training.max_grad_norm)
         _synchronize()
         times.append(time.perf_counter() - start)
     return times
@@ -139,7 +160,8 @@ class _EngineTimer:
         plan = TaskPlan(BatchShape.of(config.training, dist.world_size()), total, total)
         self.engine = create_engine(config.training, config.deepspeed, model, list(params.values()), plan)
         self.config, self.params, self.batches, self.total = config, params, batches, total
-        self.plain = plain_fp32(config.deepspeed)
+        self.rule = StepRule.of(config.training, config.deepspeed)
+        self.compute = Compute(self.engine.module, compute_dtype(config.deepspeed.bf16))
 
     def begin(self, method: FlatnessMethod) -> FlatnessMethod:
         method.begin_task(self.engine.module)
@@ -149,8 +171,8 @@ class _EngineTimer:
         start = time.perf_counter()
         ctx = EngineContext(self.engine, target_loss, self.params, step=step, total_steps=self.total,
                             seed=self.config.run.seed, rank=dist.rank(), world_size=dist.world_size(),
-                            split_loss_fn=target_split_losses)
-        one_update(self.engine, method, ctx, self.batches, self.plain)  # window, non-finite check, step
+                            split_loss_fn=target_split_losses, compute=self.compute)
+        one_update(self.engine, method, ctx, self.batches, self.rule)  # window, non-finite check, step
         _synchronize()
         return max(dist.all_gather_objects(time.perf_counter() - start))  # the slowest rank
 
@@ -174,7 +196,7 @@ def measure(config_path: str, label: str, updates: int, warmup: int) -> dict[str
     if not torch.cuda.is_available() and world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     config = load_config(config_path, [] if flatness is None else [f"flatness={json.dumps(flatness)}"])
-    model, _ = load_model(config.model.name_or_path, config.model.dtype, config.run.seed)
+    model, _ = load_run_model(config.model, config.deepspeed, config.run.seed)
     device = dist.device()
     model.to(device)
     stack = AdapterStack(model, config.lora, config.run.seed)

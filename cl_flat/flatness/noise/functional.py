@@ -147,14 +147,14 @@ class _NoisyLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, noise: FrozenNoise):
-        ctx.noise = noise
-        return F.linear(x, noise.perturbed_weight(), bias)
+        ctx.noise, ctx.x_dtype = noise, x.dtype
+        return F.linear(x, noise.perturbed_weight(), bias)  # under autocast (bf16 training) cast as any linear
 
     @staticmethod
     def backward(ctx, grad):
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        return grad.matmul(ctx.noise.perturbed_weight()), None, None
+        return grad.matmul(ctx.noise.perturbed_weight().to(grad.dtype)).to(ctx.x_dtype), None, None
 
 
 @contextmanager
