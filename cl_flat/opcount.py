@@ -2,7 +2,9 @@
 one kernel launch or more) and host synchronisations (on a GPU each waits for the device to drain its queue).
 
 `DeviceWork` is a `TorchDispatchMode`: it sees every aten operation below autograd (forward, backward, the
-optimizer) wherever it comes from (the tool, DeepSpeed, transformers, peft, torch). Counted as a host sync:
+optimizer) wherever it comes from (the tool, DeepSpeed, transformers, peft, torch), and counts those that run
+a kernel on a GPU (views, aliases, `detach` and bare allocations do not). Not seen: work outside aten, such as
+the compiled CPU noise kernel (`flatness.noise.keyed_normal`; on CUDA a draw is two or three aten ops). Counted as a host sync:
 `aten._local_scalar_dense` (behind `.item()`, `float(t)`, `int(t)`, `bool(t)`, `if t:`), `aten.is_nonzero`,
 `aten.equal`, and, seen at the Python level because on a CPU they do not dispatch, `Tensor.tolist`,
 `Tensor.numpy`, `Tensor.cpu` and `torch.cuda.synchronize`.
@@ -25,6 +27,9 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _SYNC_OPS = ("_local_scalar_dense", "is_nonzero", "equal")
+# no kernel on a GPU: metadata only (views and aliases are recognised by their schema), or an allocation
+_NO_KERNEL = ("detach", "_unsafe_view", "lift_fresh", "promote_types", "empty", "empty_like", "empty_strided",
+              "new_empty", "new_empty_strided", "result_type")
 _PY_SYNCS = ("tolist", "numpy", "cpu")
 
 
@@ -72,10 +77,12 @@ class DeviceWork(TorchDispatchMode):
         return bool(tensors) and bool(self.host) and all(_pointer(t) in self.host for t in tensors)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        tensors = [t for t in pytree.tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
-        if not self._on_host(tensors):
+        name = func.overloadpacket.__name__
+        counted = func.namespace == "aten" and not func.is_view and name not in _NO_KERNEL
+        if counted and not self._on_host([t for t in pytree.tree_leaves((args, kwargs or {}))
+                                          if isinstance(t, torch.Tensor)]):
             self.ops[self.current] += 1
-            if func.overloadpacket.__name__ in _SYNC_OPS:
+            if name in _SYNC_OPS:
                 self.syncs[self.current] += 1
         return func(*args, **(kwargs or {}))
 
