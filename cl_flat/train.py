@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from cl_flat import dist, stopping
 from cl_flat.checkpoint import TaskCheckpoints
@@ -283,13 +284,23 @@ class StepRule:
         return cls(checked_before_step(section), training.max_grad_norm)
 
 
+def _snapshot(state: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a method's state: its float and integer tensors copied by one multi-tensor op (x·1, exact),
+    everything else deep-copied (copy.deepcopy would clone the tensors one by one)."""
+    leaves, spec = pytree.tree_flatten(state)
+    fast = [i for i, v in enumerate(leaves) if torch.is_tensor(v) and v.dtype not in (torch.bool, torch.complex64,
+                                                                                        torch.complex128)]
+    copies = dict(zip(fast, torch._foreach_mul([leaves[i].detach() for i in fast], 1))) if fast else {}
+    return pytree.tree_unflatten([copies[i] if i in copies else copy.deepcopy(v) for i, v in enumerate(leaves)], spec)
+
+
 def one_update(engine, method: FlatnessMethod, ctx: EngineContext, batches: list[dict[str, torch.Tensor]],
                rule: StepRule, unchecked: dict[str, Any] | None = None) -> tuple[list[str], dict[str, float | None]]:
     """One update as training runs it (`train_task`'s loop, and `cl-flat bench`): the method's window over
     the micro-batches, then `_step` (engine.step() unless non-finite, one host sync); a dropped update
     leaves the method's state as it was. `rule`: `StepRule.of` the task's settings. Returns (what was non-finite, the host
     values: the method's stats with `loss`, `grad_norm`, and `unchecked`)."""
-    before = copy.deepcopy(method.state_dict())  # a dropped update must not change the method either (copies:
+    before = _snapshot(method.state_dict())  # a dropped update must not change the method either (copies:
     # a method may update its state in place)
     bad, host = _step(engine, ctx.params, method.window(ctx, batches), rule, unchecked)
     if bad:
