@@ -6,7 +6,10 @@ process's peak resident memory on CPU). A fixed synthetic batch of micro_batch_s
 (every token a target) is reused, so only the method's cost differs. Reported: the median over the timed
 updates after warm-up, and the peak memory at that point. Then, for a variant with a flatness method,
 `none` and the method alternate for as many updates again in the same process (same engine, same heap):
-`paired_time_ratio` is the median of those paired ratios.
+`paired_time_ratio` is the median of those paired ratios. One more update is run under `opcount.DeviceWork`:
+its device ops (aten ops that launch a kernel on a GPU) and host syncs, counted the same on a CPU, so a CPU
+user can read them as the launch and sync overhead a GPU will show (`device_ops_per_update`,
+`host_syncs_per_update`).
 
 Two variants are not the tool's training: `floor` is a hand-written torch + peft AdamW step on the same
 model and batch (no DeepSpeed, no tool code), and `rwp_full_stored_noise` is RWP with noise on the whole
@@ -24,6 +27,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +40,9 @@ from cl_flat.flatness import FlatnessMethod, build_method
 from cl_flat.flatness.noise import frozen_targets
 from cl_flat.loss import target_loss, target_split_losses
 from cl_flat.models import load_run_model
-from cl_flat.registry import METHODS
+from cl_flat.opcount import DeviceWork, optimizer_host_tensors
 from cl_flat.precision import Compute, compute_dtype
+from cl_flat.registry import METHODS
 from cl_flat.train import BatchShape, EngineContext, StepRule, TaskPlan, create_engine, one_update
 
 VARIANTS: dict[str, tuple[dict[str, Any] | None, int]] = {
@@ -137,18 +142,31 @@ def floor_update(peft_model: torch.nn.Module, params: list[torch.nn.Parameter], 
     return loss.item()
 
 
+def _device_work(update: Callable[[], Any], optimizer) -> dict[str, int]:
+    """One update under `opcount.DeviceWork`: the aten ops that launch device kernels and the host syncs
+    (transformers' causal-mask check, once per forward, included), as a GPU would see them."""
+    with DeviceWork(optimizer_host_tensors(optimizer)) as work:
+        update()
+    ops, syncs = work.total()
+    return {"device_ops_per_update": ops, "host_syncs_per_update": syncs}
+
+
 def _floor_times(peft_model: torch.nn.Module, params: dict[str, torch.nn.Parameter], batches, config,
-                 count: int) -> list[float]:
-    """The floor: `count` updates of `floor_update`."""
+                 count: int) -> tuple[list[float], dict[str, int]]:
+    """The floor: `count` timed updates of `floor_update`, then one counted (`_device_work`)."""
     weights = list(params.values())
     optimizer = floor_optimizer(weights, config.training.learning_rate)
+
+    def update() -> None:
+        floor_update(peft_model, weights, optimizer, batches, config.deepspeed.bf16, config.training.max_grad_norm)
+
     times = []
     for _ in range(count):
         start = time.perf_counter()
-        floor_update(peft_model, weights, optimizer, batches, config.deepspeed.bf16, config.training.max_grad_norm)
+        update()
         _synchronize()
         times.append(time.perf_counter() - start)
-    return times
+    return times, _device_work(update, optimizer)
 
 
 class _EngineTimer:
@@ -167,14 +185,20 @@ class _EngineTimer:
         method.begin_task(self.engine.module)
         return method
 
-    def __call__(self, method: FlatnessMethod, step: int) -> float:
-        start = time.perf_counter()
+    def update(self, method: FlatnessMethod, step: int) -> None:
         ctx = EngineContext(self.engine, target_loss, self.params, step=step, total_steps=self.total,
                             seed=self.config.run.seed, rank=dist.rank(), world_size=dist.world_size(),
                             split_loss_fn=target_split_losses, compute=self.compute)
         one_update(self.engine, method, ctx, self.batches, self.rule)  # window, non-finite check, step
+
+    def __call__(self, method: FlatnessMethod, step: int) -> float:
+        start = time.perf_counter()
+        self.update(method, step)
         _synchronize()
         return max(dist.all_gather_objects(time.perf_counter() - start))  # the slowest rank
+
+    def device_work(self, method: FlatnessMethod, step: int) -> dict[str, int]:
+        return _device_work(lambda: self.update(method, step), self.engine.optimizer)
 
 
 def _paired_ratio(timer: _EngineTimer, method: FlatnessMethod, step: int, updates: int) -> float:
@@ -205,18 +229,20 @@ def measure(config_path: str, label: str, updates: int, warmup: int) -> dict[str
     batches = _batches(config, model.config.vocab_size, device)
     paired = flatness is not None and flatness["method"] != "none"  # also timed against `none`, see below
     if flatness is None:
-        times = _floor_times(stack.model, params, batches, config, warmup + updates)
+        times, work = _floor_times(stack.model, params, batches, config, warmup + updates)
     else:
         method = StoredNoiseRwp(config.flatness) if label == "rwp_full_stored_noise" else build_method(config.flatness)
-        timer = _EngineTimer(config, stack.model, params, batches, warmup + updates * (3 if paired else 1))
+        timer = _EngineTimer(config, stack.model, params, batches, warmup + 1 + updates * (3 if paired else 1))
         timer.begin(method)
         times = [timer(method, step) for step in range(warmup + updates)]
     timed = times[warmup:]
     peak = max(dist.all_gather_objects(_peak_memory()))
+    if flatness is not None:  # one more update, counted (after the timing: the counting slows it)
+        work = timer.device_work(method, warmup + updates)
     result = {"seconds_per_update": statistics.median(timed), "peak_memory_bytes": peak, "updates": len(timed),
-              "ranks": world}
+              "ranks": world, **work}
     if paired:  # after the memory reading, so `none` cannot raise this variant's peak
-        result["paired_time_ratio"] = _paired_ratio(timer, method, warmup + updates, updates)
+        result["paired_time_ratio"] = _paired_ratio(timer, method, warmup + updates + 1, updates)
     return result
 
 

@@ -4,7 +4,8 @@ one kernel launch or more) and host synchronisations (on a GPU each waits for th
 `DeviceWork` is a `TorchDispatchMode`: it sees every aten operation below autograd (forward, backward, the
 optimizer) wherever it comes from (the tool, DeepSpeed, transformers, peft, torch), and counts those that run
 a kernel on a GPU (views, aliases, `detach` and bare allocations do not). Not seen: work outside aten, such as
-the compiled CPU noise kernel (`flatness.noise.keyed_normal`; on CUDA a draw is two or three aten ops). Counted as a host sync:
+the compiled CPU noise kernel (`flatness.noise.keyed_normal`; on CUDA a draw is two or three aten ops).
+Counted as a host sync:
 `aten._local_scalar_dense` (behind `.item()`, `float(t)`, `int(t)`, `bool(t)`, `if t:`), `aten.is_nonzero`,
 `aten.equal`, and, seen at the Python level because on a CPU they do not dispatch, `Tensor.tolist`,
 `Tensor.numpy`, `Tensor.cpu` and `torch.cuda.synchronize`.
@@ -40,9 +41,14 @@ def _pointer(t: torch.Tensor) -> int | None:
         return None
 
 
-def optimizer_host_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+def optimizer_host_tensors(optimizer) -> list[torch.Tensor]:
     """The step counters of a torch optimizer that stay on the host (a CPU tensor beside CUDA parameters:
-    `capturable=False` and not fused); on a CPU they are every step counter."""
+    `capturable=False` and not fused); on a CPU they are every step counter. `optimizer` may be a wrapper
+    (DeepSpeed's ZeRO optimizers): the torch optimizer is its `.optimizer`."""
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return []
     found = []
     for group in optimizer.param_groups:
         if group.get("fused") or group.get("capturable"):

@@ -231,17 +231,19 @@ def _fetch(values: dict[str, Any], grad_norm: torch.Tensor | None, device: torch
     return {**host, **got}, bad
 
 
-def _step(engine, params, values: dict[str, Any], rule: StepRule, unchecked: dict[str, Any] | None = None) -> tuple[list[str], dict[str, float | None]]:
+def _step(engine, params, values: dict[str, Any], rule: StepRule,
+          unchecked: dict[str, Any] | None = None) -> tuple[list[str], dict[str, float | None]]:
     """engine.step() unless the update is non-finite; (what was non-finite, the host values: the
     method's stats with `loss` averaged over ranks, `grad_norm`, and `unchecked`). One host sync.
 
     ZeRO-0 (a torch optimizer stepped as is) is checked here before the step, on the losses of every
     pass and the gradient norm, and then not stepped; the gradient is clipped here too, from that norm
     (one multi-tensor multiply, `precision.clip_`), before the check so the device keeps busy: a
-    dropped update zeroes it anyway. DeepSpeed's ZeRO-1/2 optimizers check the gradient themselves and drop a non-finite step (no optimizer or
-    scheduler step): they are stepped first and everything is fetched after, with the norm DeepSpeed
-    reports; the loop reads a dropped step back through `was_step_applied` (there, a non-finite
-    loss with a finite gradient would be reported although DeepSpeed stepped)."""
+    dropped update zeroes it anyway. DeepSpeed's ZeRO-1/2 optimizers check the gradient themselves and
+    drop a non-finite step (no optimizer or scheduler step): they are stepped first and everything is
+    fetched after, with the norm DeepSpeed reports; the loop reads a dropped step back through
+    `was_step_applied` (there, a non-finite loss with a finite gradient would be reported although
+    DeepSpeed stepped)."""
     if rule.checked_first:
         grads = _grads(params)
         norm = _grad_norm(grads)
@@ -298,8 +300,8 @@ def one_update(engine, method: FlatnessMethod, ctx: EngineContext, batches: list
                rule: StepRule, unchecked: dict[str, Any] | None = None) -> tuple[list[str], dict[str, float | None]]:
     """One update as training runs it (`train_task`'s loop, and `cl-flat bench`): the method's window over
     the micro-batches, then `_step` (engine.step() unless non-finite, one host sync); a dropped update
-    leaves the method's state as it was. `rule`: `StepRule.of` the task's settings. Returns (what was non-finite, the host
-    values: the method's stats with `loss`, `grad_norm`, and `unchecked`)."""
+    leaves the method's state as it was. `rule`: `StepRule.of` the task's settings. Returns (what was
+    non-finite, the host values: the method's stats with `loss`, `grad_norm`, and `unchecked`)."""
     before = _snapshot(method.state_dict())  # a dropped update must not change the method either (copies:
     # a method may update its state in place)
     bad, host = _step(engine, ctx.params, method.window(ctx, batches), rule, unchecked)

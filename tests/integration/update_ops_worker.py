@@ -37,15 +37,11 @@ def phased(counter_of, name, original):
     return wrapper
 
 
-def torch_optimizer(optimizer):
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
 def run_case(case: dict, live: dict) -> dict:
     overrides = ["model.name_or_path=tiny-random:llama", "training.micro_batch_size=4", "training.max_seq_length=16",
                  f"lora.target_modules={json.dumps(case['targets'])}", "training.learning_rate=0.01"]
+    if "zero" in case:
+        overrides.append(f"deepspeed.zero_stage={case['zero']}")
     if case.get("flatness"):
         overrides.append(f"flatness={json.dumps(case['flatness'])}")
     config = load_config("configs/bench_gpu.yaml", overrides)
@@ -72,7 +68,7 @@ def run_case(case: dict, live: dict) -> dict:
         plan = train.TaskPlan(train.BatchShape.of(t, 1), WARMUP + COUNTED, WARMUP + COUNTED)
         engine = train.create_engine(t, config.deepspeed, stack.model, list(params.values()), plan)
         method.begin_task(engine.module)
-        optimizer = torch_optimizer(engine.optimizer)
+        optimizer = engine.optimizer
         compute = Compute(engine.module, compute_dtype(config.deepspeed.bf16))
 
         def update(step):
