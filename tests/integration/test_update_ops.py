@@ -43,6 +43,8 @@ def _cases() -> list[dict]:
     cases = [{"label": "floor", "targets": ALL}, {"label": "floor_qv", "targets": QV},
              {"label": "none_qv", "targets": QV, "flatness": {"method": "none"}}]
     cases += [{"label": name, "targets": ALL, "flatness": {"method": name}} for name in methods]
+    cases += [{"label": "floor_fp32", "targets": ALL, "fp32": True},  # fp32 (configs/bench_cpu.yaml) too
+              {"label": "none_fp32", "targets": ALL, "flatness": {"method": "none"}, "fp32": True}]
     cases += [{"label": "asam", "targets": ALL, "flatness": {"method": "sam", "adaptive": True}},
               {"label": "rwp_one_pass", "targets": ALL,
                "flatness": {"method": "rwp", "scope": "full", "two_batch": True, "one_pass": True}}]
@@ -77,7 +79,7 @@ def test_device_ops_within_15_percent_of_the_floor_per_pass(counts):
     for label, c in counts.items():
         if label.startswith("floor"):
             continue
-        floor = counts["floor_qv" if label == "none_qv" else "floor"]["ops"]
+        floor = counts[{"none_qv": "floor_qv", "none_fp32": "floor_fp32"}.get(label, "floor")]["ops"]
         assert len(set(floor)) == 1, floor
         for ops, passes in zip(c["ops"], c["forwards"]):
             bound = 1.15 * passes * floor[0] + PER_LAYER.get(label, 0)

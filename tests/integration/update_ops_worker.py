@@ -40,6 +40,8 @@ def phased(counter_of, name, original):
 def run_case(case: dict, live: dict) -> dict:
     overrides = ["model.name_or_path=tiny-random:llama", "training.micro_batch_size=4", "training.max_seq_length=16",
                  f"lora.target_modules={json.dumps(case['targets'])}", "training.learning_rate=0.01"]
+    if case.get("fp32"):  # configs/bench_cpu.yaml's precision
+        overrides += ["model.dtype=fp32", "deepspeed.bf16=false"]
     if "zero" in case:
         overrides.append(f"deepspeed.zero_stage={case['zero']}")
     if case.get("flatness"):
