@@ -6,7 +6,10 @@ process's peak resident memory on CPU). A fixed synthetic batch of micro_batch_s
 (every token a target) is reused, so only the method's cost differs. Reported: the median over the timed
 updates after warm-up, and the peak memory at that point. Then, for a variant with a flatness method,
 `none` and the method alternate for as many updates again in the same process (same engine, same heap):
-`paired_time_ratio` is the median of those paired ratios.
+`paired_time_ratio` is the median of those paired ratios. One more update is run under `opcount.DeviceWork`:
+its device ops (aten ops that launch a kernel on a GPU) and host syncs, counted the same on a CPU, so a CPU
+user can read them as the launch and sync overhead a GPU will show (`device_ops_per_update`,
+`host_syncs_per_update`).
 
 Two variants are not the tool's training: `floor` is a hand-written torch + peft AdamW step on the same
 model and batch (no DeepSpeed, no tool code), and `rwp_full_stored_noise` is RWP with noise on the whole
@@ -31,6 +34,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +48,11 @@ from cl_flat.evaluate import evaluate_tasks
 from cl_flat.flatness import FlatnessMethod, build_method
 from cl_flat.flatness.noise import frozen_targets
 from cl_flat.loss import target_loss, target_split_losses
-from cl_flat.models import load_model
+from cl_flat.models import load_run_model
+from cl_flat.opcount import DeviceWork, optimizer_host_tensors
+from cl_flat.precision import Compute, compute_dtype
 from cl_flat.registry import METHODS
-from cl_flat.train import BatchShape, EngineContext, TaskPlan, create_engine, one_update, plain_fp32
+from cl_flat.train import BatchShape, EngineContext, StepRule, TaskPlan, create_engine, one_update
 
 VARIANTS: dict[str, tuple[dict[str, Any] | None, int]] = {
     "none": ({"method": "none"}, 1),
@@ -121,22 +127,55 @@ class StoredNoiseRwp(FlatnessMethod):
         return {"loss": 0.0}
 
 
+def floor_optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """The floor's optimizer: torch AdamW on its multi-tensor path (torch's own default for CUDA parameters,
+    asked for explicitly so a CPU runs it too)."""
+    return torch.optim.AdamW(params, lr=lr, foreach=True)
+
+
+def floor_update(peft_model: torch.nn.Module, params: list[torch.nn.Parameter], optimizer, batches, bf16: bool,
+                 max_grad_norm: float | None) -> float:
+    """One update of the floor, as a user would hand-write it with torch + peft (no DeepSpeed, no tool code):
+    forward (under autocast(bfloat16) for bf16, the adapter in fp32 as peft creates it) and backward of each
+    micro-batch, clipping (torch's multi-tensor clip_grad_norm_), the optimizer step, gradients set to None,
+    and the loss read on the host (the loop's one host sync)."""
+    device = next(peft_model.parameters()).device
+    for batch in batches:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = peft_model(**batch).loss / len(batches)
+        loss.backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def _device_work(update: Callable[[], Any], optimizer) -> dict[str, int]:
+    """One update under `opcount.DeviceWork`: the aten ops that launch device kernels and the host syncs
+    (transformers' causal-mask check, once per forward, included), as a GPU would see them."""
+    with DeviceWork(optimizer_host_tensors(optimizer)) as work:
+        update()
+    ops, syncs = work.total()
+    return {"device_ops_per_update": ops, "host_syncs_per_update": syncs}
+
+
 def _floor_times(peft_model: torch.nn.Module, params: dict[str, torch.nn.Parameter], batches, config,
-                 count: int) -> list[float]:
-    """The floor: `count` updates of plain torch + peft (AdamW), no DeepSpeed, no tool code."""
-    if config.deepspeed.bf16:
-        peft_model.to(torch.bfloat16)
-    optimizer = torch.optim.AdamW(list(params.values()), lr=config.training.learning_rate)
+                 count: int) -> tuple[list[float], dict[str, int]]:
+    """The floor: `count` timed updates of `floor_update`, then one counted (`_device_work`)."""
+    weights = list(params.values())
+    optimizer = floor_optimizer(weights, config.training.learning_rate)
+
+    def update() -> None:
+        floor_update(peft_model, weights, optimizer, batches, config.deepspeed.bf16, config.training.max_grad_norm)
+
     times = []
     for _ in range(count):
         start = time.perf_counter()
-        for batch in batches:
-            (peft_model(**batch).loss / len(batches)).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        update()
         _synchronize()
         times.append(time.perf_counter() - start)
-    return times
+    return times, _device_work(update, optimizer)
 
 
 class _EngineTimer:
@@ -148,20 +187,27 @@ class _EngineTimer:
         plan = TaskPlan(BatchShape.of(config.training, dist.world_size()), total, total)
         self.engine = create_engine(config.training, config.deepspeed, model, list(params.values()), plan)
         self.config, self.params, self.batches, self.total = config, params, batches, total
-        self.plain = plain_fp32(config.deepspeed)
+        self.rule = StepRule.of(config.training, config.deepspeed)
+        self.compute = Compute(self.engine.module, compute_dtype(config.deepspeed.bf16))
 
     def begin(self, method: FlatnessMethod) -> FlatnessMethod:
         method.begin_task(self.engine.module)
         return method
 
-    def __call__(self, method: FlatnessMethod, step: int) -> float:
-        start = time.perf_counter()
+    def update(self, method: FlatnessMethod, step: int) -> None:
         ctx = EngineContext(self.engine, target_loss, self.params, step=step, total_steps=self.total,
                             seed=self.config.run.seed, rank=dist.rank(), world_size=dist.world_size(),
-                            split_loss_fn=target_split_losses)
-        one_update(self.engine, method, ctx, self.batches, self.plain)  # window, non-finite check, step
+                            split_loss_fn=target_split_losses, compute=self.compute)
+        one_update(self.engine, method, ctx, self.batches, self.rule)  # window, non-finite check, step
+
+    def __call__(self, method: FlatnessMethod, step: int) -> float:
+        start = time.perf_counter()
+        self.update(method, step)
         _synchronize()
         return max(dist.all_gather_objects(time.perf_counter() - start))  # the slowest rank
+
+    def device_work(self, method: FlatnessMethod, step: int) -> dict[str, int]:
+        return _device_work(lambda: self.update(method, step), self.engine.optimizer)
 
 
 def _paired_ratio(timer: _EngineTimer, method: FlatnessMethod, step: int, updates: int) -> float:
@@ -183,7 +229,7 @@ def measure(config_path: str, label: str, updates: int, warmup: int) -> dict[str
     if not torch.cuda.is_available() and world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     config = load_config(config_path, [] if flatness is None else [f"flatness={json.dumps(flatness)}"])
-    model, _ = load_model(config.model.name_or_path, config.model.dtype, config.run.seed)
+    model, _ = load_run_model(config.model, config.deepspeed, config.run.seed)
     device = dist.device()
     model.to(device)
     stack = AdapterStack(model, config.lora, config.run.seed)
@@ -192,18 +238,20 @@ def measure(config_path: str, label: str, updates: int, warmup: int) -> dict[str
     batches = _batches(config, model.config.vocab_size, device)
     paired = flatness is not None and flatness["method"] != "none"  # also timed against `none`, see below
     if flatness is None:
-        times = _floor_times(stack.model, params, batches, config, warmup + updates)
+        times, work = _floor_times(stack.model, params, batches, config, warmup + updates)
     else:
         method = StoredNoiseRwp(config.flatness) if label == "rwp_full_stored_noise" else build_method(config.flatness)
-        timer = _EngineTimer(config, stack.model, params, batches, warmup + updates * (3 if paired else 1))
+        timer = _EngineTimer(config, stack.model, params, batches, warmup + 1 + updates * (3 if paired else 1))
         timer.begin(method)
         times = [timer(method, step) for step in range(warmup + updates)]
     timed = times[warmup:]
     peak = max(dist.all_gather_objects(_peak_memory()))
+    if flatness is not None:  # one more update, counted (after the timing: the counting slows it)
+        work = timer.device_work(method, warmup + updates)
     result = {"seconds_per_update": statistics.median(timed), "peak_memory_bytes": peak, "updates": len(timed),
-              "ranks": world}
+              "ranks": world, **work}
     if paired:  # after the memory reading, so `none` cannot raise this variant's peak
-        result["paired_time_ratio"] = _paired_ratio(timer, method, warmup + updates, updates)
+        result["paired_time_ratio"] = _paired_ratio(timer, method, warmup + updates + 1, updates)
     return result
 
 
@@ -227,7 +275,7 @@ def measure_evaluation(config_path: str, label: str, updates: int, warmup: int) 
     """One evaluation row in this process: `warmup` then `updates` timed passes of `evaluate_tasks` over one
     batch of the synthetic task (`eval_task`); examples per second of the median pass."""
     config = load_config(config_path)
-    model, tokenizer = load_model(config.model.name_or_path, config.model.dtype, config.run.seed)
+    model, tokenizer = load_run_model(config.model, config.deepspeed, config.run.seed)
     device = dist.device()
     model.to(device)
     stack = AdapterStack(model, config.lora, config.run.seed)

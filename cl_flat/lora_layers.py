@@ -47,16 +47,23 @@ def row_norms(weight: torch.Tensor) -> torch.Tensor:
 
 def merged_row_norms(layer: nn.Module, base_rows: torch.Tensor | None = None) -> torch.Tensor:
     """‖W'_i,:‖₂, shape [out], of W' = W0 + Σ_k s_k B_k A_k over the layer's active adapters, from
-    ‖W'_i‖² = ‖W0_i‖² + 2⟨W0_i, (BA)_i⟩ + ‖(BA)_i‖² with B = [s_k B_k], A = [A_k] stacked:
-    O(out·in·r) flops, no weight-sized temporary, no grad. `base_rows`: ‖W0_i‖ if known."""
+    ‖W'_i‖² = ‖W0_i‖² + 2⟨W0_i, (BA)_i⟩ + ‖(BA)_i‖² = ‖W0_i‖² + s⟨B_i, (2·W0Aᵀ + s·B·AAᵀ)_i⟩ with
+    B = [s_k B_k], A = [A_k] stacked and s = 1 (one adapter: B = B_1, s = s_1, no scaled copy):
+    O(out·in·r) flops, no weight-sized temporary, no grad, about a dozen ops. `base_rows`: ‖W0_i‖ if known."""
     w0 = linear_weight(layer.base_layer).detach()
     rows = row_norms(w0) if base_rows is None else base_rows.reshape(-1)
     names = [k for k in layer.active_adapters if k in layer.lora_A]
     if not names:
         return rows
     with torch.no_grad():
-        a = torch.cat([layer.lora_A[k].weight for k in names]).to(rows.dtype)                     # [R, in]
-        b = torch.cat([layer.lora_B[k].weight * layer.scaling[k] for k in names], 1).to(rows.dtype)  # [out, R]
-        cross = (w0 @ a.t().to(w0.dtype)).to(rows.dtype)                                           # [out, R]
-        squares = rows.square() + 2 * (b * cross).sum(1) + ((b @ (a @ a.t())) * b).sum(1)
+        if len(names) == 1:
+            a, b, s = layer.lora_A[names[0]].weight, layer.lora_B[names[0]].weight, float(layer.scaling[names[0]])
+        else:
+            a = torch.cat([layer.lora_A[k].weight for k in names])                                # [R, in]
+            b = torch.cat([layer.lora_B[k].weight * layer.scaling[k] for k in names], 1)          # [out, R]
+            s = 1.0
+        a, b = a.detach().to(rows.dtype), b.detach().to(rows.dtype)
+        cross = (w0 @ a.t().to(w0.dtype)).to(rows.dtype)                                       # W0Aᵀ [out, R]
+        inner = torch.addmm(cross, b, a @ a.t(), beta=2.0, alpha=s)                          # 2·W0Aᵀ + s·B·AAᵀ
+        squares = torch.add(rows.square(), (inner * b).sum(1), alpha=s)
     return squares.clamp_min(0).sqrt()

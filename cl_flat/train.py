@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from cl_flat import dist, stopping
 from cl_flat.checkpoint import TaskCheckpoints
@@ -30,6 +31,7 @@ from cl_flat.data.batches import Encoded, collate
 from cl_flat.errors import NonFiniteUpdate, UserError
 from cl_flat.flatness.base import FlatnessMethod, StepContext
 from cl_flat.loss import target_loss, target_split_losses
+from cl_flat.precision import Compute, adamw, clip_, compute_dtype, trainable_in_fp32
 from cl_flat.schedules import lr_factor
 from cl_flat.seeding import derive_seed, keyed_generator, seed_dropout
 from cl_flat.strategies.base import LossTerms
@@ -37,19 +39,27 @@ from cl_flat.strategies.base import LossTerms
 
 class EngineContext(StepContext):
     """StepContext over a DeepSpeed engine: probes through `engine.module`, backward through
-    `engine.backward` with the accumulation boundary set explicitly (one step per window)."""
+    `engine.backward` with the accumulation boundary set explicitly (one step per window). Every
+    forward runs in `compute` (the precision path: autocast under bf16, `cl_flat.precision`)."""
 
-    def __init__(self, engine, loss_fn: Callable, params: dict[str, torch.nn.Parameter], **kwargs: Any):
+    def __init__(self, engine, loss_fn: Callable, params: dict[str, torch.nn.Parameter], *,
+                 compute: Compute | None = None, **kwargs: Any):
         super().__init__(params, **kwargs)
         self.engine = engine
         self.loss_fn = loss_fn
+        self.compute = compute if compute is not None else Compute(engine.module, None)
 
     @property
     def module(self) -> torch.nn.Module:
         return self.engine.module
 
     def loss(self, batch: Any) -> torch.Tensor:
-        return self.loss_fn(self.engine.module, batch)
+        with self.compute():
+            return self.loss_fn(self.engine.module, batch)
+
+    def split_losses(self, batch: Any, split: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        with self.compute():
+            return super().split_losses(batch, split)
 
     def backward(self, loss: torch.Tensor, *, last: bool) -> None:
         self.engine.set_gradient_accumulation_boundary(last)
@@ -121,9 +131,11 @@ def deepspeed_config(training: TrainingSection, section: DeepSpeedSection, plan:
         "train_micro_batch_size_per_gpu": plan.batch.micro_batch_size,
         "gradient_accumulation_steps": plan.batch.accumulation,
         "train_batch_size": plan.batch.global_batch,
-        "gradient_clipping": training.max_grad_norm or 0.0,
+        # ZeRO-0: the loop clips (`precision.clip_`); DeepSpeed's fp32 clipping loops over the tensors
+        "gradient_clipping": 0.0 if checked_before_step(section) else training.max_grad_norm or 0.0,
         "zero_optimization": {"stage": section.zero_stage},
-        "bf16": {"enabled": section.bf16},
+        # bf16 is autocast over fp32 adapters (`cl_flat.precision`), never DeepSpeed's bf16 optimizer wrappers
+        "bf16": {"enabled": False},
         # our AdamW is a torch optimizer: allowed under ZeRO, never JIT-compiled
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
@@ -136,18 +148,21 @@ def deepspeed_config(training: TrainingSection, section: DeepSpeedSection, plan:
 
 def create_engine(training: TrainingSection, section: DeepSpeedSection, model: torch.nn.Module,
                   params: list[torch.nn.Parameter], plan: TaskPlan):
-    """A DeepSpeed engine training `params` with torch AdamW and the configured schedule."""
+    """A DeepSpeed engine training `params` (kept in fp32) with torch AdamW (`precision.adamw`) and the
+    configured schedule."""
     import deepspeed
 
-    optimizer = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay,
-                                  betas=(0.9, 0.999), eps=1e-8)
-    # fp32 ZeRO-0 (DeepSpeed steps this optimizer on these parameters): gradient buffers allocated
+    trainable_in_fp32(params)
+    optimizer = adamw(params, training.learning_rate, training.weight_decay, dist.device())
+    # ZeRO-0 on a CPU (DeepSpeed steps this optimizer on these parameters): gradient buffers allocated
     # once, before any activation, and zeroed in place after each step. Why: a `.grad` allocated
     # afresh by each update's first backward lands among the just-freed activations; living on
     # into the next forward, hundreds of such small buffers fragment the CPU heap (glibc), and a
     # second pass in the same update (SAM, RWP, gradient accumulation) raised the peak resident
-    # memory. DeepSpeed's own zero_grad on this path sets every .grad to None.
-    keep_grads = section.zero_stage == 0 and not section.bf16
+    # memory. On a GPU the caching allocator has no such problem, and kept buffers would cost one
+    # accumulating add per tensor per backward: there autograd writes fresh gradients (DeepSpeed's
+    # zero_grad sets every .grad to None).
+    keep_grads = checked_before_step(section) and dist.device().type == "cpu"
     if keep_grads:
         for p in params:
             p.grad = torch.zeros_like(p)
@@ -164,11 +179,14 @@ def create_engine(training: TrainingSection, section: DeepSpeedSection, model: t
     return engine
 
 
-def _grad_norm(params: dict[str, torch.nn.Parameter]) -> torch.Tensor | None:
+def _grads(params: dict[str, torch.nn.Parameter]) -> list[torch.Tensor]:
+    return [p.grad for p in params.values() if p.grad is not None]
+
+
+def _grad_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
     """‖g‖ = ‖(‖g_1‖, …, ‖g_P‖)‖ of the (already reduced) gradient before clipping, as a device
-    tensor (one fused per-tensor norm, no host sync); DeepSpeed reports it only for ZeRO and mixed
-    precision, so plain fp32 ZeRO-0 computes it here."""
-    grads = [p.grad for p in params.values() if p.grad is not None]
+    tensor (one fused per-tensor norm, no host sync); DeepSpeed reports it only under ZeRO-1/2,
+    so ZeRO-0 computes it here (and clips with it)."""
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) if grads else None
 
 
@@ -213,19 +231,25 @@ def _fetch(values: dict[str, Any], grad_norm: torch.Tensor | None, device: torch
     return {**host, **got}, bad
 
 
-def _step(engine, params, values: dict[str, Any], plain_fp32: bool,
+def _step(engine, params, values: dict[str, Any], rule: StepRule,
           unchecked: dict[str, Any] | None = None) -> tuple[list[str], dict[str, float | None]]:
     """engine.step() unless the update is non-finite; (what was non-finite, the host values: the
     method's stats with `loss` averaged over ranks, `grad_norm`, and `unchecked`). One host sync.
 
-    Plain fp32 ZeRO-0 (a torch optimizer stepped as is) is checked here before the step, on the
-    losses of every pass and the gradient norm, and then not stepped. DeepSpeed's own optimizers
-    (bf16, ZeRO-1/2) check the gradient themselves and drop a non-finite step (no optimizer or
-    scheduler step): they are stepped first and everything is fetched after, with the norm DeepSpeed
-    reports; the loop reads a dropped step back through `was_step_applied` (there, a non-finite
-    loss with a finite gradient would be reported although DeepSpeed stepped)."""
-    if plain_fp32:
-        host, bad = _fetch(values, _grad_norm(params), engine.device, unchecked)
+    ZeRO-0 (a torch optimizer stepped as is) is checked here before the step, on the losses of every
+    pass and the gradient norm, and then not stepped; the gradient is clipped here too, from that norm
+    (one multi-tensor multiply, `precision.clip_`), before the check so the device keeps busy: a
+    dropped update zeroes it anyway. DeepSpeed's ZeRO-1/2 optimizers check the gradient themselves and
+    drop a non-finite step (no optimizer or scheduler step): they are stepped first and everything is
+    fetched after, with the norm DeepSpeed reports; the loop reads a dropped step back through
+    `was_step_applied` (there, a non-finite loss with a finite gradient would be reported although
+    DeepSpeed stepped)."""
+    if rule.checked_first:
+        grads = _grads(params)
+        norm = _grad_norm(grads)
+        if norm is not None:
+            clip_(grads, norm, rule.max_grad_norm)
+        host, bad = _fetch(values, norm, engine.device, unchecked)
         if bad:
             engine.zero_grad()
         else:
@@ -243,20 +267,44 @@ def _step(engine, params, values: dict[str, Any], plain_fp32: bool,
     return bad, host
 
 
-def plain_fp32(section: DeepSpeedSection) -> bool:
-    """Whether the engine steps a torch optimizer as is (fp32 ZeRO-0), checked by `_step` before stepping."""
-    return section.zero_stage == 0 and not section.bf16
+def checked_before_step(section: DeepSpeedSection) -> bool:
+    """Whether the engine steps a torch optimizer as is (ZeRO-0, fp32 or bf16: `cl_flat.precision`), checked
+    and clipped by `_step` before stepping."""
+    return section.zero_stage == 0
+
+
+@dataclass(frozen=True)
+class StepRule:
+    """How `_step` ends an update: `checked_first` (ZeRO-0: the loop checks, clips to `max_grad_norm` and steps
+    a torch optimizer) or not (ZeRO-1/2: DeepSpeed clips, checks and drops a non-finite step itself)."""
+
+    checked_first: bool
+    max_grad_norm: float | None
+
+    @classmethod
+    def of(cls, training: TrainingSection, section: DeepSpeedSection) -> StepRule:
+        return cls(checked_before_step(section), training.max_grad_norm)
+
+
+def _snapshot(state: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a method's state: its float and integer tensors copied by one multi-tensor op (x·1, exact),
+    everything else deep-copied (copy.deepcopy would clone the tensors one by one)."""
+    leaves, spec = pytree.tree_flatten(state)
+    fast = [i for i, v in enumerate(leaves) if torch.is_tensor(v) and v.dtype not in (torch.bool, torch.complex64,
+                                                                                        torch.complex128)]
+    copies = dict(zip(fast, torch._foreach_mul([leaves[i].detach() for i in fast], 1))) if fast else {}
+    return pytree.tree_unflatten([copies[i] if i in copies else copy.deepcopy(v) for i, v in enumerate(leaves)], spec)
 
 
 def one_update(engine, method: FlatnessMethod, ctx: EngineContext, batches: list[dict[str, torch.Tensor]],
-               plain: bool, unchecked: dict[str, Any] | None = None) -> tuple[list[str], dict[str, float | None]]:
+               rule: StepRule, unchecked: dict[str, Any] | None = None) -> tuple[list[str], dict[str, float | None]]:
     """One update as training runs it (`train_task`'s loop, and `cl-flat bench`): the method's window over
     the micro-batches, then `_step` (engine.step() unless non-finite, one host sync); a dropped update
-    leaves the method's state as it was. `plain`: `plain_fp32`. Returns (what was non-finite, the host
-    values: the method's stats with `loss`, `grad_norm`, and `unchecked`)."""
-    before = copy.deepcopy(method.state_dict())  # a dropped update must not change the method either (copies:
+    leaves the method's state as it was. `rule`: `StepRule.of` the task's settings. Returns (what was
+    non-finite, the host values: the method's stats with `loss`, `grad_norm`, and `unchecked`)."""
+    before = _snapshot(method.state_dict())  # a dropped update must not change the method either (copies:
     # a method may update its state in place)
-    bad, host = _step(engine, ctx.params, method.window(ctx, batches), plain, unchecked)
+    bad, host = _step(engine, ctx.params, method.window(ctx, batches), rule, unchecked)
     if bad:
         method.load_state_dict(before)
     return bad, host
@@ -309,7 +357,8 @@ def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, 
     method.begin_task(engine.module)
     start, skipped = checkpoints.load(engine, method) if checkpoints is not None else (0, 0)
     method_seed = derive_seed(seed, "method", task.index)
-    plain = plain_fp32(section)
+    rule = StepRule.of(training, section)
+    compute = Compute(engine.module, compute_dtype(section.bf16))
     loss_fn = target_loss if regulariser is None else (lambda m, b: target_loss(m, b) + regulariser(m))
     # the losses of a batch's two halves from one forward (RWP one_pass); O-LoRA's terms depend on θ
     # alone and would enter both halves at θ, so with them one_pass runs its serial form
@@ -324,10 +373,11 @@ def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, 
         seed_dropout(seed, task.index, update)
         batches = window_batches(task, plan, update, seed, rank, device)
         ctx = EngineContext(engine, loss_fn, params, step=update, total_steps=plan.updates,
-                            seed=method_seed, rank=rank, world_size=world, split_loss_fn=split_loss_fn)
+                            seed=method_seed, rank=rank, world_size=world, split_loss_fn=split_loss_fn,
+                            compute=compute)
         terms = regulariser.stats() if regulariser is not None else {}
         lr = engine.get_lr()[0]
-        bad, host = one_update(engine, method, ctx, batches, plain, terms)
+        bad, host = one_update(engine, method, ctx, batches, rule, terms)
         loss, grad_norm = host.pop("loss"), host.pop("grad_norm", None)
         stats = {k: v for k, v in host.items() if k not in terms}
         elapsed = time.perf_counter() - started

@@ -47,8 +47,8 @@ class Gsam(FlatnessMethod):
         eps = sam_perturbation(params, clean, c.rho, adaptive=c.adaptive, per_tensor=False, eta=c.eta)
         adv_loss, perturbed = probe_at(ctx, micro_batches[-1], eps)
         projection = dot(clean, perturbed) / (dot(perturbed, perturbed) + 1e-24)
-        orthogonal = [g - projection * gp for g, gp in zip(clean, perturbed)]
-        ctx.apply_gradient([gp - c.alpha * o for gp, o in zip(perturbed, orthogonal)], last=True)
+        orthogonal = torch._foreach_sub(clean, torch._foreach_mul(perturbed, projection))
+        ctx.apply_gradient(torch._foreach_sub(perturbed, torch._foreach_mul(orthogonal, c.alpha)), last=True)
         return {"loss": loss, "adv_loss": adv_loss.float(),
                 "eps_norm": torch.linalg.vector_norm(torch.stack(torch._foreach_norm(eps))).float(),
                 "orthogonal_norm": torch.linalg.vector_norm(torch.stack(torch._foreach_norm(orthogonal))).float()}

@@ -67,9 +67,10 @@ class LookSam(FlatnessMethod):
             eps = sam_perturbation(params, clean, c.rho, adaptive=False, per_tensor=False)
             adv_loss, sam_grad = probe_at(ctx, micro_batches[-1], eps)
             projection = dot(sam_grad, clean) / (dot(clean, clean) + 1e-24)
-            self.orthogonal = [gs - projection * g for gs, g in zip(sam_grad, clean)]
+            self.orthogonal = torch._foreach_sub(sam_grad, torch._foreach_mul(clean, projection))
             ctx.apply_gradient(sam_grad, last=True)
             return {"loss": loss, "adv_loss": adv_loss.float(), "sam_update": 1.0}
         scale = c.alpha * norm(clean) / (norm(self.orthogonal) + 1e-12)
-        ctx.apply_gradient([g + scale * v.to(g.dtype) for g, v in zip(clean, self.orthogonal)], last=True)
+        orthogonal = [v if v.dtype == g.dtype else v.to(g.dtype) for g, v in zip(clean, self.orthogonal)]
+        ctx.apply_gradient(torch._foreach_add(clean, torch._foreach_mul(orthogonal, scale)), last=True)
         return {"loss": loss, "sam_update": 0.0}

@@ -8,7 +8,14 @@ from pydantic import Field
 
 from cl_flat.config import Strict
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.noise import SCOPES, NoiseBuffers, compact_scale, frozen_targets, noisy_mean_gradient
+from cl_flat.flatness.noise import (
+    SCOPES,
+    NoiseBuffers,
+    compact_scale,
+    compact_scales,
+    frozen_targets,
+    noisy_mean_gradient,
+)
 from cl_flat.schedules import ramp_factor
 
 
@@ -63,6 +70,6 @@ class LpfSgd(FlatnessMethod):
         c = self.config
         gamma = lpf_radius(c.noise_std, c.radius_growth, ctx.step, ctx.total_steps)
         frozen = [(t, compact_scale("lpf_sgd", t.weight, gamma, rows=t.rows())) for t in self.targets]
-        trainable = ([(n, p, compact_scale("lpf_sgd", p, gamma)) for n, p in ctx.params.items()]
-                     if c.scope in ("lora", "full") else [])
+        params = ctx.params if c.scope in ("lora", "full") else {}
+        trainable = list(zip(params, params.values(), compact_scales("lpf_sgd", list(params.values()), gamma)))
         return {"loss": noisy_mean_gradient(ctx, micro_batches, frozen, trainable, self.buffers), "radius": gamma}

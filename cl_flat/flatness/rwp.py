@@ -20,6 +20,7 @@ from cl_flat.flatness.noise import (
     NoiseBuffers,
     RowFisher,
     compact_scale,
+    compact_scales,
     frozen_targets,
     param_module,
     perturbed,
@@ -150,11 +151,13 @@ class Rwp(FlatnessMethod):
             fisher = self.fisher.rows(t.name) if fisher_rows else None
             frozen.append((t, compact_scale(c.noise_type, t.weight, c.noise_std, fisher_rows=fisher,
                                             eta=c.fisher_eta, rows=t.reference_rows(c.noise_type))))
-        if c.scope in ("lora", "full"):
+        if c.scope in ("lora", "full") and not fisher_rows:  # the adapter's scales in a few multi-tensor ops
+            trainable = list(zip(ctx.params, ctx.params.values(),
+                                 compact_scales(c.noise_type, list(ctx.params.values()), c.noise_std)))
+        elif c.scope in ("lora", "full"):
             for name, p in ctx.params.items():
-                fisher = self.fisher.rows(name) if fisher_rows else None
-                trainable.append((name, p, compact_scale(c.noise_type, p, c.noise_std, fisher_rows=fisher,
-                                                         eta=c.fisher_eta)))
+                trainable.append((name, p, compact_scale(c.noise_type, p, c.noise_std,
+                                                         fisher_rows=self.fisher.rows(name), eta=c.fisher_eta)))
         return frozen, trainable
 
     def _fisher_modules(self, ctx, model) -> dict:

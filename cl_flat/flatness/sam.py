@@ -20,15 +20,25 @@ def wide(x: torch.Tensor) -> torch.Tensor:
 def sam_perturbation(params: list[torch.Tensor], grads: list[torch.Tensor], rho: float, *,
                      adaptive: bool, per_tensor: bool, eta: float = 0.0) -> list[torch.Tensor]:
     """ε for SAM (ε = ρ g/‖g‖) or ASAM (ε = ρ T²g/‖Tg‖, T = |w| + eta), computed in fp32 (or the
-    parameters' wider dtype). `per_tensor` normalises each tensor by its own norm instead of the global one."""
-    scales = [wide(p.detach()).abs() + eta if adaptive else None for p in params]
-    scaled = [wide(g) if t is None else t * wide(g) for t, g in zip(scales, grads)]
-    if per_tensor:
-        norms = list(torch._foreach_norm(scaled)) if scaled else []
+    parameters' wider dtype). `per_tensor` normalises each tensor by its own norm instead of the global one.
+    Multi-tensor ops throughout (a few per update, not a few per tensor)."""
+    if not grads:
+        return []
+    g = [wide(x) for x in grads]  # a no-op for fp32 gradients
+    if adaptive:
+        scales = torch._foreach_abs([wide(p.detach()) for p in params])
+        torch._foreach_add_(scales, eta)
+        scaled = torch._foreach_mul(scales, g)
+        numerator = torch._foreach_mul(scales, scaled)  # T²g
     else:
-        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(scaled))) if scaled else torch.tensor(0.0)
-        norms = [total] * len(scaled)
-    return [(s if t is None else t * s) * (rho / (n + 1e-12)) for t, s, n in zip(scales, scaled, norms)]
+        scaled = numerator = g
+    norms = torch._foreach_norm(scaled)
+    if per_tensor:
+        coefficients = torch._foreach_reciprocal(torch._foreach_add(norms, 1e-12))
+        torch._foreach_mul_(coefficients, rho)
+        return torch._foreach_mul(numerator, coefficients)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    return torch._foreach_mul(numerator, rho / (total + 1e-12))
 
 
 class SamConfig(Strict):
@@ -61,10 +71,11 @@ def mean_probe(ctx, micro_batches) -> tuple[torch.Tensor, list[torch.Tensor]]:
 
 @contextmanager
 def moved_by(params: list[torch.Tensor], eps: list[torch.Tensor]):
-    """θ + ε for the block: the trainable adapter moved in place, then restored bit for bit from a copy."""
-    saved = [p.detach().clone() for p in params]
+    """θ + ε for the block: the trainable adapter moved in place, then restored bit for bit from a copy
+    (θ·1, exact, as one multi-tensor op)."""
+    saved = torch._foreach_mul([p.detach() for p in params], 1.0)
     with torch.no_grad():
-        torch._foreach_add_(params, [e.to(p.dtype) for p, e in zip(params, eps)])
+        torch._foreach_add_(params, [e if e.dtype == p.dtype else e.to(p.dtype) for p, e in zip(params, eps)])
     del eps  # the caller may free its ε before the block's forward
     try:
         yield
@@ -79,9 +90,16 @@ def probe_at(ctx, batch, eps: list[torch.Tensor]) -> tuple[torch.Tensor, list[to
         return ctx.probe(batch)
 
 
+def flat(xs: list[torch.Tensor]) -> torch.Tensor:
+    """All tensors of the adapter as one vector (one concatenation), in fp32 or wider."""
+    return wide(torch.cat([x.reshape(-1) for x in xs]))
+
+
 def dot(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
-    """⟨x, y⟩ over all tensors of the adapter, in fp32 or wider."""
-    return sum((wide(x) * y).sum() for x, y in zip(xs, ys))
+    """⟨x, y⟩ over all tensors of the adapter, in fp32 or wider (two concatenations and one dot)."""
+    x, y = flat(xs), flat(ys)
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    return torch.dot(x.to(dtype), y.to(dtype))
 
 
 @register("sam", SamConfig)

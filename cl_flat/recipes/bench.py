@@ -161,6 +161,9 @@ def _summarize(label: str, raw: dict[str, list[dict[str, Any]]]) -> dict[str, An
            "time_ratio_paired_in_process": "paired_time_ratio" in runs[0],
            "time_ratio_floor": statistics.median(floor_ratios) if floor_ratios else None,
            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs),
+           # counted, not timed: the same in every round
+           "device_ops_per_update": runs[-1].get("device_ops_per_update"),
+           "host_syncs_per_update": runs[-1].get("host_syncs_per_update"),
            "memory_ratio": statistics.median(r["peak_memory_bytes"] / b["peak_memory_bytes"] for r, b, _ in rounds),
            "compared_with": base_label, "updates": runs[0]["updates"], "ranks": runs[0]["ranks"],
            "rounds": [r.get("seconds_per_update") for r in raw[label]]}
@@ -180,17 +183,23 @@ def markdown_table(result: dict[str, Any]) -> str:
              f"median of {result['updates']} updates after {result['warmup']} warm-up, "
              f"{result.get('rounds', 1)} round(s), each variant in a fresh process; time ratios of methods paired "
              f"update by update with `none` in the same process, others within a round; × floor: the ratio to "
-             f"the hand-written torch + peft loop of the same round (× none times none/floor)",
+             f"the hand-written torch + peft loop of the same round (× none times none/floor); device ops and "
+             f"host syncs of one update, counted the same on any device (aten ops that launch a GPU kernel; "
+             f"transformers' mask check is one sync per forward): on a CPU, the launch and sync overhead to "
+             f"expect on a GPU",
              "",
-             "| method | s/update | time × none | time × floor | peak memory (MiB) | memory ratio | vs |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             "| method | s/update | time × none | time × floor | device ops | host syncs | peak memory (MiB) "
+             "| memory ratio | vs |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for label, m in result["methods"].items():
         if "seconds_per_update" not in m:
-            lines.append(f"| {label} | failed | — | — | — | — | {m['compared_with']} |")
+            lines.append(f"| {label} | failed | — | — | — | — | — | — | {m['compared_with']} |")
             continue
         floor = m.get("time_ratio_floor")
+        ops, syncs = m.get("device_ops_per_update"), m.get("host_syncs_per_update")
         lines.append(f"| {label} | {m['seconds_per_update']:.3f} | {m['time_ratio']:.3f} | "
-                     f"{'—' if floor is None else f'{floor:.3f}'} | "
+                     f"{'—' if floor is None else f'{floor:.3f}'} | {'—' if ops is None else ops} | "
+                     f"{'—' if syncs is None else syncs} | "
                      f"{m['peak_memory_bytes'] / 2**20:.0f} | {m['memory_ratio']:.3f} | {m['compared_with']} |")
     lines += _evaluation_table(result.get("evaluation", {}))
     failures = failed_variants(result)

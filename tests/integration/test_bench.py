@@ -43,7 +43,12 @@ def test_bench_writes_documented_format(tmp_path: Path):
     assert saved["methods"]["rwp_parallel_2ranks"]["ranks"] == 2
     table = (tmp_path / "out" / "bench-cpu.md").read_text()
     assert "| rwp_parallel_2ranks |" in table and "| none |" in table
-    assert "| time × none | time × floor |" in table and "| floor |" in table
+    assert "| time × none | time × floor | device ops | host syncs |" in table and "| floor |" in table
+    # one update counted: the loop's one host sync plus transformers' mask check per forward (sam: two forwards)
+    assert [m[k]["host_syncs_per_update"] for k in ("floor", "none", "sam")] == [2, 2, 3]
+    assert 0 < m["none"]["device_ops_per_update"] < m["sam"]["device_ops_per_update"]
+    assert f"| none | {m['none']['seconds_per_update']:.3f} |" in table
+    assert f"| {m['none']['device_ops_per_update']} | 2 |" in table
     # the evaluation rows (on by default), each measured in its own process
     assert set(saved["evaluation"]) == {"eval_rank_classification", "eval_exact_match"}
     for entry in saved["evaluation"].values():

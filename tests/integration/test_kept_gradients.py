@@ -1,6 +1,7 @@
-"""fp32 ZeRO-0 engines keep their gradient buffers: after `engine.step()` every trainable
+"""ZeRO-0 engines on a CPU keep their gradient buffers: after `engine.step()` every trainable
 parameter's `.grad` is the same tensor as before the first update, zeroed in place (DeepSpeed's own
-zero_grad would drop it, and each update's backward would allocate it again among the activations)."""
+zero_grad would drop it, and each update's backward would allocate it again among the activations).
+On a GPU autograd writes fresh gradients instead (`train.create_engine`)."""
 
 from __future__ import annotations
 

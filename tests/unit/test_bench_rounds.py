@@ -104,7 +104,7 @@ def test_a_failing_variant_is_recorded_and_the_others_go_on(tmp_path: Path, monk
     assert result["methods"]["floor"]["failed_rounds"] == 1
     assert bench.failed_variants(result) == ["floor", "sam", "asam"]
     table = bench.markdown_table(result)
-    assert "| asam | failed | — | — | — | — | none |" in table
+    assert "| asam | failed | — | — | — | — | — | — | none |" in table
     assert "- asam: RuntimeError: asam broke" in table and "| sam | 3.200 | 2.100 | 4.400 |" in table
 
 

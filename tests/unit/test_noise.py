@@ -17,6 +17,7 @@ from cl_flat.flatness.noise import (
     RowFisher,
     Scale,
     compact_scale,
+    compact_scales,
     frozen_targets,
     keyed_noise,
     noise_key,
@@ -314,3 +315,20 @@ def test_activation_checkpointing_sees_the_same_noise():
         grads.append(x.grad.clone())
     assert torch.equal(grads[0], grads[1])
 
+
+
+@pytest.mark.parametrize("noise_type", ["gauss_standard", "gauss_element", "gauss_matrix", "lpf_sgd", "flat_lora"])
+def test_compact_scales_of_an_adapter_follow_the_formulas(noise_type):
+    """The batched scales of a LoRA adapter's tensors (A: [r, in] of two widths, B: [out, r]) against each noise
+    type's formula, written out row by row."""
+    gen = torch.Generator().manual_seed(1)
+    ws = [torch.randn(shape, generator=gen) for shape in ((4, 12), (7, 4), (4, 12), (4, 20), (12, 4))]
+    sigma = 0.3
+    for w, scale in zip(ws, compact_scales(noise_type, ws, sigma)):
+        rows = torch.sqrt((w.double() ** 2).sum(1, keepdim=True))
+        expected = {"gauss_standard": torch.full_like(w.double(), sigma),
+                    "gauss_element": sigma * w.double().abs(),
+                    "gauss_matrix": torch.full_like(w.double(), sigma * float(torch.sqrt((w.double() ** 2).sum()))),
+                    "lpf_sgd": (sigma * rows).expand_as(w),
+                    "flat_lora": (sigma / w.shape[1] ** 0.5 * rows).expand_as(w)}[noise_type]
+        assert torch.allclose(scale.full(w).double(), expected, rtol=1e-6, atol=0), noise_type

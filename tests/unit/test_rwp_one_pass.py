@@ -188,3 +188,30 @@ def test_one_pass_check_messages():
         reference_update(ok, _tiny_peft(), [_batch(1, seed=0)], target_loss)
     with pytest.raises(UserError, match="two_batch"):
         reference_update(bad, _tiny_peft(), [_batch(2, seed=0)], target_loss)
+
+
+def test_one_pass_under_bf16_autocast_equals_the_serial_form_within_bf16():
+    """bf16 training (`cl_flat.precision`: bf16 frozen weights, fp32 adapter, forwards under autocast): the split
+    linears cast their operands as autocast casts F.linear's, so the one-pass gradient equals the serial
+    two-batch formula on the halves (independent autograd, also under autocast) up to bf16 rounding. Tolerance:
+    3% of each gradient's largest entry (bf16 keeps 8 bits; the fp32 cases above hold 1e-5)."""
+    model = _tiny_peft()
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    frozen_before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    batches = [_batch(4, seed=21)]
+    cfg = {"method": "rwp", "scope": "full", "noise_type": "gauss_element", "noise_std": SIGMA, "a": 0.3, "b": 0.7,
+           "two_batch": True, "one_pass": True}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _expected(model, batches, "full", "gauss_element", 0.3, 0.7)
+        one, _, forwards = _one_pass(model, cfg, batches)
+        plain = _expected(model, batches, "full", "gauss_element", 0.3, 0.0)
+    assert forwards == 1
+    for name, g in expected.items():
+        assert one[name].dtype == torch.float32, name  # the adapter's gradient stays fp32
+        assert (one[name] - g).abs().max() <= 0.03 * g.abs().max(), name
+    # the noisy half mattered, beyond the tolerance: without it the gradient is another one
+    assert any((expected[k] - plain[k]).abs().max() > 0.1 * expected[k].abs().max() for k in expected)
+    for k, v in model.named_parameters():
+        assert torch.equal(v.detach(), frozen_before[k]), k

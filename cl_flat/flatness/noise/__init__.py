@@ -19,9 +19,10 @@ from cl_flat.flatness.noise.functional import (
                                                perturbed,
 )
 from cl_flat.flatness.noise.keyed_normal import standard_normal
-from cl_flat.flatness.noise.scales import NOISE_TYPES, Scale, compact_scale, noise_scale
+from cl_flat.flatness.noise.scales import NOISE_TYPES, Scale, compact_scale, compact_scales, noise_scale
 from cl_flat.seeding import noise_key
 
 __all__ = ["FISHER_ESTIMATES", "NOISE_TARGETS", "NOISE_TYPES", "SCOPES", "FrozenTarget", "NoiseBuffers", "RowFisher",
-           "Scale", "compact_scale", "frozen_targets", "keyed_noise", "noise_key", "noise_scale", "noisy_mean_gradient",
+           "Scale", "compact_scale", "compact_scales",
+           "frozen_targets", "keyed_noise", "noise_key", "noise_scale", "noisy_mean_gradient",
            "param_module", "perturbed", "standard_normal"]

@@ -108,6 +108,7 @@ class NoiseBuffers:
     def __init__(self) -> None:
         self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._copies: dict[str, torch.Tensor] = {}
+        self._eps: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def clear(self) -> None:
         """Drop the saved copies (a new task trains new parameters); the scratch stays."""
@@ -122,12 +123,34 @@ class NoiseBuffers:
     def scratch_like(self, weight: torch.Tensor) -> torch.Tensor:
         return self._scratch[(weight.device, weight.dtype)][:weight.numel()].view(weight.shape)
 
-    def copy_of(self, name: str, param: torch.Tensor) -> torch.Tensor:
-        buffer = self._copies.get(name)
-        if buffer is None or buffer.shape != param.shape or buffer.dtype != param.dtype \
-                or buffer.device != param.device:
-            buffer = self._copies[name] = torch.empty_like(param, memory_format=torch.contiguous_format)
-        return buffer.copy_(param.detach())
+    def copies_of(self, named: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Saved copies of the parameters (one multi-tensor copy; the buffers are allocated once)."""
+        buffers = []
+        for name, param in named:
+            buffer = self._copies.get(name)
+            if buffer is None or buffer.shape != param.shape or buffer.dtype != param.dtype \
+                    or buffer.device != param.device:
+                buffer = self._copies[name] = torch.empty_like(param, memory_format=torch.contiguous_format)
+            buffers.append(buffer)
+        if buffers:
+            torch._foreach_copy_(buffers, [param.detach() for _, param in named])
+        return buffers
+
+    def eps_like(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One ε buffer per parameter, all views of one flat buffer per device and dtype (so the trainable
+        parameters take their ε in one multi-tensor add)."""
+        sizes: dict[tuple[torch.device, torch.dtype], int] = {}
+        for p in params:
+            sizes[(p.device, p.dtype)] = sizes.get((p.device, p.dtype), 0) + p.numel()
+        for key, size in sizes.items():
+            if key not in self._eps or self._eps[key].numel() < size:
+                self._eps[key] = torch.empty(size, device=key[0], dtype=key[1])
+        offsets, views = dict.fromkeys(sizes, 0), []
+        for p in params:
+            key = (p.device, p.dtype)
+            views.append(self._eps[key][offsets[key]:offsets[key] + p.numel()].view(p.shape))
+            offsets[key] += p.numel()
+        return views
 
 
 class FrozenNoise:
@@ -147,14 +170,14 @@ class _NoisyLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, noise: FrozenNoise):
-        ctx.noise = noise
-        return F.linear(x, noise.perturbed_weight(), bias)
+        ctx.noise, ctx.x_dtype = noise, x.dtype
+        return F.linear(x, noise.perturbed_weight(), bias)  # under autocast (bf16 training) cast as any linear
 
     @staticmethod
     def backward(ctx, grad):
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        return grad.matmul(ctx.noise.perturbed_weight()), None, None
+        return grad.matmul(ctx.noise.perturbed_weight().to(grad.dtype)).to(ctx.x_dtype), None, None
 
 
 @contextmanager
@@ -183,13 +206,17 @@ def perturbed(frozen: list[tuple[FrozenTarget, Scale]], trainable: list[tuple[st
     W0 + ε functionally, trainable parameters hold θ + ε in place. On exit the forwards are restored
     and the trainable parameters are copied back bit for bit. `key` = (seed, step, rank, micro-batch);
     each tensor's ε is keyed by `key` + its name."""
-    saved = [buffers.copy_of(name, p) for name, p, _ in trainable]
-    buffers.reserve([target.weight for target, _ in frozen] + [p for _, p, _ in trainable])
+    params = [p for _, p, _ in trainable]
+    saved = buffers.copies_of([(name, p) for name, p, _ in trainable])
+    buffers.reserve([target.weight for target, _ in frozen])
     with ExitStack() as stack:
         try:
-            with torch.no_grad():
-                for name, param, scale in trainable:  # trainable only (LoRA); restored from `saved` on exit
-                    param.add_(scale.draw(param.detach(), noise_key(*key, name), out=buffers.scratch_like(param)))
+            with torch.no_grad():  # trainable only (LoRA); restored from `saved` on exit
+                # each tensor's ε is its own keyed draw (one kernel each), then one multi-tensor add
+                eps = [scale.draw(param.detach(), noise_key(*key, name), out=out)
+                       for (name, param, scale), out in zip(trainable, buffers.eps_like(params))]
+                if params:
+                    torch._foreach_add_(params, eps)
             for target, scale in frozen:
                 noise = FrozenNoise(target.module, scale, noise_key(*key, target.name), buffers)
                 bias = target.module.bias
@@ -200,9 +227,9 @@ def perturbed(frozen: list[tuple[FrozenTarget, Scale]], trainable: list[tuple[st
                 stack.enter_context(replaced_forward(target.module, forward))
             yield
         finally:
-            with torch.no_grad():
-                for (_, param, _), copy in zip(trainable, saved):
-                    param.copy_(copy)
+            if params:
+                with torch.no_grad():
+                    torch._foreach_copy_(params, saved)
 
 
 def noisy_mean_gradient(ctx, micro_batches: list, frozen: list, trainable: list, buffers: NoiseBuffers) -> torch.Tensor:

@@ -70,6 +70,41 @@ def compact_scale(noise_type: str, weight: torch.Tensor, sigma: float, *, fisher
     return Scale(sigma * rows / torch.sqrt(1.0 + eta * fisher_rows.to(rows.dtype).reshape(rows.shape)))
 
 
+def _grouped_row_norms(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`row_norms` of every weight, by one concatenation and one norm per row length (a LoRA adapter has
+    about three: A's input widths and B's rank), not two ops per tensor; each row's norm is computed as
+    `row_norms` computes it."""
+    groups: dict[tuple, list[int]] = {}
+    for i, w in enumerate(weights):
+        width = w[0].numel() if w.dim() else 1
+        groups.setdefault((width, w.dtype, w.device), []).append(i)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(weights)
+    for (width, _, _), members in groups.items():
+        flat = torch.cat([weights[i].detach().reshape(-1) for i in members]) if len(members) > 1 \
+            else weights[members[0]].detach().reshape(-1)
+        rows = row_norms(flat.view(-1, width))
+        for i, part in zip(members, rows.split([weights[i].shape[0] if weights[i].dim() else 1 for i in members])):
+            out[i] = part
+    return out
+
+
+def compact_scales(noise_type: str, weights: list[torch.Tensor], sigma: float) -> list[Scale]:
+    """`compact_scale(noise_type, w, sigma)` for each of `weights` (a trainable adapter's tensors), in a few
+    multi-tensor ops instead of a few per tensor. `fisher` (its F differs per tensor) goes tensor by tensor."""
+    if noise_type in ("gauss_standard", "gauss_element") or noise_type not in NOISE_TYPES or noise_type == "fisher":
+        return [compact_scale(noise_type, w, sigma) for w in weights]
+    if not weights:
+        return []
+    rows = _grouped_row_norms(weights)
+    if noise_type == "gauss_matrix":  # σ‖W‖_F = σ‖(‖W_i,:‖)_i‖
+        return [Scale(f) for f in torch._foreach_mul(torch._foreach_norm(rows), sigma)]
+    if noise_type == "lpf_sgd":
+        factors = torch._foreach_mul(rows, sigma)
+    else:  # flat_lora: σ/√n per row of length n
+        factors = torch._foreach_mul(rows, [sigma / math.sqrt(w[0].numel() if w.dim() else 1) for w in weights])
+    return [Scale(per_row(f, w)) for f, w in zip(factors, weights)]
+
+
 def noise_scale(noise_type: str, weight: torch.Tensor, sigma: float, *, fisher_rows: torch.Tensor | None = None,
                 eta: float = 1.0) -> torch.Tensor:
     """(contract) The matrix S of standard deviations (shape of `weight`, ≥ fp32) that `noise_type`

@@ -39,9 +39,18 @@ def _check_rows(x: torch.Tensor, rows: int, name: str) -> None:
                            "cannot be split into a clean and a noisy half (set one_pass: false)")
 
 
+def activation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer on `x` computes in: autocast's where autocast is on (bf16 training,
+    `cl_flat.precision`), else x's. A custom Function's forward runs under autocast, but `torch.mm(out=)`
+    does not cast: its operands are cast here, as autocast would cast F.linear's."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
 def _rows_mm(x: torch.Tensor, split: int, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """[x[:split]·first ; x[split:]·second] (over x's last dim), both products written into one
-    output: no concatenation, and no zero-filled slice gradients as autograd's slicing would add."""
+    output: no concatenation, and no zero-filled slice gradients as autograd's slicing would add.
+    All three operands in one dtype (the activation dtype, `activation_dtype`)."""
     flat = x.reshape(-1, x.shape[-1])
     cut = split * (flat.shape[0] // x.shape[0])  # rows of `flat` per example times the clean examples
     out = flat.new_empty(flat.shape[0], first.shape[1])
@@ -55,16 +64,20 @@ class _SplitNoisyLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, noise: FrozenNoise, split: int):
-        ctx.noise, ctx.split = noise, split
-        y = _rows_mm(x, split, linear_weight(noise.module).t(), noise.perturbed_weight().t())
-        return y if bias is None else y.add_(bias)  # y is this call's fresh output, never a weight
+        ctx.noise, ctx.split, ctx.x_dtype = noise, split, x.dtype
+        dtype = activation_dtype(x)
+        y = _rows_mm(x.to(dtype), split, linear_weight(noise.module).t().to(dtype),
+                     noise.perturbed_weight().t().to(dtype))
+        return y if bias is None else y.add_(bias.to(dtype))  # y is this call's fresh output, never a weight
 
     @staticmethod
     def backward(ctx, grad):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         noise = ctx.noise
-        return _rows_mm(grad, ctx.split, linear_weight(noise.module), noise.perturbed_weight()), None, None, None
+        grad_x = _rows_mm(grad, ctx.split, linear_weight(noise.module).to(grad.dtype),
+                          noise.perturbed_weight().to(grad.dtype))
+        return grad_x.to(ctx.x_dtype), None, None, None
 
 
 class _SplitPerturbedLinear(torch.autograd.Function):
@@ -73,19 +86,21 @@ class _SplitPerturbedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, split: int):
-        noisy = weight + eps
-        ctx.save_for_backward(x, weight, noisy)
-        ctx.split, ctx.has_bias = split, bias is not None
-        y = _rows_mm(x, split, weight.t(), noisy.t())
-        return y if bias is None else y.add_(bias)  # y is this call's fresh output, never a weight
+        dtype = activation_dtype(x)  # θ + ε in θ's dtype (as θ perturbed in place), then cast as autocast would
+        x_c, weight_c, noisy_c = x.to(dtype), weight.to(dtype), (weight + eps).to(dtype)
+        ctx.save_for_backward(x_c, weight_c, noisy_c)
+        ctx.split, ctx.dtypes = split, (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        y = _rows_mm(x_c, split, weight_c.t(), noisy_c.t())
+        return y if bias is None else y.add_(bias.to(dtype))  # y is this call's fresh output, never a weight
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, noisy = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
         flat = grad.reshape(-1, grad.shape[-1])
-        grad_x = _rows_mm(grad, ctx.split, weight, noisy) if ctx.needs_input_grad[0] else None
-        grad_w = flat.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
-        grad_b = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_x = _rows_mm(grad, ctx.split, weight, noisy).to(x_dtype) if ctx.needs_input_grad[0] else None
+        grad_w = flat.t().mm(x.reshape(-1, x.shape[-1])).to(w_dtype) if ctx.needs_input_grad[1] else None
+        grad_b = flat.sum(0).to(b_dtype) if b_dtype is not None and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None
 
 
