@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -415,9 +416,13 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except Stopped as exc:
         _stopped(exc)
-    except (KeyboardInterrupt, Interrupted):
-        typer.echo("interrupted; results of completed tasks are kept", err=True)
-        sys.exit(130)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        if os.environ.get("RANK", "0") == "0":
+            why = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+            typer.echo(f"{why}; results of completed tasks are kept (a started run continues with --resume)",
+                       err=True)
+        sys.exit(128 + signum)
     except OSError as exc:  # a full disk where no files.writing block names the path (DiskFull is a UserError)
         from cl_flat.errors import DiskFull
         from cl_flat.files import disk_full_error

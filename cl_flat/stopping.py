@@ -6,8 +6,8 @@ the request once per update, after the update in flight: every rank at the same 
 travels in the update's one existing reduction (`train._fetch` sums it with the non-finite flags: no
 extra collective, no extra host sync). The loop then writes an in-task checkpoint and raises `Stopped`
 (exit 128 + signal: 143 for SIGTERM, 130 for SIGINT). A second Ctrl-C acts at once, as it would
-without the handler. Outside training (loading, evaluation), the signals keep their usual
-effect: SIGTERM ends the process, SIGINT raises `Interrupted` (`interrupt_raises`).
+without the handler. Outside training (loading, evaluation) both raise `Interrupted` (`interrupt_raises`):
+the CLI says that completed tasks are kept and exits 130/143.
 """
 
 from __future__ import annotations
@@ -33,7 +33,13 @@ class Stopped(Exception):
 
 
 class Interrupted(BaseException):
-    """Ctrl-C outside training. Not a KeyboardInterrupt: typer would turn that into its own exit."""
+    """Ctrl-C or SIGTERM outside training (loading, evaluation). Not a KeyboardInterrupt: typer would turn
+    that into its own exit."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum
 
 
 def requested() -> int:
@@ -79,10 +85,11 @@ def catching() -> Iterator[None]:
 
 
 def _raise_interrupted(signum: int, frame) -> None:
-    raise Interrupted
+    raise Interrupted(signum)
 
 
 def interrupt_raises() -> None:
-    """Ctrl-C raises `Interrupted` (the CLI says what is kept and exits 130)."""
+    """Ctrl-C and SIGTERM raise `Interrupted` outside training (the CLI says what is kept and exits 130/143)."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _raise_interrupted)
+        for s in SIGNALS:
+            signal.signal(s, _raise_interrupted)

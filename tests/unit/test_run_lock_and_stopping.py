@@ -78,15 +78,19 @@ def test_a_second_ctrl_c_acts_at_once_and_outside_training_raises_interrupted(fr
         signal.raise_signal(signal.SIGINT)
 
 
-def test_the_cli_says_what_is_kept_on_ctrl_c(cli_here, tmp_path, monkeypatch, fresh_stop_state):
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, "stopped by SIGTERM")])
+def test_the_cli_says_what_is_kept_on_a_signal_outside_training(cli_here, tmp_path, monkeypatch, fresh_stop_state,
+                                                                 signum, code, said):
     import cl_flat.cli
 
-    def interrupted(**_options) -> None:  # app(prog_name=...)
-        signal.raise_signal(signal.SIGINT)
+    def interrupted(**_options) -> None:  # app(prog_name=...): loading or evaluating when the signal comes
+        signal.raise_signal(signum)
 
     monkeypatch.setattr(cl_flat.cli, "app", interrupted)
     result = cli_here(["train", "x.yaml"], tmp_path)
-    assert result.returncode == 130 and "interrupted; results of completed tasks are kept" in result.stderr
+    assert result.returncode == code, result.stderr
+    assert result.stderr == f"{said}; results of completed tasks are kept (a started run continues with --resume)\n"
 
 
 def test_the_stop_message_names_the_update_and_the_resume_command(cli_here, tmp_path, monkeypatch, fresh_stop_state):
