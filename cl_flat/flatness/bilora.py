@@ -35,8 +35,10 @@ def product_norm(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
 
 @register("bilora", BiLoraConfig)
 class BiLora(FlatnessMethod):
-    """Bi-LoRA (Liu, Li, Huang, Yang, Huang, "Bi-LoRA: Efficient Sharpness-Aware Minimization for
-    Fine-Tuning Large-Scale Models", ICLR 2026, arXiv 2508.19564): one pass per micro-batch.
+    """Bi-LoRA: an auxiliary adapter ε = B₂A₂ ascends on the gradient of the pass the adapter descends on.
+
+    Liu, Li, Huang, Yang, Huang, "Bi-LoRA: Efficient Sharpness-Aware Minimization for Fine-Tuning
+    Large-Scale Models", ICLR 2026, arXiv 2508.19564. One pass per micro-batch.
 
     Every adapted layer computes with W = W0 + Σ_k s_k B_k A_k + B₂A₂ during training (paper Eq. 7),
     where (A₂, B₂) is an auxiliary adapter of rank r₂ held by the method. One forward/backward per
