@@ -127,8 +127,14 @@ class BiLora(FlatnessMethod):
             for name, layer in self.layers.items():
                 def hook(module, args, output, _a=f"{name}.A", _b=f"{name}.B"):
                     x = args[0]
-                    delta = F.linear(F.linear(x, self.aux[_a].to(x.dtype)), self.aux[_b].to(x.dtype))
-                    return output + delta.to(output.dtype)
+                    h = F.linear(x, self.aux[_a].to(x.dtype)).to(output.dtype)  # [..., r₂]
+                    b = self.aux[_b].to(output.dtype)
+                    if not output.is_contiguous():
+                        return output + F.linear(h, b)
+                    # added in place by one addmm: no output-sized temporary (on CPU, such temporaries
+                    # between saved activations fragment the heap and raise the peak memory)
+                    output.view(-1, output.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.t())
+                    return output
 
                 handles.append(layer.register_forward_hook(hook))
             yield
