@@ -65,6 +65,12 @@ class EngineContext(StepContext):
         self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss, scale_wrt_gas=False)
 
+    def mean_over_ranks(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.world_size == 1 or not tensors:
+            return tensors
+        flat = dist.all_reduce_sum(torch.cat([t.reshape(-1) for t in tensors])).div_(self.world_size)
+        return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
 
 @dataclass(frozen=True)
 class BatchShape:

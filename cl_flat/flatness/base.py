@@ -89,6 +89,11 @@ class StepContext(ABC):
         loss = self.loss(batch)
         return loss.detach(), self.grads(loss)
 
+    def mean_over_ranks(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The mean of `tensors` over the ranks of training, for state a method keeps identical on every
+        rank (Bi-LoRA's auxiliary adapter). A plain-torch context is one rank's share: unchanged."""
+        return tensors
+
     def apply_gradient(self, grads: list[torch.Tensor], *, last: bool) -> None:
         """Adds `grads` (one tensor per trainable parameter, in `params` order) to the update's gradient,
         as `backward` adds ∇L: through the surrogate Σ_k ⟨θ_k, g_k⟩, whose gradient w.r.t. θ_k is g_k

@@ -76,11 +76,23 @@ def run_case(overrides: dict) -> dict:
     for rank_method in replayed:
         rank_method.begin_task(reference)
     for update in range(plan.updates):
+        # Bi-LoRA's auxiliary adapter ascends on the ranks' mean gradient (the loop's all-reduce): each
+        # rank's ascent is held back and replayed on the mean of the ranks' auxiliary gradients
+        deferred: list[list[torch.Tensor]] = []
+        if world > 1:
+            for rank_method in replayed:
+                if hasattr(rank_method, "ascend"):
+                    rank_method.ascend = deferred.append
         per_rank = [reference_update(config.flatness, reference,
                                      window_batches(task, plan, update, config.run.seed, r, ds.device()),
                                      target_loss, step=update, total_steps=plan.updates, seed=seed,
                                      rank=r, world_size=world, method=replayed[r])
                     for r in range(world)]
+        if deferred:
+            mean = [sum(parts) / world for parts in zip(*deferred)]
+            for rank_method in replayed:
+                del rank_method.ascend  # the class's own again
+                rank_method.ascend(mean)
         for n, p in ref_params.items():
             p.grad = sum(g[n] for g in per_rank) / world
         if config.training.max_grad_norm:

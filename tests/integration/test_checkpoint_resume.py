@@ -26,6 +26,8 @@ METHODS = {
     # SAM updates at 0, 4, 8: the direction stored at update 4 is reused at 6 and 7, after the resume from 6
     "looksam": {"method": "looksam", "rho": 0.05, "interval": 4},
     "gsam": {"method": "gsam", "rho": 0.05, "alpha": 0.3},
+    # the auxiliary adapter and its Adam moments are method state (a fresh one after the resume would differ)
+    "bilora": {"method": "bilora", "rho": 0.05, "rank": 2, "lr": 0.05},
 }
 
 

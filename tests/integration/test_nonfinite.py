@@ -93,6 +93,26 @@ def test_skip_drops_the_update_without_any_state_change():
 
 
 
+def test_a_dropped_update_leaves_bilora_auxiliary_adapter_as_it_was():
+    """Bi-LoRA's auxiliary adapter ascends inside `window` (before the loop sees the NaN): the dropped
+    update rolls it and its Adam moments back; the next update ascends again."""
+    config, model, examples = _one_task({"method": "bilora", "rho": 0.05, "rank": 2, "lr": 0.05})
+    method = build_method(config.flatness)
+    method.window = _poison_second_update(method.window)
+    states = []
+
+    def log(record):
+        states.append({k: v.detach().clone() for part in ("aux", "exp_avg", "exp_avg_sq")
+                       for k, v in ((f"{part}.{k}", v) for k, v in method.state_dict()[part].items())})
+
+    stats = train_task(TrainTask(0, "a", examples, 256), model, method, config.training, config.deepspeed,
+                       config.run.seed, log)
+    assert stats["skipped"] == 1 and method.state_dict()["t"] == 3  # updates 1, 3, 4 ascended
+    assert states[1].keys() == states[0].keys() and all(torch.equal(states[1][k], states[0][k]) for k in states[0])
+    assert any(not torch.equal(states[2][k], states[1][k]) for k in states[1])
+    assert all(torch.isfinite(v).all() for v in states[-1].values())
+
+
 class CountingMethod(FlatnessMethod):
     """Plain training plus a counter of applied updates that it updates IN PLACE (`state_dict` returns the
     live tensor): the loop's rollback of a dropped update must not depend on the method copying."""
