@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cl_flat.console import App, format_metrics, print_matrix
+from cl_flat.console import App, format_metrics, print_matrix, quiet_libraries
 
 app = App(help="Continual LoRA learning with flatness methods: train, evaluate, measure.")
 
@@ -36,23 +36,6 @@ def _root(version: Annotated[bool, typer.Option("--version", is_eager=True, call
 OVERRIDE_FORMS = {"allow_extra_args": True, "ignore_unknown_options": True}  # what a wandb agent writes
 SetOption = Annotated[Optional[list[str]], typer.Option(
     "--set", metavar="KEY=VALUE", help="override a config value: a.b=v (repeatable)")]
-
-
-NOISY_LIBRARIES = ("torch", "transformers", "peft", "deepspeed", "datasets", "huggingface_hub", "accelerate", "gguf",
-                   "wandb", "pydantic", "matplotlib")
-
-
-def _quiet_libraries() -> None:
-    """The libraries' advisory warnings (deprecations, version notes) say nothing to a cl-flat user;
-    warnings raised by cl-flat itself stay visible."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    import logging
-    import warnings
-
-    for category in (UserWarning, FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category, module=rf"({'|'.join(NOISY_LIBRARIES)})(\.|$)")
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
 @app.command(context_settings=OVERRIDE_FORMS)
@@ -403,7 +386,7 @@ def _stopped(exc) -> None:
 
 
 def main() -> None:
-    _quiet_libraries()
+    quiet_libraries()
     from cl_flat.errors import UserError
     from cl_flat.stopping import Interrupted, Stopped, interrupt_raises
 

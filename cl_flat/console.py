@@ -1,7 +1,9 @@
-"""How the command line looks: the typer app's help conventions and the tables it prints."""
+"""How the command line looks: the typer app's help conventions, the tables it prints, and no library
+warning spam."""
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import typer
@@ -59,3 +61,20 @@ def format_metrics(metrics: dict) -> str:
     line = "  ".join(f"{k}={fmt(metrics[k])}" for k in METRICS)
     line += "".join(f"  {k}={fmt(metrics[k])}" for k, _ in REFERENCE_MEASURES.values() if k in metrics)
     return line + "  OP=[" + ", ".join(fmt(v) for v in metrics["OP"]) + "]"
+
+
+NOISY_LIBRARIES = ("torch", "transformers", "peft", "deepspeed", "datasets", "huggingface_hub", "accelerate", "gguf",
+                   "wandb", "pydantic", "matplotlib")
+
+
+def quiet_libraries() -> None:
+    """The libraries' advisory warnings (deprecations, version notes) say nothing to a cl-flat user;
+    warnings raised by cl-flat itself stay visible."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import logging
+    import warnings
+
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=rf"({'|'.join(NOISY_LIBRARIES)})(\.|$)")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

@@ -32,8 +32,12 @@ LORA_TENSORS = 2 * ADAPTED_LAYERS
 # work a method's formula does per adapted layer beyond its passes' forwards and backwards (per layer as a
 # forward is, never per optimizer step): Flat-LoRA's row norms of the merged weight (`merged_row_norms`: about
 # a dozen ops per layer); RWP one_pass splits each noisy linear (every W0 and LoRA A, B) into two matmuls in the
-# forward and in the backward, and forms θ+ε for each LoRA tensor (about 4 ops per split linear)
-PER_LAYER = {"flat_lora": 12 * ADAPTED_LAYERS, "rwp_one_pass": 4 * (ADAPTED_LAYERS + LORA_TENSORS)}
+# forward and in the backward, and forms θ+ε for each LoRA tensor (about 4 ops per split linear); Bi-LoRA adds
+# its auxiliary product x·A₂ᵀB₂ᵀ to every adapted layer's output and takes both factors' gradients in the
+# same backward (a second low-rank branch per layer and micro-batch: about 18 ops per layer here, 814 ops in
+# all against the floor's 494; folding A₂, B₂ into the peft layer's own matmuls is the way to fewer)
+PER_LAYER = {"flat_lora": 12 * ADAPTED_LAYERS, "rwp_one_pass": 4 * (ADAPTED_LAYERS + LORA_TENSORS),
+             "bilora": 18 * ADAPTED_LAYERS}
 
 
 def _cases() -> list[dict]:
