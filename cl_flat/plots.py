@@ -39,7 +39,7 @@ __all__ = [
 PathLike = str | os.PathLike[str]
 
 
-def _save(fig: Figure, out_png: PathLike) -> None:
+def save_figure(fig: Figure, out_png: PathLike) -> None:
     """savefig to a temp .png beside the target, then os.replace; always closes the figure."""
     try:
         with atomic_path(out_png, suffix=".png") as tmp:
@@ -109,7 +109,7 @@ def draw_acc_matrix(tasks: list[str], score_rows: metrics.Rows, out_png: PathLik
     ax.set_xlabel("evaluated task")
     ax.set_ylabel("after training")
     ax.set_title(_titled("Score matrix R[t, i] (%)", about))
-    _save(fig, out_png)
+    save_figure(fig, out_png)
 
 
 def plot_op_curve(csv_path: PathLike, out_png: PathLike) -> None:
@@ -139,7 +139,7 @@ def draw_op_curve(tasks: list[str], rows: metrics.Rows, out_png: PathLike, about
     ax.set_title(_titled("Online performance and per-task scores", about))
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
-    _save(fig, out_png)
+    save_figure(fig, out_png)
 
 
 def plot_learning_curves(train_log_jsonl: PathLike, out_png: PathLike) -> None:
@@ -185,7 +185,7 @@ def _learning_curves(numbered: Iterable[tuple[int, dict[str, Any]]], path: str, 
     ax.set_title(_titled("Learning curves", about))
     ax.legend(title="task", fontsize=8)
     ax.grid(alpha=0.3)
-    _save(fig, out_png)
+    save_figure(fig, out_png)
 
 
 def _read_columns(path: PathLike, columns: Sequence[str]) -> dict[str, np.ndarray]:
@@ -238,7 +238,7 @@ def plot_landscapes_1d(curves: Sequence[tuple[str | None, PathLike]], out_png: P
     if any(label for label, _ in curves):
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))
     ax.grid(alpha=0.3)
-    _save(fig, out_png)
+    save_figure(fig, out_png)
 
 
 def plot_landscape_2d(csv_path: PathLike, out_png: PathLike, about: str = "") -> None:
@@ -271,4 +271,4 @@ def plot_landscape_2d(csv_path: PathLike, out_png: PathLike, about: str = "") ->
     ax2.set_zlabel("loss")
     ax2.set_title("surface")
     fig.suptitle(_titled(f"2-D loss landscape: {os.path.basename(p)}", about))
-    _save(fig, out_png)
+    save_figure(fig, out_png)

@@ -172,17 +172,17 @@ def sentencepiece_tokenizer(sentences: list[str], vocab_size: int = 200, split_w
                                    pad_token="<unk>")
 
 
-def tiny_peft_model():
-    """A tiny-random llama (seed 5) with one trainable LoRA adapter "t" whose B is non-zero (at B = 0
-    every A-gradient would be zero)."""
+def tiny_peft_model(name: str = "tiny-random:llama", seed: int = 5):
+    """A tiny random model (`name`, `seed`) with one trainable LoRA adapter "t" whose B is non-zero (at
+    B = 0 every A-gradient would be zero)."""
     import torch
 
     from cl_flat.adapters import AdapterStack
     from cl_flat.config import LoraSection
     from cl_flat.models import load_model
 
-    model, _ = load_model("tiny-random:llama", seed=5)
-    stack = AdapterStack(model, LoraSection(r=4, target_modules=["q_proj", "v_proj"]), seed=5)
+    model, _ = load_model(name, seed=seed)
+    stack = AdapterStack(model, LoraSection(r=4, target_modules=["q_proj", "v_proj"]), seed=seed)
     stack.add_task(0, "t")
     with torch.no_grad():
         for name, p in stack.model.named_parameters():

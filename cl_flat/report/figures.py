@@ -18,20 +18,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from cl_flat import plots  # selects matplotlib's headless Agg backend before any figure exists
-from cl_flat.files import atomic_path
 from cl_flat.report.build import Group, PairedComparison, RunResult
 from cl_flat.report.flatness import FlatnessForgetting
 from cl_flat.rundir import RunDir
 
 BAR_METRICS = ("AA", "BWT", "F")
-
-
-def _save(fig: Any, out_png: Path) -> None:
-    try:
-        with atomic_path(out_png, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    finally:
-        plt.close(fig)
 
 
 def _panels(count: int, width: float, height: float, **kwargs: Any) -> tuple[Any, list[Any]]:
@@ -64,7 +55,7 @@ def plot_op_curves(groups: list[Group], out_png: Path) -> None:
            title="Online performance: mean over runs, 95% CI band")
     ax.grid(alpha=0.3)
     _legend_below(fig, ax)
-    _save(fig, out_png)
+    plots.save_figure(fig, out_png)
 
 
 def plot_metric_bars(groups: list[Group], measures: tuple[str, ...], out_png: Path) -> None:
@@ -82,7 +73,7 @@ def plot_metric_bars(groups: list[Group], measures: tuple[str, ...], out_png: Pa
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("mean over runs, 95% CI")
     _legend_below(fig, axes[0])
-    _save(fig, out_png)
+    plots.save_figure(fig, out_png)
 
 
 def plot_paired_forest(paired: list[PairedComparison], measures: tuple[str, ...], baseline: str,
@@ -106,7 +97,7 @@ def plot_paired_forest(paired: list[PairedComparison], measures: tuple[str, ...]
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"Paired difference vs {baseline}: mean, 95% CI (hollow: one pair)", fontsize=9, y=1.0)
     fig.tight_layout()
-    _save(fig, out_png)
+    plots.save_figure(fig, out_png)
 
 
 def plot_flatness_forgetting(study: FlatnessForgetting, out_png: Path) -> None:
@@ -125,7 +116,7 @@ def plot_flatness_forgetting(study: FlatnessForgetting, out_png: Path) -> None:
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
     _legend_below(fig, ax)
-    _save(fig, out_png)
+    plots.save_figure(fig, out_png)
 
 
 def plot_landscape_overlays(runs: list[RunResult], out_dir: Path) -> tuple[list[Path], list[str]]:

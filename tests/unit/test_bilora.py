@@ -23,18 +23,7 @@ def _t5_loss(model, batch):
 
 
 def _tiny_t5():
-    from cl_flat.adapters import AdapterStack
-    from cl_flat.config import LoraSection
-    from cl_flat.models import load_model
-
-    model, _ = load_model("tiny-random:t5", seed=2)
-    stack = AdapterStack(model, LoraSection(r=4, target_modules=["q_proj", "v_proj"]), seed=2)
-    stack.add_task(0, "t")
-    with torch.no_grad():
-        for name, p in stack.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
-    return stack.model
+    return tiny_peft_model("tiny-random:t5", seed=2)
 
 
 def _setup(family: str, n_updates: int, gas: int):

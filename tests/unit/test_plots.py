@@ -111,6 +111,6 @@ def test_a_run_s_figures_name_the_run_its_method_and_metric(acc_csv: Path, tmp_p
     raw["tasks"][1]["flatness"] = {"method": "none"}
     assert plots.about_run(validate_config(raw)) == "q1-sam-s3 · per-task methods · exact_match"
     titles = []
-    monkeypatch.setattr(plots, "_save", lambda fig, out: titles.append(fig.axes[0].get_title()))
+    monkeypatch.setattr(plots, "save_figure", lambda fig, out: titles.append(fig.axes[0].get_title()))
     plots.plot_acc_matrix(acc_csv, tmp_path / "m.png", "q1-sam-s3 · sam · accuracy")
     assert titles == ["Score matrix R[t, i] (%)\nq1-sam-s3 · sam · accuracy"]
