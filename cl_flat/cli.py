@@ -164,7 +164,7 @@ def eval_(
     def listed(text: Optional[str]) -> Optional[list[str]]:
         return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
 
-    values = {"metric": metric, "max_samples": max_samples if max_samples in (None, "all") else _number(max_samples),
+    values = {"metric": metric, "max_samples": None if max_samples is None else _integer_or_text(max_samples),
               "tasks": listed(tasks), "after": listed(after), "name": name}
     if rescoring(values, set_ or []):
         result = rescore(run_dir, values, set_ or [])
@@ -185,7 +185,7 @@ def eval_(
             raise typer.Exit(1)
 
 
-def _number(text: str) -> int | str:
+def _integer_or_text(text: str) -> int | str:
     """An integer option value, or the text itself (then refused by the option's validation, named)."""
     try:
         return int(text)
