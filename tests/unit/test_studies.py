@@ -60,5 +60,5 @@ def test_study_base_configs_differ_only_in_name_and_flatness():
         raw["run"].pop("name")
         return raw
 
-    bases = sorted(STUDIES.glob("*/base.yaml"))
-    assert len(bases) == 4 and all(rest(path) == rest(bases[0]) for path in bases)
+    bases = [STUDIES / question / "base.yaml" for question in ("baseline", "q1", "q2", "q3")]  # the quickstart's
+    assert all(rest(path) == rest(bases[0]) for path in bases)
