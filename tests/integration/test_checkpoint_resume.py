@@ -26,6 +26,8 @@ METHODS = {
     # SAM updates at 0, 4, 8: the direction stored at update 4 is reused at 6 and 7, after the resume from 6
     "looksam": {"method": "looksam", "rho": 0.05, "interval": 4},
     "gsam": {"method": "gsam", "rho": 0.05, "alpha": 0.3},
+    # C-Flat at updates 0, 4, 8 (the schedule reads the update index: the resume from 6 keeps its phase)
+    "cflat": {"method": "cflat", "rho": 0.05, "lamb": 0.4, "interval": 4},
 }
 
 

@@ -28,6 +28,7 @@ CASES = [
     ("rwp_full", {"method": "rwp", "scope": "full"}, 1, 2),
     ("rwp_lora_gas2", {"method": "rwp", "scope": "lora"}, 2, 3),
     ("rwp_one_pass", {"method": "rwp", "scope": "full", "two_batch": True, "one_pass": True}, 1, 1),
+    ("cflat", {"method": "cflat", "rho": 0.05}, 1, 4),
 ]
 
 
