@@ -54,8 +54,8 @@ class CFlat(FlatnessMethod):
 
     formula = ("g = g₁ + λ(g₃ − g₂); g₁ = ∇L(θ+ε₀; B_N), ε₀ = ρg₀/‖g₀‖, g₀ = (1/N)Σ_i ∇L(θ; B_i); "
                "g₂ = ∇L(θ+ε₁), ε₁ = ρd/‖d‖, d = g₁ − ∇L(θ; B_N); g₃ = ∇L(θ+ε₁+ρg₂/‖g₂‖)")
-    versus_notes = ("one ρ for the three perturbations as in the authors' code; ε₀ from the window mean, "
-                    "g₁…g₃ and the finite difference on the last micro-batch; no `adaptive`")
+    versus_notes = ("the authors' code runs all four passes on one batch: here ε₀ comes from the window mean and "
+                    "g₁…g₃ and the finite difference from the last micro-batch (the same at N = 1); no `adaptive`")
 
     def window(self, ctx, micro_batches):
         c = self.config
