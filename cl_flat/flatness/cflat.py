@@ -9,7 +9,7 @@ from pydantic import Field
 
 from cl_flat.config import Strict
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.sam import moved_by, probe_at, sam_perturbation, wide
+from cl_flat.flatness.sam import moved_by, sam_perturbation, wide
 
 
 class CFlatConfig(Strict):
@@ -76,8 +76,9 @@ class CFlat(FlatnessMethod):
         torch._foreach_div_(total, n)
         eps0 = sam_perturbation(params, total, c.rho, adaptive=False, per_tensor=False)
         del total  # free before the next forward (CPU heap fragmentation, see sam.Sam.window)
-        adv_loss, g1 = probe_at(ctx, micro_batches[-1], eps0)
-        del eps0
+        with moved_by(params, eps0):
+            del eps0
+            adv_loss, g1 = ctx.probe(micro_batches[-1])
         diff = torch._foreach_sub([wide(g) for g in g1], last)
         del last
         eps1 = sam_perturbation(params, diff, c.rho, adaptive=False, per_tensor=False)
@@ -86,10 +87,13 @@ class CFlat(FlatnessMethod):
             del eps1
             _, g2 = ctx.probe(micro_batches[-1])
             eps2 = sam_perturbation(params, g2, c.rho, adaptive=False, per_tensor=False)
-            _, g3 = probe_at(ctx, micro_batches[-1], eps2)
-            del eps2
-        first_order = torch._foreach_sub([wide(g) for g in g3], g2)
-        del g2, g3
+            with moved_by(params, eps2):  # θ + ε₁ + ε₂
+                del eps2
+                _, g3 = ctx.probe(micro_batches[-1])
+        first_order = [wide(g) for g in g3]  # g₃ itself in fp32: its own probe's tensors, changed in place
+        del g3
+        torch._foreach_sub_(first_order, g2)
+        del g2
         update = torch._foreach_add([wide(g) for g in g1], first_order, alpha=c.lamb)
         ctx.apply_gradient(update, last=True)
         return {"loss": torch.stack(losses).float().mean(), "adv_loss": adv_loss.float(),
