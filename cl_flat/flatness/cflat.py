@@ -9,7 +9,7 @@ from pydantic import Field
 
 from cl_flat.config import Strict
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.sam import moved_by, sam_perturbation, wide
+from cl_flat.flatness.sam import sam_perturbation, wide
 
 
 class CFlatConfig(Strict):
@@ -57,6 +57,24 @@ class CFlat(FlatnessMethod):
     versus_notes = ("the authors' code runs all four passes on one batch: here ε₀ comes from the window mean and "
                     "g₁…g₃ and the finite difference from the last micro-batch (the same at N = 1); no `adaptive`")
 
+    def __init__(self, config: CFlatConfig):
+        super().__init__(config)
+        self.buffers: list[list[torch.Tensor]] | None = None
+
+    def begin_task(self, model):
+        self.buffers = None
+
+    def _buffers(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Four adapter-sized fp32 (or wider) sets, allocated once per task and reused by every update: θ's
+        saved copy, ∇L(θ; B_N), g₁, g₂ (then g₃ − g₂). The gradients that must outlive a forward are copied
+        here and the probe's own tensors freed: on CPU, small tensors allocated during a backward and kept
+        through the next forward pin the freed activation memory around them, and the heap grows by up
+        to a pass's activations with every such pass (a cache, not state: nothing to checkpoint)."""
+        if self.buffers is None or [b.shape for b in self.buffers[0]] != [p.shape for p in params]:
+            self.buffers = [[torch.empty(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
+                             for p in params] for _ in range(4)]
+        return self.buffers
+
     def window(self, ctx, micro_batches):
         c = self.config
         n = len(micro_batches)
@@ -64,37 +82,54 @@ class CFlat(FlatnessMethod):
             losses = [ctx.accumulate(batch, 1 / n, last=i == n - 1) for i, batch in enumerate(micro_batches)]
             return {"loss": torch.stack(losses).float().mean(), "cflat_update": 0.0}
         params = list(ctx.params.values())
-        losses, total, last = [], None, None
-        for batch in micro_batches:
+        saved, last, g1, g2 = self._buffers(params)
+        losses, total = [], None
+        for i, batch in enumerate(micro_batches):
             loss, grads = ctx.probe(batch)
             losses.append(loss)
-            if total is None:
-                total = [wide(g) for g in grads]  # N = 1: `last` itself, divided by 1 below (exact)
-            else:
-                torch._foreach_add_(total, grads)
-            last = grads
-        torch._foreach_div_(total, n)
-        eps0 = sam_perturbation(params, total, c.rho, adaptive=False, per_tensor=False)
-        del total  # free before the next forward (CPU heap fragmentation, see sam.Sam.window)
-        with moved_by(params, eps0):
+            if i == n - 1:
+                torch._foreach_copy_(last, grads)
+            if n > 1:
+                if total is None:
+                    total = [wide(g) for g in grads]
+                else:
+                    torch._foreach_add_(total, grads)
+            del grads
+        if total is not None:
+            torch._foreach_div_(total, n)
+        eps0 = sam_perturbation(params, last if total is None else total, c.rho, adaptive=False, per_tensor=False)
+        del total
+        torch._foreach_copy_(saved, [p.detach() for p in params])
+        try:
+            with torch.no_grad():
+                torch._foreach_add_(params, [e.to(p.dtype) for p, e in zip(params, eps0)])  # θ + ε₀
             del eps0
-            adv_loss, g1 = ctx.probe(micro_batches[-1])
-        diff = torch._foreach_sub([wide(g) for g in g1], last)
-        del last
-        eps1 = sam_perturbation(params, diff, c.rho, adaptive=False, per_tensor=False)
-        del diff
-        with moved_by(params, eps1):
+            adv_loss, grads = ctx.probe(micro_batches[-1])
+            torch._foreach_copy_(g1, grads)
+            del grads
+            torch._foreach_sub_(last, g1)
+            torch._foreach_neg_(last)  # d = g₁ − ∇L(θ; B_N)
+            eps1 = sam_perturbation(params, last, c.rho, adaptive=False, per_tensor=False)
+            with torch.no_grad():
+                torch._foreach_copy_(params, saved)
+                torch._foreach_add_(params, [e.to(p.dtype) for p, e in zip(params, eps1)])  # θ + ε₁
             del eps1
-            _, g2 = ctx.probe(micro_batches[-1])
+            _, grads = ctx.probe(micro_batches[-1])
+            torch._foreach_copy_(g2, grads)
+            del grads
             eps2 = sam_perturbation(params, g2, c.rho, adaptive=False, per_tensor=False)
-            with moved_by(params, eps2):  # θ + ε₁ + ε₂
-                del eps2
-                _, g3 = ctx.probe(micro_batches[-1])
-        first_order = [wide(g) for g in g3]  # g₃ itself in fp32: its own probe's tensors, changed in place
-        del g3
-        torch._foreach_sub_(first_order, g2)
-        del g2
-        update = torch._foreach_add([wide(g) for g in g1], first_order, alpha=c.lamb)
-        ctx.apply_gradient(update, last=True)
+            with torch.no_grad():
+                torch._foreach_add_(params, [e.to(p.dtype) for p, e in zip(params, eps2)])  # θ + ε₁ + ε₂
+            del eps2
+            _, grads = ctx.probe(micro_batches[-1])
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(params, saved)  # θ bit for bit
+        torch._foreach_sub_(g2, grads)
+        del grads
+        torch._foreach_neg_(g2)  # g₃ − g₂
+        first_order_norm = _norm(g2)
+        torch._foreach_add_(g1, g2, alpha=c.lamb)  # the update: g₁ + λ(g₃ − g₂)
+        ctx.apply_gradient(g1, last=True)
         return {"loss": torch.stack(losses).float().mean(), "adv_loss": adv_loss.float(),
-                "first_order_norm": _norm(first_order), "cflat_update": 1.0}
+                "first_order_norm": first_order_norm, "cflat_update": 1.0}
