@@ -28,6 +28,8 @@ METHODS = {
     "gsam": {"method": "gsam", "rho": 0.05, "alpha": 0.3},
     # the auxiliary adapter and its Adam moments are method state (a fresh one after the resume would differ)
     "bilora": {"method": "bilora", "rho": 0.05, "rank": 2, "lr": 0.05},
+    # C-Flat at updates 0, 4, 8 (the schedule reads the update index: the resume from 6 keeps its phase)
+    "cflat": {"method": "cflat", "rho": 0.05, "lamb": 0.4, "interval": 4},
 }
 
 

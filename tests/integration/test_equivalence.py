@@ -27,6 +27,9 @@ CASES = {
     "gsam-adaptive": {"flatness": {"method": "gsam", "rho": 0.5, "alpha": 0.3, "adaptive": True}, "gas": 1},
     # k = 2 over 3 updates: SAM, reuse of the stored direction, SAM
     "looksam": {"flatness": {"method": "looksam", "rho": 0.05, "interval": 2, "alpha": 0.7}, "gas": 2},
+    # k = 2 over 3 updates: C-Flat (4 probes after the window's clean ones), the plain mean, C-Flat
+    "cflat": {"flatness": {"method": "cflat", "rho": 0.05, "lamb": 0.4, "interval": 2}, "gas": 2, "clip": 0.5},
+    "cflat-every-update": {"flatness": {"method": "cflat", "rho": 0.1, "lamb": 0.4}, "gas": 1},
 }
 
 # noise methods: noise large enough that a wrong key or a lost perturbation shows

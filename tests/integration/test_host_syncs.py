@@ -29,6 +29,7 @@ CASES = [
     ("rwp_lora_gas2", {"method": "rwp", "scope": "lora"}, 2, 3),
     ("rwp_one_pass", {"method": "rwp", "scope": "full", "two_batch": True, "one_pass": True}, 1, 1),
     ("bilora_gas2", {"method": "bilora", "rho": 0.05}, 2, 2),
+    ("cflat", {"method": "cflat", "rho": 0.05}, 1, 4),
 ]
 
 

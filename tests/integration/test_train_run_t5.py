@@ -1,5 +1,5 @@
 """`cl-flat train` end to end on `tiny-random:t5` (encoder-decoder) with builtin tasks, for `none`,
-`sam` and `rwp scope: base`: the results contract of tests/integration/test_train_run.py, the
+`sam`, `rwp scope: base` and `cflat`: the results contract of tests/integration/test_train_run.py, the
 default LoRA targets resolved to T5's q, v, and `cl-flat eval` reproducing the last row; an
 exact-match run (generation through the decoder) too."""
 
@@ -34,8 +34,9 @@ def t5_config(tmp_path, flatness: dict) -> dict:
 
 
 @pytest.mark.parametrize("flatness", [{"method": "none"}, {"method": "sam", "rho": 0.05},
-                                      {"method": "rwp", "scope": "base", "noise_std": 0.05}],
-                         ids=["none", "sam", "rwp-base"])
+                                      {"method": "rwp", "scope": "base", "noise_std": 0.05},
+                                      {"method": "cflat", "rho": 0.05, "interval": 2}],
+                         ids=["none", "sam", "rwp-base", "cflat"])
 def test_t5_run_end_to_end(tmp_path, flatness):
     tasks = ["food_sentiment", "service_sentiment"]
     path = write_config(tmp_path, t5_config(tmp_path, flatness))
@@ -52,6 +53,10 @@ def test_t5_run_end_to_end(tmp_path, flatness):
     if flatness["method"] == "sam":
         log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
         assert all("adv_loss" in r for r in log)
+    if flatness["method"] == "cflat":  # C-Flat at updates 0, 2 of each task, the plain mean at update 1
+        log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+        assert [("first_order_norm" in r, r.get("cflat_update")) for r in log] == [(True, 1.0), (False, 0.0),
+                                                                                   (True, 1.0)] * 2, log
     proc = run_cli(["eval", str(run_dir)], cwd=tmp_path)
     assert proc.returncode == 0 and "reproduced exactly" in proc.stdout, proc.stdout + proc.stderr[-2000:]
 

@@ -254,6 +254,7 @@ METHODS = {
     "rwp-fisher": {"method": "rwp", "scope": "full", "noise_std": 0.05, "noise_type": "fisher"},
     "lpf_sgd": {"method": "lpf_sgd", "scope": "full", "noise_std": 0.05},
     "flat_lora": {"method": "flat_lora", "noise_std": 0.5},
+    "cflat": {"method": "cflat", "rho": 0.05},
 }
 
 
