@@ -374,11 +374,10 @@ def _stopped(exc) -> None:
     if os.environ.get("RANK", "0") == "0":
         if exc.checkpointed:
             args = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
-            typer.echo(f"{exc}; its in-task checkpoint is saved, completed tasks' results are kept. Continue "
-                       f"with the same overrides: cl-flat {shlex.join(args)}", err=True)
+            _last_words(f"{exc}; its in-task checkpoint is saved, completed tasks' results are kept. Continue "
+                        f"with the same overrides: cl-flat {shlex.join(args)}")
         else:  # a reference run keeps no checkpoints and does not resume
-            typer.echo(f"{exc}; nothing of it is kept. Start it again: cl-flat {shlex.join(sys.argv[1:])}",
-                       err=True)
+            _last_words(f"{exc}; nothing of it is kept. Start it again: cl-flat {shlex.join(sys.argv[1:])}")
     from cl_flat import dist
 
     dist.shutdown()  # every rank stopped after the same update
@@ -395,7 +394,7 @@ def main() -> None:
         app(prog_name="cl-flat")  # also under `python -m cl_flat.cli`
     except UserError as exc:
         if os.environ.get("RANK", "0") == "0":  # every rank finds the same problem: say it once
-            typer.echo(f"error: {exc}", err=True)
+            _last_words(f"error: {exc}")
         sys.exit(exc.exit_code)
     except Stopped as exc:
         _stopped(exc)
@@ -403,8 +402,7 @@ def main() -> None:
         signum = getattr(exc, "signum", signal.SIGINT)
         if os.environ.get("RANK", "0") == "0":
             why = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-            typer.echo(f"{why}; results of completed tasks are kept (a started run continues with --resume)",
-                       err=True)
+            _last_words(f"{why}; results of completed tasks are kept (a started run continues with --resume)")
         sys.exit(128 + signum)
     except OSError as exc:  # a full disk where no files.writing block names the path (DiskFull is a UserError)
         from cl_flat.errors import DiskFull
@@ -412,16 +410,23 @@ def main() -> None:
 
         if disk_full_error(exc) is None:
             raise
-        typer.echo(f"error: {DiskFull(exc.filename or 'the results folder')}", err=True)
+        _last_words(f"error: {DiskFull(exc.filename or 'the results folder')}")
         sys.exit(1)
     except Exception as exc:
         if not _lost_peer(exc):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        typer.echo(f"error: rank {os.environ.get('RANK', '0')} of {os.environ.get('WORLD_SIZE', '1')}: a collective "
+        _last_words(f"error: rank {os.environ.get('RANK', '0')} of {os.environ.get('WORLD_SIZE', '1')}: a collective "
                    f"failed, another process died or did not answer within deepspeed.timeout_minutes ({first}). "
-                   "Completed tasks and the newest in-task checkpoint are saved; rerun with --resume", err=True)
+                   "Completed tasks and the newest in-task checkpoint are saved; rerun with --resume")
         sys.exit(1)
+
+
+def _last_words(text: str) -> None:
+    """The message a failing command ends with, on a console that is surely back (`RankLog.last_words`)."""
+    from cl_flat.tracking import RankLog
+
+    RankLog.last_words(text)
 
 
 def _lost_peer(exc: BaseException) -> bool:

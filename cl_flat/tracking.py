@@ -267,10 +267,28 @@ class RankLog:
         self._lock = threading.Lock()
         self._held = bytearray()
         self._file = None
+        self._path: Path | None = None
         self._consoles: dict[int, int] = {}  # fd -> a duplicate of what it was (the console)
         self._streams: dict[str, Any] = {}
         self._threads: list[threading.Thread] = []
         self._closing = threading.Event()
+
+    active: RankLog | None = None  # the one this process started: `last_words` ends it
+
+    @classmethod
+    def last_words(cls, text: str) -> None:
+        """`text` (the message a failing command ends with) on the console and in the rank log, written after
+        the console is put back under fd 2: it does not depend on the copier threads draining the pipe at
+        exit, which a loaded machine showed they may not do (an empty stderr after a refusal)."""
+        log, cls.active = cls.active, None
+        path = log.close() if log is not None else None
+        print(text, file=sys.stderr, flush=True)
+        if path is not None:
+            try:
+                with path.open("a", encoding="utf-8") as handle:
+                    handle.write(text + "\n")
+            except OSError:  # a full disk: the console has it
+                pass
 
     def start(self) -> RankLog:
         for fd, name in ((1, "stdout"), (2, "stderr")):
@@ -286,6 +304,7 @@ class RankLog:
             self._threads.append(thread)
             setattr(sys, name, _Terminal(stream, os.isatty(console)))
         atexit.register(self.close)
+        RankLog.active = self
         return self
 
     def attach(self, path: Path, rank: int, world: int) -> None:
@@ -293,6 +312,7 @@ class RankLog:
         with self._lock, writing(path):
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = path.open("ab")
+            self._path = path
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             self._file.write(f"==== cl-flat {' '.join(sys.argv[1:])} | rank {rank} of {world} | pid {os.getpid()}"
                              f" | {stamp} ====\n".encode())
@@ -339,10 +359,11 @@ class RankLog:
             except OSError:
                 pass
 
-    def close(self) -> None:
-        """Put the console back under fd 1 and 2 and copy what is still in the pipes."""
+    def close(self) -> Path | None:
+        """Put the console back under fd 1 and 2 and copy what is still in the pipes; returns the log file's
+        path (None before `attach`)."""
         if not self._consoles:
-            return
+            return self._path
         for name, stream in self._streams.items():
             try:
                 getattr(sys, name).flush()
@@ -365,3 +386,4 @@ class RankLog:
                 except OSError:  # a full disk: the log ends where it could be written
                     pass
                 self._file = None
+        return self._path

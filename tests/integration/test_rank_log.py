@@ -80,3 +80,31 @@ def test_rank_log_keeps_a_terminal_a_terminal(tmp_path):
     os.close(leader)
     assert proc.wait(timeout=60) == 0
     assert b"terminal? True" in output, output
+
+
+LAST_WORDS_SCRIPT = """
+import sys
+from pathlib import Path
+from cl_flat.tracking import RankLog
+
+log = RankLog().start()
+print("working", file=sys.stderr, flush=True)
+if sys.argv[1] == "attach":
+    log.attach(Path(sys.argv[2]), 0, 1)
+RankLog.last_words("error: the one message")
+print("after: straight to the console", file=sys.stderr, flush=True)
+sys.exit(2)
+"""
+
+
+@pytest.mark.parametrize("mode", ["attach", "refused"])
+def test_the_last_message_reaches_the_console_and_the_log(tmp_path, mode):
+    log = tmp_path / "logs" / "rank0.log"
+    proc = subprocess.run([sys.executable, "-c", LAST_WORDS_SCRIPT, mode, str(log)], capture_output=True,
+                          text=True, env=quiet_env(), timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["working", "error: the one message", "after: straight to the console"]
+    if mode == "attach":
+        assert log.read_text().splitlines()[1:] == ["working", "error: the one message"]
+    else:
+        assert not log.exists()  # a refused run writes nothing
