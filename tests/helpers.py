@@ -13,7 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 import yaml
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 OLORA_BENCHMARK = ROOT / "tests" / "fixtures" / "olora" / "CL_Benchmark"  # O-LoRA's source files, small
@@ -202,3 +204,15 @@ def one_task_config(folder: Path, name: str, r: int = 2, n_train: int = 4, n_tes
            "evaluation": {"max_samples_per_task": 4, "batch_size": 4},
            "logging": {"progress": False, "wandb": {"mode": "disabled"}}}
     return write_yaml(folder / "config.yaml", raw)
+
+
+class Quadratic(nn.Module):
+    """L(w; h) = ½ Σ_j h_j w_j², so ∇L = h ⊙ w and the Hessian is diag(h): methods' updates by hand."""
+
+    def __init__(self, w: list[float]):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(w, dtype=torch.float64))
+
+
+def quad_loss(model: Quadratic, h):
+    return 0.5 * (h * model.w * model.w).sum()

@@ -7,22 +7,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from cl_flat.flatness import build_method, reference_update
-from helpers import tiny_peft_model
-
-
-class Quadratic(nn.Module):
-    """L(w; h) = ½ Σ_j h_j w_j², so ∇L = h ⊙ w and the Hessian is diag(h)."""
-
-    def __init__(self, w: list[float]):
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(w, dtype=torch.float64))
-
-
-def quad_loss(model: Quadratic, h: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (h * model.w * model.w).sum()
+from helpers import Quadratic, quad_loss, tiny_peft_model
 
 
 def test_cflat_closed_form_on_a_quadratic():
