@@ -9,7 +9,7 @@ from pydantic import Field
 
 from cl_flat.config import Strict
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.sam import sam_perturbation, wide
+from cl_flat.flatness.sam import norm, sam_perturbation, wide
 
 
 class CFlatConfig(Strict):
@@ -17,10 +17,6 @@ class CFlatConfig(Strict):
     rho: float = Field(default=0.2, ge=0, description="ρ: the radius of all three perturbations (authors' default)")
     lamb: float = Field(default=0.2, ge=0, description="λ: weight of the first-order flatness term (authors' --lamb)")
     interval: int = Field(default=1, ge=1, description="k: C-Flat on every k-th update, the plain gradient between")
-
-
-def _norm(xs: list[torch.Tensor]) -> torch.Tensor:
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(xs)).float())
 
 
 @register("cflat", CFlatConfig)
@@ -128,7 +124,7 @@ class CFlat(FlatnessMethod):
         torch._foreach_sub_(g2, grads)
         del grads
         torch._foreach_neg_(g2)  # g₃ − g₂
-        first_order_norm = _norm(g2)
+        first_order_norm = norm(g2)
         torch._foreach_add_(g1, g2, alpha=c.lamb)  # the update: g₁ + λ(g₃ − g₂)
         ctx.apply_gradient(g1, last=True)
         return {"loss": torch.stack(losses).float().mean(), "adv_loss": adv_loss.float(),

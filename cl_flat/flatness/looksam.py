@@ -9,7 +9,7 @@ from pydantic import Field
 
 from cl_flat.config import Strict
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.sam import dot, mean_probe, probe_at, sam_perturbation
+from cl_flat.flatness.sam import dot, mean_probe, norm, probe_at, sam_perturbation
 
 
 class LookSamConfig(Strict):
@@ -17,10 +17,6 @@ class LookSamConfig(Strict):
     rho: float = Field(default=0.05, ge=0)
     interval: int = Field(default=5, ge=1, description="k: the SAM gradient every k updates")
     alpha: float = Field(default=0.7, ge=0, description="weight of the reused orthogonal part")
-
-
-def norm(xs: list[torch.Tensor]) -> torch.Tensor:
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(xs)).float())
 
 
 @register("looksam", LookSamConfig)

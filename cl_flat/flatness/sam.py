@@ -95,6 +95,11 @@ def flat(xs: list[torch.Tensor]) -> torch.Tensor:
     return wide(torch.cat([x.reshape(-1) for x in xs]))
 
 
+def norm(xs: list[torch.Tensor]) -> torch.Tensor:
+    """‖x‖ over every tensor of `xs` at once (fp32, on the device: no host sync)."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(xs)).float())
+
+
 def dot(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
     """⟨x, y⟩ over all tensors of the adapter, in fp32 or wider (two concatenations and one dot)."""
     x, y = flat(xs), flat(ys)
