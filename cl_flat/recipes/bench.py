@@ -76,7 +76,7 @@ def _run_variant(config_path: str, label: str, updates: int, warmup: int) -> dic
                    *worker]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not out.exists():
-            raise UserError(f"bench variant {label!r} failed:\n{proc.stderr[-2000:]}")
+            raise UserError(f"bench variant {label!r} failed:\n{proc.stderr[-4000:]}")
         return json.loads(out.read_text())
 
 
