@@ -135,11 +135,11 @@ class Sam(FlatnessMethod):
         losses, clean = summed_probes(ctx, micro_batches)
         eps = sam_perturbation(params, clean, self.config.rho, adaptive=self.config.adaptive,
                                per_tensor=self.config.norm == "per_tensor", eta=self.config.eta)
-        eps_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(eps)))
+        eps_norm = norm(eps)
         with moved_by(params, eps):  # the trainable adapter only
             # the probe gradients were allocated during the clean backward, among the freed
             # activations: release them before the adversarial forward (CPU heap fragmentation)
             del clean, eps
             adversarial = ctx.accumulate(micro_batches[-1], 1, last=True)
         return {"loss": torch.stack(losses).float().mean(), "adv_loss": adversarial.float(),
-                "eps_norm": eps_norm.float()}
+                "eps_norm": eps_norm}
