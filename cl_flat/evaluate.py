@@ -6,9 +6,10 @@
   deterministic and cheap. Causal models score all labels of a prompt in ONE forward
   (`packed_label_logprobs`: the shared prompt prefix, then every label's tokens behind it with a
   block-causal 4-D mask and positions restarting after the prefix), several prompts per forward
-  (`batch_size` prompts); model types or attention implementations that take no custom 4-D mask
-  (`packs_labels`) fall back to one forward per prompt for one-token labels and one per
-  (prompt, label) otherwise.
+  (`batch_size` prompts), the tokens every prompt of the batch starts with (a task's instruction and
+  options) computed once and read from a KV cache (`shared_prefix_length`); model types or attention
+  implementations that take no custom 4-D mask (`packs_labels`) fall back to one forward per prompt
+  for one-token labels and one per (prompt, label) otherwise.
   Encoder-decoder models (`cl_flat.family`): the label tokenised alone + EOS, scored through the
   decoder given the prompt in the encoder: (1/n) Σ_t log p(y_t | prompt, y_<t), n = label tokens + 1
   (the encoder runs once per prompt, its output shared by every label's decoder pass).
@@ -21,6 +22,7 @@ each task's score is its per-sample mean over the same sample whatever the world
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import torch
@@ -110,6 +112,25 @@ def packs_labels(model) -> bool:
             and getattr(config, "_attn_implementation", None) in PACKED_ATTENTION)
 
 
+SHARED_PREFIX_MIN = 8  # tokens: a shorter common start saves less than its extra forward costs
+
+
+def shared_prefix_length(prefixes: list[list[int]]) -> int:
+    """How many leading tokens every prefix shares (compared as token ids, so a tokenisation boundary
+    can never differ), leaving each prefix at least its last token (read for the first label token)."""
+    shared = min(map(len, prefixes)) - 1
+    for prefix in prefixes[1:]:
+        shared = next((k for k in range(shared) if prefix[k] != prefixes[0][k]), shared)
+    return max(shared, 0)
+
+
+def _cache_keyword(model) -> str:
+    """The KV cache's name in the model's forward and output: `past_key_values` until transformers
+    renamed it `cache` (5.x; the old name is refused from 5.40 on)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def packed_label_logprobs(model: torch.nn.Module, rows: list[tuple[list[int], list[list[int]]]], pad_id: int,
                           device) -> list[list[float]]:
@@ -124,9 +145,18 @@ def packed_label_logprobs(model: torch.nn.Module, rows: list[tuple[list[int], li
     (1/n_j) Σ_i log p(label_j[i] | prefix, label_j[:i]), read at the last prefix position for i = 0
     and at label j's token i − 1 otherwise. Rows are left-padded (a pad attends to itself only, so
     every softmax has a key) and only the last logits are computed (`logits_to_keep`): the scored
-    positions of every row lie in its tail."""
+    positions of every row lie in its tail. The tokens all rows start with (at least `SHARED_PREFIX_MIN`)
+    run once, and every row attends to their keys and values from the cache at positions 0..s−1."""
     if any(not prefix for prefix, _ in rows):
         raise ValueError("rank classification needs at least one prompt token before the labels")
+    shared, cache, keyword = shared_prefix_length([prefix for prefix, _ in rows]), None, _cache_keyword(model)
+    if shared >= SHARED_PREFIX_MIN:
+        start = model(input_ids=torch.tensor([rows[0][0][:shared]], device=device), use_cache=True)
+        cache = start[keyword]
+        cache.batch_repeat_interleave(len(rows))
+        rows = [(prefix[shared:], labels) for prefix, labels in rows]
+    else:
+        shared = 0
     seqs, owners, positions = [], [], []
     for prefix, labels in rows:
         n = len(prefix)
@@ -144,10 +174,15 @@ def packed_label_logprobs(model: torch.nn.Module, rows: list[tuple[list[int], li
     causal = index[:, None] >= index[None, :]                        # [query, key]
     key, query = owner[:, None, :], owner[:, :, None]
     allowed = (causal & (key != -2) & ((key == -1) | (key == query))) | torch.eye(width, dtype=torch.bool)
+    allowed = torch.cat([torch.ones(len(rows), width, shared, dtype=torch.bool), allowed], dim=2)  # the cached start
     dtype = model.get_input_embeddings().weight.dtype
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position.to(device),
-                   logits_to_keep=tail, use_cache=False).logits
+    # the kept positions as an index tensor, not a count: the slice a count makes is a strided view, on
+    # which the vocabulary projection took a batched-matmul path ~10x slower on CPU
+    keep = torch.arange(width - tail, width, device=device)
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                   position_ids=(position + shared).to(device), logits_to_keep=keep,
+                   use_cache=cache is not None, **{keyword: cache}).logits
     where, tokens, pair = [], [], []                                  # (row, kept position), token, (row, label)
     for r, (prefix, labels) in enumerate(rows):
         start = width - len(seqs[r])                                  # first real position of row r

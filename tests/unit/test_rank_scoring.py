@@ -81,6 +81,46 @@ def test_packed_scores_one_row_per_forward_and_both_attentions(attention):
         assert_matches_reference(model, [row], packed_label_logprobs(model, [row], 0, "cpu"))
 
 
+def shared_start_rows(start: int, seed: int = 2):
+    """`random_rows` behind one common start of `start` tokens (a task's instruction and options)."""
+    common = torch.randint(3, VOCAB, (start,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [(common + prefix, labels) for prefix, labels in random_rows(seed)]
+
+
+def test_shared_prefix_length_by_hand():
+    assert evaluate.shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 9, 9], [1, 2, 5]]) == 2
+    assert evaluate.shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shortest keeps its last token
+    assert evaluate.shared_prefix_length([[4, 2], [1, 2]]) == 0
+    assert evaluate.shared_prefix_length([[7]]) == 0
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_a_shared_start_is_computed_once_and_scores_are_unchanged(kind):
+    """Rows that share 12 leading tokens: the start runs in a forward of its own (then every row reads it
+    from the KV cache), and every score still equals the pair alone's."""
+    model = sharp_model(kind)
+    rows = shared_start_rows(12)
+    widths = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    scores = packed_label_logprobs(model, rows, 0, "cpu")
+    hook.remove()
+    assert widths[0] == (1, 12)
+    assert len(widths) == 2 and widths[1][0] == len(rows)
+    assert_matches_reference(model, rows, scores)
+
+
+def test_a_start_shorter_than_the_minimum_is_not_cached():
+    model = sharp_model("llama")
+    rows = shared_start_rows(evaluate.SHARED_PREFIX_MIN - 1)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    scores = packed_label_logprobs(model, rows, 0, "cpu")
+    hook.remove()
+    assert len(calls) == 1
+    assert_matches_reference(model, rows, scores)
+
+
 def test_the_reference_is_sensitive_to_context():
     """What the packed forward must get right moves a score far beyond the tolerance: the prefix
     (another label's tokens in front of a label) and the positions (a shifted start)."""
