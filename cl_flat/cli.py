@@ -142,7 +142,8 @@ def metrics(matrix: Path, as_json: Annotated[bool, typer.Option("--json", help="
 def eval_(
     run_dir: Path,
     metric: Annotated[Optional[str], typer.Option("--metric", metavar="accuracy|exact_match|rouge_l",
-                                                  help="score with this metric (default: the run's)")] = None,
+                                                  help="evaluation.metric to score with (default: the run's; a "
+                                                  "task's own metric stays)")] = None,
     max_samples: Annotated[Optional[str], typer.Option("--max-samples", metavar="N|all", help="test examples per "
                                                        "task; all = the full test sets (default: the run's)")] = None,
     tasks: Annotated[Optional[str], typer.Option("--tasks", metavar="T1,T2", help="tasks to score (default: "

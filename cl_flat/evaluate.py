@@ -81,9 +81,11 @@ def rouge_l(prediction: str, answers: Sequence[str]) -> float:
 
     Google's `rouge-score` package, `RougeScorer(["rougeL"], use_stemmer=True)`: text lower-cased, every
     run of characters other than a-z and 0-9 a token boundary (so text in other scripts has no tokens and
-    scores 0), tokens longer than 3 characters Porter-stemmed ("running" -> "run"). This is the setting
-    of Super-NaturalInstructions' compute_metrics.py (Wang et al., 2022; Tk-Instruct), which takes the
-    max over a test example's outputs, and of SAPT, O-LoRA and GainLoRA after it."""
+    scores 0), tokens longer than 3 characters Porter-stemmed ("running" -> "run"). Super-NaturalInstructions
+    (Wang et al., 2022) scores its generation tasks so: rougeL with use_stemmer=True, the max over a test
+    example's outputs (eval/automatic/evaluation.py of allenai/natural-instructions; Tk-Instruct's
+    src/compute_metrics.py, with a copy of this package); SAPT's src/compute_metrics.py uses the same
+    scorer against one output per example."""
     scorer = _rouge_l_scorer()
     return max(scorer.score(target=answer, prediction=prediction)["rougeL"].fmeasure for answer in answers)
 
@@ -313,8 +315,8 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: list[TaskData], sec
                         local += [(i, float(ok)) for i, ok in _rank_classification(
                             model, tokenizer, task, part, section.batch_size, max_length, device)]
                     else:
-                        score = GENERATION_METRICS[task.metric]
-                        local += [(i, score(text, task.test[i].answers)) for i, text in generate(
+                        compare = GENERATION_METRICS[task.metric]
+                        local += [(i, compare(text, task.test[i].answers)) for i, text in generate(
                             model, tokenizer, task, part, section.batch_size, max_length, section.max_new_tokens,
                             device)]
                     advance(len(part))
