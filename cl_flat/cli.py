@@ -74,13 +74,13 @@ def train(ctx: typer.Context, config: Path, set_: SetOption = None,
         ref = run_reference(cfg, reference)
         if dist.is_main():
             print_matrix(ref.tasks, [("zero_shot", ref.zero_shot), (ref.kind, ref.scores)], {},
-                          f"{cfg.evaluation.metric} (%): {ref.run_dir}")
+                          f"{cfg.metric_label()} (%): {ref.run_dir}")
             typer.echo(f"mean {sum(ref.scores) / len(ref.scores):.2f}; results: {ref.run_dir}")
         dist.shutdown()
         return
     result = run_sequence(cfg, resume=resume, allow_config_change=allow_config_change, overwrite=overwrite)
     if dist.is_main():
-        print_matrix(result.tasks, result.rows, result.metrics, f"{cfg.evaluation.metric} matrix (%): {cfg.run.name}")
+        print_matrix(result.tasks, result.rows, result.metrics, f"{cfg.metric_label()} matrix (%): {cfg.run.name}")
         typer.echo(f"results: {result.run_dir}")
     dist.shutdown()
 
@@ -141,8 +141,9 @@ def metrics(matrix: Path, as_json: Annotated[bool, typer.Option("--json", help="
 @app.command(name="eval")
 def eval_(
     run_dir: Path,
-    metric: Annotated[Optional[str], typer.Option("--metric", metavar="accuracy|exact_match",
-                                                  help="score with this metric (default: the run's)")] = None,
+    metric: Annotated[Optional[str], typer.Option("--metric", metavar="accuracy|exact_match|rouge_l",
+                                                  help="evaluation.metric to score with (default: the run's; a "
+                                                  "task's own metric stays)")] = None,
     max_samples: Annotated[Optional[str], typer.Option("--max-samples", metavar="N|all", help="test examples per "
                                                        "task; all = the full test sets (default: the run's)")] = None,
     tasks: Annotated[Optional[str], typer.Option("--tasks", metavar="T1,T2", help="tasks to score (default: "
@@ -169,7 +170,8 @@ def eval_(
     if rescoring(values, set_ or []):
         result = rescore(run_dir, values, set_ or [])
         if dist.is_main():
-            print_matrix(result.tasks, result.rows, result.metrics or {}, f"{run_dir}: re-scored", digits=2)
+            print_matrix(result.tasks, result.rows, result.metrics or {}, f"{run_dir}: re-scored, {result.metric} (%)",
+                         digits=2)
             typer.echo(f"saved: {result.csv} {result.record}")
         dist.shutdown()
         return

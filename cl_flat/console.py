@@ -40,7 +40,7 @@ def print_matrix(names: list[str], rows: Rows, metrics: dict, title: str, digits
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=title, min_width=len(title))  # a title on one line where the console is wide enough
     table.add_column("after_task")
     for name in names:
         table.add_column(name, justify="right")

@@ -13,17 +13,23 @@
   Encoder-decoder models (`cl_flat.family`): the label tokenised alone + EOS, scored through the
   decoder given the prompt in the encoder: (1/n) Σ_t log p(y_t | prompt, y_<t), n = label tokens + 1
   (the encoder runs once per prompt, its output shared by every label's decoder pass).
-- `exact_match`: greedy generation (causal: the continuation after the prompt; encoder-decoder:
-  the decoder's output), compared after normalisation (case, spacing, trailing punctuation).
+- `exact_match` and `rouge_l`: greedy generation of up to `max_new_tokens` tokens (causal: the
+  continuation after the prompt; encoder-decoder: the decoder's output), compared with the example's
+  answers (a jsonl row's `references`, else its output) and scored by the best of them:
+  `exact_match` 1 when the prediction equals an answer after normalisation (case, spacing, trailing
+  punctuation), else 0; `rouge_l` the ROUGE-L F-measure (`rouge_l`).
 The test set is capped by `max_samples_per_task` with a fixed sample (a permutation keyed by
 (seed, task name)); rank r scores every world-th example; the results are all-gathered, so
-each task's score is its per-sample mean over the same sample whatever the world size.
+each task's score is its per-sample mean (x 100: percent) over the same sample whatever the world size.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import math
 import re
+from collections.abc import Sequence
 
 import torch
 from transformers.modeling_outputs import BaseModelOutput
@@ -56,6 +62,38 @@ def eval_indices(n: int, cap: int | None, seed: int, task_name: str) -> list[int
 
 def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().lower()).rstrip(".!?;:,")
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 when the normalised prediction equals a normalised answer (`normalise`), else 0.0."""
+    return float(any(normalise(prediction) == normalise(answer) for answer in answers))
+
+
+@functools.cache
+def _rouge_l_scorer():
+    from rouge_score import rouge_scorer  # imported for a rouge_l task only: nltk is slow to load
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, answers: Sequence[str]) -> float:
+    """ROUGE-L F-measure of the prediction against its best answer: max over answers a of
+    F = 2·P·R / (P + R), P = LCS(p, a) / |p|, R = LCS(p, a) / |a| in tokens (LCS: the longest common
+    subsequence; F = 0 when the LCS is empty).
+
+    Google's `rouge-score` package, `RougeScorer(["rougeL"], use_stemmer=True)`: text lower-cased, every
+    run of characters other than a-z and 0-9 a token boundary (so text in other scripts has no tokens and
+    scores 0), tokens longer than 3 characters Porter-stemmed ("running" -> "run"). Super-NaturalInstructions
+    (Wang et al., 2022) scores its generation tasks so: rougeL with use_stemmer=True, the max over a test
+    example's outputs (eval/automatic/evaluation.py of allenai/natural-instructions; Tk-Instruct's
+    src/compute_metrics.py, with a copy of this package); SAPT's src/compute_metrics.py uses the same
+    scorer against one output per example."""
+    scorer = _rouge_l_scorer()
+    return max(scorer.score(target=answer, prediction=prediction)["rougeL"].fmeasure for answer in answers)
+
+
+# how a generation is scored against its answers, per generation metric (in [0, 1])
+GENERATION_METRICS = {"exact_match": exact_match, "rouge_l": rouge_l}
 
 
 @torch.no_grad()
@@ -269,8 +307,10 @@ def _causal_scores(model, rows: list[tuple[list[int], list[list[int]]]], batch_s
     return [scores[k:k + n] for k in range(0, len(scores), n)]
 
 
-def _exact_match(model, tokenizer, task: TaskData, indices: list[int], batch_size: int, max_length: int,
-                 max_new_tokens: int, device) -> list[tuple[int, bool]]:
+def generate(model, tokenizer, task: TaskData, indices: list[int], batch_size: int, max_length: int,
+             max_new_tokens: int, device) -> list[tuple[int, str]]:
+    """(index, greedy generation) per example: the prompt's last `max_length` tokens, left-padded in
+    batches of `batch_size`, at most `max_new_tokens` new tokens, special tokens dropped."""
     results = []
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
@@ -282,7 +322,7 @@ def _exact_match(model, tokenizer, task: TaskData, indices: list[int], batch_siz
         # a causal LM's output starts with its prompt; a decoder's with its start token (special)
         prompt_width = 0 if family_of(model) == SEQ2SEQ else batch["input_ids"].shape[1]
         texts = tokenizer.batch_decode(out[:, prompt_width:], skip_special_tokens=True)
-        results += [(i, normalise(text) == normalise(task.test[i].output)) for i, text in zip(chunk, texts)]
+        results += list(zip(chunk, texts))
     return results
 
 
@@ -307,14 +347,17 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: list[TaskData], sec
                 for start in range(0, len(own), step):
                     part = own[start:start + step]
                     if task.metric == "accuracy":
-                        local += _rank_classification(model, tokenizer, task, part, section.batch_size, max_length,
-                                                      device)
+                        local += [(i, float(ok)) for i, ok in _rank_classification(
+                            model, tokenizer, task, part, section.batch_size, max_length, device)]
                     else:
-                        local += _exact_match(model, tokenizer, task, part, section.batch_size, max_length,
-                                              section.max_new_tokens, device)
+                        compare = GENERATION_METRICS[task.metric]
+                        local += [(i, compare(text, task.test[i].answers)) for i, text in generate(
+                            model, tokenizer, task, part, section.batch_size, max_length, section.max_new_tokens,
+                            device)]
                     advance(len(part))
                 merged = [r for part in dist.all_gather_objects(local) for r in part]
-                scores.append(100.0 * sum(ok for _, ok in merged) / len(merged))
+                # fsum: exactly rounded, so the order the ranks' parts arrive in changes no bit
+                scores.append(100.0 * math.fsum(score for _, score in merged) / len(merged))
     finally:
         model.train(was_training)
     return scores

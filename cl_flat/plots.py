@@ -63,7 +63,7 @@ def about_run(config) -> str:
     """What a run's figures are about: its name, flatness method (per-task methods: "per task") and metric."""
     methods = {config.task_flatness(i).method for i in range(len(config.tasks))}
     method = methods.pop() if len(methods) == 1 else "per-task methods"
-    return f"{config.run.name} · {method} · {config.evaluation.metric}"
+    return f"{config.run.name} · {method} · {config.metric_label()}"
 
 
 def _titled(title: str, about: str) -> str:

@@ -22,6 +22,7 @@ from cl_flat.config.sections import (
     HfTaskConfig,
     JsonlTaskConfig,
     LoraSection,
+    Metric,
     ModelSection,
     ReplaySection,
     RunConfig,
@@ -38,7 +39,7 @@ from cl_flat.registry import METHODS, STRATEGIES
 
 __all__ = [
     "BuiltinTaskConfig", "DeepSpeedSection", "EvaluationSection", "FlatnessConfig", "HfTaskConfig",
-    "JsonlTaskConfig", "LoraSection", "ModelSection", "ReplaySection", "RunConfig", "Strict", "TaskConfig",
+    "JsonlTaskConfig", "LoraSection", "Metric", "ModelSection", "ReplaySection", "RunConfig", "Strict", "TaskConfig",
     "TrainingSection", "WandbSection", "config_to_dict", "flatness_adapter", "load_config", "resolve_paths",
     "validate_config", "validate_options",
 ]
@@ -104,7 +105,7 @@ def _cross_checks(raw: dict[str, Any]) -> list[str]:
         if isinstance(task, dict) and task.get("source") in {"jsonl", "hf"} and task.get("labels") is None \
                 and (task.get("metric") or default_metric) == "accuracy":
             problems.append(f"tasks.{i}.labels: metric 'accuracy' (rank classification) needs the "
-                            "task's label strings; list them or set metric: exact_match")
+                            "task's label strings; list them or set metric: exact_match or rouge_l")
     return problems
 
 

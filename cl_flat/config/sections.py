@@ -99,6 +99,9 @@ class StrategyTaskConfig:
         return handler.generate_schema(Union[classes] if classes else None)  # noqa: UP007 (a runtime tuple)
 
 
+# how a task is scored (cl_flat.evaluate): rank classification, or greedy generation compared with the references
+Metric = Literal["accuracy", "exact_match", "rouge_l"]
+
 DEFAULT_TEMPLATE = "{instruction}\nOptions: {options}\nInput: {input}\nAnswer:"
 TEMPLATE_FIELDS = {"instruction", "options", "input"}
 
@@ -107,7 +110,7 @@ class TaskBase(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     instruction: str | None = None
     prompt_template: str = DEFAULT_TEMPLATE
-    metric: Literal["accuracy", "exact_match"] | None = None  # None: evaluation.metric
+    metric: Metric | None = None  # None: evaluation.metric
     max_train_samples: int | None = Field(default=None, ge=1, description="a fixed random subset of train")
     # this task's effective settings where it overrides the run-level blocks (see RunConfig.task_training)
     training: TrainingSection | None = None
@@ -205,7 +208,7 @@ def flatness_adapter() -> TypeAdapter:
 
 
 class EvaluationSection(Strict):
-    metric: Literal["accuracy", "exact_match"] = "accuracy"
+    metric: Metric = "accuracy"
     max_samples_per_task: int | None = Field(default=200, ge=1)
     batch_size: int = Field(default=32, ge=1)
     max_new_tokens: int = Field(default=16, ge=1)
@@ -289,3 +292,12 @@ class RunConfig(Strict):
     def task_flatness(self, index: int):
         """The flatness method block of task `index`: its own or the run's."""
         return self.tasks[index].flatness or self.flatness
+
+    def task_metric(self, index: int) -> str:
+        """The metric of task `index`: its own or evaluation.metric."""
+        return self.tasks[index].metric or self.evaluation.metric
+
+    def metric_label(self) -> str:
+        """What the matrix holds, for titles: the one metric of every task, or "mixed metrics (a, b)"."""
+        names = list(dict.fromkeys(self.task_metric(i) for i in range(len(self.tasks))))
+        return names[0] if len(names) == 1 else f"mixed metrics ({', '.join(names)})"

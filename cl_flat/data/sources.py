@@ -1,13 +1,15 @@
 """Task sources -> `TaskData` (instruction, label options, train/test examples).
 
 - `builtin`: generated deterministically from the run seed (cl_flat.data.builtin);
-- `jsonl`: one `{"input": ..., "output": ...}` object per line; errors name file:line;
+- `jsonl`: one `{"input": ..., "output": ...}` object per line, optionally with `"references": [...]`
+  (every acceptable answer, for the generation metrics); errors name file:line;
 - `hf`: `datasets.load_dataset` (hub id on users' machines, or csv/json/parquet with
   `data_files` locally), with text/label fields and label names for integer labels.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +23,14 @@ from cl_flat.seeding import derive_seed
 @dataclass(frozen=True)
 class Example:
     input: str
-    output: str
+    output: str  # the training target
+    # every acceptable answer (SuperNI's test outputs); the generation metrics take the best; None: (output,)
+    references: tuple[str, ...] | None = None
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        """What a generation is compared with: the references, else the output alone."""
+        return self.references if self.references is not None else (self.output,)
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,17 @@ def _encodable(text: str) -> bool:
     return True
 
 
+def _references(row: dict, place: str) -> tuple[str, ...] | None:
+    """A row's optional "references": a non-empty list of strings, or None where the key is absent."""
+    if "references" not in row:
+        return None
+    value = row["references"]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise DataError(f"{place}: \"references\" must be a non-empty list of strings (every acceptable "
+                        f"answer), got {json.dumps(value)[:80]}")
+    return tuple(value)
+
+
 def read_jsonl(path: Path, labels: list[str] | None = None) -> list[Example]:
     require_file(path)
     examples: list[Example] = []
@@ -72,9 +92,10 @@ def read_jsonl(path: Path, labels: list[str] | None = None) -> list[Example]:
         if not isinstance(row, dict) or not isinstance(row.get("input"), str) \
                 or not isinstance(row.get("output"), str):
             raise DataError(f"{path}:{number}: expected an object with string fields \"input\" and \"output\"")
-        if not (_encodable(row["input"]) and _encodable(row["output"])):
+        references = _references(row, f"{path}:{number}")
+        if not all(map(_encodable, [row["input"], row["output"], *(references or ())])):
             raise DataError(f"{path}:{number}: a lone surrogate escape (e.g. \"\\ud800\") is not text")
-        examples.append(Example(row["input"], row["output"]))
+        examples.append(Example(row["input"], row["output"], references))
         where.append(f"{path}:{number}")
     if not examples:
         raise DataError(f"{path}: no examples (expected one JSON object per line)")

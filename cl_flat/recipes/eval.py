@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from cl_flat import dist
-from cl_flat.config import RunConfig, Strict, config_to_dict, validate_config, validate_options
+from cl_flat.config import Metric, RunConfig, Strict, config_to_dict, validate_config, validate_options
 from cl_flat.data import load_tasks
 from cl_flat.data.fingerprints import data_changes
 from cl_flat.errors import ConfigError, DataError
@@ -70,7 +70,7 @@ def reevaluate(path: Path) -> Reevaluation:
 
 
 class RescoreOptions(Strict):
-    metric: Literal["accuracy", "exact_match"] | None = None  # default: the run's evaluation.metric
+    metric: Metric | None = None  # default: the run's evaluation.metric (a task's own metric stays)
     max_samples: int | Literal["all"] | None = None  # default: the run's evaluation.max_samples_per_task
     tasks: list[str] | None = None  # default: every task of the sequence
     after: list[str] | None = None  # default: zero_shot and every trained task (the whole matrix)
@@ -91,6 +91,7 @@ RESCORE_FLAGS = {"metric": "--metric", "max_samples": "--max-samples", "tasks": 
 @dataclass(frozen=True)
 class Rescore:
     tasks: list[str]
+    metric: str  # what the rows hold (RunConfig.metric_label)
     rows: list[tuple[str, list[float]]]
     metrics: dict[str, Any] | None  # the forgetting metrics, when every row and task was scored
     csv: Path
@@ -146,7 +147,7 @@ def rescore(path: Path, values: dict[str, Any], overrides: list[str]) -> Rescore
         record = {"metric": config.evaluation.metric, "max_samples_per_task": cap, "tasks": tasks, "rows": rows,
                   "evaluation": config_to_dict(config)["evaluation"], "metrics": metrics}
         atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
-    return Rescore(tasks, scored, metrics, csv_path, record_path)
+    return Rescore(tasks, config.metric_label(), scored, metrics, csv_path, record_path)
 
 
 def rescoring(values: dict[str, Any], overrides: list[str]) -> bool:
