@@ -210,6 +210,13 @@ class HfTaskConfig(TaskBase):
     label_field: str = "label"
     labels: LabelList = None  # names for integer labels
 
+    @model_validator(mode="after")
+    def _label_not_in_prompt(self) -> HfTaskConfig:
+        if self.label_field in template_fields(self.prompt_template):
+            raise ValueError(f"prompt_template names {{{self.label_field}}}, the label_field column: the target "
+                             "cannot be in the prompt")
+        return self
+
 
 TaskConfig = Annotated[
     Union[BuiltinTaskConfig, JsonlTaskConfig, HfTaskConfig], Field(discriminator="source")

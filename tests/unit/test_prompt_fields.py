@@ -86,6 +86,14 @@ def test_builtin_tasks_have_only_input():
     assert "tasks.0.prompt_template" in str(info.value) and "['premise']" in str(info.value)
 
 
+def test_hf_label_column_not_in_the_prompt(tmp_path):
+    task = {"name": "h", "source": "hf", "dataset": "json", "data_files": "x.json", "label_field": "gold",
+            "prompt_template": "{premise} {gold}"}
+    with pytest.raises(ConfigError) as info:
+        run_config(task)
+    assert "tasks.0" in str(info.value) and "names {gold}, the label_field column" in str(info.value)
+
+
 def test_chat_system_without_chat_refused(tmp_path):
     with pytest.raises(ConfigError) as info:
         run_config(mnli_task(tmp_path, chat_system="Be brief."))
