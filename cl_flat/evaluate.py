@@ -2,7 +2,8 @@
 
 - `accuracy`: rank classification. For each label, the mean log-probability of the label's
   tokens after the prompt (length-normalised log-likelihood), the label tokenised in context
-  as in training (`prompt_and_targets`); the argmax label is the prediction. No generation:
+  as in training (`prompt_and_targets`; a chat task's prompt rendered as in training); the argmax
+  label is the prediction. No generation:
   deterministic and cheap. Causal models score all labels of a prompt in ONE forward
   (`packed_label_logprobs`: the shared prompt prefix, then every label's tokens behind it with a
   block-causal 4-D mask and positions restarting after the prefix), several prompts per forward
@@ -42,8 +43,8 @@ from cl_flat.data.batches import (
     collate,
     encode,
     encode_seq2seq,
-    prompt_and_targets,
-    prompt_ids,
+    example_prompt_and_targets,
+    example_prompt_ids,
     target_ids,
 )
 from cl_flat.data.sources import TaskData
@@ -244,7 +245,7 @@ def _seq2seq_pairs(tokenizer, task: TaskData, indices: list[int], max_length: in
     """(prompt, label + EOS) for every example and label, label-major within an example."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     label_ids = [target_ids(tokenizer, label) + eos for label in task.labels]
-    return [encode_seq2seq(prompt_ids(tokenizer, task.prompt(task.test[i])), ids, max_length)
+    return [encode_seq2seq(example_prompt_ids(tokenizer, task, task.test[i]), ids, max_length)
             for i in indices for ids in label_ids]
 
 
@@ -262,7 +263,7 @@ def rank_scores(model, tokenizer, task: TaskData, indices: list[int], batch_size
         return [scores[k:k + len(labels)] for k in range(0, len(scores), len(labels))]
     rows = []
     for i in indices:
-        prompt, label_ids = prompt_and_targets(tokenizer, task.prompt(task.test[i]), labels)
+        prompt, label_ids = example_prompt_and_targets(tokenizer, task, task.test[i], labels)
         # every label is scored after the same prompt window: cut once, to fit the longest label
         rows.append((prompt[-max(max_length - max(len(ids) for ids in label_ids), 1):], label_ids))
     return _causal_scores(model, rows, batch_size, tokenizer.pad_token_id, max_length, device)
@@ -314,7 +315,7 @@ def generate(model, tokenizer, task: TaskData, indices: list[int], batch_size: i
     results = []
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
-        items = [Encoded(tuple(ids := prompt_ids(tokenizer, task.prompt(task.test[i]))[-max_length:]),
+        items = [Encoded(tuple(ids := example_prompt_ids(tokenizer, task, task.test[i])[-max_length:]),
                          tuple([IGNORE] * len(ids))) for i in chunk]
         batch = collate(items, tokenizer.pad_token_id, left_pad=True)
         out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),

@@ -258,6 +258,35 @@ def model_config(name_or_path: str):
     return config
 
 
+def load_tokenizer(name_or_path: str):
+    """The model's tokenizer alone (no weights), or None when it cannot be had without a download."""
+    from transformers import AutoTokenizer
+
+    if name_or_path.startswith(("tiny-random:", "random:")):
+        return byte_tokenizer()
+    try:
+        if name_or_path.startswith("builtin:"):
+            name = name_or_path.split(":", 1)[1]
+            folder, filename = _builtin_gguf(name)
+            cache = _cache_dir(name, folder / filename)
+            if (cache / "tokenizer_config.json").is_file():
+                return AutoTokenizer.from_pretrained(cache)
+            return AutoTokenizer.from_pretrained(str(folder), gguf_file=filename)
+        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)  # never downloads
+    except (OSError, ValueError, UserError):
+        return None
+
+
+def check_chat_templates(config, tokenizer, source: str = "config") -> None:
+    """A ConfigError naming each `prompt_format: chat` task of the run when the tokenizer has no chat template."""
+    problems = [f"tasks.{i}.prompt_format: chat needs a tokenizer with a chat template, and the tokenizer of "
+                f"{config.model.name_or_path} has none (task {task.name}; use prompt_format: plain)"
+                for i, task in enumerate(config.tasks) if task.prompt_format == "chat"
+                and not getattr(tokenizer, "chat_template", None)]
+    if problems:
+        raise ConfigError(source, problems)
+
+
 def model_family(name_or_path: str) -> Family:
     """The family of the model (`cl_flat.family`), read from its config; `causal` when unknown."""
     config = model_config(name_or_path)

@@ -15,6 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from cl_flat.config.sections import (
     DEFAULT_STRATEGY,
+    DEFAULT_TEMPLATE,
     BuiltinTaskConfig,
     DeepSpeedSection,
     EvaluationSection,
@@ -31,6 +32,7 @@ from cl_flat.config.sections import (
     TrainingSection,
     WandbSection,
     flatness_adapter,
+    template_fields,
 )
 from cl_flat.config.yamlfile import YamlProblem, read_yaml
 from cl_flat.errors import ConfigError
@@ -38,10 +40,11 @@ from cl_flat.overrides import apply_overrides, fill_name_template, names_every_k
 from cl_flat.registry import METHODS, STRATEGIES
 
 __all__ = [
-    "BuiltinTaskConfig", "DeepSpeedSection", "EvaluationSection", "FlatnessConfig", "HfTaskConfig",
-    "JsonlTaskConfig", "LoraSection", "Metric", "ModelSection", "ReplaySection", "RunConfig", "Strict", "TaskConfig",
+    "DEFAULT_TEMPLATE", "BuiltinTaskConfig", "DeepSpeedSection", "EvaluationSection", "FlatnessConfig",
+    "HfTaskConfig", "JsonlTaskConfig", "LoraSection", "Metric", "ModelSection", "ReplaySection", "RunConfig", "Strict",
+    "TaskConfig",
     "TrainingSection", "WandbSection", "config_to_dict", "flatness_adapter", "load_config", "resolve_paths",
-    "validate_config", "validate_options",
+    "template_fields", "validate_config", "validate_options",
 ]
 
 

@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     TypeAdapter,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -103,13 +104,45 @@ class StrategyTaskConfig:
 Metric = Literal["accuracy", "exact_match", "rouge_l"]
 
 DEFAULT_TEMPLATE = "{instruction}\nOptions: {options}\nInput: {input}\nAnswer:"
-TEMPLATE_FIELDS = {"instruction", "options", "input"}
+TASK_FIELDS = ("instruction", "options")  # placeholders filled from the task; every other one is an example field
+
+
+def template_fields(template: str) -> tuple[str, ...]:
+    """The example fields a prompt template names (`{input}`, `{premise}`), in order of first use, the task's
+    own placeholders (TASK_FIELDS) left out. A ValueError on what `str.format` would not fill from names
+    alone: unbalanced braces, `{}`/`{0}`, `{a.b}`/`{a[0]}`, a conversion or format spec."""
+    import string
+
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"not a valid template ({exc}); write a literal brace as {{{{ or }}}}") from None
+    names: list[str] = []
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not re.fullmatch(r"[A-Za-z_]\w*", name) or spec or conversion:
+            shown = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise ValueError(f"placeholder {{{shown}}} is not a field name; write {{name}} (letters, digits, _) "
+                             "or a literal brace as {{ or }}")
+        if name == "output":
+            raise ValueError("{output} is the target the model learns to produce: it cannot be in the prompt")
+        if name not in TASK_FIELDS and name not in names:
+            names.append(name)
+    if not names:
+        raise ValueError("the template names no field of the example (e.g. {input}, {premise}); "
+                         f"{{{'}, {'.join(TASK_FIELDS)}}} come from the task")
+    return tuple(names)
 
 
 class TaskBase(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     instruction: str | None = None
-    prompt_template: str = DEFAULT_TEMPLATE
+    prompt_template: str = Field(default=DEFAULT_TEMPLATE, description="{instruction}, {options} from the task; "
+                                 "any other {name} is a field of the example (docs/configuration.md)")
+    prompt_format: Literal["plain", "chat"] = Field(default="plain", description="chat: the filled template is "
+                                                    "the user turn of the tokenizer's chat template")
+    chat_system: str | None = Field(default=None, description="chat: the system message (none if unset)")
     metric: Metric | None = None  # None: evaluation.metric
     max_train_samples: int | None = Field(default=None, ge=1, description="a fixed random subset of train")
     # this task's effective settings where it overrides the run-level blocks (see RunConfig.task_training)
@@ -121,12 +154,14 @@ class TaskBase(Strict):
     @field_validator("prompt_template")
     @classmethod
     def _template_fields(cls, value: str) -> str:
-        used = set(re.findall(r"{(\w*)}", value))
-        unknown = used - TEMPLATE_FIELDS
-        if unknown:
-            raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; allowed: {sorted(TEMPLATE_FIELDS)}")
-        if "input" not in used:
-            raise ValueError("the template must contain {input}")
+        template_fields(value)
+        return value
+
+    @field_validator("chat_system")
+    @classmethod
+    def _chat_only(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("prompt_format") != "chat":
+            raise ValueError("a system message is used only with `prompt_format: chat`")
         return value
 
 
@@ -135,6 +170,14 @@ class BuiltinTaskConfig(TaskBase):
     task: str | None = None  # builtin task to generate; defaults to `name`
     n_train: int = Field(default=256, ge=1)
     n_test: int = Field(default=200, ge=1)
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _builtin_fields(cls, value: str) -> str:
+        extra = [name for name in template_fields(value) if name != "input"]
+        if extra:
+            raise ValueError(f"a builtin task's examples have only {{input}}; the template names {extra}")
+        return value
 
 
 def _labels_are_strings(value: Any) -> Any:
@@ -169,6 +212,13 @@ class HfTaskConfig(TaskBase):
     text_field: str = "text"
     label_field: str = "label"
     labels: LabelList = None  # names for integer labels
+
+    @model_validator(mode="after")
+    def _label_not_in_prompt(self) -> HfTaskConfig:
+        if self.label_field in template_fields(self.prompt_template):
+            raise ValueError(f"prompt_template names {{{self.label_field}}}, the label_field column: the target "
+                             "cannot be in the prompt")
+        return self
 
 
 TaskConfig = Annotated[

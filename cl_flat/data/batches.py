@@ -5,6 +5,12 @@ whole and the target's tokens are what follows the prompt tokens (`prompt_and_ta
 training and rank classification both use exactly the tokens the model reads in running text.
 Only target tokens carry a loss (prompt and padding are `IGNORE`).
 
+Chat prompts (`prompt_format: chat`, `render_prompt`): the filled template is the user turn of the
+tokenizer's chat template, rendered with the generation prompt (the assistant turn's header); the
+rendered text holds its own special tokens, so it is tokenised without adding any, and the target
+follows the header directly (no " " between them). Training, rank classification, generation and
+the landscapes all read prompts through `example_prompt_ids`/`example_prompt_and_targets`.
+
 Encoder-decoder LMs (`Seq2SeqEncoded`): the encoder reads the prompt tokens; the labels are the
 target tokenised alone + EOS; the decoder reads them shifted right behind the start token
 (the pad token: decoder_input_ids = [pad, y_1, …, y_{n−1}]), so decoder position t predicts y_t.
@@ -36,21 +42,48 @@ class Seq2SeqEncoded:
     labels: tuple[int, ...]
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+def render_prompt(tokenizer, task, example) -> str:
+    """The text before the target: `task.prompt(example)`, or for a chat task that text as the user
+    message (after `task.chat_system` as the system message, when set) through the tokenizer's chat
+    template with the assistant turn's header (`add_generation_prompt=True`)."""
+    text = task.prompt(example)
+    if not task.chat:
+        return text
+    messages = ([{"role": "system", "content": task.chat_system}] if task.chat_system is not None else []) \
+        + [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def prompt_and_targets(tokenizer, prompt: str, targets: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+def prompt_ids(tokenizer, prompt: str, chat: bool = False) -> list[int]:
+    # a rendered chat prompt holds its special tokens already (BOS too, where the template writes it)
+    return tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
+
+
+def example_prompt_ids(tokenizer, task, example) -> list[int]:
+    """The tokens of `example`'s prompt as `task` renders it (`render_prompt`)."""
+    return prompt_ids(tokenizer, render_prompt(tokenizer, task, example), task.chat)
+
+
+def example_prompt_and_targets(tokenizer, task, example,
+                               targets: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """`prompt_and_targets` of `example`'s prompt as `task` renders it."""
+    return prompt_and_targets(tokenizer, render_prompt(tokenizer, task, example), targets, task.chat)
+
+
+def prompt_and_targets(tokenizer, prompt: str, targets: Sequence[str],
+                       chat: bool = False) -> tuple[list[int], list[list[int]]]:
     """The prompt tokens shared by every tokenised `prompt + " " + target`, and each target's tokens after them.
 
     Why in context: a target tokenised on its own is not what the model reads. SentencePiece
     tokenizers of the Llama-2 family turn " positive" alone into a lone "▁" then "▁positive",
     while "Answer: positive" ends in "▁positive"; byte-level BPE gives " positive" either way.
+    `chat`: a rendered chat prompt (module docstring): `prompt + target`, no special tokens added.
     Where a tokenizer merges across the prompt/target boundary, the merged token goes to the
     targets (the shared prefix stops before it), so every target follows the same context.
     """
-    head = prompt_ids(tokenizer, prompt)
-    wholes = tokenizer([f"{prompt} {target}" for target in targets], add_special_tokens=True)["input_ids"]
+    head = prompt_ids(tokenizer, prompt, chat)
+    gap = "" if chat else " "  # a chat prompt ends with the assistant header: the answer starts there
+    wholes = tokenizer([f"{prompt}{gap}{target}" for target in targets], add_special_tokens=not chat)["input_ids"]
     shared = len(head)
     for whole in wholes:
         common = next((k for k, (a, b) in enumerate(zip(head, whole)) if a != b), min(len(head), len(whole)))
@@ -80,11 +113,11 @@ def encode_examples(task, tokenizer, examples, max_length: int,
     """Training encodings of `examples` for the tokenizer's family (see the module docstring)."""
     eos = [tokenizer.eos_token_id] if with_eos and tokenizer.eos_token_id is not None else []
     if tokenizer_family(tokenizer) == SEQ2SEQ:
-        return [encode_seq2seq(prompt_ids(tokenizer, task.prompt(example)), target_ids(tokenizer, example.output) + eos,
-                               max_length) for example in examples]
+        return [encode_seq2seq(example_prompt_ids(tokenizer, task, example),
+                               target_ids(tokenizer, example.output) + eos, max_length) for example in examples]
     encoded = []
     for example in examples:
-        prompt, (target,) = prompt_and_targets(tokenizer, task.prompt(example), [example.output])
+        prompt, (target,) = example_prompt_and_targets(tokenizer, task, example, [example.output])
         encoded.append(encode(prompt, target + eos, max_length))
     return encoded
 

@@ -1,10 +1,15 @@
 """Task sources -> `TaskData` (instruction, label options, train/test examples).
 
 - `builtin`: generated deterministically from the run seed (cl_flat.data.builtin);
-- `jsonl`: one `{"input": ..., "output": ...}` object per line, optionally with `"references": [...]`
-  (every acceptable answer, for the generation metrics); errors name file:line;
+- `jsonl`: one JSON object per line: "output" and every field the prompt template names ("input",
+  "premise", ...), each a string, and optionally "references": [...] (every acceptable answer, for the
+  generation metrics); errors name file:line;
 - `hf`: `datasets.load_dataset` (hub id on users' machines, or csv/json/parquet with
-  `data_files` locally), with text/label fields and label names for integer labels.
+  `data_files` locally), with text/label fields and label names for integer labels; `{input}` is
+  the `text_field` column, any other template field the column of that name (values read with str()).
+
+An example carries `input` (builtin, jsonl "input", hf `text_field`; "" where the template does not use
+it), `output`, and `fields`: the template's other example fields as (name, text) pairs.
 """
 
 from __future__ import annotations
@@ -14,7 +19,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from cl_flat.config import BuiltinTaskConfig, HfTaskConfig, JsonlTaskConfig, RunConfig, TaskConfig
+from cl_flat.config import (
+    DEFAULT_TEMPLATE,
+    BuiltinTaskConfig,
+    HfTaskConfig,
+    JsonlTaskConfig,
+    RunConfig,
+    TaskConfig,
+    template_fields,
+)
 from cl_flat.errors import DataError
 from cl_flat.files import json_lines
 from cl_flat.seeding import derive_seed
@@ -24,6 +37,7 @@ from cl_flat.seeding import derive_seed
 class Example:
     input: str
     output: str  # the training target
+    fields: tuple[tuple[str, str], ...] = ()  # the template's example fields other than input, in its order
     # every acceptable answer (SuperNI's test outputs); the generation metrics take the best; None: (output,)
     references: tuple[str, ...] | None = None
 
@@ -42,10 +56,15 @@ class TaskData:
     template: str
     train: tuple[Example, ...]
     test: tuple[Example, ...]
+    chat_system: str | None = None
+    chat: bool = False  # prompt_format: chat (cl_flat.data.batches.render_prompt)
 
     def prompt(self, example: Example) -> str:
+        """The template filled: {instruction}, {options} (the labels, comma-separated) from the task,
+        {input} and the other fields from the example."""
         options = ", ".join(self.labels) if self.labels else ""
-        return self.template.format(instruction=self.instruction, options=options, input=example.input)
+        return self.template.format(**dict(example.fields), instruction=self.instruction, options=options,
+                                    input=example.input)
 
 
 def _check_labels(examples: list[Example], labels: list[str] | None, where: list[str]) -> None:
@@ -84,23 +103,42 @@ def _references(row: dict, place: str) -> tuple[str, ...] | None:
     return tuple(value)
 
 
-def read_jsonl(path: Path, labels: list[str] | None = None) -> list[Example]:
+def read_jsonl(path: Path, labels: list[str] | None = None, template: str = DEFAULT_TEMPLATE) -> list[Example]:
+    """The examples of a jsonl file: per line an object with a string "output" and a string for every
+    example field `template` names."""
     require_file(path)
+    names = template_fields(template)
     examples: list[Example] = []
     where: list[str] = []
     for number, row in json_lines(path):
-        if not isinstance(row, dict) or not isinstance(row.get("input"), str) \
-                or not isinstance(row.get("output"), str):
-            raise DataError(f"{path}:{number}: expected an object with string fields \"input\" and \"output\"")
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        for name in ("output", *names):
+            if name not in row:
+                why = "the target" if name == "output" else "the prompt_template names it"
+                raise DataError(f"{path}:{number}: no field \"{name}\" ({why}); fields: {sorted(row)}")
+            if not isinstance(row[name], str):
+                raise DataError(f"{path}:{number}: field \"{name}\" must be a string, got "
+                                f"{type(row[name]).__name__}")
+            if not _encodable(row[name]):
+                raise DataError(f"{path}:{number}: a lone surrogate escape (e.g. \"\\ud800\") is not text "
+                                f"(field \"{name}\")")
         references = _references(row, f"{path}:{number}")
-        if not all(map(_encodable, [row["input"], row["output"], *(references or ())])):
-            raise DataError(f"{path}:{number}: a lone surrogate escape (e.g. \"\\ud800\") is not text")
-        examples.append(Example(row["input"], row["output"], references))
+        if not all(map(_encodable, references or ())):
+            raise DataError(f"{path}:{number}: a lone surrogate escape (e.g. \"\\ud800\") is not text (references)")
+        examples.append(_example(row, names, row.get("input", ""), row["output"], references))
         where.append(f"{path}:{number}")
     if not examples:
         raise DataError(f"{path}: no examples (expected one JSON object per line)")
     _check_labels(examples, labels, where)
     return examples
+
+
+def _example(row: dict, names: tuple[str, ...], text: str, output: str,
+             references: tuple[str, ...] | None = None) -> Example:
+    """An example whose {input} is `text` and whose other template fields are `row`'s (as str)."""
+    return Example(text if "input" in names else "", output,
+                   tuple((name, str(row[name])) for name in names if name != "input"), references)
 
 
 def hf_data_files(task: HfTaskConfig) -> list[str]:
@@ -126,19 +164,27 @@ def _hf_split(task: HfTaskConfig, split: str) -> list[Example]:
     except Exception as exc:  # datasets raises many types for bad files/splits; report, don't trace
         raise DataError(f"tasks[{task.name}]: cannot load {task.dataset!r} split {split!r}: "
                         f"{type(exc).__name__}: {exc}") from None
-    for field in (task.text_field, task.label_field):
+    names = template_fields(task.prompt_template)
+    columns = [task.label_field] + [task.text_field if name == "input" else name for name in names]
+    for field in columns:
         if field not in table.column_names:
-            raise DataError(f"tasks[{task.name}]: split {split!r} has no column {field!r}; "
+            why = "label_field" if field == task.label_field else \
+                "text_field, the template's {input}" if field == task.text_field and "input" in names else \
+                "the prompt_template names it"
+            raise DataError(f"tasks[{task.name}]: split {split!r} has no column {field!r} ({why}); "
                             f"columns: {table.column_names}")
     examples: list[Example] = []
     for number, row in enumerate(table, start=1):
+        empty = [field for field in columns[1:] if row[field] is None]
+        if empty:
+            raise DataError(f"tasks[{task.name}]: {split} row {number}: column {empty[0]!r} is empty (null)")
         label = row[task.label_field]
         if isinstance(label, int) and not isinstance(label, bool):
             if task.labels is None or not 0 <= label < len(task.labels):
                 raise DataError(f"tasks[{task.name}]: {split} row {number}: integer label {label} needs "
                                 f"`labels:` with at least {label + 1} names")
             label = task.labels[label]
-        examples.append(Example(str(row[task.text_field]), str(label)))
+        examples.append(_example(row, names, str(row[task.text_field]) if "input" in names else "", str(label)))
     _check_labels(examples, task.labels, [f"tasks[{task.name}]: {split} row {n}" for n in range(1, len(examples) + 1)])
     return examples
 
@@ -213,15 +259,18 @@ def _load_task(task: TaskConfig, seed: int, metric: str) -> TaskData:
         return TaskData(task.name, task.instruction or spec.instruction, tuple(spec.labels), metric,
                         task.prompt_template,
                         tuple(Example(r["input"], r["output"]) for r in train),
-                        tuple(Example(r["input"], r["output"]) for r in test))
+                        tuple(Example(r["input"], r["output"]) for r in test), task.chat_system,
+                        task.prompt_format == "chat")
     if isinstance(task, JsonlTaskConfig):
-        train, test = read_jsonl(task.train, task.labels), read_jsonl(task.test, task.labels)
+        train = read_jsonl(task.train, task.labels, task.prompt_template)
+        test = read_jsonl(task.test, task.labels, task.prompt_template)
     else:
         train, test = _hf_split(task, task.train_split), _hf_split(task, task.test_split)
     labels = tuple(task.labels) if task.labels else None
     instruction = task.instruction or (f"Classify the input as one of: {', '.join(labels)}." if labels
                                        else "Answer the input.")
-    return TaskData(task.name, instruction, labels, metric, task.prompt_template, tuple(train), tuple(test))
+    return TaskData(task.name, instruction, labels, metric, task.prompt_template, tuple(train), tuple(test),
+                    task.chat_system, task.prompt_format == "chat")
 
 
 def check_local_data(config: RunConfig) -> list[str]:

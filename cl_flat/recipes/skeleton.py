@@ -31,7 +31,7 @@ from cl_flat.errors import ConfigError, UserError
 from cl_flat.evaluate import evaluate_tasks
 from cl_flat.family import family_of, lora_targets
 from cl_flat.flatness import FlatnessMethod, build_method
-from cl_flat.models import check_target_modules, load_run_model, run_precision
+from cl_flat.models import check_chat_templates, check_target_modules, load_run_model, run_precision
 from cl_flat.progress import announce, training_bars
 from cl_flat.rundir import RunDir
 from cl_flat.rundir.lock import held
@@ -108,12 +108,14 @@ def check_batches(config: RunConfig, tasks: list[TaskData], world: int, source: 
 def prepare(config: RunConfig):
     """Everything that can fail on bad input, before any file is written (the results folder's place is
     checked before its lock is taken): each task's method and its checks, every task's data and its
-    batches, the model and its target modules. Returns (methods, one per task; tasks; model; tokenizer)."""
+    batches, the model, its target modules and chat template. Returns (methods, one per task; tasks; model;
+    tokenizer)."""
     methods = task_methods(config)
     tasks = load_tasks(config)
     check_batches(config, tasks, dist.world_size())
     announce(dist.is_main() and config.logging.progress, f"loading {config.model.name_or_path} ...")
     model, tokenizer = load_run_model(config.model, config.deepspeed, config.run.seed)
+    check_chat_templates(config, tokenizer)
     check_target_modules(config.lora.target_modules, {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()},
                          family_of(model))
     return methods, tasks, model, tokenizer

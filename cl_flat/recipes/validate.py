@@ -6,14 +6,14 @@ from pathlib import Path
 
 from cl_flat.config import RunConfig, load_config
 from cl_flat.data import check_local_data, load_task
-from cl_flat.models import check_target_modules, model_family, module_names
+from cl_flat.models import check_chat_templates, check_target_modules, load_tokenizer, model_family, module_names
 from cl_flat.recipes.skeleton import check_batches, check_output_dir, task_methods
 
 
 def validate(path: Path, overrides: list[str]) -> tuple[RunConfig, list[str]]:
     """The resolved config and notes on what was not checked; a ConfigError/DataError on a problem.
     Checks every method, every local data file (never downloads) and, where the model is known without
-    loading it, the LoRA target modules."""
+    loading it, the LoRA target modules and (chat tasks) the chat template."""
     config = load_config(path, overrides)
     check_output_dir(config, str(path))
     task_methods(config, str(path))
@@ -27,4 +27,10 @@ def validate(path: Path, overrides: list[str]) -> tuple[RunConfig, list[str]]:
         check_target_modules(config.lora.target_modules, names, model_family(config.model.name_or_path))
     else:
         notes.append(f"model {config.model.name_or_path!r}: target modules checked when training starts")
+    if any(task.prompt_format == "chat" for task in config.tasks):
+        tokenizer = load_tokenizer(config.model.name_or_path)
+        if tokenizer is None:
+            notes.append(f"model {config.model.name_or_path!r}: chat template checked when training starts")
+        else:
+            check_chat_templates(config, tokenizer, str(path))
     return config, notes
