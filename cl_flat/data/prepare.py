@@ -51,8 +51,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cl_flat.data.benchmarks import BENCHMARKS, TASKS, TRAIN_PER_CLASS, TaskSpec, benchmark_tasks
-from cl_flat.data.superni import (PROMPT_TEMPLATE, SUPERNI, SUPERNI_ORDERS, SUPERNI_TASKS, dev_is_test,
-                                  read_superni, superni_root)
+from cl_flat.data.superni import (
+    PROMPT_TEMPLATE,
+    SUPERNI,
+    SUPERNI_ORDERS,
+    SUPERNI_TASKS,
+    dev_is_test,
+    read_superni,
+    superni_root,
+)
 from cl_flat.errors import ConfigError, DataError
 from cl_flat.files import json_array, line_col, skip_space
 from cl_flat.seeding import derive_seed

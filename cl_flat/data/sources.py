@@ -153,8 +153,8 @@ def _local_name(dataset: str) -> bool:
 def _benchmarks() -> dict[str, tuple[tuple[str, ...], str]]:
     """Each benchmark `cl-flat data prepare` writes: its task names and what its --source takes."""
     from cl_flat.data.benchmarks import BENCHMARKS, SOURCE_HINT
-    from cl_flat.data.superni import SUPERNI, SUPERNI_TASKS
     from cl_flat.data.superni import SOURCE_HINT as SUPERNI_HINT
+    from cl_flat.data.superni import SUPERNI, SUPERNI_TASKS
 
     return {**{name: (members, SOURCE_HINT) for name, members in BENCHMARKS.items()},
             SUPERNI: (tuple(SUPERNI_TASKS), SUPERNI_HINT)}

@@ -99,9 +99,9 @@ def test_a_superni_copy_becomes_jsonl_with_every_reference_and_the_definition(tm
 def test_tasks_prepare_a_partial_copy_and_a_missing_folder_is_one_error(tmp_path, cli_here):
     root = write_copy(tmp_path)
     missing = prepare(cli_here, tmp_path, root)  # all 15 tasks asked of a two-task copy
-    assert_clean_failure(missing, f"{root / 'task1290_xsum_summarization'}: no such folder (task "
-                         "task1290_xsum_summarization)", f"prepare the tasks this copy has with --tasks {SAMSUM},{SST2}",
-                         code=2, max_lines=1)
+    xsum = "task1290_xsum_summarization"
+    assert_clean_failure(missing, f"{root / xsum}: no such folder (task {xsum})",
+                         f"prepare the tasks this copy has with --tasks {SAMSUM},{SST2}", code=2, max_lines=1)
     assert not (tmp_path / "out").exists()
     one = prepare(cli_here, tmp_path, root, "--tasks", SST2)
     assert one.returncode == 0, one.stderr
