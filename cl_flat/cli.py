@@ -340,12 +340,14 @@ app.add_typer(data_app, name="data")
 
 @data_app.command("prepare")
 def data_prepare(
-    benchmark: Annotated[str, typer.Argument(help="standard (DBpedia, Amazon, Yahoo, AG News) or long (the 15 "
-                                                  "tasks of O-LoRA's long sequence)")],
+    benchmark: Annotated[str, typer.Argument(help="standard (DBpedia, Amazon, Yahoo, AG News), long (the 15 "
+                                                  "tasks of O-LoRA's long sequence) or superni (SAPT's 15 "
+                                                  "SuperNI generation tasks)")],
     out: Annotated[Path, typer.Option("--out", help="folder to write <task>/{train,test}.jsonl and prepared.json "
-                                      "into (the shipped configs read data/olora)")],
-    source: Annotated[str, typer.Option("--source", help="hub (download through `datasets`) or the path of a "
-                                        "local copy of O-LoRA's CL_Benchmark/ folder")] = "hub",
+                                      "into (the shipped configs read data/olora, data/superni)")],
+    source: Annotated[str, typer.Option("--source", help="hub (download through `datasets`; not for superni) or "
+                                        "the path of a local copy of O-LoRA's CL_Benchmark/ folder (SAPT's "
+                                        "CL_Benchmark/SuperNI/ for superni)")] = "hub",
     seed: Annotated[int, typer.Option("--seed", min=0, help="seed of the samples drawn from larger splits")] = 42,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --out (only once the new "
                                             "preparation is complete)")] = False,
@@ -353,8 +355,9 @@ def data_prepare(
                                                  "(e.g. agnews,amazon,sst2: a partial CL_Benchmark copy); "
                                                  "default all")] = None,
 ) -> None:
-    """O-LoRA's benchmark as jsonl, sampled as published (1000 training examples per class, the published
-    test sizes), written atomically with a prepared.json manifest (sizes, seed, sha256 of each file)."""
+    """A benchmark as jsonl, sampled as published (O-LoRA's: 1000 training examples per class, the published
+    test sizes; SuperNI: SAPT's files whole), written atomically with a prepared.json manifest (sizes, seed,
+    sha256 of each file)."""
     from cl_flat.data.prepare import prepare_benchmark, size_against_published
 
     def report_split(task: str, split: str, rows) -> None:

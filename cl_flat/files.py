@@ -1,6 +1,7 @@
 """Atomic file writes: write beside the target, then rename, so an interrupted run never leaves
 a half-written file that looks complete (the results contract, docs/results.md); the one translation of a full
-disk into `DiskFull`; the one JSON-lines reader; and the tool's cache root."""
+disk into `DiskFull`; the one JSON-lines reader and the one reader of a JSON array with each element's line;
+and the tool's cache root."""
 
 from __future__ import annotations
 
@@ -103,6 +104,46 @@ def json_lines(path: str | os.PathLike[str], error: type[Exception] = DataError)
             except RecursionError:
                 raise error(f"{path}:{number}: JSON nested too deeply") from None
             yield number, value
+
+
+def line_col(text: str, pos: int) -> tuple[int, int]:
+    """The line and column (from 1) of offset `pos` in `text`."""
+    line = text.count("\n", 0, pos) + 1
+    return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
+
+
+def skip_space(text: str, pos: int) -> int:
+    """The first offset at or after `pos` that is not JSON whitespace."""
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def json_array(path: str | os.PathLike[str], text: str, start: int = 0,
+               error: type[Exception] = DataError) -> tuple[list[tuple[Any, int]], int]:
+    """The elements of the JSON array at offset `start` of `text` (the contents of `path`), each with the line it
+    starts on, and the offset just after the array; malformed JSON raises `error` naming `path:line:column`."""
+    decoder = json.JSONDecoder()
+    pos = skip_space(text, start)
+    if not text.startswith("[", pos):
+        raise error(f"{path}:{line_col(text, pos)[0]}: expected a JSON array of rows")
+    items: list[tuple[Any, int]] = []
+    line, counted = 1, 0  # the line of offset `counted`, advanced as the rows are read
+    pos = skip_space(text, pos + 1)
+    while not text.startswith("]", pos):
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise error(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
+        line, counted = line + text.count("\n", counted, pos), pos
+        items.append((value, line))
+        pos = skip_space(text, end)
+        if text.startswith(",", pos):
+            pos = skip_space(text, pos + 1)
+        elif not text.startswith("]", pos):
+            where = ":".join(map(str, line_col(text, pos)))
+            raise error(f"{path}:{where}: not valid JSON (expected ',' or ']' after row {len(items)})")
+    return items, pos + 1
 
 
 def cache_root() -> Path:

@@ -204,6 +204,7 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
 )}
 
 BENCHMARKS: dict[str, tuple[str, ...]] = {"standard": ORDERS[1], "long": ORDERS[6]}
+SOURCE_HINT = "PATH (a copy of O-LoRA's CL_Benchmark folder) or --source hub"  # what --source takes
 BENCHMARK_ORDERS: dict[str, tuple[int, ...]] = {"standard": (1, 2, 3), "long": (4, 5, 6)}
 
 

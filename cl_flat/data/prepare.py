@@ -1,4 +1,10 @@
-"""`cl-flat data prepare BENCHMARK --out DIR [--source hub|PATH] [--tasks a,b]`: O-LoRA's benchmarks as jsonl.
+"""`cl-flat data prepare BENCHMARK --out DIR [--source hub|PATH] [--tasks a,b]`: O-LoRA's benchmarks, and SAPT's
+SuperNI sequence (`superni`, from a local copy only: cl_flat.data.superni), as jsonl.
+
+SuperNI: `DIR/<task>/{train,test}.jsonl` hold every instance of SAPT's `<task>/{train,test}.json`, in file
+order, as `{"input": ..., "output": <first reference>, "references": [every reference]}`; the manifest records
+per task its instruction (the Definition), prompt template, sizes against the published ones, the instances
+with more than one reference, and whether dev.json is test.json. The O-LoRA benchmarks:
 
 Writes `DIR/<task>/train.jsonl` and `DIR/<task>/test.jsonl` (one `{"input": ..., "output": ...}` per
 line: `input` is the task's CL_Benchmark sentence, `output` its label name) for every task of the
@@ -45,7 +51,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cl_flat.data.benchmarks import BENCHMARKS, TASKS, TRAIN_PER_CLASS, TaskSpec, benchmark_tasks
+from cl_flat.data.superni import (
+    PROMPT_TEMPLATE,
+    SUPERNI,
+    SUPERNI_ORDERS,
+    SUPERNI_TASKS,
+    dev_is_test,
+    read_superni,
+    superni_root,
+)
 from cl_flat.errors import ConfigError, DataError
+from cl_flat.files import json_array, line_col, skip_space
 from cl_flat.seeding import derive_seed
 
 MANIFEST = "prepared.json"
@@ -65,17 +81,6 @@ class Rows:
 # ---------------------------------------------------------------- O-LoRA's CL_Benchmark files
 
 
-def _line_col(text: str, pos: int) -> tuple[int, int]:
-    line = text.count("\n", 0, pos) + 1
-    return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
-
-
-def _skip_space(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in " \t\r\n":
-        pos += 1
-    return pos
-
-
 def _read_text(path: Path) -> str:
     if not path.is_file():
         raise DataError(f"{path}: file not found (O-LoRA's layout: CL_Benchmark/<category>/<dataset>/"
@@ -89,29 +94,10 @@ def _read_text(path: Path) -> str:
 def read_json_array(path: Path) -> list[tuple[object, int]]:
     """The elements of a JSON array file, each with the line it starts on; errors name file:line."""
     text = _read_text(path)
-    decoder = json.JSONDecoder()
-    pos = _skip_space(text, 0)
-    if not text.startswith("[", pos):
-        raise DataError(f"{path}:{_line_col(text, pos)[0]}: expected a JSON array of rows")
-    items: list[tuple[object, int]] = []
-    line, counted = 1, 0  # the line of offset `counted`, advanced as the rows are read
-    pos = _skip_space(text, pos + 1)
-    while not text.startswith("]", pos):
-        try:
-            value, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
-        line, counted = line + text.count("\n", counted, pos), pos
-        items.append((value, line))
-        pos = _skip_space(text, end)
-        if text.startswith(",", pos):
-            pos = _skip_space(text, pos + 1)
-        elif not text.startswith("]", pos):
-            where = ":".join(map(str, _line_col(text, pos)))
-            raise DataError(f"{path}:{where}: not valid JSON (expected ',' or ']' after row {len(items)})")
-    rest = _skip_space(text, pos + 1)
+    items, end = json_array(path, text)
+    rest = skip_space(text, end)
     if rest != len(text):
-        raise DataError(f"{path}:{_line_col(text, rest)[0]}: text after the JSON array")
+        raise DataError(f"{path}:{line_col(text, rest)[0]}: text after the JSON array")
     return items
 
 
@@ -221,13 +207,17 @@ def _read_split(task: TaskSpec, split: str, source: str, seed: int) -> Rows:
 # ---------------------------------------------------------------- writing
 
 
-def _write_jsonl(path: Path, pairs: list[tuple[str, str]]) -> str:
-    """Write the pairs as jsonl (fsynced); return the sha256 of the bytes written."""
+def _write_jsonl(path: Path, pairs: list[tuple[str, str]], references: list[list[str]] | None = None) -> str:
+    """Write the pairs as jsonl (fsynced), each row with its `references` when given; return the sha256 of the
+    bytes written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     with path.open("wb") as handle:
-        for sentence, label in pairs:
-            line = (json.dumps({"input": sentence, "output": label}, ensure_ascii=False) + "\n").encode("utf-8")
+        for index, (sentence, label) in enumerate(pairs):
+            row = {"input": sentence, "output": label}
+            if references is not None:
+                row["references"] = references[index]
+            line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
             digest.update(line)
             handle.write(line)
         handle.flush()
@@ -257,15 +247,21 @@ def _task_entry(task: TaskSpec, splits: dict[str, tuple[Rows, str]]) -> dict:
 
 def _check_options(benchmark: str, out: Path, source: str, overwrite: bool, tasks: Sequence[str] | None) -> None:
     problems = []
-    if benchmark not in BENCHMARKS:
-        problems.append(f"BENCHMARK: unknown benchmark {benchmark!r}; available: {sorted(BENCHMARKS)}")
+    members = SUPERNI_ORDERS[1] if benchmark == SUPERNI else BENCHMARKS.get(benchmark)
+    if members is None:
+        problems.append(f"BENCHMARK: unknown benchmark {benchmark!r}; available: {sorted([*BENCHMARKS, SUPERNI])}")
     elif tasks is not None:
-        unknown = [name for name in tasks if name not in BENCHMARKS[benchmark]]
+        unknown = [name for name in tasks if name not in members]
         if unknown or not tasks:
             problems.append(f"--tasks: {', '.join(unknown) or 'no task named'}: not a task of the {benchmark} "
-                            f"benchmark; its tasks: {', '.join(BENCHMARKS[benchmark])}")
-    if source != "hub" and not Path(source).is_dir():
-        problems.append(f"--source: {source} is not a folder (give 'hub' or the path of O-LoRA's CL_Benchmark/)")
+                            f"benchmark; its tasks: {', '.join(members)}")
+    if benchmark == SUPERNI and source == "hub":
+        problems.append("--source: hub: no hub dataset holds SAPT's SuperNI samples (the authors' own draw from "
+                        "Super-NaturalInstructions); pass the path of a local copy of SAPT's CL_Benchmark/SuperNI "
+                        "folder (github.com/circle-hit/SAPT)")
+    elif source != "hub" and not Path(source).is_dir():
+        wanted = "SAPT's CL_Benchmark/SuperNI/" if benchmark == SUPERNI else "O-LoRA's CL_Benchmark/ (or 'hub')"
+        problems.append(f"--source: {source} is not a folder (give the path of {wanted})")
     if out.exists() and not out.is_dir():
         problems.append(f"--out: {out} exists and is not a folder")
     elif out.exists() and any(out.iterdir()) and not overwrite:
@@ -285,21 +281,20 @@ def _install(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _check_folders(source: str, selected: list[TaskSpec], all_tasks: bool) -> None:
-    """One DataError naming every selected task's missing CL_Benchmark/<category>/<dataset>/ folder."""
-    missing = [task for task in selected if not (Path(source) / task.category / task.dataset).is_dir()]
+def _check_folders(folders: list[tuple[str, Path]], all_tasks: bool) -> None:
+    """One DataError naming every selected task's missing source folder (`folders`: (task, its folder))."""
+    missing = [(name, folder) for name, folder in folders if not folder.is_dir()]
     if missing:
-        present = [task.name for task in selected if task not in missing]
+        present = [name for name, folder in folders if folder.is_dir()]
         hint = (f"; prepare the tasks this copy has with --tasks {','.join(present)}" if all_tasks and present
                 else "")
-        raise DataError("; ".join(f"{Path(source) / t.category / t.dataset}: no such folder (task {t.name})"
-                                  for t in missing) + hint)
+        raise DataError("; ".join(f"{folder}: no such folder (task {name})" for name, folder in missing) + hint)
 
 
 def size_against_published(task: str, split: str, count: int) -> str:
     """How a prepared split's size compares with the paper's (`TaskSpec.train_size`/`test_size`): "" when
     equal, else a note, a warning when smaller (a partial copy of the data: scores will not compare)."""
-    spec = TASKS[task]
+    spec = TASKS.get(task) or SUPERNI_TASKS[task]
     published = spec.train_size if split == "train" else spec.test_size
     if count == published:
         return ""
@@ -316,32 +311,76 @@ def prepare_benchmark(benchmark: str, out: str | Path, source: str = "hub", seed
     out = Path(out)
     source = source if source == "hub" else str(Path(source).resolve())
     _check_options(benchmark, out, source, overwrite, tasks)
+    if benchmark == SUPERNI:
+        names = [name for name in SUPERNI_ORDERS[1] if tasks is None or name in tasks]
+        root = superni_root(Path(source))
+        _check_folders([(name, root / name) for name in names], tasks is None)
+        return _atomically(out, lambda tmp: _write_superni(tmp, root, names, progress))
     selected = [task for task in benchmark_tasks(benchmark) if tasks is None or task.name in tasks]
     if source != "hub":
-        _check_folders(source, selected, tasks is None)
+        _check_folders([(t.name, Path(source) / t.category / t.dataset) for t in selected], tasks is None)
+    return _atomically(out, lambda tmp: _write_olora(tmp, benchmark, selected, source, seed, progress))
+
+
+def _write_olora(tmp: Path, benchmark: str, selected: list[TaskSpec], source: str, seed: int, progress) -> dict:
+    """O-LoRA's benchmark tasks `selected` as jsonl in `tmp`, sampled as published; the manifest."""
+    entries = {}
+    for task in selected:
+        splits = {}
+        for split in SPLITS:
+            rows = _read_split(task, split, source, seed)
+            splits[split] = (rows, _write_jsonl(tmp / task.name / f"{split}.jsonl", rows.pairs))
+            if progress is not None:
+                progress(task.name, split, rows)
+        entries[task.name] = _task_entry(task, splits)
+    manifest = {
+        "format": MANIFEST_FORMAT, "benchmark": benchmark,
+        "prepared_tasks": [task.name for task in selected],  # all of the benchmark's, or --tasks
+        "source": {"kind": "hub"} if source == "hub" else {"kind": "cl_benchmark", "path": source},
+        "seed": seed,
+        "sampling": {"train_per_class": TRAIN_PER_CLASS, "rule": "a split of at most the published size is "
+                     "kept whole; a larger train split gives train_per_class per label, a larger test split "
+                     "the published size drawn uniformly; source order kept"},
+        "tasks": entries,
+        "files": {e["file"]: e["sha256"] for t in entries.values() for e in t["splits"].values()},
+    }
+    return manifest
+
+
+def _write_superni(tmp: Path, root: Path, names: list[str], progress) -> dict:
+    """SAPT's SuperNI files of the tasks `names` as jsonl in `tmp` (every instance, in file order); the manifest."""
+    entries = {}
+    for name in names:
+        entry = {"instruction": None, "prompt_template": PROMPT_TEMPLATE, "dev_is_test": dev_is_test(root, name),
+                 "published": {"train": SUPERNI_TASKS[name].train_size, "test": SUPERNI_TASKS[name].test_size},
+                 "splits": {}}
+        for split in SPLITS:
+            read = read_superni(root, name, split)
+            if entry["instruction"] not in (None, read.instruction):
+                raise DataError(f"{root / name / 'test.json'}: its Definition differs from train.json's")
+            entry["instruction"] = read.instruction
+            rows = Rows([(text, refs[0]) for text, refs in read.examples], origin=read.origin)
+            references = [refs for _, refs in read.examples]
+            digest = _write_jsonl(tmp / name / f"{split}.jsonl", rows.pairs, references)
+            entry["splits"][split] = {"file": f"{name}/{split}.jsonl", "sha256": digest, "examples": len(rows.pairs),
+                                      "multi_reference": sum(len(refs) > 1 for refs in references),
+                                      "origin": read.origin}
+            if progress is not None:
+                progress(name, split, rows)
+        entries[name] = entry
+    return {"format": MANIFEST_FORMAT, "benchmark": SUPERNI, "prepared_tasks": names,
+            "source": {"kind": "sapt_superni", "path": str(root)},
+            "sampling": {"rule": "SAPT's files kept whole, in file order: output = the first reference, "
+                         "references = all of them"},
+            "tasks": entries, "files": {e["file"]: e["sha256"] for t in entries.values() for e in t["splits"].values()}}
+
+
+def _atomically(out: Path, write) -> dict:
+    """`write(tmp)` into a hidden folder beside `out`, then its manifest, then the folder renamed to `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        entries = {}
-        for task in selected:
-            splits = {}
-            for split in SPLITS:
-                rows = _read_split(task, split, source, seed)
-                splits[split] = (rows, _write_jsonl(tmp / task.name / f"{split}.jsonl", rows.pairs))
-                if progress is not None:
-                    progress(task.name, split, rows)
-            entries[task.name] = _task_entry(task, splits)
-        manifest = {
-            "format": MANIFEST_FORMAT, "benchmark": benchmark,
-            "prepared_tasks": [task.name for task in selected],  # all of the benchmark's, or --tasks
-            "source": {"kind": "hub"} if source == "hub" else {"kind": "cl_benchmark", "path": source},
-            "seed": seed,
-            "sampling": {"train_per_class": TRAIN_PER_CLASS, "rule": "a split of at most the published size is "
-                         "kept whole; a larger train split gives train_per_class per label, a larger test split "
-                         "the published size drawn uniformly; source order kept"},
-            "tasks": entries,
-            "files": {e["file"]: e["sha256"] for t in entries.values() for e in t["splits"].values()},
-        }
+        manifest = write(tmp)
         _write_manifest(tmp / MANIFEST, manifest)  # last: its presence marks a complete preparation
         _install(tmp, out)
     except BaseException:

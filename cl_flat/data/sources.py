@@ -217,27 +217,47 @@ def _local_name(dataset: str) -> bool:
     return dataset.startswith((".", "/", "~")) or dataset.count("/") >= 2
 
 
-def _unprepared(tasks: Sequence[TaskConfig]) -> list[HfTaskConfig]:
-    return [task for task in tasks if isinstance(task, HfTaskConfig) and task.data_files is None
-            and _local_name(task.dataset) and not Path(task.dataset).expanduser().exists()]
+def _benchmarks() -> dict[str, tuple[tuple[str, ...], str]]:
+    """Each benchmark `cl-flat data prepare` writes: its task names and what its --source takes."""
+    from cl_flat.data.benchmarks import BENCHMARKS, SOURCE_HINT
+    from cl_flat.data.superni import SOURCE_HINT as SUPERNI_HINT
+    from cl_flat.data.superni import SUPERNI, SUPERNI_TASKS
+
+    return {**{name: (members, SOURCE_HINT) for name, members in BENCHMARKS.items()},
+            SUPERNI: (tuple(SUPERNI_TASKS), SUPERNI_HINT)}
+
+
+def _missing_folder(task: TaskConfig) -> str | None:
+    """The local folder an hf task names, or the folder of a jsonl task's files when it is a benchmark task's
+    prepared folder (data/superni/<task>/), that is not there; None otherwise."""
+    if isinstance(task, HfTaskConfig):
+        missing = task.data_files is None and _local_name(task.dataset) and not Path(task.dataset).expanduser().exists()
+        return task.dataset if missing else None
+    if isinstance(task, JsonlTaskConfig) and task.train.parent == task.test.parent \
+            and not task.train.parent.expanduser().exists() \
+            and any(task.train.parent.name in members for members, _ in _benchmarks().values()):
+        return str(task.train.parent)
+    return None
+
+
+def _unprepared(tasks: Sequence[TaskConfig]) -> list[tuple[TaskConfig, str]]:
+    return [(task, folder) for task in tasks if (folder := _missing_folder(task)) is not None]
 
 
 def unprepared_message(tasks: Sequence[TaskConfig]) -> str | None:
-    """What is wrong when hf tasks name local dataset folders that are not there, with the `cl-flat data
-    prepare` command that writes them when they are a benchmark's tasks in one folder; None if none is."""
+    """What is wrong when tasks name local dataset folders that are not there, with the `cl-flat data prepare`
+    command that writes them when they are a benchmark's tasks in one folder; None if none is."""
     missing = _unprepared(tasks)
     if not missing:
         return None
-    from cl_flat.data.benchmarks import BENCHMARKS
-
-    folders = {str(Path(task.dataset).parent) for task in missing}
-    names = [Path(task.dataset).name for task in missing]
-    benchmark = next((b for b, members in BENCHMARKS.items() if set(names) <= set(members)), None)
-    what = "dataset folder not found: " + ", ".join(f"tasks[{task.name}] {task.dataset}" for task in missing)
+    folders = {str(Path(folder).parent) for _, folder in missing}
+    names = [Path(folder).name for _, folder in missing]
+    benchmark = next(((b, hint) for b, (members, hint) in _benchmarks().items() if set(names) <= set(members)), None)
+    what = "dataset folder not found: " + ", ".join(f"tasks[{task.name}] {folder}" for task, folder in missing)
     if benchmark is None or len(folders) != 1:
         return what
-    return (f"{what}; prepare them first: cl-flat data prepare {benchmark} --out {folders.pop()} --source "
-            "PATH (a copy of O-LoRA's CL_Benchmark folder) or --source hub; see docs/benchmarks.md")
+    return (f"{what}; prepare them first: cl-flat data prepare {benchmark[0]} --out {folders.pop()} --source "
+            f"{benchmark[1]}; see docs/benchmarks.md")
 
 
 def require_prepared(tasks: Sequence[TaskConfig]) -> None:
@@ -278,7 +298,7 @@ def check_local_data(config: RunConfig) -> list[str]:
     for tasks that would need a download (never attempted here)."""
     unprepared = unprepared_message(config.tasks)
     notes = [unprepared] if unprepared else []
-    skipped = {task.name for task in _unprepared(config.tasks)}
+    skipped = {task.name for task, _ in _unprepared(config.tasks)}
     for task in config.tasks:
         if task.name in skipped:
             continue
