@@ -112,7 +112,7 @@ def test_generation_reads_the_rendered_prompt(monkeypatch):
     model = sharp_tiny_llama(len(tokenizer))
     seen, generate = [], model.generate
     monkeypatch.setattr(model, "generate", lambda **kw: seen.append(kw["input_ids"][0].tolist()) or generate(**kw))
-    evaluate._exact_match(model, tokenizer, chat_task(), [0], 1, 256, 2, "cpu")
+    evaluate.generate(model, tokenizer, chat_task(), [0], 1, 256, 2, "cpu")
     assert seen == [tokenizer(RENDERED)["input_ids"]]
 
 

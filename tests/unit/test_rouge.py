@@ -114,7 +114,8 @@ def test_task_score_is_the_mean_best_rouge_l_of_the_greedy_outputs(name):
     t = texts
     answers = [(t[0],), (t[1] + " zebra",), ("zebra", f"quail {t[2]} yak"), ("zebra yak",), (t[4].upper() + "!",),
                (words[5][0],)]
-    task = dataclasses.replace(task, test=tuple(Example(e.input, a[0], a) for e, a in zip(task.test, answers)))
+    task = dataclasses.replace(task, test=tuple(Example(e.input, a[0], references=a)
+                                                for e, a in zip(task.test, answers)))
     section = EvaluationSection(metric="rouge_l", batch_size=4, max_samples_per_task=None, max_new_tokens=5)
     score = evaluate_tasks(model, tokenizer, [task], section, max_length=128, seed=0, device="cpu")
     package = [max(SCORER.score(a, t)["rougeL"].fmeasure for a in ans) for t, ans in zip(texts, answers)]
