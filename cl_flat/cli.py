@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cl_flat.console import App, format_metrics, print_matrix, quiet_libraries
+from cl_flat.console import App, format_metrics, print_matrix, print_probes, quiet_libraries
 
 app = App(help="Continual LoRA learning with flatness methods: train, evaluate, measure.")
 
@@ -81,6 +81,7 @@ def train(ctx: typer.Context, config: Path, set_: SetOption = None,
     result = run_sequence(cfg, resume=resume, allow_config_change=allow_config_change, overwrite=overwrite)
     if dist.is_main():
         print_matrix(result.tasks, result.rows, result.metrics, f"{cfg.evaluation.metric} matrix (%): {cfg.run.name}")
+        print_probes(result.probes, result.probe_rows, result.metrics, f"probes (%): {cfg.run.name}")
         typer.echo(f"results: {result.run_dir}")
     dist.shutdown()
 
