@@ -17,20 +17,20 @@ from helpers import run_cli, write_jsonl_task
 pytestmark = pytest.mark.integration
 
 
-def _train(tmp_path: Path, config: dict, name: str, *extra: str) -> Path:
+def _train(tmp_path: Path, config: dict, name: str, *extra: str) -> tuple[Path, str]:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config | {"run": config["run"] | {"name": name}}))
     proc = run_cli(["train", str(path), *extra], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp_path / "results" / name
+    return tmp_path / "results" / name, proc.stdout
 
 
 def test_a_probe_is_scored_never_trained_and_resumes(tmp_path, tiny_config):
     tiny_config["evaluation"]["sharpness"] = False  # not what this test is about; saves time
-    plain = _train(tmp_path, tiny_config, "plain")
+    plain, _ = _train(tmp_path, tiny_config, "plain")
     probe = write_jsonl_task(tmp_path / "data", "p", ["up", "down"], n_train=2, n_test=8)
     config = tiny_config | {"probes": [probe]}
-    run_dir = _train(tmp_path, config, "probed")
+    run_dir, shown = _train(tmp_path, config, "probed")
 
     rows = list(csv.reader((run_dir / "probe_matrix.csv").open()))
     assert rows[0] == ["after_task", "p"] and [r[0] for r in rows[1:]] == ["zero_shot", "t1", "t2"]
@@ -49,6 +49,7 @@ def test_a_probe_is_scored_never_trained_and_resumes(tmp_path, tiny_config):
     assert entry["zero_shot"] == scores[0] and entry["after_each_task"] == scores[1:]
     assert entry["drift"] == [scores[1] - scores[0], scores[2] - scores[0]]
     assert entry["final_drift"] == scores[2] - scores[0] == metrics["mean_final_drift"]
+    assert f"p={scores[2] - scores[0]:+.2f}" in shown.split("final drift")[1], shown  # the console's drift line
 
     # probes change nothing else: the matrix, the log's losses and every other metric equal the plain run's
     assert (run_dir / "acc_matrix.csv").read_text() == (plain / "acc_matrix.csv").read_text()
@@ -71,3 +72,12 @@ def test_a_probe_is_scored_never_trained_and_resumes(tmp_path, tiny_config):
                                                      .splitlines(keepends=True)[:3]))
     _train(tmp_path, config, "probed", "--resume")
     assert {name: (run_dir / name).read_text() for name in full} == full
+
+    # cl-flat eval: the reproduction check covers the probe; re-scoring scores a probe when --tasks names it
+    proc = run_cli(["eval", str(run_dir)], cwd=tmp_path)
+    assert "reproduced exactly" in proc.stdout and " p " in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    proc = run_cli(["eval", str(run_dir), "--tasks", "p,t2", "--after", "t2", "--name", "probe"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    t2_score = full["acc_matrix.csv"].splitlines()[-1].split(",")[2]  # its t2 column after t2, as saved
+    assert (run_dir / "eval" / "probe.csv").read_text().splitlines() == ["after_task,t2,p",
+                                                                        f"t2,{t2_score},{scores[2]!r}"]
