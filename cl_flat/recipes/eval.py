@@ -134,7 +134,8 @@ def rescore(path: Path, values: dict[str, Any], overrides: list[str]) -> Rescore
     config = rescore_config(run.config, options, overrides)
     names = [task.name for task in config.tasks]
     probes = [probe.name for probe in config.probes]  # scored only when --tasks names them
-    tasks = _chosen(options.tasks, names + probes, "--tasks", "run's tasks and probes") if options.tasks else names
+    tasks = names if options.tasks is None else _chosen(options.tasks, names + probes, "--tasks",
+                                                        "run's tasks" + (" and probes" if probes else ""))
     rows = _chosen(options.after, [ZERO_SHOT, *run.trained], "--after", "rows (zero_shot and trained tasks)")
     require_adapters(run, [row for row in rows if row != ZERO_SHOT])
     cap = config.evaluation.max_samples_per_task
