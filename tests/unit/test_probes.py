@@ -120,3 +120,19 @@ def test_a_malformed_probe_matrix_names_its_line(tmp_path: Path):
     path.write_text("after_task,p\nt1,abc\n")
     with pytest.raises(MatrixFormatError, match=r":2: .*'abc'"):
         read_probe_matrix(path)
+
+
+def test_validate_checks_probe_data_like_task_data(tmp_path: Path):
+    from cl_flat.errors import DataError
+    from cl_flat.recipes.validate import validate
+
+    (tmp_path / "p.jsonl").write_text('{"input": "x", "output": "y"}\n{"input": 3}\n')
+    path = tmp_path / "run.yaml"
+    path.write_text(f"run: {{output_dir: {tmp_path / 'results'}}}\nmodel: {{name_or_path: tiny-random:llama}}\n"
+                    "tasks: [{name: food_sentiment, source: builtin}]\n"
+                    "probes: [{name: p, source: jsonl, train: p.jsonl, test: p.jsonl, metric: exact_match}]\n")
+    with pytest.raises(DataError, match=r"p.jsonl:2: expected an object"):
+        validate(path, [])
+    (tmp_path / "p.jsonl").write_text('{"input": "x", "output": "y"}\n')
+    config, _ = validate(path, [])
+    assert [p.name for p in config.probes] == ["p"]
