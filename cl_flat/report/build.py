@@ -5,7 +5,7 @@ RunDir (config.yaml, acc_matrix.csv, metrics.json). A run without metrics.json i
 skipped, never averaged.
 
 Grouping: runs whose resolved configs are equal once run.seed, run.name, run.output_dir, logging.*, the
-tasks' data file paths (tasks.<i>.train / test / data_files) and the ORDER of the tasks are set aside form
+tasks' and probes' data file paths (tasks.<i>.train / test / data_files) and the ORDER of the tasks are set aside form
 one group ("meta" is never part of a config; a task's override blocks count as the values they change,
 wherever in the sequence, see order_free): runs of the same tasks in different orders are one group, its
 numbers averaged over the orders (the number O-LoRA reports); runs of different task sets are refused unless

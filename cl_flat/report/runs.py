@@ -36,7 +36,7 @@ FLATNESS_MEASURES = {"sharpness_avg": "avg", "sharpness_worst": "worst", "lambda
 DRIFT_MEASURE = "final_drift"
 RUN_IDENTITY_KEYS = frozenset({"run.seed", "run.name", "run.output_dir"})
 finite_number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-PATH_OR_LOGGING_KEY = re.compile(r"logging\..*|tasks\.\d+\.(train|test|data_files)(\..*)?")
+PATH_OR_LOGGING_KEY = re.compile(r"logging\..*|(tasks|probes)\.\d+\.(train|test|data_files)(\..*)?")
 
 
 class ReportInputError(UserError):

@@ -54,3 +54,11 @@ def test_runs_without_probes_show_a_dash(tmp_path: Path):
     assert line.rstrip(" |").endswith("—")
     plain = build_report([str(_runs(tmp_path / "plain", dict.fromkeys(DRIFT)))])
     assert "final_drift" not in plain.measures and "final_drift" not in render_markdown(plain)
+
+
+def test_a_probe_data_path_does_not_split_groups():
+    from cl_flat.report.runs import comparable_settings
+
+    settings = {"probes.0.name": "p", "probes.0.train": "/a/p.jsonl", "probes.0.test": "/a/p_test.jsonl",
+                "probes.1.data_files.test": "/a/q.csv", "tasks.0.test": "/a/t.jsonl", "flatness.method": "none"}
+    assert comparable_settings(settings) == {"probes.0.name": "p", "flatness.method": "none"}
