@@ -1,8 +1,9 @@
 """`cl-flat train`: for each task: add adapter -> train -> save -> evaluate every task (`run_sequence`).
 
 The results folder (`RunDir`) is written as the run goes: config.yaml first, acc_matrix.csv
-after every task (completed tasks are never lost), each task's adapter, train_log.jsonl, the
-plots and, last, metrics.json, whose presence marks a complete run. Only rank 0 writes.
+after every task (completed tasks are never lost; with `probes:`, probe_matrix.csv just before it),
+each task's adapter, train_log.jsonl, the plots and, last, metrics.json, whose presence marks a
+complete run. Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ class Sequence(Skeleton):
             self.run_dir.write_matrix(self.names, self.rows, self.probe_names, self.probe_rows)
 
     @property
-    def scored(self):
+    def scored(self) -> list:
         """What every row scores: the tasks, then the probes."""
         return self.tasks + self.probes
 
