@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cl_flat.console import App, format_metrics, print_matrix, quiet_libraries
+from cl_flat.console import App, format_metrics, print_matrix, print_probes, quiet_libraries
 
 app = App(help="Continual LoRA learning with flatness methods: train, evaluate, measure.")
 
@@ -81,6 +81,7 @@ def train(ctx: typer.Context, config: Path, set_: SetOption = None,
     result = run_sequence(cfg, resume=resume, allow_config_change=allow_config_change, overwrite=overwrite)
     if dist.is_main():
         print_matrix(result.tasks, result.rows, result.metrics, f"{cfg.metric_label()} matrix (%): {cfg.run.name}")
+        print_probes(result.probes, result.probe_rows, result.metrics, f"probes (%): {cfg.run.name}")
         typer.echo(f"results: {result.run_dir}")
     dist.shutdown()
 
@@ -155,7 +156,8 @@ def eval_(
     set_: SetOption = None,
 ) -> None:
     """Score a finished run again. Without options: reload the stack after the last task, score every
-    task with the run's settings and compare with acc_matrix.csv's last row (exit 1 if it differs). With
+    task (and probe) with the run's settings and compare with acc_matrix.csv's (and probe_matrix.csv's) last
+    row (exit 1 if it differs). With
     any option (--metric, --max-samples, --tasks, --after, --set evaluation.*): score the chosen rows and
     tasks (default: the whole matrix, zero_shot included) and write eval/<name>.csv in acc_matrix.csv's
     format plus eval/<name>.json (settings; AA, BWT, ... for a whole matrix); acc_matrix.csv is never touched."""
@@ -181,7 +183,7 @@ def eval_(
     if is_main:
         print_matrix(result.tasks, [("saved", result.saved), ("reloaded", result.scores)], {},
                       f"{run_dir}: last row", digits=2)
-        same = all(abs(a - b) < 1e-9 for a, b in zip(result.saved, result.scores))
+        same = all(a is not None and abs(a - b) < 1e-9 for a, b in zip(result.saved, result.scores))
         typer.echo("reproduced exactly" if same else "DIFFERS from the saved matrix")
         if not same:
             raise typer.Exit(1)

@@ -52,6 +52,23 @@ def print_matrix(names: list[str], rows: Rows, metrics: dict, title: str, digits
         console.print(format_metrics(metrics))
 
 
+def print_probes(probes: list[str], rows: Rows, metrics: dict, title: str) -> None:
+    """The probes' scores (rows as the accuracy matrix's) and each one's final drift (metrics.json's "probes")."""
+    if not probes:
+        return
+    from rich.console import Console
+
+    print_matrix(probes, rows, {}, title)
+    drift = metrics.get("probes") or {}
+
+    def fmt(v):
+        return "null" if v is None else f"{v:+.2f}"
+
+    Console().print("final drift (last row − zero_shot): " + "  ".join(
+        f"{name}={fmt((drift.get(name) or {}).get('final_drift'))}" for name in probes)
+        + f"  mean={fmt(metrics.get('mean_final_drift'))}")
+
+
 def format_metrics(metrics: dict) -> str:
     def fmt(v):
         return "null" if v is None else f"{v:.2f}"

@@ -38,7 +38,10 @@ __all__ = [
     "compute_metrics",
     "METRICS",
     "REFERENCE_MEASURES",
+    "probe_drift",
+    "probe_metrics",
     "read_acc_matrix",
+    "read_probe_matrix",
     "write_acc_matrix",
 ]
 
@@ -212,6 +215,26 @@ def gap_to_joint(matrix: MatrixLike, joint: Sequence[Any]) -> float | None:
     return sum(J) / len(J) - average_accuracy(matrix)
 
 
+def probe_drift(zero_shot: Score, after_each_task: Sequence[Score]) -> dict[str, Any]:
+    """One probe p (never trained) scored s_0 = P[0, p] before training and s_t = P[t, p] after tasks 1..t:
+    drift_t = s_t − s_0, final_drift = s_T − s_0 (< 0: the sequence cost general ability the probe measures).
+    A missing score (None) makes the differences that need it None."""
+    s0, scores = _cell(zero_shot), [_cell(v) for v in after_each_task]
+    drift = [None if s0 is None or s is None else s - s0 for s in scores]
+    return {"zero_shot": s0, "after_each_task": scores, "drift": drift, "final_drift": drift[-1] if drift else None}
+
+
+def probe_metrics(names: Sequence[str], zero_shot: Sequence[Score], rows: Sequence[Sequence[Score]]
+                  ) -> dict[str, Any]:
+    """metrics.json's "probes": {probe: probe_drift(...)} for each probe (`zero_shot`: P[0, ·]; `rows`: P[t, ·],
+    t = 1..T) and "mean_final_drift" = (1/K) Σ_p final_drift_p over the K probes (None if K = 0 or one is None).
+    Probes are never part of AA, BWT, FWT, F or AIA."""
+    per = {name: probe_drift(zero_shot[k], [row[k] for row in rows]) for k, name in enumerate(names)}
+    finals = [entry["final_drift"] for entry in per.values()]
+    mean = sum(finals) / len(finals) if finals and None not in finals else None
+    return {"probes": per, "mean_final_drift": mean}
+
+
 # the scalar metrics of compute_metrics, in the order every table shows them (OP is a curve)
 METRICS = ("AA", "BWT", "FWT", "F", "AIA")
 # reference run kind (`cl-flat train --reference KIND`) -> (the key of the measure it allows, the measure)
@@ -341,6 +364,23 @@ def read_acc_matrix(path: str | os.PathLike[str], *, allow_partial: bool = False
                                 f"({', '.join(tasks)}), found {len(matrix)}; "
                                 f"missing {', '.join(tasks[len(matrix):])}")
     return tasks, matrix, zero_shot
+
+
+def read_probe_matrix(path: str | os.PathLike[str]) -> tuple[list[str], Rows]:
+    """probe_matrix.csv as (probe names, rows (after_task, scores)): header `after_task,<probe_1>,...`, rows
+    named as acc_matrix.csv's (zero_shot, then the trained tasks), any cell may be empty (None).
+    Raises MatrixFormatError naming `path:line`."""
+    path = os.fspath(path)
+    records, _ = _csv_records(path)
+    if not records:
+        raise MatrixFormatError(f"{path}:1: empty file; expected header '{HEADER_FIRST},<probe_1>,...'")
+    probes = _header_tasks(path, *records[0])
+    rows: Rows = []
+    for line, row in records[1:]:
+        if len(row) != len(probes) + 1:
+            raise MatrixFormatError(f"{path}:{line}: expected {len(probes) + 1} columns, got {len(row)}")
+        rows.append((row[0].strip(), [_parse_cell(c, f"{path}:{line}", p) for p, c in zip(probes, row[1:])]))
+    return probes, rows
 
 
 def _format_cell(value: Any) -> str:

@@ -155,14 +155,18 @@ class Tracker:
         if self._wandb is not None:
             self._to_wandb(self._wandb.log, {f"train/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
 
-    def log_row(self, names: list[str], rows: Rows) -> None:
+    def log_row(self, names: list[str], rows: Rows, probes: list[str] | None = None,
+                probe_rows: Rows | None = None) -> None:
         """The newest row of the accuracy matrix (`rows`: zero_shot first) as `eval/acc/<task>` at
-        `eval/after_task` = t (0: zero-shot), and OP_t for t ≥ 1."""
+        `eval/after_task` = t (0: zero-shot), and OP_t for t ≥ 1; with probes, the newest probe row as
+        `eval/probe/<probe>`."""
         if self._wandb is None:
             return
         after, scores = rows[-1]
         values: dict[str, Any] = {"eval/after_task": len(rows) - 1}
         values |= {f"eval/acc/{name}": score for name, score in zip(names, scores)}
+        if probes and probe_rows:
+            values |= {f"eval/probe/{name}": score for name, score in zip(probes, probe_rows[-1][1])}
         t = len(rows) - 1
         if t:  # OP_t of the square matrix of the first t tasks after tasks 1..t
             values["eval/OP"] = online_performance([r[:t] for _, r in rows[1:]])[-1]
@@ -174,9 +178,10 @@ class Tracker:
             self._to_wandb(self._wandb.summary.update, {k: v for k, v in metrics.items() if v is not None})
 
     def log_results(self, names: list[str], rows: Rows, metrics: dict[str, Any],
-                    images: dict[str, Path]) -> None:
-        """The end of a run: metrics (AA, BWT, FWT, F, AIA, OP, sharpness, ...) into the summary, the accuracy
-        matrix as the table `acc_matrix`, and each existing PNG as the image `plots/<name>`."""
+                    images: dict[str, Path], probes: list[str] | None = None, probe_rows: Rows | None = None) -> None:
+        """The end of a run: metrics (AA, BWT, FWT, F, AIA, OP, sharpness, probes, ...) into the summary, the
+        accuracy matrix as the table `acc_matrix` (the probes' as `probe_matrix`), and each existing PNG as the
+        image `plots/<name>`."""
         if self._wandb is None:
             return
         import wandb
@@ -185,8 +190,12 @@ class Tracker:
 
         def log_table_and_images() -> None:  # wandb.Image copies the PNG into the wandb folder: it may fail
             table = wandb.Table(columns=["after_task", *names], data=[[after, *scores] for after, scores in rows])
-            self._wandb.log({"acc_matrix": table} | {f"plots/{name}": wandb.Image(str(path))
-                                                      for name, path in images.items() if path.is_file()})
+            tables = {"acc_matrix": table}
+            if probes:
+                tables["probe_matrix"] = wandb.Table(columns=["after_task", *probes],
+                                                     data=[[after, *scores] for after, scores in probe_rows or []])
+            self._wandb.log(tables | {f"plots/{name}": wandb.Image(str(path))
+                                      for name, path in images.items() if path.is_file()})
 
         self._to_wandb(log_table_and_images)
 

@@ -109,6 +109,29 @@ def _cross_checks(raw: dict[str, Any]) -> list[str]:
                 and (task.get("metric") or default_metric) == "accuracy":
             problems.append(f"tasks.{i}.labels: metric 'accuracy' (rank classification) needs the "
                             "task's label strings; list them or set metric: exact_match or rouge_l")
+    return problems + _probe_checks(raw, names, default_metric)
+
+
+PROBE_UNTRAINED_KEYS = ("training", "flatness", "lora", "max_train_samples")  # a probe is never trained
+
+
+def _probe_checks(raw: dict[str, Any], task_names: list[str], default_metric: str) -> list[str]:
+    """A probe (`probes:`) is a task scored but never trained: its name is its own, it has no training keys."""
+    probes = raw.get("probes") if isinstance(raw.get("probes"), list) else []
+    problems, seen = [], set(task_names)
+    for i, probe in enumerate(probe for probe in probes if isinstance(probe, dict)):
+        name = probe.get("name")
+        if isinstance(name, str) and name in seen:
+            what = "a task's" if name in task_names else "another probe's"
+            problems.append(f"probes.{i}.name: {name!r} is {what} name; a probe's name must differ from every "
+                            "task's and probe's")
+        seen.add(name)
+        problems += [f"probes.{i}.{key}: a probe is never trained; remove this key" for key in PROBE_UNTRAINED_KEYS
+                     if probe.get(key) is not None]
+        if probe.get("source") in {"jsonl", "hf"} and probe.get("labels") is None \
+                and (probe.get("metric") or default_metric) == "accuracy":
+            problems.append(f"probes.{i}.labels: metric 'accuracy' (rank classification) needs the "
+                            "probe's label strings; list them or set metric: exact_match or rouge_l")
     return problems
 
 
@@ -214,7 +237,7 @@ def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
     """Relative data paths are relative to the config file's folder when they exist there,
     else to the working directory (how users expect `data/x.jsonl` next to the YAML to work).
     They are stored absolute, so a saved run config works from any directory (cl-flat eval)."""
-    for task in config.tasks:
+    for task in [*config.tasks, *config.probes]:
         if isinstance(task, JsonlTaskConfig):
             task.train, task.test = _resolve(task.train, base), _resolve(task.test, base)
         elif isinstance(task, HfTaskConfig) and task.data_files is not None:

@@ -328,6 +328,9 @@ class RunConfig(Strict):
     model: ModelSection
     lora: LoraConfig = Field(default_factory=lambda: {"strategy": DEFAULT_STRATEGY})
     tasks: list[TaskConfig] = Field(min_length=1)
+    # general-ability probes: scored with the tasks at zero-shot and after every task, never trained
+    probes: list[TaskConfig] = Field(default_factory=list, description="tasks evaluated after every task but "
+                                     "never trained (probe_matrix.csv, metrics.json's probes)")
     training: TrainingSection = Field(default_factory=TrainingSection)
     flatness: FlatnessConfig = Field(default_factory=lambda: {"method": "none"})  # validated (validate_default)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)

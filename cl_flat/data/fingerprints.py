@@ -15,9 +15,9 @@ META_KEY = "data_fingerprints"
 
 
 def local_files(config: RunConfig) -> list[Path]:
-    """Every local data file of the run's tasks (jsonl train/test, hf data_files), in task order."""
+    """Every local data file of the run's tasks and probes (jsonl train/test, hf data_files), in order."""
     files: list[str | Path] = []
-    for task in config.tasks:
+    for task in [*config.tasks, *config.probes]:
         if isinstance(task, JsonlTaskConfig):
             files += [task.train, task.test]
         elif isinstance(task, HfTaskConfig):

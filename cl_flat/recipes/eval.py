@@ -1,7 +1,7 @@
 """`cl-flat eval`: reload a finished run's adapter stacks and score its tasks again.
 
-- `reevaluate`: the stack after the last task, every task, the run's own settings; compared with the last
-  row of acc_matrix.csv (a reproduction check).
+- `reevaluate`: the stack after the last task, every task and probe, the run's own settings; compared with
+  the last row of acc_matrix.csv and probe_matrix.csv (a reproduction check).
 - `rescore`: any rows (`zero_shot` and the stack after each trained task), any tasks, another metric,
   sample cap or evaluation setting (researchers train with the fast `accuracy` on a sample and score
   `exact_match` on the full test sets afterwards); written to eval/<name>.csv in acc_matrix.csv's format
@@ -28,15 +28,16 @@ from cl_flat.files import atomic_write_text
 from cl_flat.metrics import ZERO_SHOT, compute_metrics, write_acc_matrix
 from cl_flat.models import load_run_model
 from cl_flat.overrides import apply_overrides, override_keys
+from cl_flat.recipes.skeleton import load_probes
 from cl_flat.rundir import RunDir
 from cl_flat.rundir.checks import CheckedRun, require_adapters, require_run
 
 
 @dataclass(frozen=True)
 class Reevaluation:
-    tasks: list[str]
-    scores: list[float]   # every task, with the stack after the last trained task
-    saved: list[float]    # the last row of the saved acc_matrix.csv
+    tasks: list[str]      # the tasks, then the probes
+    scores: list[float]   # every task and probe, with the stack after the last trained task
+    saved: list[float]    # the last row of the saved acc_matrix.csv, then of probe_matrix.csv
 
 
 def _checked(path: Path) -> CheckedRun:
@@ -64,15 +65,19 @@ def reevaluate(path: Path) -> Reevaluation:
     """Check the run (complete, its last stack's adapters saved), then reload that stack and score every task."""
     run = _checked(path)
     require_adapters(run, run.trained[-1:])
+    probes = [probe.name for probe in run.config.probes]
+    saved = run.matrix[-1]
+    if probes:  # the probes' last row too, where the run saved one
+        saved = saved + run.run_dir.restored_probe_rows(probes, run.trained[-1:])[0][1]
     dist.init_distributed()
-    scores = _scores(run, run.config, run.trained[-1], load_tasks(run.config))
-    return Reevaluation(run.trained, scores, run.matrix[-1])
+    scores = _scores(run, run.config, run.trained[-1], load_tasks(run.config) + load_probes(run.config))
+    return Reevaluation(run.trained + probes, scores, saved)
 
 
 class RescoreOptions(Strict):
     metric: Metric | None = None  # default: the run's evaluation.metric (a task's own metric stays)
     max_samples: int | Literal["all"] | None = None  # default: the run's evaluation.max_samples_per_task
-    tasks: list[str] | None = None  # default: every task of the sequence
+    tasks: list[str] | None = None  # default: every task of the sequence; probes (`probes:`) when named
     after: list[str] | None = None  # default: zero_shot and every trained task (the whole matrix)
     name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -129,13 +134,15 @@ def rescore(path: Path, values: dict[str, Any], overrides: list[str]) -> Rescore
     run = _checked(path)
     config = rescore_config(run.config, options, overrides)
     names = [task.name for task in config.tasks]
-    tasks = _chosen(options.tasks, names, "--tasks", "run's tasks")
+    probes = [probe.name for probe in config.probes]  # scored only when --tasks names them
+    tasks = names if options.tasks is None else _chosen(options.tasks, names + probes, "--tasks",
+                                                        "run's tasks" + (" and probes" if probes else ""))
     rows = _chosen(options.after, [ZERO_SHOT, *run.trained], "--after", "rows (zero_shot and trained tasks)")
     require_adapters(run, [row for row in rows if row != ZERO_SHOT])
     cap = config.evaluation.max_samples_per_task
     name = options.name or f"{config.evaluation.metric}-{'all' if cap is None else cap}"
     dist.init_distributed()
-    data = [task for task in load_tasks(config) if task.name in tasks]
+    data = [task for task in load_tasks(config) + load_probes(config) if task.name in tasks]
     scored = [(row, _scores(run, config, row, data)) for row in rows]
     whole = tasks == names and rows == [ZERO_SHOT, *names]  # a complete run's full matrix
     metrics = compute_metrics([s for _, s in scored[1:]], scored[0][1]) if whole else None

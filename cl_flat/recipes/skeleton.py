@@ -121,6 +121,11 @@ def prepare(config: RunConfig):
     return methods, tasks, model, tokenizer
 
 
+def load_probes(config: RunConfig) -> list[TaskData]:
+    """The data of every probe (`probes:`: tasks scored but never trained), in order."""
+    return load_tasks(config.model_copy(update={"tasks": config.probes})) if config.probes else []
+
+
 @dataclass(frozen=True)
 class Unit:
     """One adapter a recipe trains: its stack (the adapter current), what the loop trains it on, and the
@@ -186,6 +191,7 @@ class Skeleton:
     def _run(self, rank_log: RankLog) -> Any:
         self.accept()
         self.methods, self.tasks, model, self.tokenizer = prepare(self.config)
+        self.probes = load_probes(self.config)  # bad probe data, too, before anything is written
         self.loaded()
         rank_log.attach(self.run_dir.rank_log(dist.rank()), dist.rank(), dist.world_size())  # input accepted
         self.device = dist.device()

@@ -1,12 +1,14 @@
 """`cl-flat train`: for each task: add adapter -> train -> save -> evaluate every task (`run_sequence`).
 
 The results folder (`RunDir`) is written as the run goes: config.yaml first, acc_matrix.csv
-after every task (completed tasks are never lost), each task's adapter, train_log.jsonl, the
-plots and, last, metrics.json, whose presence marks a complete run. Only rank 0 writes.
+after every task (completed tasks are never lost; with `probes:`, probe_matrix.csv just before it),
+each task's adapter, train_log.jsonl, the plots and, last, metrics.json, whose presence marks a
+complete run. Only rank 0 writes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from cl_flat.adapters import AdapterStack
 from cl_flat.checkpoint import TaskCheckpoints
 from cl_flat.config import RunConfig
 from cl_flat.landscape import LandscapeOptions, compute_sharpness, landscape_stem
-from cl_flat.metrics import ZERO_SHOT, Rows, compute_metrics
+from cl_flat.metrics import ZERO_SHOT, Rows, compute_metrics, probe_metrics
 from cl_flat.recipes.skeleton import Skeleton, Unit
 from cl_flat.rundir import RunDir
 from cl_flat.rundir.resume import restart, skipped_updates, truncate_log
@@ -36,6 +38,8 @@ class SequenceResult:
     tasks: list[str]
     rows: Rows                 # (after_task, scores): zero_shot first, then one row per task
     metrics: dict[str, Any]
+    probes: list[str] = dataclasses.field(default_factory=list)  # the probes' names (`probes:`)
+    probe_rows: Rows = dataclasses.field(default_factory=list)   # their scores, rows as `rows`
 
 
 def _record_flatness(config: RunConfig, run_dir: RunDir, stack: AdapterStack, tokenizer, tasks, index: int) -> None:
@@ -65,6 +69,7 @@ class Sequence(Skeleton):
         super().__init__(config)
         self.resume, self.allow_config_change, self.overwrite = resume, allow_config_change, overwrite
         self.rows: Rows = []
+        self.probe_rows: Rows = []  # the probes' scores, one row per row of `rows`
         self.skipped: dict[str, int] = {}  # per task, the updates dropped as non-finite
 
     def accept(self) -> None:
@@ -104,17 +109,30 @@ class Sequence(Skeleton):
         if restarts:
             self.checkpoints(self.done).remove()
 
+    @property
+    def probe_names(self) -> list[str]:
+        return [probe.name for probe in self.probes]
+
     def _add_row(self, after: str, scores: list[float]) -> None:
-        self.rows.append((after, scores))
-        self.tracker.log_row(self.names, self.rows)
+        """`scores`: the tasks' then the probes' (one evaluation pass over `scored`)."""
+        self.rows.append((after, scores[:len(self.names)]))
+        if self.probes:
+            self.probe_rows.append((after, scores[len(self.names):]))
+        self.tracker.log_row(self.names, self.rows, self.probe_names, self.probe_rows)
         if dist.is_main():
-            self.run_dir.write_matrix(self.names, self.rows)
+            self.run_dir.write_matrix(self.names, self.rows, self.probe_names, self.probe_rows)
+
+    @property
+    def scored(self) -> list:
+        """What every row scores: the tasks, then the probes."""
+        return self.tasks + self.probes
 
     def zero_shot(self, model: torch.nn.Module) -> None:
         if self.done:
             self.rows.extend(self.restart.rows)
+            self.probe_rows.extend(self.restart.probe_rows)
         else:
-            self._add_row(ZERO_SHOT, self.evaluate(model, self.tasks))
+            self._add_row(ZERO_SHOT, self.evaluate(model, self.scored))
 
     def units(self, model: torch.nn.Module) -> Iterator[Unit]:
         config = self.config
@@ -128,7 +146,7 @@ class Sequence(Skeleton):
                                                          config.training.max_seq_length)
             strategies.begin_task(stack, index, task.name)
             yield Unit(stack, TrainTask(index, task.name, examples, self.tokenizer.pad_token_id, replayed),
-                       self.methods[index], config.task_training(index), self.tasks, self.checkpoints(index),
+                       self.methods[index], config.task_training(index), self.scored, self.checkpoints(index),
                        strategies.loss_terms(stack, index), functools.partial(strategies.end_task, stack, index,
                                                                               task.name))
 
@@ -145,14 +163,17 @@ class Sequence(Skeleton):
         metrics["skipped_updates"] = {name: self.skipped.get(name, 0) for name in names} if is_main else None
         if self.config.evaluation.sharpness:
             metrics["sharpness"] = run_dir.saved_sharpness(names) if is_main else None
+        if self.probes:  # never part of AA, BWT, ...: they are computed on `rows` alone
+            metrics |= probe_metrics(self.probe_names, self.probe_rows[0][1], [r for _, r in self.probe_rows[1:]])
         if is_main:
             about = plots.about_run(self.config)
             plots.draw_acc_matrix(names, rows, run_dir.plot("acc_matrix"), about)
             plots.draw_op_curve(names, rows, run_dir.plot("op_curve"), about)
             plots.draw_learning_curves(self.records, run_dir.plot("learning_curves"), str(run_dir.log_path), about)
             run_dir.write_metrics(metrics | {"tasks": names})
-        self.tracker.log_results(names, rows, metrics, {name: run_dir.plot(name) for name in PLOTS})
-        return SequenceResult(run_dir, names, rows, metrics)
+        self.tracker.log_results(names, rows, metrics, {name: run_dir.plot(name) for name in PLOTS},
+                                 self.probe_names, self.probe_rows)
+        return SequenceResult(run_dir, names, rows, metrics, self.probe_names, self.probe_rows)
 
 
 def run_sequence(config: RunConfig, resume: bool = False, allow_config_change: bool = False,

@@ -12,8 +12,8 @@ from cl_flat.recipes.skeleton import check_batches, check_output_dir, task_metho
 
 def validate(path: Path, overrides: list[str]) -> tuple[RunConfig, list[str]]:
     """The resolved config and notes on what was not checked; a ConfigError/DataError on a problem.
-    Checks every method, every local data file (never downloads) and, where the model is known without
-    loading it, the LoRA target modules and (chat tasks) the chat template."""
+    Checks every method, every local data file of the tasks and probes (never downloads) and, where the model
+    is known without loading it, the LoRA target modules and (chat tasks) the chat template."""
     config = load_config(path, overrides)
     check_output_dir(config, str(path))
     task_methods(config, str(path))
@@ -22,6 +22,7 @@ def validate(path: Path, overrides: list[str]) -> tuple[RunConfig, list[str]]:
     tasks = [load_task(config.tasks[i], config.run.seed, config.evaluation.metric) for i in local]
     # one process: the smallest global batch (more ranks only make it larger)
     check_batches(config.model_copy(update={"tasks": [config.tasks[i] for i in local]}), tasks, 1, str(path))
+    notes += check_local_data(config.model_copy(update={"tasks": config.probes}))  # probes' data, like the tasks'
     names = module_names(config.model.name_or_path)
     if names is not None:
         check_target_modules(config.lora.target_modules, names, model_family(config.model.name_or_path))

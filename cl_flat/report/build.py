@@ -5,7 +5,7 @@ RunDir (config.yaml, acc_matrix.csv, metrics.json). A run without metrics.json i
 skipped, never averaged.
 
 Grouping: runs whose resolved configs are equal once run.seed, run.name, run.output_dir, logging.*, the
-tasks' data file paths (tasks.<i>.train / test / data_files) and the ORDER of the tasks are set aside form
+tasks' and probes' data file paths (tasks.<i>.train / test / data_files) and the ORDER of the tasks are set aside form
 one group ("meta" is never part of a config; a task's override blocks count as the values they change,
 wherever in the sequence, see order_free): runs of the same tasks in different orders are one group, its
 numbers averaged over the orders (the number O-LoRA reports); runs of different task sets are refused unless
@@ -45,6 +45,7 @@ from cl_flat.metrics import METRICS, REFERENCE_MEASURES
 from cl_flat.overrides import dotted_keys
 from cl_flat.report.published import PUBLISHED, PublishedResult
 from cl_flat.report.runs import (
+    DRIFT_MEASURE,
     FLATNESS_MEASURES,
     ReferenceRun,
     ReportInputError,
@@ -116,7 +117,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     grouping: str = "runs that differ only in run.seed or task order"
     references: list[ReferenceGroup] = field(default_factory=list)
-    measures: tuple[str, ...] = METRICS  # METRICS, the reference and flatness measures the inputs allow
+    measures: tuple[str, ...] = METRICS  # METRICS, the reference, flatness and drift measures the inputs allow
     pair_by: str = "seed,order"
     published: tuple[str, tuple[PublishedResult, ...]] | None = None  # (--published key, its rows)
 
@@ -353,7 +354,8 @@ def build_report(inputs: Sequence[str], group_by: str | None = None, baseline: S
                      "different orders; the paired differences compare like with like")
     measures = (*METRICS, *(key for kind, (key, _) in REFERENCE_MEASURES.items()
                             if any(ref.kind == kind for ref in references)),
-                *(key for key in FLATNESS_MEASURES if any(run.metrics[key] is not None for run in runs)))
+                *(key for key in (*FLATNESS_MEASURES, DRIFT_MEASURE) if any(run.metrics[key] is not None
+                                                                             for run in runs)))
     return Report(groups, chosen, paired, skipped, notes, f"by {', '.join(keys)}" if keys else Report.grouping,
                   group_references(references), measures, pair_by,
                   None if published is None else (published, PUBLISHED[published]))

@@ -5,7 +5,8 @@ report.csv (CSV_COLUMNS): kind (group | run | paired | reference | reference_run
 (label), baseline (paired rows), run and path (run rows), seed (group/paired rows: the seeds), method,
 tasks ("a > b", several orders joined by "; "), n (1, runs, or pairs), M for M in METRICS, then
 REFERENCE_KEYS, then FLATNESS_KEYS (run rows), M_mean, M_std, M_ci_low, M_ci_high (group, paired and
-reference rows; a reference's or a published row's value is in AA), source (published rows);
+reference rows; a reference's or a published row's value is in AA), source (published rows), then
+final_drift and its summary parts (probes);
 docs/results.md explains each. An empty cell is undefined, never 0. No cell holds a newline; report.md
 escapes "|" in its cells.
 """
@@ -34,7 +35,7 @@ from cl_flat.report.build import (
     sequence_label,
 )
 from cl_flat.report.flatness import FlatnessForgetting, describe, flatness_forgetting
-from cl_flat.report.runs import FLATNESS_MEASURES
+from cl_flat.report.runs import DRIFT_MEASURE, FLATNESS_MEASURES
 from cl_flat.rundir import RunDir
 from cl_flat.stats import Summary
 
@@ -45,7 +46,8 @@ SUMMARY_PARTS = ("mean", "std", "ci_low", "ci_high")
 CSV_COLUMNS = ["kind", "group", "baseline", "run", "path", "seed", "method", "tasks", "n", *METRICS,
                *(f"{m}_{part}" for m in METRICS for part in SUMMARY_PARTS),
                *REFERENCE_KEYS, *(f"{m}_{part}" for m in REFERENCE_KEYS for part in SUMMARY_PARTS),
-               *FLATNESS_KEYS, *(f"{m}_{part}" for m in FLATNESS_KEYS for part in SUMMARY_PARTS), "source"]
+               *FLATNESS_KEYS, *(f"{m}_{part}" for m in FLATNESS_KEYS for part in SUMMARY_PARTS), "source",
+               DRIFT_MEASURE, *(f"{DRIFT_MEASURE}_{part}" for part in SUMMARY_PARTS)]
 FIGURE_CAPTIONS = {
     "op_curves.png": "OP_t per group (mean over runs, 95% CI band)",
     "metrics_bars.png": "each metric in its own panel: group means, 95% CI error bars",
@@ -144,6 +146,10 @@ def render_markdown(report: Report, figures_written: list[Path] | None = None,
         lines += ["", "Flatness columns: the mean over a run's tasks of each task's landscape/sharpness.json entry, "
                   "measured right after training it (sharpness_avg / sharpness_worst: its \"avg\" / \"worst\"; "
                   "lambda_max, trace: the Hessian's), in loss units; — where a task lacks it."]
+    if DRIFT_MEASURE in measures:
+        lines += ["", f"{DRIFT_MEASURE}: the mean over a run's probes (tasks scored after every task, never trained) "
+                  "of the probe's score after the last task minus its zero-shot score, in points (< 0: the sequence "
+                  "cost the ability the probes measure); — for a run without probes."]
     if report.published:
         key, rows = report.published
         lines += ["", f"Rows \"published: …\" are **published numbers, not measured here** (--published {key}): "

@@ -31,9 +31,12 @@ from cl_flat.rundir import RunDir
 # report measure -> the field of a sharpness.json entry it averages over tasks
 FLATNESS_MEASURES = {"sharpness_avg": "avg", "sharpness_worst": "worst", "lambda_max": "lambda_max",
                      "trace": "trace"}
+# report measure of the probes (`probes:`): metrics.json's mean_final_drift, the mean over probes of
+# (last row − zero_shot); None for a run without probes
+DRIFT_MEASURE = "final_drift"
 RUN_IDENTITY_KEYS = frozenset({"run.seed", "run.name", "run.output_dir"})
 finite_number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-PATH_OR_LOGGING_KEY = re.compile(r"logging\..*|tasks\.\d+\.(train|test|data_files)(\..*)?")
+PATH_OR_LOGGING_KEY = re.compile(r"logging\..*|(tasks|probes)\.\d+\.(train|test|data_files)(\..*)?")
 
 
 class ReportInputError(UserError):
@@ -142,6 +145,8 @@ def load_run(folder: Path, name: str) -> RunResult:
     for key, field_name in FLATNESS_MEASURES.items():
         values = [flatness.get(task, {}).get(field_name) for task in tasks]
         metrics[key] = None if any(v is None for v in values) else sum(values) / len(values)
+    drift = data.get("mean_final_drift")
+    metrics[DRIFT_MEASURE] = float(drift) if finite_number(drift) else None
     return RunResult(folder, name, config.run.seed, dotted_keys(config_to_dict(config)), tuple(tasks), metrics,
                      tuple(float(v) for v in op), tuple(tuple(row) for row in matrix), flatness)
 

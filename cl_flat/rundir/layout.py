@@ -3,6 +3,7 @@ and the readers of what a run saved.
 
     config.yaml        resolved config + "meta" (world size, global batch, LoRA targets adapted, versions, git commit)
     acc_matrix.csv     zero_shot row, then one row per trained task (rewritten after every task)
+    probe_matrix.csv   `probes:` only: the probes' scores, rows as acc_matrix.csv's (written just before it)
     sharpness_matrix.csv  evaluation.sharpness_every_task: after_task,task,space + SHARPNESS_COLUMNS, one
                        row per (trained task t, task i <= t), from landscape/sharpness.json (rewritten after every task)
     metrics.json       written last: its presence marks a complete run
@@ -37,7 +38,7 @@ from cl_flat.config import RunConfig, config_to_dict, validate_config
 from cl_flat.config.yamlfile import YamlProblem, read_yaml
 from cl_flat.errors import ConfigError, UserError
 from cl_flat.files import atomic_write_text
-from cl_flat.metrics import ZERO_SHOT, Rows, read_acc_matrix, write_acc_matrix
+from cl_flat.metrics import ZERO_SHOT, Rows, read_acc_matrix, read_probe_matrix, write_acc_matrix
 from cl_flat.rundir.lock import NAME as LOCK_NAME
 from cl_flat.strategies import build_strategies
 
@@ -69,6 +70,10 @@ class RunDir:
     @property
     def matrix_path(self) -> Path:
         return self.path / "acc_matrix.csv"
+
+    @property
+    def probe_matrix_path(self) -> Path:
+        return self.path / "probe_matrix.csv"
 
     @property
     def metrics_path(self) -> Path:
@@ -156,8 +161,24 @@ class RunDir:
 
     # ------------------------------------------------------------ accuracy matrix and metrics
 
-    def write_matrix(self, names: list[str], rows: Rows) -> None:
+    def write_matrix(self, names: list[str], rows: Rows, probes: list[str] | None = None,
+                     probe_rows: Rows | None = None) -> None:
+        """acc_matrix.csv and, with probes, probe_matrix.csv: that one first, so that acc_matrix.csv (what
+        --resume reads) never holds a row that probe_matrix.csv lacks; a kill in between leaves it a row
+        ahead, dropped on resume (`restored_probe_rows`)."""
+        if probes:
+            write_acc_matrix(self.probe_matrix_path, probes, probe_rows or [])
         write_acc_matrix(self.matrix_path, names, rows)
+
+    def restored_probe_rows(self, probes: list[str], kept: list[str]) -> Rows:
+        """The saved probe rows of the rows `kept` (after_task names, acc_matrix.csv's restored rows), one
+        column per probe in `probes`; a score the file lacks (no file, a probe added by a config change)
+        is None. A malformed file is a MatrixFormatError naming file:line."""
+        saved: dict[str, dict[str, float | None]] = {}
+        if probes and self.probe_matrix_path.is_file():
+            names, rows = read_probe_matrix(self.probe_matrix_path)
+            saved = {after: dict(zip(names, scores)) for after, scores in rows}
+        return [(after, [saved.get(after, {}).get(p) for p in probes]) for after in kept] if probes else []
 
     def trained_tasks(self) -> list[str]:
         """Tasks whose training finished (their row is in acc_matrix.csv), in order."""

@@ -30,6 +30,7 @@ class Restart:
     rows: Rows
     changes: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    probe_rows: Rows = field(default_factory=list)  # probe_matrix.csv's rows of `rows` (none without probes)
 
     @property
     def done(self) -> int:
@@ -100,8 +101,9 @@ def completed_rows(run_dir: RunDir, config: RunConfig, resume: bool, allow_chang
         if problems:
             raise DataError(f"--resume: {problems[0]}")
     logged_updates(run_dir)  # the log it truncates, checked before anything is written too
-    return Restart([(ZERO_SHOT, zero_shot)] + [(names[i], rows[i]) for i in range(done)], changes,
-                   meta_of(document))
+    kept = [(ZERO_SHOT, zero_shot)] + [(names[i], rows[i]) for i in range(done)]
+    probe_rows = run_dir.restored_probe_rows([p.name for p in config.probes], [after for after, _ in kept])
+    return Restart(kept, changes, meta_of(document), probe_rows)
 
 
 def restart(run_dir: RunDir, config: RunConfig, resume: bool, allow_changes: bool,

@@ -108,6 +108,7 @@ def test_offline_run_holds_config_updates_rows_summary_table_and_images(tmp_path
     config = validate_config(tiny_config)
     names = ["t1", "t2"]
     rows = [("zero_shot", [50.0, 40.0]), ("t1", [90.0, 45.0]), ("t2", [70.0, 80.0])]
+    probe_rows = [("zero_shot", [30.0]), ("t1", [35.0]), ("t2", [25.0])]  # a probe: scored, never trained
     write_acc_matrix(tmp_path / "acc_matrix.csv", names, rows)
     images = {"acc_matrix": tmp_path / "plots" / "acc_matrix.png", "op_curve": tmp_path / "plots" / "op_curve.png",
               "learning_curves": tmp_path / "plots" / "not_drawn.png"}
@@ -116,12 +117,12 @@ def test_offline_run_holds_config_updates_rows_summary_table_and_images(tmp_path
     metrics = {"AA": 75.0, "BWT": -20.0, "FWT": 5.0, "F": 20.0, "AIA": 82.5, "OP": [90.0, 75.0], "sharpness": None}
 
     with Tracker(config, tmp_path / "train_log.jsonl", active=True, meta={"world_size": 1}) as tracker:
-        tracker.log_row(names, rows[:1])
+        tracker.log_row(names, rows[:1], ["p"], probe_rows[:1])
         tracker.log_update({"task": "t1", "task_index": 0, "step": 1, "loss": 0.7, "lr": 0.01,
                             "grad_norm": float("nan"), "eps_norm": 0.05, "nonfinite": ["grad_norm"]})
-        tracker.log_row(names, rows[:2])
-        tracker.log_row(names, rows)
-        tracker.log_results(names, rows, metrics, images)
+        tracker.log_row(names, rows[:2], ["p"], probe_rows[:2])
+        tracker.log_row(names, rows, ["p"], probe_rows)
+        tracker.log_results(names, rows, metrics, images, ["p"], probe_rows)
 
     assert json.loads((tmp_path / "train_log.jsonl").read_text())["grad_norm"] is None  # strict JSON: null
     (folder,) = offline_runs(tmp_path)
@@ -136,6 +137,7 @@ def test_offline_run_holds_config_updates_rows_summary_table_and_images(tmp_path
     assert [(r["eval/after_task"], r["eval/acc/t1"], r["eval/acc/t2"]) for r in evaluated] == [
         (0, 50, 40), (1, 90, 45), (2, 70, 80)]
     assert "eval/OP" not in evaluated[0]
+    assert [r["eval/probe/p"] for r in evaluated] == [30, 35, 25]
     assert [r["eval/OP"] for r in evaluated[1:]] == [90, (70 + 80) / 2]  # OP_t = mean_{i<=t} R[t, i]
     summary = run["summary"]
     assert {k: summary[k] for k in ("AA", "BWT", "FWT", "F", "AIA", "OP")} == {k: v for k, v in metrics.items()
@@ -144,6 +146,8 @@ def test_offline_run_holds_config_updates_rows_summary_table_and_images(tmp_path
     table = json.loads((folder / "files" / summary["acc_matrix.path"]).read_text())
     assert table["columns"] == ["after_task", "t1", "t2"]
     assert table["data"] == [[after, *scores] for after, scores in rows]
+    table = json.loads((folder / "files" / summary["probe_matrix.path"]).read_text())
+    assert table["columns"] == ["after_task", "p"] and table["data"] == [["zero_shot", 30], ["t1", 35], ["t2", 25]]
     for name in ("acc_matrix", "op_curve"):
         assert summary[f"plots/{name}.format"] == "png"
         assert (folder / "files" / summary[f"plots/{name}.path"]).read_bytes()[:4] == b"\x89PNG"
