@@ -131,7 +131,7 @@ def test_validate_checks_probe_data_like_task_data(tmp_path: Path):
     path.write_text(f"run: {{output_dir: {tmp_path / 'results'}}}\nmodel: {{name_or_path: tiny-random:llama}}\n"
                     "tasks: [{name: food_sentiment, source: builtin}]\n"
                     "probes: [{name: p, source: jsonl, train: p.jsonl, test: p.jsonl, metric: exact_match}]\n")
-    with pytest.raises(DataError, match=r"p.jsonl:2: expected an object"):
+    with pytest.raises(DataError, match=r"p.jsonl:2: no field \"output\""):
         validate(path, [])
     (tmp_path / "p.jsonl").write_text('{"input": "x", "output": "y"}\n')
     config, _ = validate(path, [])
