@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from cl_flat.checkpoint import TaskCheckpoints
 from cl_flat.config import RunConfig
 from cl_flat.landscape import LandscapeOptions, compute_sharpness, landscape_stem
 from cl_flat.metrics import ZERO_SHOT, Rows, compute_metrics, probe_metrics
+from cl_flat.progress import announce, duration
 from cl_flat.recipes.skeleton import Skeleton, Unit
 from cl_flat.rundir import RunDir
 from cl_flat.rundir.resume import restart, skipped_updates, truncate_log
@@ -50,10 +52,17 @@ def _record_flatness(config: RunConfig, run_dir: RunDir, stack: AdapterStack, to
     evaluation, names = config.evaluation, [t.name for t in tasks]
     strategies = build_strategies(config)
     earlier = range(index) if evaluation.sharpness_every_task else range(0)
+    shown = dist.is_main() and config.logging.progress
     for i in [index, *earlier]:
+        # minutes on a CPU (about a dozen updates' worth) with nothing else to show meanwhile
+        announce(shown, f"flatness of {names[i]} after {names[index]}: sharpness"
+                        f"{', Hessian' if evaluation.hessian_iters or evaluation.hessian_probes else ''} "
+                        f"on {evaluation.landscape_samples()} held-out examples ...")
+        start = time.perf_counter()
         record = compute_sharpness(stack.model, tokenizer, tasks[i], strategies.adapter_name(names[i]), evaluation,
                                    max_length=config.training.max_seq_length, seed=config.run.seed,
                                    options=LandscapeOptions(after=names[index]))
+        announce(shown, f"flatness of {names[i]} after {names[index]}: done in {duration(time.perf_counter() - start)}")
         if dist.is_main():
             run_dir.merge_sharpness(landscape_stem(names[i], names[index], evaluation.sharpness_space), record)
     if evaluation.sharpness_every_task and dist.is_main():
