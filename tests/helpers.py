@@ -216,3 +216,22 @@ class Quadratic(nn.Module):
 
 def quad_loss(model: Quadratic, h):
     return 0.5 * (h * model.w * model.w).sum()
+
+
+def greedy_by_hand(model, tokenizer, prompt: list[int], steps: int) -> str:
+    """Greedy decoding, one unpadded example: the argmax next token until EOS or `steps` tokens."""
+    from cl_flat.family import SEQ2SEQ, family_of
+
+    seq2seq = family_of(model) == SEQ2SEQ
+    out = [tokenizer.pad_token_id] if seq2seq else list(prompt)
+    start = len(out)
+    with torch.no_grad():
+        for _ in range(steps):
+            if seq2seq:
+                logits = model(input_ids=torch.tensor([prompt]), decoder_input_ids=torch.tensor([out])).logits
+            else:
+                logits = model(input_ids=torch.tensor([out])).logits
+            out.append(int(logits[0, -1].argmax()))
+            if out[-1] == tokenizer.eos_token_id:
+                break
+    return tokenizer.decode(out[start:], skip_special_tokens=True)

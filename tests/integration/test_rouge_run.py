@@ -1,4 +1,4 @@
-"""`cl-flat train` with a generation task scored by `rouge_l` beside a rank-classified one (tiny-random:llama):
+"""`cl-flat train` with a generation task scored by `rouge_l` beside a rank-classified one (tiny Llama and T5):
 the matrix's rouge_l cells against the mean best ROUGE-L F-measure (x 100, rouge-score in the test) of the
 trained stack's greedy outputs decoded by hand, the console title naming both metrics, and
 `cl-flat eval RUN --metric rouge_l --max-samples all` scoring the full test set the same way."""
@@ -8,18 +8,18 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
 from rouge_score import rouge_scorer
 
 from cl_flat.config import load_config
 from cl_flat.data import load_tasks
+from cl_flat.data.batches import example_prompt_ids
 from cl_flat.evaluate import eval_indices
 from cl_flat.metrics import read_acc_matrix
 from cl_flat.models import load_run_model
 from cl_flat.rundir import RunDir
 from cl_flat.rundir.checks import require_run
-from helpers import run_cli, write_jsonl_task
+from helpers import greedy_by_hand, run_cli, write_jsonl_task
 
 pytestmark = pytest.mark.integration
 
@@ -39,23 +39,15 @@ def write_generation_task(folder, n_train: int = 8, n_test: int = 6) -> dict:
             "test": str(folder / "gen_test.jsonl"), "instruction": "Repeat the phrase."}
 
 
-def greedy(model, tokenizer, prompt: list[int], steps: int) -> str:
-    """Greedy decoding by hand, one unpadded prompt: the argmax next token until EOS or `steps` tokens."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(steps):
-            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-            if ids[-1] == tokenizer.eos_token_id:
-                break
-    return tokenizer.decode(ids[len(prompt):], skip_special_tokens=True)
-
-
-def test_rouge_l_run_and_rescore(tmp_path):
+# seeds whose random base model generates word characters, so that a zero-shot score lies between 0 and 100
+@pytest.mark.parametrize("name,targets,seed", [("tiny-random:llama", ["q_proj", "v_proj"], 5),
+                                               ("tiny-random:t5", ["q", "v"], 4)])
+def test_rouge_l_run_and_rescore(tmp_path, name, targets, seed):
     data = tmp_path / "data"
     classify = write_jsonl_task(data, "cls", ["yes", "no"], n_train=4, n_test=4) | {"metric": "accuracy"}
-    raw = {"run": {"name": "gen", "output_dir": str(tmp_path / "results"), "seed": 5},
-           "model": {"name_or_path": "tiny-random:llama"},
-           "lora": {"r": 2, "target_modules": ["q_proj", "v_proj"]},
+    raw = {"run": {"name": "gen", "output_dir": str(tmp_path / "results"), "seed": seed},
+           "model": {"name_or_path": name},
+           "lora": {"r": 2, "target_modules": targets},
            "tasks": [classify, write_generation_task(data)],
            "training": {"micro_batch_size": 2, "max_steps": 2, "learning_rate": 0.01},
            "evaluation": {"metric": "rouge_l", "max_samples_per_task": 4, "batch_size": 3, "max_new_tokens": 8,
@@ -68,7 +60,7 @@ def test_rouge_l_run_and_rescore(tmp_path):
     config = load_config(config_path)
     model, tokenizer = load_run_model(config.model, config.deepspeed, config.run.seed)
     task = load_tasks(config)[1]
-    texts = [greedy(model, tokenizer, tokenizer(task.prompt(example))["input_ids"], 8) for example in task.test]
+    texts = [greedy_by_hand(model, tokenizer, example_prompt_ids(tokenizer, task, example), 8) for example in task.test]
     rows = [json.loads(line) for line in (data / "gen_test.jsonl").read_text().splitlines()]
     (data / "gen_test.jsonl").write_text("".join(json.dumps(row | {"references": row["references"] + [f"{text} zebra"]})
                                                  + "\n" for row, text in zip(rows, texts)))
@@ -94,10 +86,11 @@ def test_rouge_l_run_and_rescore(tmp_path):
         if after != "zero_shot":
             model = RunDir(run_dir).load_stack(model, config, after).model
         model.eval()
-        texts = [greedy(model, tokenizer, tokenizer(task.prompt(example))["input_ids"], 8) for example in task.test]
+        texts = [greedy_by_hand(model, tokenizer, example_prompt_ids(tokenizer, task, example), 8)
+                 for example in task.test]
         best = [max(scorer.score(target, text)["rougeL"].fmeasure for target in example.references)
                 for text, example in zip(texts, task.test)]
         sample = eval_indices(len(task.test), 4, config.run.seed, "gen")  # the 4 of 6 the run scored
         assert saved == pytest.approx(100 * sum(best[i] for i in sample) / 4, abs=1e-9), (after, texts)
         assert rescored[after] == pytest.approx(100 * sum(best) / len(best), abs=1e-9), (after, texts)
-    assert 0 < rescored["zero_shot"] < 100, rescored  # seed 5: the base model's generations hold words
+    assert 0 < rescored["zero_shot"] < 100, rescored

@@ -18,9 +18,8 @@ from cl_flat.data import Example, TaskData
 from cl_flat.data.sources import read_jsonl
 from cl_flat.errors import DataError
 from cl_flat.evaluate import GENERATION_METRICS, evaluate_tasks, exact_match, rouge_l
-from cl_flat.family import SEQ2SEQ, family_of
 from cl_flat.models import load_model
-from helpers import assert_clean_failure, write_yaml
+from helpers import assert_clean_failure, greedy_by_hand, write_yaml
 
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
@@ -78,23 +77,6 @@ def test_exact_match_takes_any_reference():
 
 
 # ------------------------------------------------------------------ a task's score on tiny models
-
-
-def greedy_by_hand(model, tokenizer, prompt: list[int], steps: int) -> str:
-    """Greedy decoding, one unpadded example: the argmax next token until EOS or `steps` tokens."""
-    seq2seq = family_of(model) == SEQ2SEQ
-    out = [tokenizer.pad_token_id] if seq2seq else list(prompt)
-    start = len(out)
-    with torch.no_grad():
-        for _ in range(steps):
-            if seq2seq:
-                logits = model(input_ids=torch.tensor([prompt]), decoder_input_ids=torch.tensor([out])).logits
-            else:
-                logits = model(input_ids=torch.tensor([out])).logits
-            out.append(int(logits[0, -1].argmax()))
-            if out[-1] == tokenizer.eos_token_id:
-                break
-    return tokenizer.decode(out[start:], skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("name", ["tiny-random:t5", "tiny-random:llama"])
