@@ -170,6 +170,17 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+def _cached_start(model, rows: list[tuple[list[int], list[list[int]]]], keyword: str, device):
+    """(s, the KV cache of the s tokens every row starts with, the rows without them), the start run once
+    for the batch; (0, None, rows) when fewer than `SHARED_PREFIX_MIN` tokens are shared."""
+    shared = shared_prefix_length([prefix for prefix, _ in rows])
+    if shared < SHARED_PREFIX_MIN:
+        return 0, None, rows
+    cache = model(input_ids=torch.tensor([rows[0][0][:shared]], device=device), use_cache=True)[keyword]
+    cache.batch_repeat_interleave(len(rows))
+    return shared, cache, [(prefix[shared:], labels) for prefix, labels in rows]
+
+
 @torch.no_grad()
 def packed_label_logprobs(model: torch.nn.Module, rows: list[tuple[list[int], list[list[int]]]], pad_id: int,
                           device) -> list[list[float]]:
@@ -188,14 +199,8 @@ def packed_label_logprobs(model: torch.nn.Module, rows: list[tuple[list[int], li
     run once, and every row attends to their keys and values from the cache at positions 0..s−1."""
     if any(not prefix for prefix, _ in rows):
         raise ValueError("rank classification needs at least one prompt token before the labels")
-    shared, cache, keyword = shared_prefix_length([prefix for prefix, _ in rows]), None, _cache_keyword(model)
-    if shared >= SHARED_PREFIX_MIN:
-        start = model(input_ids=torch.tensor([rows[0][0][:shared]], device=device), use_cache=True)
-        cache = start[keyword]
-        cache.batch_repeat_interleave(len(rows))
-        rows = [(prefix[shared:], labels) for prefix, labels in rows]
-    else:
-        shared = 0
+    keyword = _cache_keyword(model)
+    shared, cache, rows = _cached_start(model, rows, keyword, device)
     seqs, owners, positions = [], [], []
     for prefix, labels in rows:
         n = len(prefix)
