@@ -40,8 +40,8 @@ whole sample is held meanwhile). Both report their counts under "passes".
 
 **Files** (results folder): `landscape/<stem>_1d.csv` (alpha,loss), `landscape/<stem>_2d.csv`
 (alpha,beta,loss), `plots/landscape_<stem>_{1d,2d}.png`, and the entry `<stem>` of
-`landscape/sharpness.json` = {"avg", "worst", "rho", "samples", "lambda_max", "trace", "trace_se",
-"hessian_iters", "hessian_probes", ...}, with stem = `<task>` for the
+`landscape/sharpness.json` = {"avg", "worst", "rho", "samples", "lambda_max", "lambda_dominant", "trace",
+"trace_se", "hessian_iters", "hessian_probes", ...}, with stem = `<task>` for the
 landscape of task T right after T was trained in the `adapter` space, `<task>_after_<X>` with
 `--after X` (X later than T), a `_merged` suffix for the merged space and a `_worst` suffix for the
 worst-direction landscape (e.g. `t1_after_t3_merged_worst_1d.csv`); the sharpness entry has no
@@ -77,7 +77,7 @@ from cl_flat.landscape.geometry import (
     row_radii,
     sharpness_passes,
 )
-from cl_flat.landscape.hessian import hutchinson_trace, power_iteration
+from cl_flat.landscape.hessian import hutchinson_trace, top_eigenvalue
 from cl_flat.landscape.perturbed_loss import Moved, PerturbedLoss, held_out_batches, moved_weights, unwrap_engine
 from cl_flat.progress import counter
 from cl_flat.seeding import keyed_generator
@@ -152,7 +152,7 @@ def _hessian(evaluator: PerturbedLoss, moved: list[Moved], options: LandscapeOpt
     (`cl_flat.landscape.hessian`); None where the count is 0 (trace_se also for one probe)."""
     shapes = {m.name: m.shape for m in moved}
 
-    record: dict[str, Any] = {"lambda_max": None, "trace": None, "trace_se": None,
+    record: dict[str, Any] = {"lambda_max": None, "lambda_dominant": None, "trace": None, "trace_se": None,
                               "hessian_iters": options.hessian_iters, "hessian_tol": options.hessian_tol,
                               "hessian_probes": options.hessian_probes, "power_iterations": 0,
                               "lambda_converged": None}
@@ -165,8 +165,9 @@ def _hessian(evaluator: PerturbedLoss, moved: list[Moved], options: LandscapeOpt
             return out
 
         if options.hessian_iters:
-            top = power_iteration(hvp, shapes, generator, iters=options.hessian_iters, tol=options.hessian_tol)
-            record.update(lambda_max=top.value, power_iterations=top.iterations, lambda_converged=top.converged)
+            top = top_eigenvalue(hvp, shapes, generator, iters=options.hessian_iters, tol=options.hessian_tol)
+            record.update(lambda_max=top.value, lambda_dominant=top.dominant, power_iterations=top.iterations,
+                          lambda_converged=top.converged)
         if options.hessian_probes:
             trace = hutchinson_trace(hvp, shapes, generator, probes=options.hessian_probes)
             record.update(trace=trace.value, trace_se=trace.se)
@@ -190,8 +191,8 @@ def compute_sharpness(model: nn.Module, tokenizer, task, adapter: str, evaluatio
     all-reduced; every rank returns the same dict). The model is left bit for bit unchanged
     (parameters, requires_grad, .grad, train/eval mode). Returns the sharpness.json record
     {"avg", "worst", "rho", "samples", "radius", "loss", "ascent_steps", "ball", "space", "split",
-    "examples", "target_tokens", "lambda_max", "trace", "trace_se", "hessian_iters", "hessian_tol",
-    "hessian_probes", "power_iterations", "lambda_converged"} (+ "after" when options.after is another
+    "examples", "target_tokens", "lambda_max", "lambda_dominant", "trace", "trace_se", "hessian_iters",
+    "hessian_tol", "hessian_probes", "power_iterations", "lambda_converged"} (+ "after" when options.after is another
     task) plus "passes": {"forward", "forward_backward", "hessian_vector"}."""
     options = resolved(options or LandscapeOptions(), evaluation)
     inner = unwrap_engine(model)

@@ -5,11 +5,15 @@ ever touched through a closure `hvp(v) -> Hv`. The model side (`PerturbedLoss.hv
 exactly by double backward, Pearlmutter's R-operator (Pearlmutter 1994, "Fast exact multiplication by
 the Hessian"): Hv = ∇_θ ⟨∇_θ L(θ), v⟩, one forward and two backward passes, no H is formed.
 
-**Top eigenvalue** (`power_iteration`, as in PyHessian, Yao et al. 2020): v₀ ~ N(0, I) from a keyed
+**Top eigenvalue** (`power_iteration`, `top_eigenvalue`; as in PyHessian, Yao et al. 2020): v₀ ~ N(0, I) from a keyed
 generator, v₀ ← v₀/‖v₀‖; then for k = 1..K: w = Hv_{k−1}, λ_k = ⟨v_{k−1}, w⟩ (the Rayleigh quotient),
 v_k = w/‖w‖; stop after K = `iters` products or once |λ_k − λ_{k−1}| ≤ tol·(|λ_{k−1}| + 1e−12).
-It converges to the eigenvalue of largest MAGNITUDE (geometrically, at rate |λ₂/λ₁|); at a minimum
-H ⪰ 0 and that is λ_max. Near a saddle a negative value can come back; it is reported as is.
+It converges to the eigenvalue of largest MAGNITUDE λ_dom (geometrically, at rate |λ₂/λ₁|); at a
+minimum H ⪰ 0 and that is λ_max. Away from a minimum (a few updates into a task, a saddle) H is
+indefinite and λ_dom can be negative; `top_eigenvalue` then runs a second power iteration on the
+shifted H − σI with σ = λ_dom, whose eigenvalues λ_i − σ are all ≥ 0 (up to the error of σ), so its
+dominant one is λ_max − σ: λ_max = μ + σ (the standard spectral shift, e.g. Golub & Van Loan §7.3).
+The shifted run converges at rate (λ₂ − σ)/(λ_max − σ), slower than the first; it has its own cap.
 
 **Trace** (`hutchinson_trace`, Hutchinson 1989): tr(H) = E[zᵀHz] for any z with E[zzᵀ] = I; with
 Rademacher z (entries ±1, probability ½ each) the estimate (1/m) Σ_j z_jᵀHz_j has the smallest
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -35,10 +39,11 @@ HVP = Callable[[Params], Params]
 
 @dataclass(frozen=True)
 class TopEigenvalue:
-    value: float                 # λ_K, the last Rayleigh quotient
-    iterations: int              # Hessian-vector products spent (K)
-    converged: bool              # the relative change fell below tol before the cap
+    value: float                 # λ_K, the last Rayleigh quotient (of H, the shift added back)
+    iterations: int              # Hessian-vector products spent (K, both runs of top_eigenvalue)
+    converged: bool              # the relative change fell below tol before the cap (of the last run)
     history: tuple[float, ...]   # λ_1..λ_K
+    dominant: float | None = None  # top_eigenvalue: the eigenvalue of largest magnitude (first run)
 
 
 @dataclass(frozen=True)
@@ -68,9 +73,10 @@ def _scaled(v: Mapping[str, torch.Tensor], c: float) -> Params:
 
 
 def power_iteration(hvp: HVP, shapes: Mapping[str, torch.Size], generator: torch.Generator, *, iters: int,
-                    tol: float, dtype: torch.dtype = torch.float32) -> TopEigenvalue:
-    """The eigenvalue of H of largest magnitude by power iteration (module docstring): at most `iters`
-    Hessian-vector products, stopping early once |λ_k − λ_{k−1}| ≤ tol·(|λ_{k−1}| + 1e−12)."""
+                    tol: float, dtype: torch.dtype = torch.float32, shift: float = 0.0) -> TopEigenvalue:
+    """The eigenvalue of H − shift·I of largest magnitude by power iteration (module docstring), returned
+    with the shift added back (a value and history of H): at most `iters` Hessian-vector products,
+    stopping early once |λ_k − λ_{k−1}| ≤ tol·(|λ_{k−1}| + 1e−12) (λ of the shifted matrix)."""
     if iters < 1:
         raise ValueError("iters must be >= 1")
     v = gaussian(shapes, generator, dtype)
@@ -82,6 +88,8 @@ def power_iteration(hvp: HVP, shapes: Mapping[str, torch.Size], generator: torch
     converged = False
     for _ in range(iters):
         w = hvp(v)
+        if shift:
+            w = {k: t - shift * v[k] for k, t in w.items()}
         value = dot(v, w)
         history.append(value)
         if len(history) > 1 and abs(value - history[-2]) <= tol * (abs(history[-2]) + 1e-12):
@@ -92,7 +100,20 @@ def power_iteration(hvp: HVP, shapes: Mapping[str, torch.Size], generator: torch
             converged = size == 0.0
             break
         v = _scaled(w, 1.0 / size)
-    return TopEigenvalue(history[-1], len(history), converged, tuple(history))
+    return TopEigenvalue(history[-1] + shift, len(history), converged, tuple(h + shift for h in history))
+
+
+def top_eigenvalue(hvp: HVP, shapes: Mapping[str, torch.Size], generator: torch.Generator, *, iters: int,
+                   tol: float, dtype: torch.dtype = torch.float32) -> TopEigenvalue:
+    """λ_max, the LARGEST eigenvalue of H (module docstring): power iteration gives the dominant one
+    λ_dom; when λ_dom < 0, a second power iteration (its own `iters` cap, a fresh start vector from
+    `generator`) on H − λ_dom·I gives λ_max. `dominant` keeps λ_dom; iterations count both runs."""
+    first = power_iteration(hvp, shapes, generator, iters=iters, tol=tol, dtype=dtype)
+    if first.value >= 0:
+        return replace(first, dominant=first.value)
+    second = power_iteration(hvp, shapes, generator, iters=iters, tol=tol, dtype=dtype, shift=first.value)
+    return TopEigenvalue(second.value, first.iterations + second.iterations, second.converged,
+                         first.history + second.history, dominant=first.value)
 
 
 def hutchinson_trace(hvp: HVP, shapes: Mapping[str, torch.Size], generator: torch.Generator, *, probes: int,

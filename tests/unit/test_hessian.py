@@ -1,7 +1,8 @@
 """The Hessian measures of flatness against analytic and dense Hessians.
 
 Pure core on quadratics L(w) = ½ wᵀHw with H = Q diag(λ) Qᵀ built from eigenvalues set here:
-power iteration returns the eigenvalue of largest magnitude; Hutchinson's estimate with Rademacher
+power iteration returns the eigenvalue of largest magnitude, and `top_eigenvalue` the largest one
+(a shifted second run where the first is negative); Hutchinson's estimate with Rademacher
 probes is exactly tr(H) for a diagonal H (zᵀHz = Σ H_ii z_i² = Σ H_ii), and for a dense H its mean over
 many probes lies within a few standard errors of tr(H), with a standard error that matches the
 analytic Var(zᵀHz) = 2 Σ_{i≠j} H_ij². Model side: the Hessian-vector product of the held-out loss
@@ -21,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cl_flat import landscape as ls
 from cl_flat.config import EvaluationSection, LoraSection
-from cl_flat.landscape.hessian import hutchinson_trace, power_iteration, rademacher
+from cl_flat.landscape.hessian import hutchinson_trace, power_iteration, rademacher, top_eigenvalue
 from cl_flat.rundir import RunDir
 
 D = torch.float64
@@ -68,6 +69,30 @@ def test_power_iteration_finds_the_largest_magnitude_even_if_negative():
     _, hvp = _quadratic([-7.0, 3.0, 1.0, 0.0, 0.0, 0.0, 0.0], seed=2)
     top = power_iteration(hvp, SHAPES, torch.Generator().manual_seed(0), iters=300, tol=1e-12, dtype=D)
     assert top.value == pytest.approx(-7.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("eigenvalues, largest", [
+    ([-7.0, 3.0, 1.0, 0.0, 0.0, 0.0, 0.0], 3.0),          # indefinite: a saddle
+    ([-7.0, -3.0, -1.0, -0.5, -0.2, -0.1, -2.0], -0.1),   # negative definite: the largest is still negative
+])
+def test_top_eigenvalue_is_the_largest_even_where_the_dominant_is_negative(eigenvalues, largest):
+    _, hvp = _quadratic(eigenvalues, seed=2)
+    top = top_eigenvalue(hvp, SHAPES, torch.Generator().manual_seed(0), iters=2000, tol=1e-13, dtype=D)
+    assert top.dominant == pytest.approx(-7.0, rel=1e-6)
+    assert top.value == pytest.approx(largest, abs=1e-6) and top.converged
+    first = power_iteration(hvp, SHAPES, torch.Generator().manual_seed(0), iters=2000, tol=1e-13, dtype=D)
+    assert top.iterations == len(top.history) > first.iterations  # both runs' products are counted
+    assert top.history[:first.iterations] == first.history
+    # shifted Rayleigh quotients, shift added back, are Rayleigh quotients of H: never above λ_max
+    assert max(top.history[first.iterations:]) <= largest + 1e-9
+
+
+def test_top_eigenvalue_where_the_dominant_is_positive_is_one_power_iteration():
+    _, hvp = _quadratic([5.0, 2.0, 1.0, 0.5, 0.1, 0.0, -4.0])
+    top = top_eigenvalue(hvp, SHAPES, torch.Generator().manual_seed(1), iters=500, tol=1e-12, dtype=D)
+    plain = power_iteration(hvp, SHAPES, torch.Generator().manual_seed(1), iters=500, tol=1e-12, dtype=D)
+    assert top.value == plain.value == top.dominant and top.history == plain.history
+    assert top.value == pytest.approx(5.0, rel=1e-8)
 
 
 def test_power_iteration_on_a_zero_hessian_is_zero_and_converged():
@@ -175,8 +200,12 @@ def _check_against_dense(model, task, tokenizer, adapter, layer_filter, max_leng
             assert torch.allclose(got, expected, rtol=1e-3, atol=1e-5 * float(expected.abs().max())), (got, expected)
         eigenvalues = torch.linalg.eigvalsh(H.double())
         dominant = float(eigenvalues[eigenvalues.abs().argmax()])
-        top = power_iteration(hvp, shapes, torch.Generator().manual_seed(1), iters=500, tol=1e-7)
-        assert top.value == pytest.approx(dominant, rel=1e-3)
+        top = top_eigenvalue(hvp, shapes, torch.Generator().manual_seed(1), iters=500, tol=1e-7)
+        assert top.dominant == pytest.approx(dominant, rel=1e-3)
+        # the largest eigenvalue: the shifted run's Rayleigh quotients lie below λ_max and, once in the
+        # span of the top eigenvectors, above λ₂ (here the top two differ by 0.6%, too close to separate)
+        second, largest = (float(x) for x in eigenvalues[-2:])
+        assert second - 1e-3 * abs(dominant) <= top.value <= largest + 1e-6
         trace = hutchinson_trace(hvp, shapes, torch.Generator().manual_seed(2), probes=30)
         assert abs(trace.value - float(torch.trace(H))) <= 4 * trace.se
     assert evaluator.products == 3 + top.iterations + 30
