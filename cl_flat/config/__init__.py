@@ -14,7 +14,6 @@ from typing import Any, get_args
 from pydantic import TypeAdapter, ValidationError
 
 from cl_flat.config.sections import (
-    DEFAULT_STRATEGY,
     DEFAULT_TEMPLATE,
     BuiltinTaskConfig,
     DeepSpeedSection,
@@ -33,6 +32,7 @@ from cl_flat.config.sections import (
     WandbSection,
     flatness_adapter,
     template_fields,
+    with_default_strategy,
 )
 from cl_flat.config.yamlfile import YamlProblem, read_yaml
 from cl_flat.errors import ConfigError
@@ -105,11 +105,17 @@ def _cross_checks(raw: dict[str, Any]) -> list[str]:
         if isinstance(own, dict) and "max_seq_length" in own and own["max_seq_length"] != run_length:
             problems.append(f"tasks.{i}.training.max_seq_length: one length serves the whole run (every task is "
                             "evaluated after every task); set training.max_seq_length instead")
-        if isinstance(task, dict) and task.get("source") in {"jsonl", "hf"} and task.get("labels") is None \
-                and (task.get("metric") or default_metric) == "accuracy":
-            problems.append(f"tasks.{i}.labels: metric 'accuracy' (rank classification) needs the "
-                            "task's label strings; list them or set metric: exact_match or rouge_l")
+        problems += _labels_needed(task, f"tasks.{i}", "task", default_metric)
     return problems + _probe_checks(raw, names, default_metric)
+
+
+def _labels_needed(entry: Any, path: str, noun: str, default_metric: str) -> list[str]:
+    """A task or probe of a data file scored by rank classification must list its label strings."""
+    if isinstance(entry, dict) and entry.get("source") in {"jsonl", "hf"} and entry.get("labels") is None \
+            and (entry.get("metric") or default_metric) == "accuracy":
+        return [f"{path}.labels: metric 'accuracy' (rank classification) needs the {noun}'s label strings; "
+                "list them or set metric: exact_match or rouge_l"]
+    return []
 
 
 PROBE_UNTRAINED_KEYS = ("training", "flatness", "lora", "max_train_samples")  # a probe is never trained
@@ -128,10 +134,7 @@ def _probe_checks(raw: dict[str, Any], task_names: list[str], default_metric: st
         seen.add(name)
         problems += [f"probes.{i}.{key}: a probe is never trained; remove this key" for key in PROBE_UNTRAINED_KEYS
                      if probe.get(key) is not None]
-        if probe.get("source") in {"jsonl", "hf"} and probe.get("labels") is None \
-                and (probe.get("metric") or default_metric) == "accuracy":
-            problems.append(f"probes.{i}.labels: metric 'accuracy' (rank classification) needs the "
-                            "probe's label strings; list them or set metric: exact_match or rouge_l")
+        problems += _labels_needed(probe, f"probes.{i}", "probe", default_metric)
     return problems
 
 
@@ -141,7 +144,7 @@ def _raw_lora(raw: dict[str, Any]) -> dict[str, Any]:
 
 def _strategy_checks(raw: dict[str, Any]) -> list[str]:
     """The rules of every registered CL strategy (`Strategy.check`) on the raw config."""
-    chosen = _raw_lora(raw).get("strategy", DEFAULT_STRATEGY)
+    chosen = with_default_strategy(_raw_lora(raw))["strategy"]
     return [p for entry in STRATEGIES.load().values() for p in entry.cls.check(raw, chosen)]
 
 

@@ -81,13 +81,13 @@ class LoraSection(Strict):
 DEFAULT_STRATEGY = LoraSection.model_fields["strategy"].default
 
 
-def _default_strategy(value: Any) -> Any:
+def with_default_strategy(value: Any) -> Any:
     """A `lora` block without `strategy` is the default strategy's."""
     return {**value, "strategy": DEFAULT_STRATEGY} if isinstance(value, dict) and "strategy" not in value else value
 
 
 # the `lora` block: the config class of the registered strategy it names (resolved when the schema is built)
-LoraConfig = Annotated[Any, RegisteredConfig(STRATEGIES), BeforeValidator(_default_strategy)]
+LoraConfig = Annotated[Any, RegisteredConfig(STRATEGIES), BeforeValidator(with_default_strategy)]
 
 
 class StrategyTaskConfig:
