@@ -43,6 +43,17 @@ def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float, devi
                              fused=fused or None, foreach=None if fused else True)
 
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """`x` in fp32, or in its own dtype where that is wider (fp64 tests stay exact)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def global_norm(xs: list[torch.Tensor]) -> torch.Tensor:
+    """‖x‖ = ‖(‖x_1‖, …, ‖x_P‖)‖ over every tensor of `xs` at once: one fused per-tensor norm, in fp32, on the
+    device (no host sync). The gradient norm of clipping and of the non-finite check, and SAM's ‖g‖."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(xs)).float())
+
+
 def clip_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float | None) -> None:
     """g ← g · min(1, max_norm / (‖g‖ + 1e-6)) (torch's and DeepSpeed's clipping formula) with `norm` = ‖g‖ given,
     as one multi-tensor multiply by a device scalar: no host sync, no per-tensor loop."""

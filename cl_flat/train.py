@@ -31,7 +31,7 @@ from cl_flat.data.batches import Encoded, collate
 from cl_flat.errors import NonFiniteUpdate, UserError
 from cl_flat.flatness.base import FlatnessMethod, StepContext
 from cl_flat.loss import target_loss, target_split_losses
-from cl_flat.precision import Compute, adamw, clip_, compute_dtype, trainable_in_fp32
+from cl_flat.precision import Compute, adamw, clip_, compute_dtype, global_norm, trainable_in_fp32
 from cl_flat.schedules import lr_factor
 from cl_flat.seeding import derive_seed, keyed_generator, seed_dropout
 from cl_flat.strategies.base import LossTerms
@@ -190,10 +190,9 @@ def _grads(params: dict[str, torch.nn.Parameter]) -> list[torch.Tensor]:
 
 
 def _grad_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
-    """‖g‖ = ‖(‖g_1‖, …, ‖g_P‖)‖ of the (already reduced) gradient before clipping, as a device
-    tensor (one fused per-tensor norm, no host sync); DeepSpeed reports it only under ZeRO-1/2,
-    so ZeRO-0 computes it here (and clips with it)."""
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) if grads else None
+    """‖g‖ of the (already reduced) gradient before clipping, as a device tensor (no host sync); DeepSpeed
+    reports it only under ZeRO-1/2, so ZeRO-0 computes it here (and clips with it)."""
+    return global_norm(grads) if grads else None
 
 
 def _fetch(values: dict[str, Any], grad_norm: torch.Tensor | None, device: torch.device,

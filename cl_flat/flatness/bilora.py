@@ -12,8 +12,8 @@ from torch.nn import functional as F
 
 from cl_flat.config import Strict
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.sam import wide
 from cl_flat.lora_layers import lora_layers
+from cl_flat.precision import wide
 from cl_flat.seeding import keyed_generator
 
 BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults (the paper's trainer: AdamW, same betas)

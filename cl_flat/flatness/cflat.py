@@ -9,7 +9,8 @@ from pydantic import Field
 
 from cl_flat.config import Strict
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.sam import norm, sam_perturbation, wide
+from cl_flat.flatness.sam import sam_perturbation
+from cl_flat.precision import global_norm, wide
 
 
 class CFlatConfig(Strict):
@@ -124,7 +125,7 @@ class CFlat(FlatnessMethod):
         torch._foreach_sub_(g2, grads)
         del grads
         torch._foreach_neg_(g2)  # g₃ − g₂
-        first_order_norm = norm(g2)
+        first_order_norm = global_norm(g2)
         torch._foreach_add_(g1, g2, alpha=c.lamb)  # the update: g₁ + λ(g₃ − g₂)
         ctx.apply_gradient(g1, last=True)
         return {"loss": torch.stack(losses).float().mean(), "adv_loss": adv_loss.float(),

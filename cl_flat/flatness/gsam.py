@@ -9,7 +9,8 @@ from pydantic import Field
 
 from cl_flat.config import Strict
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.sam import dot, mean_probe, norm, probe_at, sam_perturbation
+from cl_flat.flatness.sam import dot, mean_probe, probe_at, sam_perturbation
+from cl_flat.precision import global_norm
 
 
 class GsamConfig(Strict):
@@ -50,4 +51,4 @@ class Gsam(FlatnessMethod):
         orthogonal = torch._foreach_sub(clean, torch._foreach_mul(perturbed, projection))
         ctx.apply_gradient(torch._foreach_sub(perturbed, torch._foreach_mul(orthogonal, c.alpha)), last=True)
         return {"loss": loss, "adv_loss": adv_loss.float(),
-                "eps_norm": norm(eps), "orthogonal_norm": norm(orthogonal)}
+                "eps_norm": global_norm(eps), "orthogonal_norm": global_norm(orthogonal)}

@@ -9,7 +9,8 @@ from pydantic import Field
 
 from cl_flat.config import Strict
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.sam import dot, mean_probe, norm, probe_at, sam_perturbation
+from cl_flat.flatness.sam import dot, mean_probe, probe_at, sam_perturbation
+from cl_flat.precision import global_norm
 
 
 class LookSamConfig(Strict):
@@ -66,7 +67,7 @@ class LookSam(FlatnessMethod):
             self.orthogonal = torch._foreach_sub(sam_grad, torch._foreach_mul(clean, projection))
             ctx.apply_gradient(sam_grad, last=True)
             return {"loss": loss, "adv_loss": adv_loss.float(), "sam_update": 1.0}
-        scale = c.alpha * norm(clean) / (norm(self.orthogonal) + 1e-12)
+        scale = c.alpha * global_norm(clean) / (global_norm(self.orthogonal) + 1e-12)
         orthogonal = [v if v.dtype == g.dtype else v.to(g.dtype) for g, v in zip(clean, self.orthogonal)]
         ctx.apply_gradient(torch._foreach_add(clean, torch._foreach_mul(orthogonal, scale)), last=True)
         return {"loss": loss, "sam_update": 0.0}

@@ -10,11 +10,7 @@ from pydantic import Field
 
 from cl_flat.config import Strict
 from cl_flat.flatness.base import FlatnessMethod, register
-
-
-def wide(x: torch.Tensor) -> torch.Tensor:
-    """`x` in fp32, or in its own dtype where that is wider (fp64 tests stay exact)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+from cl_flat.precision import global_norm, wide
 
 
 def sam_perturbation(params: list[torch.Tensor], grads: list[torch.Tensor], rho: float, *,
@@ -95,11 +91,6 @@ def flat(xs: list[torch.Tensor]) -> torch.Tensor:
     return wide(torch.cat([x.reshape(-1) for x in xs]))
 
 
-def norm(xs: list[torch.Tensor]) -> torch.Tensor:
-    """‖x‖ over every tensor of `xs` at once (fp32, on the device: no host sync)."""
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(xs)).float())
-
-
 def dot(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
     """⟨x, y⟩ over all tensors of the adapter, in fp32 or wider (two concatenations and one dot)."""
     x, y = flat(xs), flat(ys)
@@ -135,7 +126,7 @@ class Sam(FlatnessMethod):
         losses, clean = summed_probes(ctx, micro_batches)
         eps = sam_perturbation(params, clean, self.config.rho, adaptive=self.config.adaptive,
                                per_tensor=self.config.norm == "per_tensor", eta=self.config.eta)
-        eps_norm = norm(eps)
+        eps_norm = global_norm(eps)
         with moved_by(params, eps):  # the trainable adapter only
             # the probe gradients were allocated during the clean backward, among the freed
             # activations: release them before the adversarial forward (CPU heap fragmentation)
