@@ -1,21 +1,17 @@
-"""The `cl-flat` command line. Parses arguments and overrides; no training logic here.
-
-User errors (bad config, bad data, unknown method, ...) print one clear message and exit
-non-zero without a traceback (2 for an invalid config, 1 otherwise).
+"""The `cl-flat` command line. Parses arguments and overrides; no training logic here, and how a command
+ends (one message and an exit code for every failure a user can act on) lives in `cl_flat.exits`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from cl_flat.console import App, format_metrics, print_matrix, print_probes, quiet_libraries
+from cl_flat.exits import run_to_exit
 
 app = App(help="Continual LoRA learning with flatness methods: train, evaluate, measure.")
 
@@ -374,76 +370,9 @@ def data_prepare(
     typer.echo(f"{out}: {benchmark} benchmark, {len(manifest['tasks'])} tasks, manifest {out / 'prepared.json'}")
 
 
-def _stopped(exc) -> None:
-    """Where a run stopped on a signal and how to continue it; exits 128 + the signal."""
-    import shlex
-
-    if os.environ.get("RANK", "0") == "0":
-        if exc.checkpointed:
-            args = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
-            _last_words(f"{exc}; its in-task checkpoint is saved, completed tasks' results are kept. Continue "
-                        f"with the same overrides: cl-flat {shlex.join(args)}")
-        else:  # a reference run keeps no checkpoints and does not resume
-            _last_words(f"{exc}; nothing of it is kept. Start it again: cl-flat {shlex.join(sys.argv[1:])}")
-    from cl_flat import dist
-
-    dist.shutdown()  # every rank stopped after the same update
-    sys.exit(exc.exit_code)
-
-
 def main() -> None:
     quiet_libraries()
-    from cl_flat.errors import UserError
-    from cl_flat.stopping import Interrupted, Stopped, interrupt_raises
-
-    interrupt_raises()  # not KeyboardInterrupt: typer would exit before the message below
-    try:
-        app(prog_name="cl-flat")  # also under `python -m cl_flat.cli`
-    except UserError as exc:
-        if os.environ.get("RANK", "0") == "0":  # every rank finds the same problem: say it once
-            _last_words(f"error: {exc}")
-        sys.exit(exc.exit_code)
-    except Stopped as exc:
-        _stopped(exc)
-    except (KeyboardInterrupt, Interrupted) as exc:
-        signum = getattr(exc, "signum", signal.SIGINT)
-        if os.environ.get("RANK", "0") == "0":
-            why = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-            _last_words(f"{why}; results of completed tasks are kept (a started run continues with --resume)")
-        sys.exit(128 + signum)
-    except OSError as exc:  # a full disk where no files.writing block names the path (DiskFull is a UserError)
-        from cl_flat.errors import DiskFull
-        from cl_flat.files import disk_full_error
-
-        if disk_full_error(exc) is None:
-            raise
-        _last_words(f"error: {DiskFull(exc.filename or 'the results folder')}")
-        sys.exit(1)
-    except Exception as exc:
-        if not _lost_peer(exc):
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        _last_words(f"error: rank {os.environ.get('RANK', '0')} of {os.environ.get('WORLD_SIZE', '1')}: a collective "
-                   f"failed, another process died or did not answer within deepspeed.timeout_minutes ({first}). "
-                   "Completed tasks and the newest in-task checkpoint are saved; rerun with --resume")
-        sys.exit(1)
-
-
-def _last_words(text: str) -> None:
-    """The message a failing command ends with, on a console that is surely back (`RankLog.last_words`)."""
-    from cl_flat.tracking import RankLog
-
-    RankLog.last_words(text)
-
-
-def _lost_peer(exc: BaseException) -> bool:
-    """Whether `exc` is a collective failing because another rank is gone or timed out."""
-    import torch.distributed as torch_dist
-
-    if isinstance(exc, torch_dist.DistError):
-        return True
-    markers = ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer")
-    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in markers)
+    run_to_exit(lambda: app(prog_name="cl-flat"))  # also under `python -m cl_flat.cli`
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ LEVELS = [
     {"landscape", "train", "report"},
     {"bench"},
     {"recipes"},  # the workflows users run (cl_flat.recipes), above the library
-    {"cli", "console"},  # the command line and how it looks
+    {"cli", "console", "exits"},  # the command line, how it looks and how it ends
 ]
 LEVEL = {name: i for i, names in enumerate(LEVELS) for name in names}
 
