@@ -221,14 +221,15 @@ def _paired_ratio(timer: _EngineTimer, method: FlatnessMethod, step: int, update
     return statistics.median(ratios)
 
 
-def measure(config_path: str, label: str, updates: int, warmup: int) -> dict[str, Any]:
-    """One variant in this process (or this process group): median s/update and peak memory."""
+def measure(config_path: str, label: str, updates: int, warmup: int, overrides: list[str] = ()) -> dict[str, Any]:
+    """One variant in this process (or this process group): median s/update and peak memory. `overrides`:
+    the bench's --set (never flatness.*: the variant sets it)."""
     flatness, _ = variants()[label]
     dist.init_distributed()
     world = dist.world_size()
     if not torch.cuda.is_available() and world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    config = load_config(config_path, [] if flatness is None else [f"flatness={json.dumps(flatness)}"])
+    config = load_config(config_path, [*overrides, *([] if flatness is None else [f"flatness={json.dumps(flatness)}"])])
     model, _ = load_run_model(config.model, config.deepspeed, config.run.seed)
     device = dist.device()
     model.to(device)
@@ -271,10 +272,11 @@ def eval_task(metric: str, examples: int, words: int) -> TaskData:
                     "{instruction} Options: {options}.\nText: {input}\nCategory:", (), test)
 
 
-def measure_evaluation(config_path: str, label: str, updates: int, warmup: int) -> dict[str, Any]:
+def measure_evaluation(config_path: str, label: str, updates: int, warmup: int,
+                       overrides: list[str] = ()) -> dict[str, Any]:
     """One evaluation row in this process: `warmup` then `updates` timed passes of `evaluate_tasks` over one
     batch of the synthetic task (`eval_task`); examples per second of the median pass."""
-    config = load_config(config_path)
+    config = load_config(config_path, list(overrides))
     model, tokenizer = load_run_model(config.model, config.deepspeed, config.run.seed)
     device = dist.device()
     model.to(device)
@@ -294,11 +296,11 @@ def measure_evaluation(config_path: str, label: str, updates: int, warmup: int) 
             "updates": updates, "peak_memory_bytes": _peak_memory(), "ranks": 1}
 
 
-if __name__ == "__main__":  # worker: python -m cl_flat.bench CONFIG LABEL UPDATES WARMUP OUT
+if __name__ == "__main__":  # worker: python -m cl_flat.bench CONFIG LABEL UPDATES WARMUP OUT [OVERRIDE ...]
     config_arg, label_arg, updates_arg, warmup_arg, out_arg = sys.argv[1:6]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run = measure_evaluation if label_arg in EVAL_ROWS else measure
-    outcome = run(config_arg, label_arg, int(updates_arg), int(warmup_arg))
+    outcome = run(config_arg, label_arg, int(updates_arg), int(warmup_arg), sys.argv[6:])
     if int(os.environ.get("RANK", "0")) == 0:
         Path(out_arg).write_text(json.dumps(outcome))
     dist.shutdown()

@@ -205,6 +205,9 @@ def _number(value) -> str:
 @app.command()
 def landscape(
     run_dir: Path,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", metavar="KEY=VALUE", help="override an evaluation.* setting of the run (e.g. "
+        "evaluation.hessian_iters=50; repeatable)")] = None,
     task: Annotated[Optional[str], typer.Option("--task", help="task to measure (default: every trained task, "
                                                 "or every task up to --after)")] = None,
     dims: Annotated[int, typer.Option("--dims", metavar="1|2",
@@ -244,7 +247,7 @@ def landscape(
               "rho": rho, "samples": samples, "ascent_steps": ascent_steps, "max_samples": max_samples,
               "direction": direction}
     options = validate_options(LandscapeOptions, values, "cl-flat landscape", LANDSCAPE_FLAGS)
-    for result in landscapes(run_dir, options):
+    for result in landscapes(run_dir, options, overrides=set_ or []):
         s = result.sharpness
         typer.echo(f"{result.stem} [{s['space']}, {s['split']}, {s['examples']} examples]: loss {s['loss']:.4f}; "
                    f"{dims}-D loss range [{min(result.grid):.4f}, {max(result.grid):.4f}]; sharpness avg "
@@ -258,7 +261,7 @@ def landscape(
 
 
 @app.command()
-def bench(config: Path,
+def bench(config: Path, set_: SetOption = None,
           methods: Annotated[Optional[str], typer.Option(help="comma-separated variants (default: all)")] = None,
           updates: Annotated[int, typer.Option(min=1, help="timed updates per variant")] = 5,
           warmup: Annotated[int, typer.Option(min=0, help="untimed updates first")] = 2,
@@ -286,7 +289,7 @@ def bench(config: Path,
     labels = [m.strip() for m in methods.split(",")] if methods else list(variants())
     # saved after every variant (the last save holds the final result), so an interrupt keeps what was measured
     result = run_bench(str(config), labels, updates, warmup, rounds,
-                       on_progress=lambda so_far: save_bench(so_far, out), evaluation=evaluation)
+                       on_progress=lambda so_far: save_bench(so_far, out), evaluation=evaluation, overrides=set_ or [])
     typer.echo(json.dumps(result, indent=2) if as_json else markdown_table(result))
     typer.echo(f"saved: {json_path} {md_path}", err=True)
     failures = failed_variants(result)

@@ -44,7 +44,7 @@ __all__ = [
     "HfTaskConfig", "JsonlTaskConfig", "LoraSection", "Metric", "ModelSection", "ReplaySection", "RunConfig", "Strict",
     "TaskConfig",
     "TrainingSection", "WandbSection", "config_to_dict", "flatness_adapter", "load_config", "resolve_paths",
-    "template_fields", "validate_config", "validate_options",
+    "template_fields", "validate_config", "validate_options", "with_evaluation_overrides",
 ]
 
 
@@ -257,3 +257,15 @@ def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
 
 def config_to_dict(config: RunConfig) -> dict[str, Any]:
     return config.model_dump(mode="json")
+
+
+def with_evaluation_overrides(config: RunConfig, overrides: list[str], command: str) -> RunConfig:
+    """A finished run's config with `--set evaluation.*` applied (`command` names the command in errors): the
+    other sections made the run, so an override of them is refused."""
+    if not overrides:
+        return config
+    others = [key for key in override_keys(overrides) if not key.startswith("evaluation.")]
+    if others:
+        raise ConfigError(command, [f"--set {key}: only evaluation.* settings can change for a finished run"
+                                    for key in others], kind="options")
+    return validate_config(apply_overrides(config_to_dict(config), overrides), f"{command} --set")

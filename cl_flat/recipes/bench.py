@@ -54,6 +54,7 @@ from cl_flat.bench import EVAL_ROWS, variants
 from cl_flat.config import load_config
 from cl_flat.errors import ConfigError, UserError
 from cl_flat.files import atomic_write_text
+from cl_flat.overrides import override_keys
 
 
 def _device_name() -> str:
@@ -64,11 +65,11 @@ def _device_name() -> str:
     return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
-def _run_variant(config_path: str, label: str, updates: int, warmup: int) -> dict[str, Any]:
+def _run_variant(config_path: str, label: str, updates: int, warmup: int, overrides: list[str]) -> dict[str, Any]:
     nproc = 1 if label in EVAL_ROWS else variants()[label][1]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        worker = ["-m", "cl_flat.bench", config_path, label, str(updates), str(warmup), str(out)]
+        worker = ["-m", "cl_flat.bench", config_path, label, str(updates), str(warmup), str(out), *overrides]
         if nproc == 1:
             cmd = [sys.executable, *worker]
         else:
@@ -82,15 +83,21 @@ def _run_variant(config_path: str, label: str, updates: int, warmup: int) -> dic
 
 def run_bench(config_path: str, labels: list[str], updates: int, warmup: int, rounds: int = 1,
               on_progress: Callable[[dict[str, Any]], None] | None = None,
-              evaluation: bool = False) -> dict[str, Any]:
+              evaluation: bool = False, overrides: list[str] = ()) -> dict[str, Any]:
     """Run each variant in a fresh process, `rounds` times over (every variant once per round,
     so slow drifts of a shared machine hit all variants alike). Per round, a variant's time ratio
     is its in-process paired ratio, or (floor) its time over that of `none` of the SAME round;
     memory is compared with `none` (1 rank) or `none_2ranks` of the same round. Reported: medians
     over rounds, and the largest peak memory. A variant that fails is recorded with its error and
     the others go on; `on_progress` receives the result so far after every variant run (to save it).
-    `evaluation`: also the evaluation rows, once per round after the variants (`evaluation_rows`)."""
-    config = load_config(config_path)
+    `evaluation`: also the evaluation rows, once per round after the variants (`evaluation_rows`).
+    `overrides`: --set on the config, for every variant (flatness.* is the variants' own: refused)."""
+    overrides = list(overrides)
+    problems = [f"--set {key}: each variant sets the flatness section; change the bench's other settings only"
+                for key in override_keys(overrides) if key.split(".")[0] == "flatness"]
+    if problems:
+        raise ConfigError("cl-flat bench", problems, kind="options")
+    config = load_config(config_path, overrides)
     known = variants()
     unknown = [label for label in labels if label not in known]
     problems = [f"--methods: unknown variant(s) {unknown}; available: {list(known)}"] if unknown else []
@@ -108,13 +115,15 @@ def run_bench(config_path: str, labels: list[str], updates: int, warmup: int, ro
                        f" x {config.training.gradient_accumulation_steps} micro-batches",
               "lora": {"r": config.lora.r, "target_modules": config.lora.target_modules},
               "precision": "bf16" if config.deepspeed.bf16 else "fp32", "zero_stage": config.deepspeed.zero_stage,
-              "updates": updates, "warmup": warmup, "threads": torch.get_num_threads()}
+              "updates": updates, "warmup": warmup, "threads": torch.get_num_threads(),
+              **({"overrides": overrides} if overrides else {})}
     result: dict[str, Any] = {}
     evals: dict[str, list[dict[str, Any]]] = {label: [] for label in (EVAL_ROWS if evaluation else ())}
     for done in range(1, rounds + 1):
         for label in needed + list(evals):
             try:
-                (evals if label in evals else raw)[label].append(_run_variant(config_path, label, updates, warmup))
+                measured = _run_variant(config_path, label, updates, warmup, overrides)
+                (evals if label in evals else raw)[label].append(measured)
             except UserError as error:
                 (evals if label in evals else raw)[label].append({"error": str(error)})
             result = {**header, "rounds": done,
@@ -186,7 +195,8 @@ def markdown_table(result: dict[str, Any]) -> str:
              f"the hand-written torch + peft loop of the same round (× none times none/floor); device ops and "
              f"host syncs of one update, counted the same on any device (aten ops that launch a GPU kernel; "
              f"transformers' mask check is one sync per forward): on a CPU, the launch and sync overhead to "
-             f"expect on a GPU",
+             f"expect on a GPU" + (f"; config overrides: {' '.join(result['overrides'])}"
+                                   if result.get("overrides") else ""),
              "",
              "| method | s/update | time × none | time × floor | device ops | host syncs | peak memory (MiB) "
              "| memory ratio | vs |",

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from cl_flat import dist
-from cl_flat.config import Metric, RunConfig, Strict, config_to_dict, validate_config, validate_options
+from cl_flat.config import Metric, RunConfig, Strict, config_to_dict, validate_options, with_evaluation_overrides
 from cl_flat.data import load_tasks
 from cl_flat.data.fingerprints import data_changes
 from cl_flat.errors import ConfigError, DataError
@@ -27,7 +27,6 @@ from cl_flat.evaluate import evaluate_tasks
 from cl_flat.files import atomic_write_text
 from cl_flat.metrics import ZERO_SHOT, compute_metrics, write_acc_matrix
 from cl_flat.models import load_run_model
-from cl_flat.overrides import apply_overrides, override_keys
 from cl_flat.recipes.skeleton import load_probes
 from cl_flat.rundir import RunDir
 from cl_flat.rundir.checks import CheckedRun, require_adapters, require_run
@@ -105,11 +104,7 @@ class Rescore:
 
 def rescore_config(config: RunConfig, options: RescoreOptions, overrides: list[str]) -> RunConfig:
     """The run's config with `--set evaluation.*` overrides, then --metric and --max-samples, applied."""
-    others = [key for key in override_keys(overrides) if not key.startswith("evaluation.")]
-    if others:
-        raise ConfigError("cl-flat eval", [f"--set {key}: only evaluation.* settings can change when re-scoring"
-                                           for key in others], kind="options")
-    config = validate_config(apply_overrides(config_to_dict(config), overrides), "cl-flat eval --set")
+    config = with_evaluation_overrides(config, overrides, "cl-flat eval")
     changes: dict[str, Any] = {}
     if options.metric is not None:
         changes["metric"] = options.metric

@@ -8,12 +8,12 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from cl_flat import dist, plots
-from cl_flat.config import RunConfig
+from cl_flat.config import RunConfig, with_evaluation_overrides
 from cl_flat.data import load_task
 from cl_flat.landscape import LandscapeOptions, held_out_batches, landscape_stem, measure_landscape, resolved
 from cl_flat.models import load_run_model
@@ -105,12 +105,14 @@ def compute_landscape(path: str | Path, task: str, options: LandscapeOptions | N
     return _landscape(run, _BaseModel(run.config), task, options, progress)
 
 
-def landscapes(path: str | Path, options: LandscapeOptions, *, progress: bool | None = None
-               ) -> Iterator[LandscapeResult]:
+def landscapes(path: str | Path, options: LandscapeOptions, *, progress: bool | None = None,
+               overrides: list[str] = ()) -> Iterator[LandscapeResult]:
     """`cl-flat landscape`: every requested task's landscape (`options.task`, or every trained task up
     to `options.after`), one after another on one loaded base model; the run is checked first, once.
-    `progress`: default logging.progress."""
+    `progress`: default logging.progress; `overrides`: --set evaluation.* on the run's config (e.g. the
+    Hessian's hessian_iters, hessian_probes)."""
     run = require_run(RunDir(path), complete=False, task=options.task, after=options.after)
+    run = replace(run, config=with_evaluation_overrides(run.config, list(overrides), "cl-flat landscape"))
     names = resolve_tasks(run, options.task, options.after)
     require_adapters(run, [options.after or name for name in names])
     base = _BaseModel(run.config)

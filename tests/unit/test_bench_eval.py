@@ -19,7 +19,7 @@ def test_evaluation_rows_are_medians_over_rounds_and_a_table_of_their_own(tmp_pa
     per_second = {"eval_rank_classification": [10.0, 30.0, 20.0], "eval_exact_match": [2.0, None, 4.0]}
     calls: list[str] = []
 
-    def fake(config_path, label, updates, warmup):
+    def fake(config_path, label, updates, warmup, overrides):
         calls.append(label)
         if label not in per_second:
             return {"seconds_per_update": 1.0, "peak_memory_bytes": 100, "updates": updates, "ranks": 1}
@@ -69,7 +69,7 @@ def test_bench_refuses_to_replace_an_earlier_table_without_overwrite(tmp_path: P
 
     calls: list[str] = []
 
-    def fake(config_path, label, updates, warmup):
+    def fake(config_path, label, updates, warmup, overrides):
         calls.append(label)
         return {"seconds_per_update": 1.0, "peak_memory_bytes": 100, "updates": updates, "ranks": 1}
 

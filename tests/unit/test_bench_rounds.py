@@ -25,7 +25,7 @@ def test_rounds_pair_ratios_within_a_round(tmp_path: Path, monkeypatch):
     memory = {"none": [100, 100, 110], "floor": [120, 120, 120], "sam": [103, 104, 102]}
     calls: list[str] = []
 
-    def fake(config_path, label, updates, warmup):
+    def fake(config_path, label, updates, warmup, overrides):
         round_ = sum(1 for c in calls if c == label)
         calls.append(label)
         return {"seconds_per_update": seconds[label][round_], "peak_memory_bytes": memory[label][round_],
@@ -55,7 +55,7 @@ def test_in_process_pairs_decide_the_time_ratio(tmp_path: Path, monkeypatch):
                "sam": [(2.4, 1.98), (2.2, 2.02)]}
     calls: list[str] = []
 
-    def fake(config_path, label, updates, warmup):
+    def fake(config_path, label, updates, warmup, overrides):
         seconds, paired = outcome[label][calls.count(label)]
         calls.append(label)
         result = {"seconds_per_update": seconds, "peak_memory_bytes": 100, "updates": updates, "ranks": 1}
@@ -81,7 +81,7 @@ def test_a_failing_variant_is_recorded_and_the_others_go_on(tmp_path: Path, monk
     seconds = {"none": [1.0, 2.0, 1.0], "floor": [0.5, 1.0, None], "sam": [None, 4.4, 2.0], "asam": [None] * 3}
     calls: list[str] = []
 
-    def fake(config_path, label, updates, warmup):
+    def fake(config_path, label, updates, warmup, overrides):
         value = seconds[label][calls.count(label)]
         calls.append(label)
         if value is None:
@@ -115,7 +115,7 @@ def test_cli_saves_what_was_measured_and_exits_non_zero_on_a_failed_variant(tmp_
     from cl_flat.errors import UserError
     from cl_flat.recipes import bench
 
-    def fake(config_path, label, updates, warmup):
+    def fake(config_path, label, updates, warmup, overrides):
         if label == "sam":
             raise UserError("bench variant 'sam' failed:\nMemoryError")
         return {"seconds_per_update": 1.0, "peak_memory_bytes": 100, "updates": updates, "ranks": 1}
@@ -129,3 +129,36 @@ def test_cli_saves_what_was_measured_and_exits_non_zero_on_a_failed_variant(tmp_
     saved = json.loads((tmp_path / "out" / "bench-cpu.json").read_text())
     assert saved["methods"]["none"]["seconds_per_update"] == 1.0
     assert saved["methods"]["sam"]["error"].endswith("MemoryError")
+
+
+def test_set_reaches_every_variant_and_the_header_and_flatness_is_refused(tmp_path: Path, monkeypatch):
+    """`cl-flat bench --set k=v` changes the config of every variant's worker and is recorded; flatness.* is
+    the variants' own section, so setting it is a named error before anything runs."""
+    from typer.testing import CliRunner
+
+    from cl_flat.cli import app
+    from cl_flat.errors import ConfigError
+    from cl_flat.recipes import bench
+
+    seen: list[tuple[str, list[str]]] = []
+
+    def fake(config_path, label, updates, warmup, overrides):
+        seen.append((label, overrides))
+        return {"seconds_per_update": 1.0, "peak_memory_bytes": 100, "updates": updates, "ranks": 1}
+
+    monkeypatch.setattr(bench, "_run_variant", fake)
+    path = tiny_bench_config(tmp_path)
+    out = tmp_path / "out"
+    outcome = CliRunner().invoke(app, ["bench", str(path), "--methods", "sam", "--no-eval", "--out", str(out),
+                                       "--set", "training.micro_batch_size=3"])
+    assert outcome.exit_code == 0, outcome.output
+    assert seen == [(label, ["training.micro_batch_size=3"]) for label in ("none", "floor", "sam")]
+    saved = json.loads((out / "bench-cpu.json").read_text())
+    assert saved["overrides"] == ["training.micro_batch_size=3"] and saved["batch"].startswith("3 x ")
+    assert "config overrides: training.micro_batch_size=3" in (out / "bench-cpu.md").read_text()
+
+    seen.clear()
+    refused = CliRunner().invoke(app, ["bench", str(path), "--no-eval", "--out", str(tmp_path / "other"),
+                                       "--set", "flatness.rho=0.1"])
+    assert isinstance(refused.exception, ConfigError) and not seen
+    assert "--set flatness.rho: each variant sets the flatness section" in str(refused.exception)

@@ -520,6 +520,11 @@ def test_worst_direction_landscape_rises_at_least_as_fast_as_a_random_one(tiny_s
     two_d = recipe.compute_landscape(run_dir, "t1", ls.LandscapeOptions(direction="worst", dims=2, points=3, samples=2,
                                                                      ascent_steps=1), progress=False)
     assert two_d.csv == run_dir / "landscape" / "t1_worst_2d.csv"
+    # --set evaluation.*: the Hessian's settings of this measurement, recorded in its entry
+    [again] = recipe.landscapes(run_dir, ls.LandscapeOptions(points=3, samples=2, ascent_steps=1), progress=False,
+                                overrides=["evaluation.hessian_iters=2", "evaluation.hessian_probes=0"])
+    assert again.sharpness["hessian_iters"] == 2 and 1 <= again.sharpness["power_iterations"] <= 4
+    assert again.sharpness["hessian_probes"] == 0 and again.sharpness["trace"] is None
 
 
 def test_stem_names():
@@ -554,7 +559,9 @@ def test_cli_bad_input(tiny_stack, tmp_path):
              ([str(run_dir), "--rho", "0"], "--rho"),
              ([str(run_dir), "--ascent-steps", "-1"], "--ascent-steps"),
              ([str(run_dir), "--max-samples", "0"], "--max-samples"),
-             ([str(run_dir), "--direction", "best"], "--direction")]
+             ([str(run_dir), "--direction", "best"], "--direction"),
+             ([str(run_dir), "--set", "lora.r=4"], "--set lora.r: only evaluation.* settings can change"),
+             ([str(run_dir), "--set", "evaluation.hessian_iters=-1"], "evaluation.hessian_iters")]
     for args, message in cases:
         result = CliRunner().invoke(app, ["landscape", *args])
         assert isinstance(result.exception, UserError), (args, result.output)
