@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from cl_flat import metrics  # noqa: E402
+from cl_flat import matrix_csv, metrics  # noqa: E402
 from cl_flat.files import atomic_path, json_lines  # noqa: E402
 
 __all__ = [
@@ -72,7 +72,7 @@ def _titled(title: str, about: str) -> str:
 
 
 def _saved_rows(csv_path: PathLike) -> tuple[list[str], metrics.Rows]:
-    tasks, matrix, zero_shot = metrics.read_acc_matrix(csv_path)
+    tasks, matrix, zero_shot = matrix_csv.read_acc_matrix(csv_path)
     return tasks, ([(metrics.ZERO_SHOT, zero_shot)] if zero_shot is not None else []) + list(zip(tasks, matrix))
 
 

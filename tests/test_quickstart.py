@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cl_flat.metrics import read_acc_matrix
+from cl_flat.matrix_csv import read_acc_matrix
 from helpers import ROOT, run_cli
 
 

@@ -25,7 +25,8 @@ from cl_flat.data.fingerprints import data_changes
 from cl_flat.errors import ConfigError, DataError
 from cl_flat.evaluate import evaluate_tasks
 from cl_flat.files import atomic_write_text
-from cl_flat.metrics import ZERO_SHOT, compute_metrics, write_acc_matrix
+from cl_flat.matrix_csv import write_acc_matrix
+from cl_flat.metrics import ZERO_SHOT, compute_metrics
 from cl_flat.models import load_run_model
 from cl_flat.recipes.skeleton import load_probes
 from cl_flat.rundir import RunDir

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from cl_flat.errors import ConfigError, MatrixFormatError
-from cl_flat.metrics import REFERENCE_MEASURES, compute_metrics, read_acc_matrix
+from cl_flat.matrix_csv import read_acc_matrix
+from cl_flat.metrics import REFERENCE_MEASURES, compute_metrics
 from cl_flat.rundir import RunDir
 
 

@@ -24,7 +24,8 @@ from typing import Any
 
 from cl_flat.config import config_to_dict
 from cl_flat.errors import ConfigError, MatrixFormatError, UserError
-from cl_flat.metrics import METRICS, REFERENCE_MEASURES, read_acc_matrix
+from cl_flat.matrix_csv import read_acc_matrix
+from cl_flat.metrics import METRICS, REFERENCE_MEASURES
 from cl_flat.overrides import dotted_keys
 from cl_flat.rundir import RunDir
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from cl_flat import __version__
 from cl_flat.config import RunConfig
 from cl_flat.errors import MatrixFormatError, UserError
-from cl_flat.metrics import Matrix, read_acc_matrix
+from cl_flat.matrix_csv import read_acc_matrix
+from cl_flat.metrics import Matrix
 from cl_flat.rundir.adapter_check import adapter_problems
 from cl_flat.rundir.layout import RunDir
 

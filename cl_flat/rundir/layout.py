@@ -38,7 +38,8 @@ from cl_flat.config import RunConfig, config_to_dict, validate_config
 from cl_flat.config.yamlfile import YamlProblem, read_yaml
 from cl_flat.errors import ConfigError, UserError
 from cl_flat.files import atomic_write_text
-from cl_flat.metrics import ZERO_SHOT, Rows, read_acc_matrix, read_probe_matrix, write_acc_matrix
+from cl_flat.matrix_csv import read_acc_matrix, read_probe_matrix, write_acc_matrix
+from cl_flat.metrics import ZERO_SHOT, Rows
 from cl_flat.rundir.lock import NAME as LOCK_NAME
 from cl_flat.strategies import build_strategies
 

@@ -16,7 +16,8 @@ from cl_flat.config import RunConfig, config_to_dict
 from cl_flat.data.fingerprints import data_changes
 from cl_flat.errors import DataError, UserError
 from cl_flat.files import atomic_write_text
-from cl_flat.metrics import ZERO_SHOT, Rows, read_acc_matrix
+from cl_flat.matrix_csv import read_acc_matrix
+from cl_flat.metrics import ZERO_SHOT, Rows
 from cl_flat.overrides import dotted_keys
 from cl_flat.rundir.adapter_check import adapter_problems
 from cl_flat.rundir.layout import RunDir, meta_of

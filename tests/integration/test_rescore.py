@@ -8,7 +8,8 @@ import json
 import pytest
 import yaml
 
-from cl_flat.metrics import compute_metrics, read_acc_matrix
+from cl_flat.matrix_csv import read_acc_matrix
+from cl_flat.metrics import compute_metrics
 from helpers import assert_clean_failure, one_task_config, run_cli, unchanged, write_jsonl_task
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,7 @@ from cl_flat.config import load_config
 from cl_flat.data import load_tasks
 from cl_flat.data.batches import example_prompt_ids
 from cl_flat.evaluate import eval_indices
-from cl_flat.metrics import read_acc_matrix
+from cl_flat.matrix_csv import read_acc_matrix
 from cl_flat.models import load_run_model
 from cl_flat.rundir import RunDir
 from cl_flat.rundir.checks import require_run

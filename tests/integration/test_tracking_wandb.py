@@ -101,7 +101,7 @@ def test_tracker_closes_log_and_wandb_run_when_the_block_raises(tmp_path, tiny_c
 def test_offline_run_holds_config_updates_rows_summary_table_and_images(tmp_path, tiny_config, offline):
     from cl_flat import plots
     from cl_flat.config import validate_config
-    from cl_flat.metrics import write_acc_matrix
+    from cl_flat.matrix_csv import write_acc_matrix
     from cl_flat.tracking import Tracker
 
     tiny_config["logging"]["wandb"] = {"mode": "offline", "project": "cl-flat-test", "tags": ["unit"]}

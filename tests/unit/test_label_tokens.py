@@ -5,7 +5,7 @@ tokenizer's lone "▁" (what " positive" alone tokenises to first) never enters 
 from __future__ import annotations
 
 import torch
-from tests.helpers import sentencepiece_tokenizer
+from helpers import sentencepiece_tokenizer
 
 from cl_flat import evaluate
 from cl_flat.data.batches import encode_examples, prompt_and_targets

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cl_flat.errors import MatrixFormatError
+from cl_flat.matrix_csv import read_acc_matrix, write_acc_matrix
 from cl_flat.metrics import (
-    MatrixFormatError,
     average_accuracy,
     average_incremental_accuracy,
     backward_transfer,
@@ -18,8 +19,6 @@ from cl_flat.metrics import (
     forgetting,
     forward_transfer,
     online_performance,
-    read_acc_matrix,
-    write_acc_matrix,
 )
 
 approx = pytest.approx

@@ -9,7 +9,8 @@ import pytest
 
 from cl_flat.config import load_config, validate_config
 from cl_flat.errors import ConfigError, MatrixFormatError
-from cl_flat.metrics import ZERO_SHOT, probe_drift, probe_metrics, read_probe_matrix, write_acc_matrix
+from cl_flat.matrix_csv import read_probe_matrix, write_acc_matrix
+from cl_flat.metrics import ZERO_SHOT, probe_drift, probe_metrics
 from cl_flat.rundir import RunDir
 
 

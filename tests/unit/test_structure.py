@@ -13,7 +13,7 @@ LEVELS = [
     {"errors", "files", "seeding", "overrides", "host_memory", "registry", "schedules", "progress", "stopping"},
     {"config"},
     {"family"},
-    {"dist", "lora_layers", "loss", "metrics", "data", "stats", "opcount", "precision"},
+    {"dist", "lora_layers", "loss", "metrics", "matrix_csv", "data", "stats", "opcount", "precision"},
     {"models", "adapters", "checkpoint", "flatness", "strategies", "plots", "tracking"},
     {"rundir", "evaluate"},
     {"landscape", "train", "report"},
