@@ -5,12 +5,12 @@ tokenizer's lone "▁" (what " positive" alone tokenises to first) never enters 
 from __future__ import annotations
 
 import torch
-from helpers import sentencepiece_tokenizer
 
 from cl_flat import evaluate
 from cl_flat.data.batches import encode_examples, prompt_and_targets
 from cl_flat.data.sources import Example, TaskData
 from cl_flat.loss import IGNORE
+from helpers import sentencepiece_tokenizer
 
 REVIEWS = ["the food was great", "the service was slow", "the price was fair", "the room was cold and dark"]
 LABELS = ("positive", "negative", "neutral")
