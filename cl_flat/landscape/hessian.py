@@ -5,16 +5,19 @@ ever touched through a closure `hvp(v) -> Hv`. The model side (`PerturbedLoss.hv
 exactly by double backward, Pearlmutter's R-operator (Pearlmutter 1994, "Fast exact multiplication by
 the Hessian"): Hv = ∇_θ ⟨∇_θ L(θ), v⟩, one forward and two backward passes, no H is formed.
 
-**Top eigenvalue** (`power_iteration`, `top_eigenvalue`; as in PyHessian, Yao et al. 2020): v₀ ~ N(0, I) from a keyed
+**Top eigenvalue** (`power_iteration` as in PyHessian, Yao et al. 2020): v₀ ~ N(0, I) from a keyed
 generator, v₀ ← v₀/‖v₀‖; then for k = 1..K: w = Hv_{k−1}, λ_k = ⟨v_{k−1}, w⟩ (the Rayleigh quotient),
 v_k = w/‖w‖; stop after K = `iters` products or once |λ_k − λ_{k−1}| ≤ tol·(|λ_{k−1}| + 1e−12).
 It converges to the eigenvalue of largest MAGNITUDE λ_dom (geometrically, at rate |λ₂/λ₁|); at a
 minimum H ⪰ 0 and that is λ_max. Away from a minimum (a few updates into a task, a saddle) H is
-indefinite and λ_dom can be negative; `top_eigenvalue` then runs a second power iteration on the
-shifted H − σI with σ = λ_dom, whose eigenvalues λ_i − σ are all ≥ 0 (up to the error of σ), so its
-dominant one is λ_max − σ: λ_max = μ + σ (the standard spectral shift, e.g. Golub & Van Loan §7.3).
-The shifted run converges at rate (λ₂ − σ)/(λ_max − σ), slower than the first; it has its own cap.
-
+indefinite and λ_dom can be negative; `top_eigenvalue` then finds the LARGEST eigenvalue by the Lanczos
+method (Lanczos 1950; Golub & Van Loan §10.1): from a fresh unit v₁, β₀ = 0, for k = 1..K:
+w = Hv_k − β_{k−1}v_{k−1}, α_k = ⟨w, v_k⟩, w ← w − α_k v_k, β_k = ‖w‖, v_{k+1} = w/β_k. The largest
+eigenvalue θ of the tridiagonal T_k = tridiag(β, α, β) (a Ritz value) is ≤ λ_max and converges to it
+from below, much faster than power iteration on a shifted H (Kaniel-Paige); with y its unit eigenvector
+of T_k, H has an eigenvalue within β_k·|y_k| of θ, and the run stops once β_k·|y_k| ≤ tol·(|θ| + 1e−12)
+(or β_k = 0: an invariant subspace, θ exact). No reorthogonalisation, three vectors kept: lost
+orthogonality only duplicates converged Ritz values (Paige 1976), the largest one stays valid.
 **Trace** (`hutchinson_trace`, Hutchinson 1989): tr(H) = E[zᵀHz] for any z with E[zzᵀ] = I; with
 Rademacher z (entries ±1, probability ½ each) the estimate (1/m) Σ_j z_jᵀHz_j has the smallest
 variance, Var(zᵀHz) = 2 Σ_{i≠j} H_ij², so it is EXACT for a diagonal H. Reported with its standard
@@ -73,23 +76,16 @@ def _scaled(v: Mapping[str, torch.Tensor], c: float) -> Params:
 
 
 def power_iteration(hvp: HVP, shapes: Mapping[str, torch.Size], generator: torch.Generator, *, iters: int,
-                    tol: float, dtype: torch.dtype = torch.float32, shift: float = 0.0) -> TopEigenvalue:
-    """The eigenvalue of H − shift·I of largest magnitude by power iteration (module docstring), returned
-    with the shift added back (a value and history of H): at most `iters` Hessian-vector products,
-    stopping early once |λ_k − λ_{k−1}| ≤ tol·(|λ_{k−1}| + 1e−12) (λ of the shifted matrix)."""
+                    tol: float, dtype: torch.dtype = torch.float32) -> TopEigenvalue:
+    """The eigenvalue of H of largest magnitude by power iteration (module docstring): at most `iters`
+    Hessian-vector products, stopping early once |λ_k − λ_{k−1}| ≤ tol·(|λ_{k−1}| + 1e−12)."""
     if iters < 1:
         raise ValueError("iters must be >= 1")
-    v = gaussian(shapes, generator, dtype)
-    norm = l2_norm(v)
-    if norm == 0.0:
-        raise ValueError("no parameters to take the Hessian of")
-    v = _scaled(v, 1.0 / norm)
+    v = _unit_start(shapes, generator, dtype)
     history: list[float] = []
     converged = False
     for _ in range(iters):
         w = hvp(v)
-        if shift:
-            w = {k: t - shift * v[k] for k, t in w.items()}
         value = dot(v, w)
         history.append(value)
         if len(history) > 1 and abs(value - history[-2]) <= tol * (abs(history[-2]) + 1e-12):
@@ -100,18 +96,57 @@ def power_iteration(hvp: HVP, shapes: Mapping[str, torch.Size], generator: torch
             converged = size == 0.0
             break
         v = _scaled(w, 1.0 / size)
-    return TopEigenvalue(history[-1] + shift, len(history), converged, tuple(h + shift for h in history))
+    return TopEigenvalue(history[-1], len(history), converged, tuple(history))
+
+
+def _unit_start(shapes: Mapping[str, torch.Size], generator: torch.Generator, dtype: torch.dtype) -> Params:
+    v = gaussian(shapes, generator, dtype)
+    norm = l2_norm(v)
+    if norm == 0.0:
+        raise ValueError("no parameters to take the Hessian of")
+    return _scaled(v, 1.0 / norm)
+
+
+def lanczos_largest(hvp: HVP, shapes: Mapping[str, torch.Size], generator: torch.Generator, *, iters: int,
+                    tol: float, dtype: torch.dtype = torch.float32) -> TopEigenvalue:
+    """The largest eigenvalue of H by the Lanczos method (module docstring): at most `iters` Hessian-vector
+    products, stopping once the top Ritz value's residual bound β_k·|y_k| ≤ tol·(|θ| + 1e−12)."""
+    if iters < 1:
+        raise ValueError("iters must be >= 1")
+    v, previous = _unit_start(shapes, generator, dtype), None
+    alphas: list[float] = []
+    betas: list[float] = []
+    history: list[float] = []
+    converged = False
+    for _ in range(iters):
+        w = hvp(v)
+        if previous is not None:
+            w = {k: t - betas[-1] * previous[k] for k, t in w.items()}
+        alphas.append(dot(w, v))
+        w = {k: t - alphas[-1] * v[k] for k, t in w.items()}
+        beta = l2_norm(w)
+        ritz, vectors = torch.linalg.eigh(torch.diag(torch.tensor(alphas, dtype=torch.float64))
+                                          + torch.diag(torch.tensor(betas, dtype=torch.float64), 1)
+                                          + torch.diag(torch.tensor(betas, dtype=torch.float64), -1))
+        theta = float(ritz[-1])
+        history.append(theta)
+        if beta * abs(float(vectors[-1, -1])) <= tol * (abs(theta) + 1e-12) or not math.isfinite(beta):
+            converged = math.isfinite(beta)
+            break
+        betas.append(beta)
+        previous, v = v, _scaled(w, 1.0 / beta)
+    return TopEigenvalue(history[-1], len(history), converged, tuple(history))
 
 
 def top_eigenvalue(hvp: HVP, shapes: Mapping[str, torch.Size], generator: torch.Generator, *, iters: int,
                    tol: float, dtype: torch.dtype = torch.float32) -> TopEigenvalue:
     """λ_max, the LARGEST eigenvalue of H (module docstring): power iteration gives the dominant one
-    λ_dom; when λ_dom < 0, a second power iteration (its own `iters` cap, a fresh start vector from
-    `generator`) on H − λ_dom·I gives λ_max. `dominant` keeps λ_dom; iterations count both runs."""
+    λ_dom, which is λ_max when ≥ 0; when λ_dom < 0, Lanczos (its own `iters` cap, a fresh start vector from
+    `generator`) gives λ_max. `dominant` keeps λ_dom; iterations count the products of both."""
     first = power_iteration(hvp, shapes, generator, iters=iters, tol=tol, dtype=dtype)
     if first.value >= 0:
         return replace(first, dominant=first.value)
-    second = power_iteration(hvp, shapes, generator, iters=iters, tol=tol, dtype=dtype, shift=first.value)
+    second = lanczos_largest(hvp, shapes, generator, iters=iters, tol=tol, dtype=dtype)
     return TopEigenvalue(second.value, first.iterations + second.iterations, second.converged,
                          first.history + second.history, dominant=first.value)
 

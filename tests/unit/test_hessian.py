@@ -2,7 +2,7 @@
 
 Pure core on quadratics L(w) = ½ wᵀHw with H = Q diag(λ) Qᵀ built from eigenvalues set here:
 power iteration returns the eigenvalue of largest magnitude, and `top_eigenvalue` the largest one
-(a shifted second run where the first is negative); Hutchinson's estimate with Rademacher
+(Lanczos where the first is negative); Hutchinson's estimate with Rademacher
 probes is exactly tr(H) for a diagonal H (zᵀHz = Σ H_ii z_i² = Σ H_ii), and for a dense H its mean over
 many probes lies within a few standard errors of tr(H), with a standard error that matches the
 analytic Var(zᵀHz) = 2 Σ_{i≠j} H_ij². Model side: the Hessian-vector product of the held-out loss
@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cl_flat import landscape as ls
 from cl_flat.config import EvaluationSection, LoraSection
-from cl_flat.landscape.hessian import hutchinson_trace, power_iteration, rademacher, top_eigenvalue
+from cl_flat.landscape.hessian import hutchinson_trace, lanczos_largest, power_iteration, rademacher, top_eigenvalue
 from cl_flat.rundir import RunDir
 
 D = torch.float64
@@ -83,8 +83,27 @@ def test_top_eigenvalue_is_the_largest_even_where_the_dominant_is_negative(eigen
     first = power_iteration(hvp, SHAPES, torch.Generator().manual_seed(0), iters=2000, tol=1e-13, dtype=D)
     assert top.iterations == len(top.history) > first.iterations  # both runs' products are counted
     assert top.history[:first.iterations] == first.history
-    # shifted Rayleigh quotients, shift added back, are Rayleigh quotients of H: never above λ_max
+    # Ritz values interlace H's eigenvalues: never above λ_max
     assert max(top.history[first.iterations:]) <= largest + 1e-9
+
+
+def test_lanczos_bounds_from_below_stops_on_its_residual_and_says_when_capped():
+    """60 dimensions, spectrum in [−30, 2] with λ₁ = 2 and λ₂ = 1.9: every Ritz value is ≤ λ_max; a run capped
+    at 3 products is not converged; run to its residual bound, the value is within tol·|θ| of λ_max."""
+    g = torch.Generator().manual_seed(3)
+    eigenvalues = torch.cat([torch.tensor([2.0, 1.9], dtype=D), torch.rand(58, generator=g, dtype=D) * -30.0])
+    q, _ = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=D))
+    H = q @ torch.diag(eigenvalues) @ q.T
+    shapes = {"w": torch.Size([60])}
+
+    def hvp(v):
+        return {"w": H @ v["w"]}
+
+    capped = lanczos_largest(hvp, shapes, torch.Generator().manual_seed(0), iters=3, tol=1e-6, dtype=D)
+    assert capped.iterations == 3 and not capped.converged and capped.value <= 2.0
+    top = lanczos_largest(hvp, shapes, torch.Generator().manual_seed(0), iters=200, tol=1e-6, dtype=D)
+    assert top.converged and top.iterations < 60 and top.value == pytest.approx(2.0, rel=1e-5)
+    assert all(x <= 2.0 + 1e-9 for x in top.history) and top.history[:3] == capped.history
 
 
 def test_top_eigenvalue_where_the_dominant_is_positive_is_one_power_iteration():
@@ -202,10 +221,8 @@ def _check_against_dense(model, task, tokenizer, adapter, layer_filter, max_leng
         dominant = float(eigenvalues[eigenvalues.abs().argmax()])
         top = top_eigenvalue(hvp, shapes, torch.Generator().manual_seed(1), iters=500, tol=1e-7)
         assert top.dominant == pytest.approx(dominant, rel=1e-3)
-        # the largest eigenvalue: the shifted run's Rayleigh quotients lie below λ_max and, once in the
-        # span of the top eigenvectors, above λ₂ (here the top two differ by 0.6%, too close to separate)
-        second, largest = (float(x) for x in eigenvalues[-2:])
-        assert second - 1e-3 * abs(dominant) <= top.value <= largest + 1e-6
+        # the largest eigenvalue (here λ₁ and λ₂ differ by 0.6%: Lanczos must still tell them apart)
+        assert top.value == pytest.approx(float(eigenvalues.max()), rel=1e-3)
         trace = hutchinson_trace(hvp, shapes, torch.Generator().manual_seed(2), probes=30)
         assert abs(trace.value - float(torch.trace(H))) <= 4 * trace.se
     assert evaluator.products == 3 + top.iterations + 30
