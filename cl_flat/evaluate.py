@@ -181,6 +181,19 @@ def _cached_start(model, rows: list[tuple[list[int], list[list[int]]]], keyword:
     return shared, cache, [(prefix[shared:], labels) for prefix, labels in rows]
 
 
+def _block_causal_mask(owner: torch.Tensor, shared: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive 4-D mask [rows, 1, query, shared + key] of packed rows: `owner` is −2 for a pad, −1 for a
+    prefix token, j for label j's tokens; a position sees earlier positions of the prefix and of its own
+    label (a pad only itself), and every row sees the `shared` cached start tokens."""
+    rows, width = owner.shape
+    index = torch.arange(width)
+    causal = index[:, None] >= index[None, :]                        # [query, key]
+    key, query = owner[:, None, :], owner[:, :, None]
+    allowed = (causal & (key != -2) & ((key == -1) | (key == query))) | torch.eye(width, dtype=torch.bool)
+    allowed = torch.cat([torch.ones(rows, width, shared, dtype=torch.bool), allowed], dim=2)  # the cached start
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
 @torch.no_grad()
 def packed_label_logprobs(model: torch.nn.Module, rows: list[tuple[list[int], list[list[int]]]], pad_id: int,
                           device) -> list[list[float]]:
@@ -214,13 +227,7 @@ def packed_label_logprobs(model: torch.nn.Module, rows: list[tuple[list[int], li
     for r, (seq, own, pos) in enumerate(zip(seqs, owners, positions)):
         ids[r, width - len(seq):], owner[r, width - len(seq):] = torch.tensor(seq), torch.tensor(own)
         position[r, width - len(seq):] = torch.tensor(pos)
-    index = torch.arange(width)
-    causal = index[:, None] >= index[None, :]                        # [query, key]
-    key, query = owner[:, None, :], owner[:, :, None]
-    allowed = (causal & (key != -2) & ((key == -1) | (key == query))) | torch.eye(width, dtype=torch.bool)
-    allowed = torch.cat([torch.ones(len(rows), width, shared, dtype=torch.bool), allowed], dim=2)  # the cached start
-    dtype = model.get_input_embeddings().weight.dtype
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    mask = _block_causal_mask(owner, shared, model.get_input_embeddings().weight.dtype)
     # the kept positions as an index tensor, not a count: the slice a count makes is a strided view, on
     # which the vocabulary projection took a batched-matmul path ~10x slower on CPU
     keep = torch.arange(width - tail, width, device=device)
