@@ -43,6 +43,7 @@ import torch
 from cl_flat import dist
 from cl_flat.adapters import AdapterStack
 from cl_flat.config import load_config
+from cl_flat.data.plan import BatchShape, TaskPlan
 from cl_flat.data.sources import Example, TaskData
 from cl_flat.evaluate import evaluate_tasks
 from cl_flat.flatness import FlatnessMethod, build_method
@@ -52,7 +53,7 @@ from cl_flat.models import load_run_model
 from cl_flat.opcount import DeviceWork, optimizer_host_tensors
 from cl_flat.precision import Compute, compute_dtype
 from cl_flat.registry import METHODS
-from cl_flat.train import BatchShape, EngineContext, StepRule, TaskPlan, create_engine, one_update
+from cl_flat.train import EngineContext, StepRule, create_engine, one_update
 
 VARIANTS: dict[str, tuple[dict[str, Any] | None, int]] = {
     "none": ({"method": "none"}, 1),

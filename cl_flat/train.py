@@ -3,11 +3,8 @@
 One update = one flatness-method window over N = gradient_accumulation_steps micro-batches
 on every rank, then exactly one `engine.step()` (DeepSpeed reduces, clips, steps the
 optimizer and the lr schedule). The loop does not know which method runs; it calls the
-method's `begin_task` once per task and `window` once per update.
-
-Data order: each epoch is a permutation drawn from a generator keyed by (seed, task index,
-epoch); update u takes the u-th global batch of micro_batch_size × N × world examples and
-rank r takes its r-th contiguous share. Incomplete global batches are dropped.
+method's `begin_task` once per task and `window` once per update; which examples an update takes is
+`cl_flat.data.plan`'s.
 """
 
 from __future__ import annotations
@@ -27,13 +24,13 @@ from torch.utils import _pytree as pytree
 from cl_flat import dist, stopping
 from cl_flat.checkpoint import TaskCheckpoints
 from cl_flat.config import DeepSpeedSection, TrainingSection
-from cl_flat.data.batches import Encoded, collate
-from cl_flat.errors import NonFiniteUpdate, UserError
+from cl_flat.data.plan import TaskPlan, TrainTask, window_batches
+from cl_flat.errors import NonFiniteUpdate
 from cl_flat.flatness.base import FlatnessMethod, StepContext
 from cl_flat.loss import target_loss, target_split_losses
 from cl_flat.precision import Compute, adamw, clip_, compute_dtype, global_norm, trainable_in_fp32
 from cl_flat.schedules import lr_factor
-from cl_flat.seeding import derive_seed, keyed_generator, seed_dropout
+from cl_flat.seeding import derive_seed, seed_dropout
 from cl_flat.strategies.base import LossTerms
 
 
@@ -70,66 +67,6 @@ class EngineContext(StepContext):
             return tensors
         flat = dist.all_reduce_sum(torch.cat([t.reshape(-1) for t in tensors])).div_(self.world_size)
         return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
-
-
-@dataclass(frozen=True)
-class BatchShape:
-    """One update's examples: micro_batch_size per micro-batch, `accumulation` micro-batches per rank."""
-
-    micro_batch_size: int
-    accumulation: int
-    world: int
-
-    @classmethod
-    def of(cls, training: TrainingSection, world: int) -> BatchShape:
-        return cls(training.micro_batch_size, training.gradient_accumulation_steps, world)
-
-    @property
-    def global_batch(self) -> int:
-        """Examples per update over all ranks."""
-        return self.micro_batch_size * self.accumulation * self.world
-
-
-@dataclass(frozen=True)
-class TaskPlan:
-    """How one task is cut into updates."""
-
-    batch: BatchShape
-    updates: int
-    updates_per_epoch: int
-
-    @classmethod
-    def for_task(cls, training: TrainingSection, n_examples: int, world: int, task_name: str) -> TaskPlan:
-        batch = BatchShape.of(training, world)
-        per_epoch = n_examples // batch.global_batch
-        if per_epoch == 0:
-            raise UserError(f"tasks[{task_name}]: {n_examples} training examples are fewer than one global batch "
-                            f"({batch.micro_batch_size} × {batch.accumulation} accumulation × {world} ranks)")
-        return cls(batch, training.max_steps or training.epochs * per_epoch, per_epoch)
-
-
-@dataclass(frozen=True)
-class TrainTask:
-    """One task of the sequence as the loop sees it."""
-
-    index: int                 # 0-based position in the sequence
-    name: str
-    examples: list[Encoded]    # tokenised training examples (the replayed ones of earlier tasks included)
-    pad_id: int
-    replayed: int = 0          # how many of `examples` are replayed from earlier tasks
-
-
-def window_batches(task: TrainTask, plan: TaskPlan, update: int, seed: int, rank: int,
-                   device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """Rank `rank`'s micro-batches of update `update` (see the module docstring)."""
-    epoch, position = divmod(update, plan.updates_per_epoch)
-    order = torch.randperm(len(task.examples), generator=keyed_generator(seed, "data", task.index, epoch))
-    mbs, n = plan.batch.micro_batch_size, plan.batch.accumulation
-    start = position * plan.batch.global_batch + rank * mbs * n
-    mine = order[start:start + mbs * n].tolist()
-    return [{k: v.to(device) for k, v in collate([task.examples[i] for i in mine[j * mbs:(j + 1) * mbs]],
-                                                 task.pad_id).items()}
-            for j in range(n)]
 
 
 def deepspeed_config(training: TrainingSection, section: DeepSpeedSection, plan: TaskPlan) -> dict[str, Any]:

@@ -24,12 +24,12 @@ from cl_flat import dist
 from cl_flat.adapters import AdapterStack
 from cl_flat.config import RunConfig
 from cl_flat.data.batches import encode_examples
+from cl_flat.data.plan import TrainTask
 from cl_flat.errors import UserError
 from cl_flat.metrics import REFERENCE_MEASURES
 from cl_flat.models import load_run_model
 from cl_flat.recipes.skeleton import Skeleton, Unit
 from cl_flat.rundir import RunDir
-from cl_flat.train import TrainTask
 
 KINDS = tuple(REFERENCE_MEASURES)  # per_task, joint
 

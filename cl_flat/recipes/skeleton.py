@@ -27,6 +27,7 @@ from cl_flat.checkpoint import TaskCheckpoints
 from cl_flat.config import RunConfig, TrainingSection
 from cl_flat.data import TaskData, load_tasks
 from cl_flat.data.fingerprints import META_KEY, fingerprints
+from cl_flat.data.plan import BatchShape, TaskPlan, TrainTask
 from cl_flat.errors import ConfigError, UserError
 from cl_flat.evaluate import evaluate_tasks
 from cl_flat.family import family_of, lora_targets
@@ -38,7 +39,7 @@ from cl_flat.rundir.lock import held
 from cl_flat.seeding import deterministic_kernels
 from cl_flat.strategies import LossTerms, build_strategies
 from cl_flat.tracking import RankLog, Tracker
-from cl_flat.train import BatchShape, TaskPlan, TrainTask, train_task
+from cl_flat.train import train_task
 
 
 def _git_commit() -> str | None:

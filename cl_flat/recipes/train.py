@@ -21,6 +21,7 @@ from cl_flat import dist, plots
 from cl_flat.adapters import AdapterStack
 from cl_flat.checkpoint import TaskCheckpoints
 from cl_flat.config import RunConfig
+from cl_flat.data.plan import TrainTask
 from cl_flat.landscape import LandscapeOptions, compute_sharpness, landscape_stem
 from cl_flat.metrics import ZERO_SHOT, Rows, compute_metrics, probe_metrics
 from cl_flat.progress import announce, duration
@@ -29,7 +30,6 @@ from cl_flat.rundir import RunDir
 from cl_flat.rundir.resume import restart, skipped_updates, truncate_log
 from cl_flat.strategies import build_strategies
 from cl_flat.tracking import WANDB_RUN_ID, new_wandb_run_id
-from cl_flat.train import TrainTask
 
 PLOTS = ("acc_matrix", "op_curve", "learning_curves")  # the figures a run draws; also logged to wandb
 

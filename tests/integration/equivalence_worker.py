@@ -18,11 +18,12 @@ from cl_flat import dist as ds
 from cl_flat.adapters import AdapterStack
 from cl_flat.config import validate_config
 from cl_flat.data.batches import Encoded, Seq2SeqEncoded
+from cl_flat.data.plan import TaskPlan, TrainTask, window_batches
 from cl_flat.flatness import build_method, reference_update
 from cl_flat.loss import target_loss
 from cl_flat.models import load_model
 from cl_flat.seeding import derive_seed
-from cl_flat.train import TaskPlan, TrainTask, train_task, window_batches
+from cl_flat.train import train_task
 
 
 def run_case(overrides: dict) -> dict:

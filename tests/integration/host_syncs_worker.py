@@ -27,6 +27,7 @@ from cl_flat import dist as ds
 from cl_flat.adapters import AdapterStack
 from cl_flat.config import validate_config
 from cl_flat.data.batches import Encoded
+from cl_flat.data.plan import TrainTask
 from cl_flat.flatness import build_method
 from cl_flat.models import load_model
 
@@ -91,7 +92,7 @@ def main(cases: list[dict]) -> None:
         def log(record, marks=marks):
             marks.append((STATE["count"], STATE["mask"]))
 
-        train.train_task(train.TrainTask(0, "a", examples, 256), stack.model, build_method(config.flatness),
+        train.train_task(TrainTask(0, "a", examples, 256), stack.model, build_method(config.flatness),
                          config.training, config.deepspeed, 0, log)
         # between two log lines lies exactly one update (the first one also holds the engine's set-up)
         out[case["label"]] = {kind: [b[i] - a[i] for a, b in zip(marks, marks[1:])]

@@ -13,9 +13,10 @@ from cl_flat.adapters import AdapterStack
 from cl_flat.checkpoint import TaskCheckpoints
 from cl_flat.config import validate_config
 from cl_flat.data.batches import Encoded
+from cl_flat.data.plan import TrainTask
 from cl_flat.flatness import build_method
 from cl_flat.models import load_model
-from cl_flat.train import TrainTask, train_task
+from cl_flat.train import train_task
 
 METHODS = {
     "none": {"method": "none"},

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.integration
 SCRIPT = """
 import torch
 from cl_flat import dist as ds
-from cl_flat.train import BatchShape, TaskPlan, create_engine
+from cl_flat.data.plan import BatchShape, TaskPlan
+from cl_flat.train import create_engine
 from cl_flat.adapters import AdapterStack
 from cl_flat.config import load_config
 from cl_flat.loss import target_loss

@@ -15,8 +15,9 @@ def test_orthogonality_shrinks_over_a_tiny_run():
     from cl_flat import dist
     from cl_flat.config import validate_config
     from cl_flat.data.batches import Encoded
+    from cl_flat.data.plan import TrainTask
     from cl_flat.flatness import build_method
-    from cl_flat.train import TrainTask, train_task
+    from cl_flat.train import train_task
 
     dist.init_distributed()
     stack, _, penalty = olora_stack(lambda_orth=0.5)

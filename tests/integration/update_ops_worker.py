@@ -18,6 +18,7 @@ from cl_flat import dist as ds
 from cl_flat.adapters import AdapterStack
 from cl_flat.bench import floor_optimizer, floor_update
 from cl_flat.config import load_config
+from cl_flat.data.plan import BatchShape, TaskPlan
 from cl_flat.flatness import build_method
 from cl_flat.loss import target_loss, target_split_losses
 from cl_flat.models import load_run_model
@@ -67,7 +68,7 @@ def run_case(case: dict, live: dict) -> dict:
                          t.max_grad_norm)
     else:
         method = build_method(config.flatness)
-        plan = train.TaskPlan(train.BatchShape.of(t, 1), WARMUP + COUNTED, WARMUP + COUNTED)
+        plan = TaskPlan(BatchShape.of(t, 1), WARMUP + COUNTED, WARMUP + COUNTED)
         engine = train.create_engine(t, config.deepspeed, stack.model, list(params.values()), plan)
         method.begin_task(engine.module)
         optimizer = engine.optimizer
