@@ -34,7 +34,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -222,7 +222,7 @@ def _paired_ratio(timer: _EngineTimer, method: FlatnessMethod, step: int, update
     return statistics.median(ratios)
 
 
-def measure(config_path: str, label: str, updates: int, warmup: int, overrides: list[str] = ()) -> dict[str, Any]:
+def measure(config_path: str, label: str, updates: int, warmup: int, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """One variant in this process (or this process group): median s/update and peak memory. `overrides`:
     the bench's --set (never flatness.*: the variant sets it)."""
     flatness, _ = variants()[label]
@@ -274,7 +274,7 @@ def eval_task(metric: str, examples: int, words: int) -> TaskData:
 
 
 def measure_evaluation(config_path: str, label: str, updates: int, warmup: int,
-                       overrides: list[str] = ()) -> dict[str, Any]:
+                       overrides: Sequence[str] = ()) -> dict[str, Any]:
     """One evaluation row in this process: `warmup` then `updates` timed passes of `evaluate_tasks` over one
     batch of the synthetic task (`eval_task`); examples per second of the median pass."""
     config = load_config(config_path, list(overrides))

@@ -18,6 +18,7 @@ from below, much faster than power iteration on a shifted H (Kaniel-Paige); with
 of T_k, H has an eigenvalue within β_k·|y_k| of θ, and the run stops once β_k·|y_k| ≤ tol·(|θ| + 1e−12)
 (or β_k = 0: an invariant subspace, θ exact). No reorthogonalisation, three vectors kept: lost
 orthogonality only duplicates converged Ritz values (Paige 1976), the largest one stays valid.
+
 **Trace** (`hutchinson_trace`, Hutchinson 1989): tr(H) = E[zᵀHz] for any z with E[zzᵀ] = I; with
 Rademacher z (entries ±1, probability ½ each) the estimate (1/m) Σ_j z_jᵀHz_j has the smallest
 variance, Var(zᵀHz) = 2 Σ_{i≠j} H_ij², so it is EXACT for a diagonal H. Reported with its standard
@@ -42,9 +43,9 @@ HVP = Callable[[Params], Params]
 
 @dataclass(frozen=True)
 class TopEigenvalue:
-    value: float                 # λ_K, the last Rayleigh quotient (of H, the shift added back)
-    iterations: int              # Hessian-vector products spent (K, both runs of top_eigenvalue)
-    converged: bool              # the relative change fell below tol before the cap (of the last run)
+    value: float                 # λ_K, the last Rayleigh quotient (power iteration) or top Ritz value (Lanczos)
+    iterations: int              # Hessian-vector products spent (K; top_eigenvalue: both runs')
+    converged: bool              # the stopping test was met before the cap (top_eigenvalue: the last run's)
     history: tuple[float, ...]   # λ_1..λ_K
     dominant: float | None = None  # top_eigenvalue: the eigenvalue of largest magnitude (first run)
 

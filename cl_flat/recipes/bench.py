@@ -44,7 +44,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,7 @@ def _run_variant(config_path: str, label: str, updates: int, warmup: int, overri
 
 def run_bench(config_path: str, labels: list[str], updates: int, warmup: int, rounds: int = 1,
               on_progress: Callable[[dict[str, Any]], None] | None = None,
-              evaluation: bool = False, overrides: list[str] = ()) -> dict[str, Any]:
+              evaluation: bool = False, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Run each variant in a fresh process, `rounds` times over (every variant once per round,
     so slow drifts of a shared machine hit all variants alike). Per round, a variant's time ratio
     is its in-process paired ratio, or (floor) its time over that of `none` of the SAME round;

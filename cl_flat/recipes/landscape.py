@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -106,7 +106,7 @@ def compute_landscape(path: str | Path, task: str, options: LandscapeOptions | N
 
 
 def landscapes(path: str | Path, options: LandscapeOptions, *, progress: bool | None = None,
-               overrides: list[str] = ()) -> Iterator[LandscapeResult]:
+               overrides: Sequence[str] = ()) -> Iterator[LandscapeResult]:
     """`cl-flat landscape`: every requested task's landscape (`options.task`, or every trained task up
     to `options.after`), one after another on one loaded base model; the run is checked first, once.
     `progress`: default logging.progress; `overrides`: --set evaluation.* on the run's config (e.g. the
