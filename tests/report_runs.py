@@ -26,7 +26,7 @@ RUNS = {
 
 def make_run(root: Path, name: str, seed: int, flatness: dict, rows: list[list[float]] | None,
              metrics: dict | None, tasks: tuple[str, ...] = SEQUENCE, task_fields: dict | None = None,
-             first_task: dict | None = None) -> Path:
+             first_task: dict | None = None, zero_shot: list[float] | None = None) -> Path:
     """A result folder as cl-flat writes it (RunDir.save_config / write_matrix / write_metrics); `task_fields`
     are added to every task's config (e.g. a prompt_template), `first_task` to the first one's."""
     raw = {"run": {"name": name, "output_dir": str(root), "seed": seed},
@@ -38,7 +38,7 @@ def make_run(root: Path, name: str, seed: int, flatness: dict, rows: list[list[f
     run = RunDir.of(config)
     run.save_config(config, {"world_size": 1, "git_commit": f"commit-of-{name}"})
     if rows is not None:
-        run.write_matrix(list(tasks), [("zero_shot", ZERO_SHOT)] + list(zip(tasks, rows)))
+        run.write_matrix(list(tasks), [("zero_shot", zero_shot or ZERO_SHOT)] + list(zip(tasks, rows)))
     if metrics is not None:
         run.write_metrics(metrics)
     return run.path

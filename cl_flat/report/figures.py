@@ -102,12 +102,21 @@ def plot_paired_forest(paired: list[PairedComparison], measures: tuple[str, ...]
 
 def plot_flatness_forgetting(study: FlatnessForgetting, out_png: Path) -> None:
     """One point per (run, task i < T): x the flatness measure of task i's minimum at the end of its
-    training, y its forgetting R[i,i] − R[T,i]; colour = group; Spearman ρ and its seed-bootstrap CI above."""
+    training, y its forgetting R[i,i] − R[T,i]; colour = group, marker = task (tasks differ in difficulty:
+    see cl_flat.report.flatness); Spearman ρ and its seed-bootstrap CI above."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    tasks = list(dict.fromkeys(p.task for p in study.points))
+    markers = {task: "osD^v<>ph*"[i % 10] for i, task in enumerate(tasks)}
     for k, label in enumerate(dict.fromkeys(p.group for p in study.points)):
         mine = [p for p in study.points if p.group == label]
-        ax.scatter([p.flatness for p in mine], [p.forgetting for p in mine], color=f"C{k}", s=22,
-                   label=f"{label} ({len(mine)} points)")
+        for task in tasks:
+            theirs = [p for p in mine if p.task == task]
+            ax.scatter([p.flatness for p in theirs], [p.forgetting for p in theirs], color=f"C{k}", s=22,
+                       marker=markers[task])
+        ax.scatter([], [], color=f"C{k}", s=22, label=f"{label} ({len(mine)} points)")
+    if len(tasks) > 1:
+        for task in tasks:
+            ax.scatter([], [], color="grey", s=22, marker=markers[task], label=task)
     rho = study.correlation
     interval = "" if math.isnan(rho.low) else f", 95% CI [{rho.low:+.2f}, {rho.high:+.2f}] over {rho.clusters} seeds"
     ax.axhline(0.0, color="grey", linewidth=0.5)

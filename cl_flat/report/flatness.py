@@ -6,7 +6,10 @@ The pooled relation over all (run, task) points is summarised by Spearman's ρ (
 a 95% cluster-bootstrap interval that resamples SEEDS (cl_flat.stats.cluster_bootstrap_ci): the runs of
 one seed share its data sample and initialisation, so their points are not independent. With one seed
 there is no interval. Pooled over methods, ρ also reflects differences between the methods (a flatter
-method that forgets less); the same statistic within each group separates the two.
+method that forgets less); the same statistic within each group separates the two. Pooled over tasks, it
+also reflects differences between the tasks (an easy task may be both sharper and less forgotten than a
+hard one, giving a pooled ρ of either sign while each task alone says the opposite); the statistic within
+each task, over the runs, separates those.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class FlatnessForgetting:
     missing: int                       # (run, task i < T) with a forgetting but without the measure
     correlation: BootstrapInterval     # Spearman ρ of (flatness, forgetting), seeds resampled
     within: dict[str, BootstrapInterval]  # group label -> the same over that group's points only
+    by_task: dict[str, BootstrapInterval]  # task -> the same over that task's points only (one per run)
 
     @property
     def label(self) -> str:
@@ -76,7 +80,8 @@ def flatness_forgetting(report: Report, measure: str = "auto") -> FlatnessForget
                                     [p.run.seed for p in mine])
 
     within = {label: rho([p for p in points if p.group == label]) for label in dict.fromkeys(p.group for p in points)}
-    return FlatnessForgetting(field_name, points, missing, rho(points), within)
+    by_task = {task: rho([p for p in points if p.task == task]) for task in dict.fromkeys(p.task for p in points)}
+    return FlatnessForgetting(field_name, points, missing, rho(points), within, by_task)
 
 
 def _interval(rho: BootstrapInterval) -> str:
@@ -96,6 +101,9 @@ def describe(study: FlatnessForgetting) -> str:
         return f"{head}: undefined (fewer than 2 points, or one of the two is constant)."
     groups = (f" Within groups: {'; '.join(f'{label}: {_interval(r)}' for label, r in study.within.items())}."
               if len(study.within) > 1 else "")
+    if len(study.by_task) > 1:
+        groups += (" Within tasks (each task's points alone: differences between tasks cannot make these): "
+                   f"{'; '.join(f'{task}: {_interval(r)}' for task, r in study.by_task.items())}.")
     head += f": ρ = {rho.estimate:+.2f}"
     if math.isnan(rho.low):
         why = "one seed" if rho.clusters < 2 else "ρ undefined in every resample"

@@ -21,7 +21,7 @@ from cl_flat.errors import UserError
 from cl_flat.overrides import dotted_keys
 from cl_flat.report import build_report, render_csv, render_markdown, write_report
 from cl_flat.report.build import order_free
-from cl_flat.report.flatness import flatness_forgetting
+from cl_flat.report.flatness import describe, flatness_forgetting
 from cl_flat.report.published import PUBLISHED
 from cl_flat.report.render import interval_words
 from cl_flat.rundir import RunDir
@@ -126,6 +126,32 @@ def test_flatness_vs_forgetting_points_and_rho_by_hand(flat_results):
     within = {label: r.estimate for label, r in study.within.items()}
     assert within == {"flatness.method=none": pytest.approx(1),
                       "flatness.method=sam": pytest.approx(1.5 / math.sqrt(3))}
+
+
+def test_within_tasks_separates_task_difficulty_from_the_pooled_relation(tmp_path):
+    """Three tasks, two seeds of one method: task 1 is sharp (x 1.0, 2.0) and barely forgotten (y 2, 4), task 2
+    flat (x 0.1, 0.2) and much forgotten (y 20, 30). Pooled: x ranks (3, 1, 4, 2), y ranks (1, 3, 2, 4), centred
+    (.5, −1.5, 1.5, −.5) and (−1.5, .5, −.5, 1.5): Σ = −3, Σx² = Σy² = 5, ρ = −0.6; within each task ρ = +1."""
+    from cl_flat.metrics import compute_metrics
+
+    tasks = ("food_sentiment", "service_sentiment", "price_sentiment")
+    matrices = {1: [[80, 40, 40], [79, 90, 40], [78, 70, 85]], 2: [[82, 40, 40], [80, 92, 40], [78, 62, 85]]}
+    sharpness = {1: (1.0, 0.1), 2: (2.0, 0.2)}
+    root = tmp_path / "results"
+    for seed, rows in matrices.items():
+        run = make_run(root, f"none-s{seed}", seed, {"method": "none"}, rows,
+                       compute_metrics(rows, [40, 40, 40]), tasks=tasks, zero_shot=[40.0, 40.0, 40.0])
+        write_sharpness(run, {task: {"avg": 0.0, "worst": x, "rho": 0.05, "samples": 8}
+                              for task, x in zip(tasks, sharpness[seed])})
+    study = flatness_forgetting(build_report([str(root)]))
+    assert sorted((p.task, p.flatness, p.forgetting) for p in study.points) == [
+        ("food_sentiment", 1.0, 2), ("food_sentiment", 2.0, 4), ("service_sentiment", 0.1, 20),
+        ("service_sentiment", 0.2, 30)]
+    assert study.correlation.estimate == pytest.approx(-0.6)
+    assert {task: r.estimate for task, r in study.by_task.items()} == {"food_sentiment": pytest.approx(1),
+                                                                      "service_sentiment": pytest.approx(1)}
+    text = describe(study)
+    assert "ρ = -0.60" in text and "Within tasks" in text and "food_sentiment: +1.00" in text
 
 
 def test_lambda_max_is_the_default_measure_when_present_and_missing_entries_are_counted(flat_results):
