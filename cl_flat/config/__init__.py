@@ -106,6 +106,8 @@ def _cross_checks(raw: dict[str, Any]) -> list[str]:
             problems.append(f"tasks.{i}.training.max_seq_length: one length serves the whole run (every task is "
                             "evaluated after every task); set training.max_seq_length instead")
         problems += _labels_needed(task, f"tasks.{i}", "task", default_metric)
+        if isinstance(task, dict) and task.get("source") == "jsonl" and task.get("train") is None:
+            problems.append(f"tasks.{i}.train: a trained task needs its training file (only a probe may omit it)")
     return problems + _probe_checks(raw, names, default_metric)
 
 
@@ -242,7 +244,8 @@ def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
     They are stored absolute, so a saved run config works from any directory (cl-flat eval)."""
     for task in [*config.tasks, *config.probes]:
         if isinstance(task, JsonlTaskConfig):
-            task.train, task.test = _resolve(task.train, base), _resolve(task.test, base)
+            task.train = None if task.train is None else _resolve(task.train, base)
+            task.test = _resolve(task.test, base)
         elif isinstance(task, HfTaskConfig) and task.data_files is not None:
             files = task.data_files
             if isinstance(files, dict):

@@ -197,7 +197,8 @@ LabelList = Annotated[Union[Annotated[list[str], Field(min_length=2)], None], Be
 
 class JsonlTaskConfig(TaskBase):
     source: Literal["jsonl"]
-    train: Path
+    train: Path | None = Field(default=None, description="the training examples: required for a task, "
+                               "optional for a probe (never trained)")
     test: Path
     labels: LabelList = None
 

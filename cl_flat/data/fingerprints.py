@@ -19,7 +19,7 @@ def local_files(config: RunConfig) -> list[Path]:
     files: list[str | Path] = []
     for task in [*config.tasks, *config.probes]:
         if isinstance(task, JsonlTaskConfig):
-            files += [task.train, task.test]
+            files += [path for path in (task.train, task.test) if path is not None]
         elif isinstance(task, HfTaskConfig):
             files += hf_data_files(task)
     return [Path(f) for f in dict.fromkeys(files) if Path(f).is_file()]

@@ -233,10 +233,11 @@ def _missing_folder(task: TaskConfig) -> str | None:
     if isinstance(task, HfTaskConfig):
         missing = task.data_files is None and _local_name(task.dataset) and not Path(task.dataset).expanduser().exists()
         return task.dataset if missing else None
-    if isinstance(task, JsonlTaskConfig) and task.train.parent == task.test.parent \
-            and not task.train.parent.expanduser().exists() \
-            and any(task.train.parent.name in members for members, _ in _benchmarks().values()):
-        return str(task.train.parent)
+    folder = task.test.parent if isinstance(task, JsonlTaskConfig) else None
+    if folder is not None and (task.train is None or task.train.parent == folder) \
+            and not folder.expanduser().exists() \
+            and any(folder.name in members for members, _ in _benchmarks().values()):
+        return str(folder)
     return None
 
 
@@ -282,7 +283,7 @@ def _load_task(task: TaskConfig, seed: int, metric: str) -> TaskData:
                         tuple(Example(r["input"], r["output"]) for r in test), task.chat_system,
                         task.prompt_format == "chat")
     if isinstance(task, JsonlTaskConfig):
-        train = read_jsonl(task.train, task.labels, task.prompt_template)
+        train = [] if task.train is None else read_jsonl(task.train, task.labels, task.prompt_template)
         test = read_jsonl(task.test, task.labels, task.prompt_template)
     else:
         train, test = _hf_split(task, task.train_split), _hf_split(task, task.test_split)

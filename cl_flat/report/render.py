@@ -53,7 +53,8 @@ FIGURE_CAPTIONS = {
     "metrics_bars.png": "each metric in its own panel: group means, 95% CI error bars",
     "paired_differences.png": "forest plot: each metric's paired difference vs the baseline, 95% CI; "
                               "an interval crossing the dashed 0 line is not distinguishable from no difference",
-    "flatness_forgetting.png": "flatness of each task's minimum vs its forgetting, one colour per group, one marker per task",
+    "flatness_forgetting.png": "flatness of each task's minimum vs its forgetting, one colour per group, "
+                               "one marker per task",
 }
 
 

@@ -137,3 +137,24 @@ def test_validate_checks_probe_data_like_task_data(tmp_path: Path):
     (tmp_path / "p.jsonl").write_text('{"input": "x", "output": "y"}\n')
     config, _ = validate(path, [])
     assert [p.name for p in config.probes] == ["p"]
+
+
+def test_a_jsonl_probe_needs_no_training_file_but_a_task_does(tmp_path: Path):
+    """A probe is never trained: its `train` may be left out (nothing is read for it); a task's may not."""
+    from cl_flat.data import load_task
+    from cl_flat.data.fingerprints import local_files
+    from cl_flat.recipes.validate import validate
+
+    (tmp_path / "p.jsonl").write_text('{"input": "x", "output": "y"}\n{"input": "z", "output": "w"}\n')
+    path = tmp_path / "run.yaml"
+    path.write_text(f"run: {{output_dir: {tmp_path / 'results'}}}\nmodel: {{name_or_path: tiny-random:llama}}\n"
+                    "tasks: [{name: food_sentiment, source: builtin}]\n"
+                    "probes: [{name: p, source: jsonl, test: p.jsonl, metric: exact_match}]\n")
+    config, _ = validate(path, [])
+    probe = config.probes[0]
+    assert probe.train is None and probe.test == (tmp_path / "p.jsonl").resolve()
+    data = load_task(probe, config.run.seed, config.evaluation.metric)
+    assert data.train == () and [e.output for e in data.test] == ["y", "w"]
+    assert local_files(config) == [probe.test]
+    problems = problems_of(raw(tasks=[{"name": "a", "source": "jsonl", "test": "a.jsonl", "labels": ["x", "y"]}]))
+    assert problems == ["tasks.0.train: a trained task needs its training file (only a probe may omit it)"]
