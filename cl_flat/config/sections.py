@@ -213,6 +213,8 @@ class HfTaskConfig(TaskBase):
     text_field: str = "text"
     label_field: str = "label"
     labels: LabelList = None  # names for integer labels
+    references_field: str | None = Field(default=None, description="a column of lists of strings: every "
+                                         "acceptable answer of a row (exact_match, rouge_l), as jsonl's references")
 
     @model_validator(mode="after")
     def _label_not_in_prompt(self) -> HfTaskConfig:

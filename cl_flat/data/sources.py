@@ -92,13 +92,13 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _references(row: dict, place: str) -> tuple[str, ...] | None:
-    """A row's optional "references": a non-empty list of strings, or None where the key is absent."""
-    if "references" not in row:
+def _references(row: dict, place: str, key: str = "references") -> tuple[str, ...] | None:
+    """A row's optional references (field `key`): a non-empty list of strings, or None where the key is absent."""
+    if key not in row:
         return None
-    value = row["references"]
+    value = row[key]
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise DataError(f"{place}: \"references\" must be a non-empty list of strings (every acceptable "
+        raise DataError(f"{place}: \"{key}\" must be a non-empty list of strings (every acceptable "
                         f"answer), got {json.dumps(value)[:80]}")
     return tuple(value)
 
@@ -165,12 +165,13 @@ def _hf_split(task: HfTaskConfig, split: str) -> list[Example]:
         raise DataError(f"tasks[{task.name}]: cannot load {task.dataset!r} split {split!r}: "
                         f"{type(exc).__name__}: {exc}") from None
     names = template_fields(task.prompt_template)
-    columns = [task.label_field] + [task.text_field if name == "input" else name for name in names]
+    columns = [task.label_field] + [task.text_field if name == "input" else name for name in names] \
+        + ([task.references_field] if task.references_field else [])
     for field in columns:
         if field not in table.column_names:
             why = "label_field" if field == task.label_field else \
                 "text_field, the template's {input}" if field == task.text_field and "input" in names else \
-                "the prompt_template names it"
+                "references_field" if field == task.references_field else "the prompt_template names it"
             raise DataError(f"tasks[{task.name}]: split {split!r} has no column {field!r} ({why}); "
                             f"columns: {table.column_names}")
     examples: list[Example] = []
@@ -184,7 +185,10 @@ def _hf_split(task: HfTaskConfig, split: str) -> list[Example]:
                 raise DataError(f"tasks[{task.name}]: {split} row {number}: integer label {label} needs "
                                 f"`labels:` with at least {label + 1} names")
             label = task.labels[label]
-        examples.append(_example(row, names, str(row[task.text_field]) if "input" in names else "", str(label)))
+        references = _references(row, f"tasks[{task.name}]: {split} row {number}", task.references_field) \
+            if task.references_field else None
+        examples.append(_example(row, names, str(row[task.text_field]) if "input" in names else "", str(label),
+                                 references))
     _check_labels(examples, task.labels, [f"tasks[{task.name}]: {split} row {n}" for n in range(1, len(examples) + 1)])
     return examples
 

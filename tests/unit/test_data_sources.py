@@ -166,6 +166,24 @@ def test_hf_json_with_string_labels_and_custom_fields(tmp_path, offline):
     assert data.test == (Example("bye", "farewell"), Example("hello", "greeting"))
 
 
+def test_hf_references_field_gives_every_acceptable_answer(tmp_path, offline):
+    """`references_field` names a column of string lists: a row's references, as jsonl's "references" key."""
+    rows = [{"text": "2+2", "answer": "4", "refs": ["4", "four"]}, {"text": "1+1", "answer": "2", "refs": ["2"]}]
+    write_lines(tmp_path / "d.json", [json.dumps(r) for r in rows])
+    task = {"name": "h", "source": "hf", "dataset": "json", "label_field": "answer", "references_field": "refs",
+            "metric": "rouge_l", "data_files": {"train": str(tmp_path / "d.json"), "test": str(tmp_path / "d.json")}}
+    config = run_config(task)
+    data = load_task(config.tasks[0], config.run.seed, config.evaluation.metric)
+    assert [(e.output, e.references) for e in data.test] == [("4", ("4", "four")), ("2", ("2",))]
+    write_lines(tmp_path / "bad.json", [json.dumps({**rows[0], "refs": "4"})])
+    bad = run_config({**task, "data_files": {"train": str(tmp_path / "bad.json"), "test": str(tmp_path / "bad.json")}})
+    with pytest.raises(DataError, match=r'tasks\[h\]: train row 1: "refs" must be a non-empty list of strings'):
+        load_task(bad.tasks[0], bad.run.seed, bad.evaluation.metric)
+    missing = run_config({**task, "references_field": "answers"})
+    with pytest.raises(DataError, match=r"no column 'answers' \(references_field\)"):
+        load_task(missing.tasks[0], missing.run.seed, missing.evaluation.metric)
+
+
 def test_hf_string_label_not_among_labels(tmp_path, offline):
     write_lines(tmp_path / "d.json", [json.dumps({"text": "x", "label": "a"}), json.dumps({"text": "y", "label": "c"})])
     config = hf_config(tmp_path, "json", "d.json", "d.json")
