@@ -281,6 +281,15 @@ def _checkpoint_or_stop(engine, method: FlatnessMethod, checkpoints: TaskCheckpo
         raise stopping.Stopped(stopping.requested() or signal.SIGTERM, task, done, total, checkpoints is not None)
 
 
+def _loss_functions(regulariser: LossTerms | None) -> tuple[Callable, Callable | None]:
+    """(the loss of a batch, the losses of its two halves from one forward for RWP one_pass): with a
+    regulariser (O-LoRA's terms) added to the loss; its terms depend on θ alone and would enter both halves
+    at θ, so with one there is no split loss and one_pass runs its serial form."""
+    if regulariser is None:
+        return target_loss, target_split_losses
+    return (lambda m, b: target_loss(m, b) + regulariser(m)), None
+
+
 def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, training: TrainingSection,
                section: DeepSpeedSection, seed: int, log: Callable[[dict[str, Any]], None],
                progress=None, checkpoints: TaskCheckpoints | None = None,
@@ -301,10 +310,7 @@ def train_task(task: TrainTask, model: torch.nn.Module, method: FlatnessMethod, 
     method_seed = derive_seed(seed, "method", task.index)
     rule = StepRule.of(training, section)
     compute = Compute(engine.module, compute_dtype(section.bf16))
-    loss_fn = target_loss if regulariser is None else (lambda m, b: target_loss(m, b) + regulariser(m))
-    # the losses of a batch's two halves from one forward (RWP one_pass); O-LoRA's terms depend on θ
-    # alone and would enter both halves at θ, so with them one_pass runs its serial form
-    split_loss_fn = target_split_losses if regulariser is None else None
+    loss_fn, split_loss_fn = _loss_functions(regulariser)
     bar = progress.add_task(task.name, total=plan.updates) if progress is not None else None
     if bar is not None:
         progress.update(bar, completed=start)  # a resumed task's updates done before
