@@ -123,15 +123,20 @@ def test_a_malformed_probe_matrix_names_its_line(tmp_path: Path):
         read_probe_matrix(path)
 
 
+def probe_run(folder: Path, probe: str) -> Path:
+    """run.yaml in `folder`: one builtin task on tiny-random:llama and the probe given as a YAML flow mapping."""
+    path = folder / "run.yaml"
+    path.write_text(f"run: {{output_dir: {folder / 'results'}}}\nmodel: {{name_or_path: tiny-random:llama}}\n"
+                    f"tasks: [{{name: food_sentiment, source: builtin}}]\nprobes: [{probe}]\n")
+    return path
+
+
 def test_validate_checks_probe_data_like_task_data(tmp_path: Path):
     from cl_flat.errors import DataError
     from cl_flat.recipes.validate import validate
 
     (tmp_path / "p.jsonl").write_text('{"input": "x", "output": "y"}\n{"input": 3}\n')
-    path = tmp_path / "run.yaml"
-    path.write_text(f"run: {{output_dir: {tmp_path / 'results'}}}\nmodel: {{name_or_path: tiny-random:llama}}\n"
-                    "tasks: [{name: food_sentiment, source: builtin}]\n"
-                    "probes: [{name: p, source: jsonl, train: p.jsonl, test: p.jsonl, metric: exact_match}]\n")
+    path = probe_run(tmp_path, "{name: p, source: jsonl, train: p.jsonl, test: p.jsonl, metric: exact_match}")
     with pytest.raises(DataError, match=r"p.jsonl:2: no field \"output\""):
         validate(path, [])
     (tmp_path / "p.jsonl").write_text('{"input": "x", "output": "y"}\n')
@@ -146,10 +151,7 @@ def test_a_jsonl_probe_needs_no_training_file_but_a_task_does(tmp_path: Path):
     from cl_flat.recipes.validate import validate
 
     (tmp_path / "p.jsonl").write_text('{"input": "x", "output": "y"}\n{"input": "z", "output": "w"}\n')
-    path = tmp_path / "run.yaml"
-    path.write_text(f"run: {{output_dir: {tmp_path / 'results'}}}\nmodel: {{name_or_path: tiny-random:llama}}\n"
-                    "tasks: [{name: food_sentiment, source: builtin}]\n"
-                    "probes: [{name: p, source: jsonl, test: p.jsonl, metric: exact_match}]\n")
+    path = probe_run(tmp_path, "{name: p, source: jsonl, test: p.jsonl, metric: exact_match}")
     config, _ = validate(path, [])
     probe = config.probes[0]
     assert probe.train is None and probe.test == (tmp_path / "p.jsonl").resolve()
