@@ -11,7 +11,8 @@ Methods run whole passes through `accumulate(batch, weight, last)` and `probe(ba
 return detached values: the autograd graph of a pass is gone before the next forward starts.
 (A graph kept alive into the next pass pins thousands of small allocations across the freed
 activation memory; on CPU glibc then cannot reuse it, and a second pass in the same update
-raises the peak resident memory.)
+raises the peak resident memory. A probe's gradients do the same: a method that needs them after a
+later forward copies them into buffers allocated for the task, `flatness.sam.KeptGradients`.)
 A method whose update is a *computed* gradient (a combination of probe gradients: GSAM's g_p − α·g_⊥,
 a projection) hands it over with `apply_gradient(grads, last)`, which adds exactly `grads` to the
 update's gradient through the same `backward` (the surrogate loss Σ_k ⟨θ_k, g_k⟩ has gradient g), so

@@ -9,8 +9,8 @@ from pydantic import Field
 
 from cl_flat.config import Strict
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.sam import sam_perturbation
-from cl_flat.precision import global_norm, wide
+from cl_flat.flatness.sam import KeptGradients, sam_perturbation
+from cl_flat.precision import global_norm
 
 
 class CFlatConfig(Strict):
@@ -56,21 +56,11 @@ class CFlat(FlatnessMethod):
 
     def __init__(self, config: CFlatConfig):
         super().__init__(config)
-        self.buffers: list[list[torch.Tensor]] | None = None
+        # θ's saved copy (first the window's sum), ∇L(θ; B_N), g₁, g₂ (then g₃ − g₂): each kept through a forward
+        self.kept = KeptGradients(4)
 
     def begin_task(self, model):
-        self.buffers = None
-
-    def _buffers(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-        """Four adapter-sized fp32 (or wider) sets, allocated once per task and reused by every update: θ's
-        saved copy, ∇L(θ; B_N), g₁, g₂ (then g₃ − g₂). The gradients that must outlive a forward are copied
-        here and the probe's own tensors freed: on CPU, small tensors allocated during a backward and kept
-        through the next forward pin the freed activation memory around them, and the heap grows by up
-        to a pass's activations with every such pass (a cache, not state: nothing to checkpoint)."""
-        if self.buffers is None or [b.shape for b in self.buffers[0]] != [p.shape for p in params]:
-            self.buffers = [[torch.empty(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
-                             for p in params] for _ in range(4)]
-        return self.buffers
+        self.kept.clear()
 
     def window(self, ctx, micro_batches):
         c = self.config
@@ -79,23 +69,19 @@ class CFlat(FlatnessMethod):
             losses = [ctx.accumulate(batch, 1 / n, last=i == n - 1) for i, batch in enumerate(micro_batches)]
             return {"loss": torch.stack(losses).float().mean(), "cflat_update": 0.0}
         params = list(ctx.params.values())
-        saved, last, g1, g2 = self._buffers(params)
-        losses, total = [], None
+        saved, last, g1, g2 = self.kept(params)
+        losses = []
         for i, batch in enumerate(micro_batches):
             loss, grads = ctx.probe(batch)
             losses.append(loss)
             if i == n - 1:
                 torch._foreach_copy_(last, grads)
-            if n > 1:
-                if total is None:
-                    total = [wide(g) for g in grads]
-                else:
-                    torch._foreach_add_(total, grads)
+            if n > 1:  # the window's sum, in θ's buffer until θ is saved
+                (torch._foreach_add_ if i else torch._foreach_copy_)(saved, grads)
             del grads
-        if total is not None:
-            torch._foreach_div_(total, n)
-        eps0 = sam_perturbation(params, last if total is None else total, c.rho, adaptive=False, per_tensor=False)
-        del total
+        if n > 1:
+            torch._foreach_div_(saved, n)
+        eps0 = sam_perturbation(params, saved if n > 1 else last, c.rho, adaptive=False, per_tensor=False)
         torch._foreach_copy_(saved, [p.detach() for p in params])
         try:
             with torch.no_grad():

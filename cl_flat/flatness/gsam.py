@@ -9,7 +9,7 @@ from pydantic import Field
 
 from cl_flat.config import Strict
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.sam import dot, mean_probe, probe_at, sam_perturbation
+from cl_flat.flatness.sam import KeptGradients, dot, mean_probe, probe_at, sam_perturbation
 from cl_flat.precision import global_norm
 
 
@@ -41,14 +41,22 @@ class Gsam(FlatnessMethod):
     formula = "g = ∇L(θ+ε; B_N) − α·g_⊥, ε = ρ·g₀/‖g₀‖, g₀ = (1/N) Σ_i ∇L(θ; B_i), g_⊥ = g₀ − ⟨g₀,g_p⟩/‖g_p‖²·g_p"
     versus_notes = "ρ is constant over a task (the GSAM code ties ρ_t to the lr schedule)"
 
+    def __init__(self, config: GsamConfig):
+        super().__init__(config)
+        self.kept = KeptGradients(1)  # g, kept through the perturbed pass
+
+    def begin_task(self, model):
+        self.kept.clear()
+
     def window(self, ctx, micro_batches):
         c = self.config
         params = list(ctx.params.values())
-        loss, clean = mean_probe(ctx, micro_batches)
+        loss, clean = mean_probe(ctx, micro_batches, out=self.kept(params)[0])
         eps = sam_perturbation(params, clean, c.rho, adaptive=c.adaptive, per_tensor=False, eta=c.eta)
+        eps_norm = global_norm(eps)
         adv_loss, perturbed = probe_at(ctx, micro_batches[-1], eps)
         projection = dot(clean, perturbed) / (dot(perturbed, perturbed) + 1e-24)
         orthogonal = torch._foreach_sub(clean, torch._foreach_mul(perturbed, projection))
         ctx.apply_gradient(torch._foreach_sub(perturbed, torch._foreach_mul(orthogonal, c.alpha)), last=True)
         return {"loss": loss, "adv_loss": adv_loss.float(),
-                "eps_norm": global_norm(eps), "orthogonal_norm": global_norm(orthogonal)}
+                "eps_norm": eps_norm, "orthogonal_norm": global_norm(orthogonal)}

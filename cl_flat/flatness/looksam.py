@@ -9,7 +9,7 @@ from pydantic import Field
 
 from cl_flat.config import Strict
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.sam import dot, mean_probe, probe_at, sam_perturbation
+from cl_flat.flatness.sam import KeptGradients, dot, mean_probe, probe_at, sam_perturbation
 from cl_flat.precision import global_norm
 
 
@@ -46,9 +46,11 @@ class LookSam(FlatnessMethod):
     def __init__(self, config: LookSamConfig):
         super().__init__(config)
         self.orthogonal: list[torch.Tensor] | None = None
+        self.kept = KeptGradients(1)  # g, kept through the SAM update's perturbed pass
 
     def begin_task(self, model):
         self.orthogonal = None
+        self.kept.clear()
 
     def state_dict(self) -> dict[str, Any]:
         return {"orthogonal": self.orthogonal}
@@ -59,7 +61,7 @@ class LookSam(FlatnessMethod):
     def window(self, ctx, micro_batches):
         c = self.config
         params = list(ctx.params.values())
-        loss, clean = mean_probe(ctx, micro_batches)
+        loss, clean = mean_probe(ctx, micro_batches, out=self.kept(params)[0])
         if ctx.step % c.interval == 0 or self.orthogonal is None:
             eps = sam_perturbation(params, clean, c.rho, adaptive=False, per_tensor=False)
             adv_loss, sam_grad = probe_at(ctx, micro_batches[-1], eps)

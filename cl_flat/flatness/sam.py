@@ -45,22 +45,49 @@ class SamConfig(Strict):
     norm: Literal["global", "per_tensor"] = "global"
 
 
-def summed_probes(ctx, micro_batches) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(each micro-batch's loss, Σ_i ∇L(θ; B_i)) over the window, as probes: no `.grad`, no communication."""
-    losses, total = [], None
-    for batch in micro_batches:
+class KeptGradients:
+    """Adapter-sized fp32 (or wider) buffers for gradients that must outlive a forward, allocated once per task
+    and reused by every update. Why: on CPU, small tensors allocated during a backward and kept through the
+    next forward pin the freed activation memory around them, and the heap grows by up to a pass's
+    activations with every such pass; a probe's gradients are copied here and freed instead. A cache, not
+    state: nothing to checkpoint."""
+
+    def __init__(self, sets: int):
+        self.sets = sets
+        self.buffers: list[list[torch.Tensor]] | None = None
+
+    def clear(self) -> None:
+        self.buffers = None
+
+    def __call__(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        if self.buffers is None or [b.shape for b in self.buffers[0]] != [p.shape for p in params]:
+            self.buffers = [[torch.empty(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
+                             for p in params] for _ in range(self.sets)]
+        return self.buffers
+
+
+def summed_probes(ctx, micro_batches, out: list[torch.Tensor] | None = None
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(each micro-batch's loss, Σ_i ∇L(θ; B_i)) over the window, as probes: no `.grad`, no communication.
+    The sum is written into `out` (buffers of `KeptGradients`) where given, else held by the first probe's
+    tensors."""
+    losses, total = [], out
+    for i, batch in enumerate(micro_batches):
         loss, grads = ctx.probe(batch)
         losses.append(loss)
         if total is None:
             total = grads
+        elif i == 0:
+            torch._foreach_copy_(total, grads)
         else:
             torch._foreach_add_(total, grads)
+        del grads  # before the next forward
     return losses, total
 
 
-def mean_probe(ctx, micro_batches) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(mean loss, mean gradient (1/N) Σ_i ∇L(θ; B_i)) over the window, as probes."""
-    losses, total = summed_probes(ctx, micro_batches)
+def mean_probe(ctx, micro_batches, out: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(mean loss, mean gradient (1/N) Σ_i ∇L(θ; B_i)) over the window, as probes (into `out` where given)."""
+    losses, total = summed_probes(ctx, micro_batches, out)
     torch._foreach_div_(total, len(micro_batches))
     return torch.stack(losses).float().mean(), total
 
@@ -121,16 +148,22 @@ class Sam(FlatnessMethod):
     versus_notes = ("some write-ups give ASAM's ε = ρ·|W|g/‖|W|g‖ (T once); implemented: ρ·T²g/‖Tg‖ as in the ASAM "
                     "paper and code, the exact maximiser of the linearised loss over ‖T⁻¹ε‖ ≤ ρ")
 
+    def __init__(self, config: SamConfig):
+        super().__init__(config)
+        self.kept = KeptGradients(1)  # the window's sum, kept through its later clean passes
+
+    def begin_task(self, model):
+        self.kept.clear()
+
     def window(self, ctx, micro_batches):
         params = list(ctx.params.values())
-        losses, clean = summed_probes(ctx, micro_batches)
+        out = self.kept(params)[0] if len(micro_batches) > 1 else None
+        losses, clean = summed_probes(ctx, micro_batches, out)
         eps = sam_perturbation(params, clean, self.config.rho, adaptive=self.config.adaptive,
                                per_tensor=self.config.norm == "per_tensor", eta=self.config.eta)
         eps_norm = global_norm(eps)
         with moved_by(params, eps):  # the trainable adapter only
-            # the probe gradients were allocated during the clean backward, among the freed
-            # activations: release them before the adversarial forward (CPU heap fragmentation)
-            del clean, eps
+            del clean, eps  # no probe gradient lives into the adversarial forward (KeptGradients: why)
             adversarial = ctx.accumulate(micro_batches[-1], 1, last=True)
         return {"loss": torch.stack(losses).float().mean(), "adv_loss": adversarial.float(),
                 "eps_norm": eps_norm}
