@@ -1,7 +1,7 @@
 """No probe gradient lives into a later forward. Why (flatness/base.py): on CPU, the small tensors a backward
 allocates among the activations it frees, kept through the next forward, pin that memory, and the peak resident
-memory grows by up to a pass's activations (GSAM and LookSAM held the clean gradient so: 1.15x none's peak in the
-CPU bench). Every method of the package, with its defaults, over windows of 1 and 2 micro-batches: when a forward
+memory grows by up to a pass's activations (GSAM and LookSAM once held the clean gradient so: results/README.md).
+Every method of the package, with its defaults, over windows of 1 and 2 micro-batches: when a forward
 starts, every gradient an earlier probe returned is gone, or copied into buffers the method allocated for the task
 (`KeptGradients`)."""
 
