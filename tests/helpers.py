@@ -174,6 +174,11 @@ def sentencepiece_tokenizer(sentences: list[str], vocab_size: int = 200, split_w
                                    pad_token="<unk>")
 
 
+def lm_loss(model, batch):
+    """The causal-LM loss of a token batch on itself (the unit tests' `loss_fn`)."""
+    return model(input_ids=batch, labels=batch).loss
+
+
 def tiny_peft_model(name: str = "tiny-random:llama", seed: int = 5):
     """A tiny random model (`name`, `seed`) with one trainable LoRA adapter "t" whose B is non-zero (at
     B = 0 every A-gradient would be zero)."""

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from cl_flat.config import Strict
 from cl_flat.flatness.base import FlatnessMethod, register
-from cl_flat.flatness.sam import KeptGradients, sam_perturbation
+from cl_flat.flatness.sam import KeptGradients, sam_perturbation, summed_probes
 from cl_flat.precision import global_norm
 
 
@@ -70,16 +70,13 @@ class CFlat(FlatnessMethod):
             return {"loss": torch.stack(losses).float().mean(), "cflat_update": 0.0}
         params = list(ctx.params.values())
         saved, last, g1, g2 = self.kept(params)
-        losses = []
-        for i, batch in enumerate(micro_batches):
-            loss, grads = ctx.probe(batch)
-            losses.append(loss)
-            if i == n - 1:
-                torch._foreach_copy_(last, grads)
-            if n > 1:  # the window's sum, in θ's buffer until θ is saved
-                (torch._foreach_add_ if i else torch._foreach_copy_)(saved, grads)
-            del grads
-        if n > 1:
+        losses = summed_probes(ctx, micro_batches[:-1], saved) if n > 1 else []  # in θ's buffer until θ is saved
+        loss, grads = ctx.probe(micro_batches[-1])
+        losses.append(loss)
+        torch._foreach_copy_(last, grads)
+        del grads
+        if n > 1:  # the window's mean
+            torch._foreach_add_(saved, last)
             torch._foreach_div_(saved, n)
         eps0 = sam_perturbation(params, saved if n > 1 else last, c.rho, adaptive=False, per_tensor=False)
         torch._foreach_copy_(saved, [p.detach() for p in params])

@@ -51,7 +51,8 @@ class Gsam(FlatnessMethod):
     def window(self, ctx, micro_batches):
         c = self.config
         params = list(ctx.params.values())
-        loss, clean = mean_probe(ctx, micro_batches, out=self.kept(params)[0])
+        [clean] = self.kept(params)
+        loss = mean_probe(ctx, micro_batches, clean)
         eps = sam_perturbation(params, clean, c.rho, adaptive=c.adaptive, per_tensor=False, eta=c.eta)
         eps_norm = global_norm(eps)
         adv_loss, perturbed = probe_at(ctx, micro_batches[-1], eps)

@@ -61,7 +61,8 @@ class LookSam(FlatnessMethod):
     def window(self, ctx, micro_batches):
         c = self.config
         params = list(ctx.params.values())
-        loss, clean = mean_probe(ctx, micro_batches, out=self.kept(params)[0])
+        [clean] = self.kept(params)
+        loss = mean_probe(ctx, micro_batches, clean)
         if ctx.step % c.interval == 0 or self.orthogonal is None:
             eps = sam_perturbation(params, clean, c.rho, adaptive=False, per_tensor=False)
             adv_loss, sam_grad = probe_at(ctx, micro_batches[-1], eps)

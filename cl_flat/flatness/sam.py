@@ -66,30 +66,23 @@ class KeptGradients:
         return self.buffers
 
 
-def summed_probes(ctx, micro_batches, out: list[torch.Tensor] | None = None
-                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(each micro-batch's loss, Σ_i ∇L(θ; B_i)) over the window, as probes: no `.grad`, no communication.
-    The sum is written into `out` (buffers of `KeptGradients`) where given, else held by the first probe's
-    tensors."""
-    losses, total = [], out
+def summed_probes(ctx, micro_batches, out: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each micro-batch's loss over the window, as probes (no `.grad`, no communication), with
+    Σ_i ∇L(θ; B_i) written into `out` (buffers of `KeptGradients`: the probes' own tensors are dropped)."""
+    losses = []
     for i, batch in enumerate(micro_batches):
         loss, grads = ctx.probe(batch)
         losses.append(loss)
-        if total is None:
-            total = grads
-        elif i == 0:
-            torch._foreach_copy_(total, grads)
-        else:
-            torch._foreach_add_(total, grads)
+        (torch._foreach_add_ if i else torch._foreach_copy_)(out, grads)
         del grads  # before the next forward
-    return losses, total
+    return losses
 
 
-def mean_probe(ctx, micro_batches, out: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(mean loss, mean gradient (1/N) Σ_i ∇L(θ; B_i)) over the window, as probes (into `out` where given)."""
-    losses, total = summed_probes(ctx, micro_batches, out)
-    torch._foreach_div_(total, len(micro_batches))
-    return torch.stack(losses).float().mean(), total
+def mean_probe(ctx, micro_batches, out: list[torch.Tensor]) -> torch.Tensor:
+    """The mean loss over the window, as probes, with the mean gradient (1/N) Σ_i ∇L(θ; B_i) written into `out`."""
+    losses = summed_probes(ctx, micro_batches, out)
+    torch._foreach_div_(out, len(micro_batches))
+    return torch.stack(losses).float().mean()
 
 
 @contextmanager
@@ -150,20 +143,20 @@ class Sam(FlatnessMethod):
 
     def __init__(self, config: SamConfig):
         super().__init__(config)
-        self.kept = KeptGradients(1)  # the window's sum, kept through its later clean passes
+        self.kept = KeptGradients(1)  # the window's sum, kept through its later passes
 
     def begin_task(self, model):
         self.kept.clear()
 
     def window(self, ctx, micro_batches):
         params = list(ctx.params.values())
-        out = self.kept(params)[0] if len(micro_batches) > 1 else None
-        losses, clean = summed_probes(ctx, micro_batches, out)
+        [clean] = self.kept(params)
+        losses = summed_probes(ctx, micro_batches, clean)
         eps = sam_perturbation(params, clean, self.config.rho, adaptive=self.config.adaptive,
                                per_tensor=self.config.norm == "per_tensor", eta=self.config.eta)
         eps_norm = global_norm(eps)
         with moved_by(params, eps):  # the trainable adapter only
-            del clean, eps  # no probe gradient lives into the adversarial forward (KeptGradients: why)
+            del eps
             adversarial = ctx.accumulate(micro_batches[-1], 1, last=True)
         return {"loss": torch.stack(losses).float().mean(), "adv_loss": adversarial.float(),
                 "eps_norm": eps_norm}

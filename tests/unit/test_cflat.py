@@ -9,7 +9,7 @@ import math
 import torch
 
 from cl_flat.flatness import build_method, reference_update
-from helpers import Quadratic, quad_loss, tiny_peft_model
+from helpers import Quadratic, lm_loss, quad_loss, tiny_peft_model
 
 
 def test_cflat_closed_form_on_a_quadratic():
@@ -48,12 +48,8 @@ def test_cflat_window_on_a_quadratic_and_lamb_zero_is_sam():
     torch.testing.assert_close(sam["w"], g1, rtol=0, atol=1e-12)
 
 
-def _lm_loss(model, batch):
-    return model(input_ids=batch, labels=batch).loss
-
-
 def _grads(model, params, batch) -> list[torch.Tensor]:
-    return list(torch.autograd.grad(_lm_loss(model, batch), params))
+    return list(torch.autograd.grad(lm_loss(model, batch), params))
 
 
 def _unit(xs: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
@@ -104,22 +100,22 @@ def test_cflat_matches_independent_on_peft_and_interval_gives_the_plain_mean_bet
     method = build_method(config)
     method.begin_task(model)
     first = _batches(2, 2)
-    got = reference_update(config, model, first, _lm_loss, step=0, method=method)
+    got = reference_update(config, model, first, lm_loss, step=0, method=method)
     expected = _independent_cflat(model, first, 0.05, 0.4)
     plain = [sum(gs) / 2 for gs in zip(*[_grads(model, params, b) for b in first])]
     for name, x in zip(names, expected):
         torch.testing.assert_close(got[name], x, rtol=0, atol=1e-6)
     # the perturbations and the first-order term are visible at this tolerance (the comparison is not vacuous)
     assert max((got[n] - p).abs().max().item() for n, p in zip(names, plain)) > 1e-4
-    lamb0 = reference_update({**config, "lamb": 0.0}, model, first, _lm_loss)
+    lamb0 = reference_update({**config, "lamb": 0.0}, model, first, lm_loss)
     assert max((got[n] - lamb0[n]).abs().max().item() for n in names) > 1e-5
     # update 1 (1 mod 2 ≠ 0): the plain window mean; update 2: C-Flat again
     second = _batches(4, 2)
-    off = reference_update(config, model, second, _lm_loss, step=1, method=method)
+    off = reference_update(config, model, second, lm_loss, step=1, method=method)
     mean = [sum(gs) / 2 for gs in zip(*[_grads(model, params, b) for b in second])]
     for name, x in zip(names, mean):
         torch.testing.assert_close(off[name], x, rtol=0, atol=1e-6)
-    on = reference_update(config, model, second, _lm_loss, step=2, method=method)
+    on = reference_update(config, model, second, lm_loss, step=2, method=method)
     for name, x in zip(names, _independent_cflat(model, second, 0.05, 0.4)):
         torch.testing.assert_close(on[name], x, rtol=0, atol=1e-6)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cl_flat.flatness import build_method, reference_update
-from helpers import Quadratic, quad_loss, tiny_peft_model
+from helpers import Quadratic, lm_loss, quad_loss, tiny_peft_model
 
 H = torch.tensor([2.0, 1.0], dtype=torch.float64)
 
@@ -41,10 +41,6 @@ def test_gsam_orthogonal_part_is_orthogonal_and_alpha_zero_is_sam_on_the_window_
     assert abs(float(orthogonal @ g_p)) < 1e-12  # g_⊥ ⊥ g_p
 
 
-def _lm_loss(model, batch):
-    return model(input_ids=batch, labels=batch).loss
-
-
 def _gradients(model, params, loss) -> list[torch.Tensor]:
     return list(torch.autograd.grad(loss, params))
 
@@ -52,14 +48,14 @@ def _gradients(model, params, loss) -> list[torch.Tensor]:
 def _independent_sam_pieces(model, batches, rho):
     """(g: the window's mean gradient, g_s: the gradient at w + ρ·g/‖g‖ on the last micro-batch)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    per_batch = [_gradients(model, params, _lm_loss(model, b)) for b in batches]
+    per_batch = [_gradients(model, params, lm_loss(model, b)) for b in batches]
     g = [sum(gs) / len(batches) for gs in zip(*per_batch)]
     g_norm = torch.sqrt(sum((x * x).sum() for x in g))
     with torch.no_grad():
         saved = [p.clone() for p in params]
         for p, x in zip(params, g):
             p.add_(x * rho / g_norm)
-    g_s = _gradients(model, params, _lm_loss(model, batches[-1]))
+    g_s = _gradients(model, params, lm_loss(model, batches[-1]))
     with torch.no_grad():
         for p, s in zip(params, saved):
             p.copy_(s)
@@ -75,7 +71,7 @@ def test_gsam_matches_independent_on_peft():
     model = tiny_peft_model()
     batches = _batches(2)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    got = reference_update({"method": "gsam", "rho": 0.05, "alpha": 0.4}, model, batches, _lm_loss)
+    got = reference_update({"method": "gsam", "rho": 0.05, "alpha": 0.4}, model, batches, lm_loss)
     g, g_p = _independent_sam_pieces(model, batches, 0.05)
     inner = sum((a * b).sum() for a, b in zip(g, g_p))
     gp_sq = sum((b * b).sum() for b in g_p)
@@ -93,7 +89,7 @@ def test_looksam_sam_update_then_reuse_matches_independent_on_peft():
     method = build_method(config)
     method.begin_task(model)
     first, second = _batches(2), _batches(4)[2:]
-    got0 = reference_update(config, model, first, _lm_loss, step=0, method=method)
+    got0 = reference_update(config, model, first, lm_loss, step=0, method=method)
     g, g_s = _independent_sam_pieces(model, first, 0.05)
     for name, x in zip(names, g_s):
         torch.testing.assert_close(got0[name], x, rtol=0, atol=1e-6)
@@ -101,16 +97,16 @@ def test_looksam_sam_update_then_reuse_matches_independent_on_peft():
     g_sq = sum((a * a).sum() for a in g)
     g_v = [a - inner / g_sq * b for a, b in zip(g_s, g)]
 
-    got1 = reference_update(config, model, second, _lm_loss, step=1, method=method)
+    got1 = reference_update(config, model, second, lm_loss, step=1, method=method)
     params = [p for p in model.parameters() if p.requires_grad]
-    per_batch = [_gradients(model, params, _lm_loss(model, b)) for b in second]
+    per_batch = [_gradients(model, params, lm_loss(model, b)) for b in second]
     g_new = [sum(gs) / 2 for gs in zip(*per_batch)]
     g_new_norm = torch.sqrt(sum((a * a).sum() for a in g_new))
     g_v_norm = torch.sqrt(sum((a * a).sum() for a in g_v))
     for name, x, v in zip(names, g_new, g_v):
         torch.testing.assert_close(got1[name], x + 0.7 * g_new_norm / g_v_norm * v, rtol=0, atol=1e-6)
     # a fresh method (no stored direction) takes the SAM gradient instead
-    fresh = reference_update(config, model, second, _lm_loss, step=1)
+    fresh = reference_update(config, model, second, lm_loss, step=1)
     assert any(not torch.allclose(fresh[n], got1[n], atol=1e-6) for n in names)
 
 

@@ -15,7 +15,7 @@ import torch
 from cl_flat.flatness import build_method
 from cl_flat.flatness.reference import TorchContext
 from cl_flat.registry import METHODS
-from helpers import tiny_peft_model
+from helpers import lm_loss, tiny_peft_model
 
 PACKAGE_METHODS = [name for name in METHODS.names() if METHODS.get(name).cls.__module__.startswith("cl_flat.")]
 
@@ -38,10 +38,6 @@ class WatchingContext(TorchContext):
         return grads
 
 
-def _lm_loss(model, batch):
-    return model(input_ids=batch, labels=batch).loss
-
-
 @pytest.mark.parametrize("micro_batches", [1, 2])
 @pytest.mark.parametrize("name", PACKAGE_METHODS)
 def test_no_probe_gradient_lives_into_a_later_forward(name, micro_batches):
@@ -52,7 +48,7 @@ def test_no_probe_gradient_lives_into_a_later_forward(name, micro_batches):
     forwards, probes = 0, 0
     for step in range(2):  # LookSAM: its SAM update, then one reusing the stored direction
         batches = [torch.randint(3, 250, (2, 10), generator=generator) for _ in range(micro_batches)]
-        ctx = WatchingContext(model, _lm_loss, step=step, total_steps=2, seed=0)
+        ctx = WatchingContext(model, lm_loss, step=step, total_steps=2, seed=0)
         method.window(ctx, batches)
         for p in ctx.params.values():
             p.grad = None

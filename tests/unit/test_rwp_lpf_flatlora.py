@@ -18,6 +18,7 @@ from cl_flat.flatness import build_method, reference_update
 from cl_flat.flatness.lpf_sgd import lpf_radius
 from cl_flat.flatness.noise import Scale, compact_scale, frozen_targets, keyed_noise, noise_key
 from cl_flat.schedules import ramp_factor
+from helpers import lm_loss
 
 F64 = torch.float64
 
@@ -185,10 +186,6 @@ def _tiny_peft(dtype="fp32", family="llama", targets=("q_proj", "v_proj")):
     return stack.model.eval()  # no dropout (GPT-2 has some): the comparisons are exact
 
 
-def _lm_loss(model, batch):
-    return model(input_ids=batch, labels=batch).loss
-
-
 def _batches(n=2, seed=1):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 250, (2, 8), generator=gen) for _ in range(n)]
@@ -196,7 +193,7 @@ def _batches(n=2, seed=1):
 
 def _plain_grads(model, batch, scale=1.0):
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    grads = torch.autograd.grad(_lm_loss(model, batch) * scale, list(params.values()))
+    grads = torch.autograd.grad(lm_loss(model, batch) * scale, list(params.values()))
     return dict(zip(params, grads))
 
 
@@ -234,7 +231,7 @@ def test_rwp_noisy_gradient_matches_independent_copy(scope):
     model = _tiny_peft()
     b1, b2 = _batches()
     cfg = {"method": "rwp", "scope": scope, "noise_std": 0.02, "noise_type": "lpf_sgd", "a": 0.25, "b": 0.75}
-    g = reference_update(cfg, model, [b1, b2], _lm_loss)
+    g = reference_update(cfg, model, [b1, b2], lm_loss)
     frozen_eps, train_eps = _expected_eps(model, scope, 0.02, micro=1, noise_type="lpf_sgd")
     assert len(frozen_eps) == (4 if scope != "lora" else 0) and len(train_eps) == (8 if scope != "base" else 0)
     clean1, clean2 = _plain_grads(model, b1), _plain_grads(model, b2)
@@ -253,7 +250,7 @@ def test_rwp_all_linear_targets_and_gradient():
     assert "base_model.model.model.layers.1.mlp.down_proj" in names
     [batch] = _batches(1)
     cfg = {"method": "rwp", "scope": "base", "noise_std": 0.01, "a": 0.0, "b": 1.0, "noise_targets": "all_linear"}
-    g = reference_update(cfg, model, [batch], _lm_loss)
+    g = reference_update(cfg, model, [batch], lm_loss)
     frozen_eps = {n: keyed_noise(t.weight.detach(), Scale(0.01), noise_key(0, 0, 0, 0, n))
                   for n, t in zip(names, frozen_targets(model, "all_linear"))}
     noisy = _plain_grads(_noisy_copy(model, frozen_eps, {}), batch)
@@ -273,7 +270,7 @@ def test_flat_lora_matches_independent_merged_weight_noise():
     b1, b2 = _batches()
     sigma, step, total = 0.3, 2, 5
     ramp = 0.5 * (1 - math.cos(math.pi * step / (total - 1)))  # = 0.5
-    g = reference_update({"method": "flat_lora", "noise_std": sigma}, model, [b1, b2], _lm_loss, step=step,
+    g = reference_update({"method": "flat_lora", "noise_std": sigma}, model, [b1, b2], lm_loss, step=step,
                          total_steps=total, seed=4)
     grads = {}
     for micro, batch in enumerate((b1, b2)):
@@ -293,7 +290,7 @@ def test_flat_lora_matches_independent_merged_weight_noise():
 def test_flat_lora_on_gpt2_conv1d():
     model = _tiny_peft(family="gpt2", targets=("c_attn",))
     [batch] = _batches(1)
-    g = reference_update({"method": "flat_lora", "noise_std": 0.5, "ramp": "constant"}, model, [batch], _lm_loss)
+    g = reference_update({"method": "flat_lora", "noise_std": 0.5, "ramp": "constant"}, model, [batch], lm_loss)
     frozen_eps = {}
     for t in frozen_targets(model):
         layer = t.lora
@@ -317,7 +314,7 @@ def test_flat_lora_on_gpt2_conv1d():
 def test_sigma_zero_limits_on_peft(config, factor):
     model = _tiny_peft()
     [batch] = _batches(1)
-    g = reference_update(config, model, [batch], _lm_loss)
+    g = reference_update(config, model, [batch], lm_loss)
     plain = _plain_grads(model, batch)
     for name in g:
         assert torch.allclose(g[name], factor * plain[name], atol=1e-7, rtol=1e-6), name
@@ -328,13 +325,13 @@ def test_fisher_estimate_and_limits():
     [batch] = _batches(1)
     base = {"method": "rwp", "scope": "full", "noise_std": 0.02, "a": 0.5, "b": 0.5, "fisher_decay": 0.0}
     # η = 0: the Fisher type is the row-norm (lpf_sgd) type exactly
-    g_f = reference_update({**base, "noise_type": "fisher", "fisher_eta": 0.0}, model, [batch], _lm_loss)
-    g_l = reference_update({**base, "noise_type": "lpf_sgd"}, model, [batch], _lm_loss)
+    g_f = reference_update({**base, "noise_type": "fisher", "fisher_eta": 0.0}, model, [batch], lm_loss)
+    g_l = reference_update({**base, "noise_type": "lpf_sgd"}, model, [batch], lm_loss)
     assert all(torch.equal(g_f[n], g_l[n]) for n in g_f)
     # the estimate covers every noised tensor with positive rows; a huge η suppresses the noise
     method = build_method({**base, "noise_type": "fisher", "fisher_eta": 1e14})
     from cl_flat.flatness import TorchContext
-    ctx = TorchContext(model, _lm_loss, step=0, total_steps=1, seed=0)
+    ctx = TorchContext(model, lm_loss, step=0, total_steps=1, seed=0)
     method.begin_task(model)
     method.window(ctx, [batch])
     grads = {n: p.grad.clone() for n, p in ctx.params.items()}
@@ -358,7 +355,7 @@ def test_fisher_noise_differs_from_lpf_sgd_at_the_default_eta():
     method = build_method({"method": "rwp", "noise_type": "fisher", "noise_std": 0.01})  # default η, decay, scope
     method.begin_task(model)
     for step, batch in enumerate(_batches(3)):
-        ctx = TorchContext(model, _lm_loss, step=step, total_steps=3, seed=0)
+        ctx = TorchContext(model, lm_loss, step=step, total_steps=3, seed=0)
         method.window(ctx, [batch])
         for p in ctx.params.values():
             p.grad = None
@@ -402,7 +399,7 @@ def test_hundred_updates_leave_no_perturbation(run, dtype):
     method_config = RUNS[run]
     total = 100
     for step in range(total):
-        g = reference_update(method_config, model, batches, _lm_loss, step=step, total_steps=total, seed=1)
+        g = reference_update(method_config, model, batches, lm_loss, step=step, total_steps=total, seed=1)
         for n, p in params.items():
             p.grad = g[n]
             shadow[n].grad = g[n].clone()
@@ -425,7 +422,7 @@ def test_rwp_flat_lora_noise_type_scales_w0_noise_by_the_merged_rows():
     [batch] = _batches(1)
     sigma = 0.3
     g = reference_update({"method": "rwp", "scope": "base", "noise_type": "flat_lora", "noise_std": sigma,
-                          "a": 0.0, "b": 1.0}, model, [batch], _lm_loss, seed=4)
+                          "a": 0.0, "b": 1.0}, model, [batch], lm_loss, seed=4)
     frozen_eps = {}
     for name, module in model.named_modules():
         if name.endswith(".base_layer"):
@@ -437,7 +434,7 @@ def test_rwp_flat_lora_noise_type_scales_w0_noise_by_the_merged_rows():
     for name in g:
         assert torch.allclose(g[name], expected[name], atol=1e-6, rtol=1e-5), name
     # the same update as Flat-LoRA itself at ramp 1 with one micro-batch (same noise keys)
-    flat = reference_update({"method": "flat_lora", "noise_std": sigma, "ramp": "constant"}, model, [batch], _lm_loss,
+    flat = reference_update({"method": "flat_lora", "noise_std": sigma, "ramp": "constant"}, model, [batch], lm_loss,
                             seed=4)
     assert all(torch.equal(g[n], flat[n]) for n in g)
 
@@ -451,7 +448,7 @@ def test_begin_task_restarts_the_fisher_estimate():
                            "fisher_decay": 0.5})
 
     def update(step, batch):
-        ctx = TorchContext(model, _lm_loss, step=step, total_steps=3, seed=0)
+        ctx = TorchContext(model, lm_loss, step=step, total_steps=3, seed=0)
         method.window(ctx, [batch])
         grads = {n: p.grad.clone() for n, p in ctx.params.items()}
         for p in ctx.params.values():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from cl_flat.flatness import reference_update
-from helpers import tiny_peft_model
+from helpers import lm_loss, tiny_peft_model
 
 
 class Quadratic(nn.Module):
@@ -110,10 +110,6 @@ def test_rho_zero_is_plain_training():
     assert torch.equal(plain["ws.0"], sam["ws.0"])
 
 
-def _lm_loss(model, batch):
-    return model(input_ids=batch, labels=batch).loss
-
-
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_matches_independent_sam_on_peft(adaptive):
     """Independent SAM in the style of davda54/sam's two-step optimizer, written here from the
@@ -121,11 +117,11 @@ def test_matches_independent_sam_on_peft(adaptive):
     model = tiny_peft_model()
     batch = torch.randint(3, 250, (2, 10), generator=torch.Generator().manual_seed(1))
     rho = 0.5 if adaptive else 0.05
-    expected = reference_update({"method": "sam", "rho": rho, "adaptive": adaptive}, model, [batch], _lm_loss)
+    expected = reference_update({"method": "sam", "rho": rho, "adaptive": adaptive}, model, [batch], lm_loss)
 
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    loss = _lm_loss(model, batch)
+    loss = lm_loss(model, batch)
     loss.backward()
     scale = [(p.abs() + 0.01 if adaptive else torch.ones_like(p)) for p in params]  # ASAM's T = |w| + η
     grad_norm = torch.norm(torch.stack([(s * p.grad).norm(2) for s, p in zip(scale, params)]), 2)
@@ -134,7 +130,7 @@ def test_matches_independent_sam_on_peft(adaptive):
         for s, p in zip(scale, params):
             p.add_(s * s * p.grad * (rho / (grad_norm + 1e-12)))
             p.grad = None
-    _lm_loss(model, batch).backward()
+    lm_loss(model, batch).backward()
     independent = {n: p.grad.clone() for n, p in zip(names, params)}
     with torch.no_grad():
         for p, s in zip(params, saved):
@@ -148,15 +144,15 @@ def test_two_micro_batches_direction_matches_independent():
     model = tiny_peft_model()
     gen = torch.Generator().manual_seed(2)
     b1, b2 = torch.randint(3, 250, (2, 10), generator=gen), torch.randint(3, 250, (2, 10), generator=gen)
-    expected = reference_update({"method": "sam", "rho": 0.05}, model, [b1, b2], _lm_loss)
+    expected = reference_update({"method": "sam", "rho": 0.05}, model, [b1, b2], lm_loss)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    (_lm_loss(model, b1) + _lm_loss(model, b2)).backward()
+    (lm_loss(model, b1) + lm_loss(model, b2)).backward()
     norm = torch.norm(torch.stack([p.grad.norm() for p in params.values()]))
     with torch.no_grad():
         for p in params.values():
             p.add_(p.grad * 0.05 / norm)
             p.grad = None
-    _lm_loss(model, b2).backward()
+    lm_loss(model, b2).backward()
     flat_e = torch.cat([expected[n].flatten() for n in params])
     flat_i = torch.cat([params[n].grad.flatten() for n in params])
     assert torch.nn.functional.cosine_similarity(flat_e, flat_i, dim=0) > 0.9999
