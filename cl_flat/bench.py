@@ -6,7 +6,8 @@ process's peak resident memory on CPU). A fixed synthetic batch of micro_batch_s
 (every token a target) is reused, so only the method's cost differs. Reported: the median over the timed
 updates after warm-up, and the peak memory at that point. Then, for a variant with a flatness method,
 `none` and the method alternate for as many updates again in the same process (same engine, same heap):
-`paired_time_ratio` is the median of those paired ratios. One more update is run under `opcount.DeviceWork`:
+`paired_time_ratio` is the median of those paired ratios; the floor alternates likewise with `none` on an
+engine built after its timing (`paired_time_ratio`: floor over none). One more update is run under `opcount.DeviceWork`:
 its device ops (aten ops that launch a kernel on a GPU) and host syncs, counted the same on a CPU, so a CPU
 user can read them as the launch and sync overhead a GPU will show (`device_ops_per_update`,
 `host_syncs_per_update`).
@@ -161,22 +162,25 @@ def _device_work(update: Callable[[], Any], optimizer) -> dict[str, int]:
     return {"device_ops_per_update": ops, "host_syncs_per_update": syncs}
 
 
-def _floor_times(peft_model: torch.nn.Module, params: dict[str, torch.nn.Parameter], batches, config,
-                 count: int) -> tuple[list[float], dict[str, int]]:
-    """The floor: `count` timed updates of `floor_update`, then one counted (`_device_work`)."""
-    weights = list(params.values())
-    optimizer = floor_optimizer(weights, config.training.learning_rate)
+class _FloorTimer:
+    """Timed updates of the floor (`floor_update`) on the adapter, with an optimizer of its own."""
 
-    def update() -> None:
-        floor_update(peft_model, weights, optimizer, batches, config.deepspeed.bf16, config.training.max_grad_norm)
+    def __init__(self, peft_model: torch.nn.Module, params: dict[str, torch.nn.Parameter], batches, config):
+        self.model, self.weights, self.batches, self.config = peft_model, list(params.values()), batches, config
+        self.optimizer = floor_optimizer(self.weights, config.training.learning_rate)
 
-    times = []
-    for _ in range(count):
+    def update(self) -> None:
+        floor_update(self.model, self.weights, self.optimizer, self.batches, self.config.deepspeed.bf16,
+                     self.config.training.max_grad_norm)
+
+    def __call__(self) -> float:
         start = time.perf_counter()
-        update()
+        self.update()
         _synchronize()
-        times.append(time.perf_counter() - start)
-    return times, _device_work(update, optimizer)
+        return time.perf_counter() - start
+
+    def device_work(self) -> dict[str, int]:
+        return _device_work(self.update, self.optimizer)
 
 
 class _EngineTimer:
@@ -222,6 +226,25 @@ def _paired_ratio(timer: _EngineTimer, method: FlatnessMethod, step: int, update
     return statistics.median(ratios)
 
 
+def _paired_floor_ratio(floor: _FloorTimer, timer: _EngineTimer, step: int, updates: int) -> float:
+    """The floor and `none` alternate on the same model and adapter (after one untimed `none` update, the
+    engine's first): the median of the per-pair floor/none ratios. Each side starts its update with the
+    gradients its own loop leaves: none for the floor (it sets them to None), the engine's kept buffers for
+    `none` (zeroed in place on a CPU; None on a GPU), put back untimed."""
+    baseline = timer.begin(build_method({"method": "none"}))
+    timer(baseline, step)
+    kept = [p.grad for p in floor.weights]
+    ratios = []
+    for i in range(updates):
+        for p in floor.weights:
+            p.grad = None
+        seconds = floor()
+        for p, grad in zip(floor.weights, kept):
+            p.grad = grad
+        ratios.append(seconds / timer(baseline, step + 1 + i))
+    return statistics.median(ratios)
+
+
 def measure(config_path: str, label: str, updates: int, warmup: int, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """One variant in this process (or this process group): median s/update and peak memory. `overrides`:
     the bench's --set (never flatness.*: the variant sets it)."""
@@ -240,7 +263,9 @@ def measure(config_path: str, label: str, updates: int, warmup: int, overrides: 
     batches = _batches(config, model.config.vocab_size, device)
     paired = flatness is not None and flatness["method"] != "none"  # also timed against `none`, see below
     if flatness is None:
-        times, work = _floor_times(stack.model, params, batches, config, warmup + updates)
+        floor = _FloorTimer(stack.model, params, batches, config)
+        times = [floor() for _ in range(warmup + updates)]
+        work = floor.device_work()
     else:
         method = StoredNoiseRwp(config.flatness) if label == "rwp_full_stored_noise" else build_method(config.flatness)
         timer = _EngineTimer(config, stack.model, params, batches, warmup + 1 + updates * (3 if paired else 1))
@@ -252,8 +277,12 @@ def measure(config_path: str, label: str, updates: int, warmup: int, overrides: 
         work = timer.device_work(method, warmup + updates)
     result = {"seconds_per_update": statistics.median(timed), "peak_memory_bytes": peak, "updates": len(timed),
               "ranks": world, **work}
-    if paired:  # after the memory reading, so `none` cannot raise this variant's peak
+    # the pairs with `none` come after the memory reading, so `none` cannot raise this variant's peak
+    if paired:
         result["paired_time_ratio"] = _paired_ratio(timer, method, warmup + updates + 1, updates)
+    elif flatness is None:
+        engine = _EngineTimer(config, stack.model, params, batches, 2 + updates)
+        result["paired_time_ratio"] = _paired_floor_ratio(floor, engine, 0, updates)
     return result
 
 

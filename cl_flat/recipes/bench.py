@@ -12,7 +12,8 @@ peak memory at that point. Then, for a variant with a flatness method, `none` an
 alternate for as many updates again in the same process (same engine, same heap): its time
 ratio is the median of those paired ratios. (Fresh processes on a shared machine run 5-10%
 faster or slower than each other, which moved cross-process ratios by as much as the goals'
-margins.) `floor` and `none` themselves are compared across processes.
+margins.) Likewise `floor` and `none` alternate in the floor's process after its timing: floor's time
+ratio to `none` is paired too; `none` and `none_2ranks` are timed in their own processes.
 
 Two extra rows make the floor visible: `floor` is a hand-written torch + peft AdamW step on
 the same model and batch (no DeepSpeed, no tool code), and `rwp_full_stored_noise` is RWP
@@ -22,8 +23,8 @@ label ends in `_2ranks` run in two processes and are compared with `none_2ranks`
 
 Against the floor: `floor` runs in every invocation with a one-process variant, and a variant's
 `time_ratio_floor` per round is its time ratio to `none` times none's time over floor's time in
-that round (for a paired variant: its in-process ratio to `none`, chained to none/floor across
-processes), the median over rounds. Two-process variants have no two-process floor (null).
+that round (its in-process ratio to `none`, chained to none/floor paired in the floor's process), the
+median over rounds. Two-process variants have no two-process floor (null).
 `rwp_full_one_pass` is two-batch RWP with `one_pass: true` (clean half and noisy half of the
 micro-batch in one forward).
 
@@ -152,6 +153,14 @@ def evaluation_rows(raw: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return rows
 
 
+def _none_over_floor(none: dict[str, Any], floor: dict[str, Any]) -> float:
+    """none's time over floor's in one round: paired in the floor's process where it was measured there (older
+    results: the two processes' medians)."""
+    if "paired_time_ratio" in floor:
+        return 1 / floor["paired_time_ratio"]
+    return none["seconds_per_update"] / floor["seconds_per_update"]
+
+
 def _summarize(label: str, raw: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """One variant's row over the rounds in which it and the runs it is compared with all succeeded."""
     base_label = "none_2ranks" if variants()[label][1] == 2 else "none"  # runs before `label` in every round
@@ -163,8 +172,7 @@ def _summarize(label: str, raw: dict[str, list[dict[str, Any]]]) -> dict[str, An
         return {"error": failed[-1]["error"], "compared_with": base_label}
     runs = [r for r, _, _ in rounds]
     ratios = [r.get("paired_time_ratio", r["seconds_per_update"] / b["seconds_per_update"]) for r, b, _ in rounds]
-    floor_ratios = [ratio * b["seconds_per_update"] / f["seconds_per_update"]
-                    for ratio, (_, b, f) in zip(ratios, rounds) if "error" not in f]
+    floor_ratios = [ratio * _none_over_floor(b, f) for ratio, (_, b, f) in zip(ratios, rounds) if "error" not in f]
     row = {"seconds_per_update": statistics.median(r["seconds_per_update"] for r in runs),
            "time_ratio": statistics.median(ratios),
            "time_ratio_paired_in_process": "paired_time_ratio" in runs[0],
@@ -190,9 +198,9 @@ def markdown_table(result: dict[str, Any]) -> str:
              f"batch {result['batch']}, {result['precision']}, ZeRO {result['zero_stage']}, "
              f"LoRA r={result['lora']['r']} on {', '.join(result['lora']['target_modules'])}; "
              f"median of {result['updates']} updates after {result['warmup']} warm-up, "
-             f"{result.get('rounds', 1)} round(s), each variant in a fresh process; time ratios of methods paired "
-             f"update by update with `none` in the same process, others within a round; × floor: the ratio to "
-             f"the hand-written torch + peft loop of the same round (× none times none/floor); device ops and "
+             f"{result.get('rounds', 1)} round(s), each variant in a fresh process; time ratios of methods and of the "
+             f"floor paired update by update with `none` in the same process, others within a round; × floor: the "
+             f"ratio to the hand-written torch + peft loop of the same round (× none times none/floor); device ops and "
              f"host syncs of one update, counted the same on any device (aten ops that launch a GPU kernel; "
              f"transformers' mask check is one sync per forward): on a CPU, the launch and sync overhead to "
              f"expect on a GPU" + (f"; config overrides: {' '.join(result['overrides'])}"

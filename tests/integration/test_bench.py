@@ -27,14 +27,15 @@ def test_bench_writes_documented_format(tmp_path: Path):
     assert set(saved["methods"]) == {"none", "floor", "none_2ranks", "sam", "rwp_parallel_2ranks"}
     m = saved["methods"]
     assert m["floor"]["time_ratio_floor"] == pytest.approx(1.0)
-    assert m["none"]["time_ratio_floor"] == pytest.approx(m["none"]["seconds_per_update"]
-                                                          / m["floor"]["seconds_per_update"])
+    # the floor is timed against `none` in its own process too: none × floor is the inverse of that pair
+    assert m["floor"]["time_ratio_paired_in_process"] and m["floor"]["time_ratio"] > 0
+    assert m["none"]["time_ratio_floor"] == pytest.approx(1 / m["floor"]["time_ratio"])
     assert m["sam"]["time_ratio_floor"] == pytest.approx(m["sam"]["time_ratio"] * m["none"]["time_ratio_floor"])
     assert m["rwp_parallel_2ranks"]["time_ratio_floor"] is None and m["none_2ranks"]["time_ratio_floor"] is None
     for label, entry in saved["methods"].items():
         assert entry["seconds_per_update"] > 0 and entry["peak_memory_bytes"] > 0
         base = saved["methods"][entry["compared_with"]]
-        if label in ("sam", "rwp_parallel_2ranks"):  # timed against `none` in the same process(es)
+        if label in ("sam", "floor", "rwp_parallel_2ranks"):  # timed against `none` in the same process(es)
             assert entry["time_ratio_paired_in_process"] and entry["time_ratio"] > 0
         else:
             assert not entry["time_ratio_paired_in_process"]
@@ -64,3 +65,5 @@ def test_every_one_process_variant_measures(tmp_path: Path, label: str):
     path = tiny_bench_config(tmp_path)
     outcome = bench.measure(str(path), label, 1, 0)
     assert outcome["seconds_per_update"] > 0 and outcome["peak_memory_bytes"] > 0
+    if label != "none":  # every one-process variant but `none` itself is also timed against `none` in its process
+        assert outcome["paired_time_ratio"] > 0

@@ -71,6 +71,33 @@ def test_in_process_pairs_decide_the_time_ratio(tmp_path: Path, monkeypatch):
     assert not methods["floor"]["time_ratio_paired_in_process"]
 
 
+def test_a_floor_paired_with_none_in_its_process_sets_none_over_floor(tmp_path: Path, monkeypatch):
+    """The floor's worker also alternates it with `none` (paired floor/none): that pair, not the two processes'
+    times, gives none × floor, and every method's × floor chains its own pair to it."""
+    from cl_flat.recipes import bench
+
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump({"run": {"name": "bt", "seed": 0}, "model": {"name_or_path": "tiny-random:llama"},
+                                    "tasks": [{"name": "food_sentiment", "source": "builtin"}]}))
+    outcome = {"none": [(1.2, None), (1.0, None)], "floor": [(0.9, 1.08), (0.8, 1.12)],
+               "sam": [(2.4, 1.98), (2.2, 2.02)]}
+    calls: list[str] = []
+
+    def fake(config_path, label, updates, warmup, overrides):
+        seconds, paired = outcome[label][calls.count(label)]
+        calls.append(label)
+        result = {"seconds_per_update": seconds, "peak_memory_bytes": 100, "updates": updates, "ranks": 1}
+        return result if paired is None else {**result, "paired_time_ratio": paired}
+
+    monkeypatch.setattr(bench, "_run_variant", fake)
+    methods = bench.run_bench(str(path), ["sam"], 2, 0, rounds=2)["methods"]
+    assert methods["floor"]["time_ratio"] == pytest.approx(1.10)              # median of 1.08, 1.12
+    assert methods["floor"]["time_ratio_paired_in_process"]
+    assert methods["floor"]["time_ratio_floor"] == pytest.approx(1.0)
+    assert methods["none"]["time_ratio_floor"] == pytest.approx((1 / 1.08 + 1 / 1.12) / 2)  # not 1.2/0.9, 1.0/0.8
+    assert methods["sam"]["time_ratio_floor"] == pytest.approx((1.98 / 1.08 + 2.02 / 1.12) / 2)
+
+
 def test_a_failing_variant_is_recorded_and_the_others_go_on(tmp_path: Path, monkeypatch):
     """sam fails in round 1 of 3, asam in every round, floor in round 3: each row is over the rounds
     in which it and what it is compared with succeeded; the result so far is handed on after every run."""
