@@ -43,16 +43,14 @@ def test_rounds_pair_ratios_within_a_round(tmp_path: Path, monkeypatch):
     assert sam["time_ratio_floor"] == pytest.approx(2.5)       # median of 2.1/0.8, 4.0/1.6, 1.9/1.0
 
 
-def test_in_process_pairs_decide_the_time_ratio(tmp_path: Path, monkeypatch):
-    """A worker's paired ratio (method vs `none` alternating in its process) wins over the ratio
-    of two processes' times; floor has none and keeps the cross-process ratio."""
+def _bench_of(tmp_path: Path, monkeypatch, outcome: dict[str, list[tuple[float, float | None]]]) -> dict:
+    """The rows of a two-round bench of floor and sam whose workers report `outcome`: per label and round,
+    (s/update, the in-process paired ratio or None)."""
     from cl_flat.recipes import bench
 
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump({"run": {"name": "bt", "seed": 0}, "model": {"name_or_path": "tiny-random:llama"},
                                     "tasks": [{"name": "food_sentiment", "source": "builtin"}]}))
-    outcome = {"none": [(1.0, None), (1.0, None)], "floor": [(1.1, None), (0.9, None)],
-               "sam": [(2.4, 1.98), (2.2, 2.02)]}
     calls: list[str] = []
 
     def fake(config_path, label, updates, warmup, overrides):
@@ -62,7 +60,15 @@ def test_in_process_pairs_decide_the_time_ratio(tmp_path: Path, monkeypatch):
         return result if paired is None else {**result, "paired_time_ratio": paired}
 
     monkeypatch.setattr(bench, "_run_variant", fake)
-    methods = bench.run_bench(str(path), ["floor", "sam"], 2, 0, rounds=2)["methods"]
+    return bench.run_bench(str(path), ["floor", "sam"], 2, 0, rounds=2)["methods"]
+
+
+def test_in_process_pairs_decide_the_time_ratio(tmp_path: Path, monkeypatch):
+    """A worker's paired ratio (method vs `none` alternating in its process) wins over the ratio
+    of two processes' times; floor has none and keeps the cross-process ratio."""
+    outcome = {"none": [(1.0, None), (1.0, None)], "floor": [(1.1, None), (0.9, None)],
+               "sam": [(2.4, 1.98), (2.2, 2.02)]}
+    methods = _bench_of(tmp_path, monkeypatch, outcome)
     assert methods["sam"]["time_ratio"] == pytest.approx(2.0)      # median of 1.98, 2.02 (not 2.3)
     assert methods["sam"]["time_ratio_paired_in_process"]
     assert methods["floor"]["time_ratio"] == pytest.approx(1.0)    # median of 1.1, 0.9
@@ -74,23 +80,9 @@ def test_in_process_pairs_decide_the_time_ratio(tmp_path: Path, monkeypatch):
 def test_a_floor_paired_with_none_in_its_process_sets_none_over_floor(tmp_path: Path, monkeypatch):
     """The floor's worker also alternates it with `none` (paired floor/none): that pair, not the two processes'
     times, gives none × floor, and every method's × floor chains its own pair to it."""
-    from cl_flat.recipes import bench
-
-    path = tmp_path / "bench.yaml"
-    path.write_text(yaml.safe_dump({"run": {"name": "bt", "seed": 0}, "model": {"name_or_path": "tiny-random:llama"},
-                                    "tasks": [{"name": "food_sentiment", "source": "builtin"}]}))
     outcome = {"none": [(1.2, None), (1.0, None)], "floor": [(0.9, 1.08), (0.8, 1.12)],
                "sam": [(2.4, 1.98), (2.2, 2.02)]}
-    calls: list[str] = []
-
-    def fake(config_path, label, updates, warmup, overrides):
-        seconds, paired = outcome[label][calls.count(label)]
-        calls.append(label)
-        result = {"seconds_per_update": seconds, "peak_memory_bytes": 100, "updates": updates, "ranks": 1}
-        return result if paired is None else {**result, "paired_time_ratio": paired}
-
-    monkeypatch.setattr(bench, "_run_variant", fake)
-    methods = bench.run_bench(str(path), ["sam"], 2, 0, rounds=2)["methods"]
+    methods = _bench_of(tmp_path, monkeypatch, outcome)
     assert methods["floor"]["time_ratio"] == pytest.approx(1.10)              # median of 1.08, 1.12
     assert methods["floor"]["time_ratio_paired_in_process"]
     assert methods["floor"]["time_ratio_floor"] == pytest.approx(1.0)
