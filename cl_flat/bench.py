@@ -226,13 +226,13 @@ def _paired_ratio(timer: _EngineTimer, method: FlatnessMethod, step: int, update
     return statistics.median(ratios)
 
 
-def _paired_floor_ratio(floor: _FloorTimer, timer: _EngineTimer, step: int, updates: int) -> float:
+def _paired_floor_ratio(floor: _FloorTimer, timer: _EngineTimer, updates: int) -> float:
     """The floor and `none` alternate on the same model and adapter (after one untimed `none` update, the
     engine's first): the median of the per-pair floor/none ratios. Each side starts its update with the
     gradients its own loop leaves: none for the floor (it sets them to None), the engine's kept buffers for
     `none` (zeroed in place on a CPU; None on a GPU), put back untimed."""
     baseline = timer.begin(build_method({"method": "none"}))
-    timer(baseline, step)
+    timer(baseline, 0)
     kept = [p.grad for p in floor.weights]
     ratios = []
     for i in range(updates):
@@ -241,7 +241,7 @@ def _paired_floor_ratio(floor: _FloorTimer, timer: _EngineTimer, step: int, upda
         seconds = floor()
         for p, grad in zip(floor.weights, kept):
             p.grad = grad
-        ratios.append(seconds / timer(baseline, step + 1 + i))
+        ratios.append(seconds / timer(baseline, 1 + i))
     return statistics.median(ratios)
 
 
@@ -281,8 +281,8 @@ def measure(config_path: str, label: str, updates: int, warmup: int, overrides: 
     if paired:
         result["paired_time_ratio"] = _paired_ratio(timer, method, warmup + updates + 1, updates)
     elif flatness is None:
-        engine = _EngineTimer(config, stack.model, params, batches, 2 + updates)
-        result["paired_time_ratio"] = _paired_floor_ratio(floor, engine, 0, updates)
+        engine = _EngineTimer(config, stack.model, params, batches, 1 + updates)
+        result["paired_time_ratio"] = _paired_floor_ratio(floor, engine, updates)
     return result
 
 
