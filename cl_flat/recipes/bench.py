@@ -14,6 +14,8 @@ ratio is the median of those paired ratios. (Fresh processes on a shared machine
 faster or slower than each other, which moved cross-process ratios by as much as the goals'
 margins.) Likewise `floor` and `none` alternate in the floor's process after its timing: floor's time
 ratio to `none` is paired too; `none` and `none_2ranks` are timed in their own processes.
+With several rounds a row keeps each round's time ratio (`time_ratio_rounds`) beside their median: the
+same code's ratio moves between runs minutes apart by more than a pair cancels.
 
 Two extra rows make the floor visible: `floor` is a hand-written torch + peft AdamW step on
 the same model and batch (no DeepSpeed, no tool code), and `rwp_full_stored_noise` is RWP
@@ -175,6 +177,7 @@ def _summarize(label: str, raw: dict[str, list[dict[str, Any]]]) -> dict[str, An
     floor_ratios = [ratio * _none_over_floor(b, f) for ratio, (_, b, f) in zip(ratios, rounds) if "error" not in f]
     row = {"seconds_per_update": statistics.median(r["seconds_per_update"] for r in runs),
            "time_ratio": statistics.median(ratios),
+           "time_ratio_rounds": ratios,  # one per round compared: their spread is the machine's, not the code's
            "time_ratio_paired_in_process": "paired_time_ratio" in runs[0],
            "time_ratio_floor": statistics.median(floor_ratios) if floor_ratios else None,
            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs),
@@ -193,6 +196,11 @@ def failed_variants(result: dict[str, Any]) -> list[str]:
     return [label for label, m in (result["methods"] | result.get("evaluation", {})).items() if "error" in m]
 
 
+def _round_range(ratios: list[float]) -> str:
+    """'lowest–highest' of a row's per-round time ratios; — with fewer than two rounds."""
+    return f"{min(ratios):.3f}–{max(ratios):.3f}" if len(ratios) > 1 else "—"
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     lines = [f"# cl-flat bench: {result['model']} on {result['device']}", "",
              f"batch {result['batch']}, {result['precision']}, ZeRO {result['zero_stage']}, "
@@ -203,22 +211,24 @@ def markdown_table(result: dict[str, Any]) -> str:
              f"ratio to the hand-written torch + peft loop of the same round (× none times none/floor); device ops and "
              f"host syncs of one update, counted the same on any device (aten ops that launch a GPU kernel; "
              f"transformers' mask check is one sync per forward): on a CPU, the launch and sync overhead to "
-             f"expect on a GPU" + (f"; config overrides: {' '.join(result['overrides'])}"
+             f"expect on a GPU; time × none by round: the lowest and highest round's ratio (a difference inside that "
+             f"range is the machine's, not the code's)" + (f"; config overrides: {' '.join(result['overrides'])}"
                                    if result.get("overrides") else ""),
              "",
              "| method | s/update | time × none | time × floor | device ops | host syncs | peak memory (MiB) "
-             "| memory ratio | vs |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| memory ratio | vs | time × none by round |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for label, m in result["methods"].items():
         if "seconds_per_update" not in m:
-            lines.append(f"| {label} | failed | — | — | — | — | — | — | {m['compared_with']} |")
+            lines.append(f"| {label} | failed | — | — | — | — | — | — | {m['compared_with']} | — |")
             continue
         floor = m.get("time_ratio_floor")
         ops, syncs = m.get("device_ops_per_update"), m.get("host_syncs_per_update")
         lines.append(f"| {label} | {m['seconds_per_update']:.3f} | {m['time_ratio']:.3f} | "
                      f"{'—' if floor is None else f'{floor:.3f}'} | {'—' if ops is None else ops} | "
                      f"{'—' if syncs is None else syncs} | "
-                     f"{m['peak_memory_bytes'] / 2**20:.0f} | {m['memory_ratio']:.3f} | {m['compared_with']} |")
+                     f"{m['peak_memory_bytes'] / 2**20:.0f} | {m['memory_ratio']:.3f} | {m['compared_with']} | "
+                     f"{_round_range(m.get('time_ratio_rounds', []))} |")
     lines += _evaluation_table(result.get("evaluation", {}))
     failures = failed_variants(result)
     if failures:

@@ -41,6 +41,9 @@ def test_rounds_pair_ratios_within_a_round(tmp_path: Path, monkeypatch):
     assert sam["memory_ratio"] == pytest.approx(1.03)         # median of 1.03, 1.04, 102/110
     assert sam["rounds"] == [2.1, 4.0, 1.9] and result["rounds"] == 3
     assert sam["time_ratio_floor"] == pytest.approx(2.5)       # median of 2.1/0.8, 4.0/1.6, 1.9/1.0
+    assert sam["time_ratio_rounds"] == pytest.approx([2.1, 2.0, 1.9])
+    assert "| sam | 2.100 | 2.000 | 2.500 |" in bench.markdown_table(result)
+    assert bench.markdown_table(result).splitlines()[-1].endswith("| 1.900–2.100 |")  # sam's rounds, lowest–highest
 
 
 def _bench_of(tmp_path: Path, monkeypatch, outcome: dict[str, list[tuple[float, float | None]]]) -> dict:
