@@ -5,9 +5,11 @@ one host sync, on a DeepSpeed engine), and reads its peak memory (the CUDA alloc
 process's peak resident memory on CPU). A fixed synthetic batch of micro_batch_size × max_seq_length tokens
 (every token a target) is reused, so only the method's cost differs. Reported: the median over the timed
 updates after warm-up, and the peak memory at that point. Then, for a variant with a flatness method,
-`none` and the method alternate for as many updates again in the same process (same engine, same heap):
-`paired_time_ratio` is the median of those paired ratios; the floor alternates likewise with `none` on an
-engine built after its timing (`paired_time_ratio`: floor over none). One more update is run under `opcount.DeviceWork`:
+`none` and the method alternate in the same process (same engine, same heap), in quartets none, method,
+method, none (`quartet_ratio`: a steady drift of the process's speed cancels) for about as many updates again:
+`paired_time_ratio` is the median of the quartets' ratios; the floor alternates likewise with `none` on an
+engine built after its timing (`paired_time_ratio`: floor over none). One more update is run under
+`opcount.DeviceWork`:
 its device ops (aten ops that launch a kernel on a GPU) and host syncs, counted the same on a CPU, so a CPU
 user can read them as the launch and sync overhead a GPU will show (`device_ops_per_update`,
 `host_syncs_per_update`).
@@ -28,6 +30,7 @@ Run as a worker: python -m cl_flat.bench CONFIG LABEL UPDATES WARMUP OUT (writes
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -215,34 +218,49 @@ class _EngineTimer:
         return _device_work(lambda: self.update(method, step), self.engine.optimizer)
 
 
-def _paired_ratio(timer: _EngineTimer, method: FlatnessMethod, step: int, updates: int) -> float:
-    """`none` and the method alternate on the same engine: the median of the per-pair time ratios, immune to
-    the ±5-10% by which fresh processes on a shared machine differ."""
-    baseline, ratios = timer.begin(build_method({"method": "none"})), []
-    for _ in range(updates):
-        plain = timer(baseline, step)
-        ratios.append(timer(method, step + 1) / plain)
-        step += 2
+def quartets(updates: int) -> int:
+    """How many (baseline, timed, timed, baseline) quartets stand for `updates` timed pairs."""
+    return (updates + 1) // 2
+
+
+def quartet_ratio(timed: Callable[[], float], baseline: Callable[[], float], count: int) -> float:
+    """timed/baseline from `count` quartets baseline, timed, timed, baseline (each call one timed update):
+    Σtimed/Σbaseline per quartet, the median over quartets. A process whose updates slow down (or speed up)
+    steadily biases a fixed baseline-then-timed order by one update's drift; in a quartet both sides sit at
+    the same mean position, so a drift linear in the update count cancels exactly."""
+    ratios = []
+    for _ in range(count):
+        first = baseline()
+        spent = timed() + timed()
+        ratios.append(spent / (first + baseline()))
     return statistics.median(ratios)
+
+
+def _paired_ratio(timer: _EngineTimer, method: FlatnessMethod, step: int, updates: int) -> float:
+    """`none` and the method alternate on the same engine (`quartet_ratio`), immune to the ±5-10% by which
+    fresh processes on a shared machine differ."""
+    baseline, steps = timer.begin(build_method({"method": "none"})), itertools.count(step)
+    return quartet_ratio(lambda: timer(method, next(steps)), lambda: timer(baseline, next(steps)), quartets(updates))
 
 
 def _paired_floor_ratio(floor: _FloorTimer, timer: _EngineTimer, updates: int) -> float:
     """The floor and `none` alternate on the same model and adapter (after one untimed `none` update, the
-    engine's first): the median of the per-pair floor/none ratios. Each side starts its update with the
-    gradients its own loop leaves: none for the floor (it sets them to None), the engine's kept buffers for
-    `none` (zeroed in place on a CPU; None on a GPU), put back untimed."""
+    engine's first; `quartet_ratio`): floor/none. Each side starts its update with the gradients its own
+    loop leaves: none for the floor (it sets them to None), the engine's kept buffers for `none` (zeroed in
+    place on a CPU; None on a GPU), put back untimed."""
     baseline = timer.begin(build_method({"method": "none"}))
     timer(baseline, 0)
-    kept = [p.grad for p in floor.weights]
-    ratios = []
-    for i in range(updates):
+    kept, steps = [p.grad for p in floor.weights], itertools.count(1)
+
+    def floor_update() -> float:
         for p in floor.weights:
             p.grad = None
         seconds = floor()
         for p, grad in zip(floor.weights, kept):
             p.grad = grad
-        ratios.append(seconds / timer(baseline, 1 + i))
-    return statistics.median(ratios)
+        return seconds
+
+    return quartet_ratio(floor_update, lambda: timer(baseline, next(steps)), quartets(updates))
 
 
 def measure(config_path: str, label: str, updates: int, warmup: int, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -268,7 +286,8 @@ def measure(config_path: str, label: str, updates: int, warmup: int, overrides: 
         work = floor.device_work()
     else:
         method = StoredNoiseRwp(config.flatness) if label == "rwp_full_stored_noise" else build_method(config.flatness)
-        timer = _EngineTimer(config, stack.model, params, batches, warmup + 1 + updates * (3 if paired else 1))
+        pairs = 4 * quartets(updates) if paired else 0
+        timer = _EngineTimer(config, stack.model, params, batches, warmup + updates + 1 + pairs)
         timer.begin(method)
         times = [timer(method, step) for step in range(warmup + updates)]
     timed = times[warmup:]
@@ -281,7 +300,7 @@ def measure(config_path: str, label: str, updates: int, warmup: int, overrides: 
     if paired:
         result["paired_time_ratio"] = _paired_ratio(timer, method, warmup + updates + 1, updates)
     elif flatness is None:
-        engine = _EngineTimer(config, stack.model, params, batches, 1 + updates)
+        engine = _EngineTimer(config, stack.model, params, batches, 1 + 2 * quartets(updates))
         result["paired_time_ratio"] = _paired_floor_ratio(floor, engine, updates)
     return result
 

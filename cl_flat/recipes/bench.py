@@ -9,13 +9,14 @@ micro-batches, the non-finite check, one `engine.step()`). A fixed synthetic bat
 of micro_batch_size × max_seq_length tokens (every token a target) is reused, so only the
 method's cost differs. Reported: the median over the timed updates after warm-up, and the
 peak memory at that point. Then, for a variant with a flatness method, `none` and the method
-alternate for as many updates again in the same process (same engine, same heap): its time
-ratio is the median of those paired ratios. (Fresh processes on a shared machine run 5-10%
-faster or slower than each other, which moved cross-process ratios by as much as the goals'
-margins.) Likewise `floor` and `none` alternate in the floor's process after its timing: floor's time
-ratio to `none` is paired too; `none` and `none_2ranks` are timed in their own processes.
-With several rounds a row keeps each round's time ratio (`time_ratio_rounds`) beside their median: the
-same code's ratio moves between runs minutes apart by more than a pair cancels.
+alternate for about as many updates again in the same process (same engine, same heap), in
+quartets none, method, method, none: its time ratio is the median of the quartets' ratios
+(`bench.quartet_ratio`). (Fresh processes on a shared machine run 5-10% faster or slower than
+each other, which moved cross-process ratios by as much as the goals' margins.) Likewise `floor`
+and `none` alternate in the floor's process after its timing: floor's time ratio to `none` is paired
+too; `none` and `none_2ranks` are timed in their own processes. With several rounds a row keeps each
+round's time ratio (`time_ratio_rounds`) beside their median: the same code's ratio moves between runs
+minutes apart by more than the pairing cancels.
 
 Two extra rows make the floor visible: `floor` is a hand-written torch + peft AdamW step on
 the same model and batch (no DeepSpeed, no tool code), and `rwp_full_stored_noise` is RWP

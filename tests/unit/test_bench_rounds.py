@@ -184,3 +184,22 @@ def test_set_reaches_every_variant_and_the_header_and_flatness_is_refused(tmp_pa
                                        "--set", "flatness.rho=0.1"])
     assert isinstance(refused.exception, ConfigError) and not seen
     assert "--set flatness.rho: each variant sets the flatness section" in str(refused.exception)
+
+
+def test_a_quartet_cancels_a_steady_drift():
+    """Every update 10% slower than the one before (the k-th call takes base·(1 + 0.1k)): baseline, timed,
+    timed, baseline gives (2.2 + 2.4) / (1.0 + 1.3) = 2 exactly for a timed/baseline of 2, where the
+    order baseline-then-timed would read 2.2/1.0 = 2.2 and 2.6/1.2 ≈ 2.17."""
+    from cl_flat.bench import quartet_ratio, quartets
+
+    calls: list[str] = []
+
+    def clock(name: str, base: float):
+        def update() -> float:
+            calls.append(name)
+            return base * (1 + 0.1 * (len(calls) - 1))
+        return update
+
+    assert quartet_ratio(clock("timed", 2.0), clock("baseline", 1.0), 3) == pytest.approx(2.0)
+    assert calls == ["baseline", "timed", "timed", "baseline"] * 3
+    assert [quartets(n) for n in (1, 2, 5, 6)] == [1, 1, 3, 3]  # about as many updates of each as n pairs
