@@ -9,9 +9,8 @@ updates after warm-up, and the peak memory at that point. Then, for a variant wi
 method, none (`quartet_ratio`: a steady drift of the process's speed cancels) for about as many updates again:
 `paired_time_ratio` is the median of the quartets' ratios; the floor alternates likewise with `none` on an
 engine built after its timing (`paired_time_ratio`: floor over none). One more update is run under
-`opcount.DeviceWork`:
-its device ops (aten ops that launch a kernel on a GPU) and host syncs, counted the same on a CPU, so a CPU
-user can read them as the launch and sync overhead a GPU will show (`device_ops_per_update`,
+`opcount.DeviceWork`: its device ops (aten ops that launch a kernel on a GPU) and host syncs, counted the
+same on a CPU, so a CPU user can read them as the launch and sync overhead a GPU will show (`device_ops_per_update`,
 `host_syncs_per_update`).
 
 Two variants are not the tool's training: `floor` is a hand-written torch + peft AdamW step on the same
