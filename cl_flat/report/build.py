@@ -26,6 +26,9 @@ tasks of their per-task scores. Each sequential run is measured against the refe
 its task sequence and seed (among several, the one whose settings equal the run's; a kind's only
 reference when none has the seed): FWT_alone against per_task, gap_joint against joint
 (cl_flat.metrics). The measures are summarised per group like the others.
+
+Cost: a run's seconds per update (train_log.jsonl, cl_flat.report.runs) is summarised per group like a
+metric, but paired as a ratio, group run over baseline run (TIME_RATIO: "time × baseline").
 """
 
 from __future__ import annotations
@@ -45,8 +48,10 @@ from cl_flat.metrics import METRICS, REFERENCE_MEASURES
 from cl_flat.overrides import dotted_keys
 from cl_flat.report.published import PUBLISHED, PublishedResult
 from cl_flat.report.runs import (
+    COST_MEASURE,
     DRIFT_MEASURE,
     FLATNESS_MEASURES,
+    TIME_RATIO,
     ReferenceRun,
     ReportInputError,
     RunResult,
@@ -266,7 +271,8 @@ def choose_baseline(groups: list[Group], specs: Sequence[str]) -> tuple[Group | 
 
 def compare_paired(group: Group, baseline: Group, pair_by: str = "seed,order") -> PairedComparison:
     """Pairs the runs of `group` and `baseline` with the same PAIR_BY[pair_by] key (a key found more than once
-    in either group is not paired) and summarises d = M(group run) − M(baseline run) per metric."""
+    in either group is not paired) and summarises d = M(group run) − M(baseline run) per metric; the cost
+    (COST_MEASURE) as the ratio group/baseline, under TIME_RATIO."""
     key_of = PAIR_BY[pair_by]
 
     def once(g: Group) -> dict[Any, RunResult]:
@@ -277,9 +283,11 @@ def compare_paired(group: Group, baseline: Group, pair_by: str = "seed,order") -
     keys = [key for key in mine if key in theirs]
     metrics = group.runs[0].metrics
     pairs = {m: [(mine[k].metrics[m], theirs[k].metrics[m]) for k in keys] for m in metrics}
-    return PairedComparison(group, sorted(mine[k].seed for k in keys),
-                            {m: summarize_defined([None if a is None or b is None else a - b for a, b in pairs[m]])
-                             for m in metrics},
+    summaries = {m: summarize_defined([None if a is None or b is None else a - b for a, b in pairs[m]])
+                 for m in metrics if m != COST_MEASURE}
+    summaries[TIME_RATIO] = summarize_defined([None if a is None or not b else a / b
+                                               for a, b in pairs.get(COST_MEASURE, [])])
+    return PairedComparison(group, sorted(mine[k].seed for k in keys), summaries,
                             [run for run in group.runs if key_of(run) not in keys])
 
 
@@ -354,8 +362,8 @@ def build_report(inputs: Sequence[str], group_by: str | None = None, baseline: S
                      "different orders; the paired differences compare like with like")
     measures = (*METRICS, *(key for kind, (key, _) in REFERENCE_MEASURES.items()
                             if any(ref.kind == kind for ref in references)),
-                *(key for key in (*FLATNESS_MEASURES, DRIFT_MEASURE) if any(run.metrics[key] is not None
-                                                                             for run in runs)))
+                *(key for key in (*FLATNESS_MEASURES, DRIFT_MEASURE, COST_MEASURE)
+                  if any(run.metrics[key] is not None for run in runs)))
     return Report(groups, chosen, paired, skipped, notes, f"by {', '.join(keys)}" if keys else Report.grouping,
                   group_references(references), measures, pair_by,
                   None if published is None else (published, PUBLISHED[published]))

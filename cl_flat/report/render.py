@@ -6,7 +6,8 @@ report.csv (CSV_COLUMNS): kind (group | run | paired | reference | reference_run
 tasks ("a > b", several orders joined by "; "), n (1, runs, or pairs), M for M in METRICS, then
 REFERENCE_KEYS, then FLATNESS_KEYS (run rows), M_mean, M_std, M_ci_low, M_ci_high (group, paired and
 reference rows; a reference's or a published row's value is in AA), source (published rows), then
-final_drift and its summary parts (probes);
+final_drift and its summary parts (probes), then seconds_per_update and its summary parts (group and run
+rows) and time_ratio's (paired rows: the group's seconds per update over the baseline's, per pair);
 docs/results.md explains each. An empty cell is undefined, never 0. No cell holds a newline; report.md
 escapes "|" in its cells.
 """
@@ -35,7 +36,7 @@ from cl_flat.report.build import (
     sequence_label,
 )
 from cl_flat.report.flatness import FlatnessForgetting, describe, flatness_forgetting
-from cl_flat.report.runs import DRIFT_MEASURE, FLATNESS_MEASURES
+from cl_flat.report.runs import COST_MEASURE, DRIFT_MEASURE, FLATNESS_MEASURES, TIME_RATIO
 from cl_flat.rundir import RunDir
 from cl_flat.stats import Summary
 
@@ -47,7 +48,8 @@ CSV_COLUMNS = ["kind", "group", "baseline", "run", "path", "seed", "method", "ta
                *(f"{m}_{part}" for m in METRICS for part in SUMMARY_PARTS),
                *REFERENCE_KEYS, *(f"{m}_{part}" for m in REFERENCE_KEYS for part in SUMMARY_PARTS),
                *FLATNESS_KEYS, *(f"{m}_{part}" for m in FLATNESS_KEYS for part in SUMMARY_PARTS), "source",
-               DRIFT_MEASURE, *(f"{DRIFT_MEASURE}_{part}" for part in SUMMARY_PARTS)]
+               DRIFT_MEASURE, *(f"{DRIFT_MEASURE}_{part}" for part in SUMMARY_PARTS),
+               COST_MEASURE, *(f"{m}_{part}" for m in (COST_MEASURE, TIME_RATIO) for part in SUMMARY_PARTS)]
 FIGURE_CAPTIONS = {
     "op_curves.png": "OP_t per group (mean over runs, 95% CI band)",
     "metrics_bars.png": "each metric in its own panel: group means, 95% CI error bars",
@@ -99,9 +101,16 @@ def interval_words(name: str, summary: Summary | None, form: str = ".2f") -> str
     return f"{head}: {side} 0 at n = {summary.n} (95% CI [{summary.ci_low:+{form}}, {summary.ci_high:+{form}}])"
 
 
+def _differences(measures: tuple[str, ...]) -> tuple[str, ...]:
+    """The measures a paired comparison takes as differences: all but the cost (a ratio, TIME_RATIO)."""
+    return tuple(m for m in measures if m != COST_MEASURE)
+
+
 def _paired_words(comparison: PairedComparison, measures: tuple[str, ...]) -> str:
     words = [w for m in measures if (w := interval_words(f"Δ{m}", comparison.metrics.get(m),
                                                          ".3g" if m in FLATNESS_KEYS else ".2f"))]
+    if (cost := comparison.metrics.get(TIME_RATIO)) is not None:
+        words.append(f"time × baseline {_cell(cost)}")
     return f"- {_one_line(comparison.group.label)}: " + ("; ".join(words) if words else "no pair") + "."
 
 
@@ -151,6 +160,10 @@ def render_markdown(report: Report, figures_written: list[Path] | None = None,
         lines += ["", f"{DRIFT_MEASURE}: the mean over a run's probes (tasks scored after every task, never trained) "
                   "of the probe's score after the last task minus its zero-shot score, in points (< 0: the sequence "
                   "cost the ability the probes measure); — for a run without probes."]
+    if COST_MEASURE in measures:
+        lines += ["", f"{COST_MEASURE}: the median time of one training update of a run (train_log.jsonl), in "
+                  "seconds: what its runs cost on the machines they ran on (compare runs of one machine; "
+                  "`cl-flat bench` measures the cost of a method alone). Paired, it is a ratio: time × baseline."]
     if report.published:
         key, rows = report.published
         lines += ["", f"Rows \"published: …\" are **published numbers, not measured here** (--published {key}): "
@@ -162,9 +175,12 @@ def render_markdown(report: Report, figures_written: list[Path] | None = None,
         lines += ["", f"## Paired difference vs baseline `{_one_line(report.baseline.label)}`", "",
                   f"Mean over pairs (runs with {pairing}) of (group − baseline), ± the 95% CI half-width of those "
                   "differences.", ""]
-        lines += _table(["group", "pairs", "seeds", *(f"Δ{m}" for m in measures)],
+        differences = _differences(measures)
+        cost = ["time × baseline"] if COST_MEASURE in measures else []
+        lines += _table(["group", "pairs", "seeds", *(f"Δ{m}" for m in differences), *cost],
                         [[c.group.label, str(len(c.seeds)), " ".join(map(str, sorted(set(c.seeds)))) or "—",
-                          *(_cell(c.metrics[m], m) for m in measures)] for c in report.paired])
+                          *(_cell(c.metrics[m], m) for m in differences),
+                          *(_cell(c.metrics[TIME_RATIO]) for _ in cost)] for c in report.paired])
         lines += ["", "What the intervals say (a 95% CI that contains 0: the data do not tell the group from the "
                   "baseline; more seeds narrow it):", "", *(_paired_words(c, measures) for c in report.paired)]
     if study is not None:
@@ -245,7 +261,8 @@ def write_report(report: Report, out: str | os.PathLike[str], flatness_measure: 
     figures.plot_metric_bars(report.groups, bars, written[1])
     if report.baseline is not None and any(c.seeds for c in report.paired):
         written.append(out / "paired_differences.png")
-        figures.plot_paired_forest(report.paired, report.measures, _one_line(report.baseline.label), written[-1])
+        figures.plot_paired_forest(report.paired, _differences(report.measures), _one_line(report.baseline.label),
+                                   written[-1])
     if study is not None and study.points:
         written.append(out / "flatness_forgetting.png")
         figures.plot_flatness_forgetting(study, written[-1])

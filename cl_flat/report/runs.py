@@ -7,7 +7,12 @@ Flatness of a run (FLATNESS_MEASURES, each optional): task i's entry of landscap
 else `<task>_merged`; metrics.json's "sharpness" when the file is absent) holds the flatness of the minimum
 task i reached, measured right after training it. A run's `sharpness_avg`, `sharpness_worst`, `lambda_max`,
 `trace` is the mean over its tasks of that entry's "avg", "worst", "lambda_max", "trace"; undefined (None)
-unless every task has the field as a finite number."""
+unless every task has the field as a finite number.
+
+Cost of a run (COST_MEASURE, optional): `seconds_per_update`, the median time of one training update, read
+from train_log.jsonl: each record's "seconds" is the time since its task's update loop started in that
+process, so two records of one task with steps s and s + 1 give one update's time; a resumed task restarts
+the clock, and the median leaves out the odd difference across a restart. None without two such records."""
 
 from __future__ import annotations
 
@@ -17,13 +22,14 @@ import json
 import math
 import os
 import re
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cl_flat.config import config_to_dict
-from cl_flat.errors import ConfigError, MatrixFormatError, UserError
+from cl_flat.errors import ConfigError, DataError, MatrixFormatError, UserError
 from cl_flat.matrix_csv import read_acc_matrix
 from cl_flat.metrics import METRICS, REFERENCE_MEASURES
 from cl_flat.overrides import dotted_keys
@@ -35,6 +41,10 @@ FLATNESS_MEASURES = {"sharpness_avg": "avg", "sharpness_worst": "worst", "lambda
 # report measure of the probes (`probes:`): metrics.json's mean_final_drift, the mean over probes of
 # (last row − zero_shot); None for a run without probes
 DRIFT_MEASURE = "final_drift"
+# report measure of cost: the median seconds of one training update (train_log.jsonl); compared with the
+# baseline as a ratio (TIME_RATIO), not a difference
+COST_MEASURE = "seconds_per_update"
+TIME_RATIO = "time_ratio"
 RUN_IDENTITY_KEYS = frozenset({"run.seed", "run.name", "run.output_dir"})
 finite_number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 PATH_OR_LOGGING_KEY = re.compile(r"logging\..*|(tasks|probes)\.\d+\.(train|test|data_files)(\..*)?")
@@ -148,6 +158,7 @@ def load_run(folder: Path, name: str) -> RunResult:
         metrics[key] = None if any(v is None for v in values) else sum(values) / len(values)
     drift = data.get("mean_final_drift")
     metrics[DRIFT_MEASURE] = float(drift) if finite_number(drift) else None
+    metrics[COST_MEASURE] = _seconds_per_update(run_dir)
     return RunResult(folder, name, config.run.seed, dotted_keys(config_to_dict(config)), tuple(tasks), metrics,
                      tuple(float(v) for v in op), tuple(tuple(row) for row in matrix), flatness)
 
@@ -170,6 +181,18 @@ def _flatness(run_dir: RunDir, tasks: list[str], in_metrics: Any) -> dict[str, d
         if isinstance(entry, dict):
             found[task] = {key: float(value) for key, value in entry.items() if finite_number(value)}
     return found
+
+
+def _seconds_per_update(run_dir: RunDir) -> float | None:
+    """The median time of one update (module docstring); None without two consecutive records of a task."""
+    try:
+        records = [record for _, record in run_dir.logged_updates()]
+    except DataError as exc:
+        raise ReportInputError(str(exc)) from None
+    times = [later["seconds"] - earlier["seconds"] for earlier, later in zip(records, records[1:])
+             if later["task_index"] == earlier["task_index"] and later["step"] == earlier["step"] + 1
+             and finite_number(earlier.get("seconds")) and finite_number(later.get("seconds"))]
+    return statistics.median(times) if times else None
 
 
 def is_reference(folder: Path) -> bool:

@@ -36,7 +36,7 @@ from torch import nn
 from cl_flat.adapters import AdapterStack
 from cl_flat.config import RunConfig, config_to_dict, validate_config
 from cl_flat.config.yamlfile import YamlProblem, read_yaml
-from cl_flat.errors import ConfigError, UserError
+from cl_flat.errors import ConfigError, DataError, UserError
 from cl_flat.files import atomic_write_text
 from cl_flat.matrix_csv import read_acc_matrix, read_probe_matrix, write_acc_matrix
 from cl_flat.metrics import ZERO_SHOT, Rows
@@ -214,6 +214,23 @@ class RunDir:
         return saved["tasks"], saved["scores"]
 
     # ------------------------------------------------------------ landscapes and sharpness
+
+    def logged_updates(self) -> list[tuple[str, dict[str, Any]]]:
+        """(line, record) of every update train_log.jsonl holds; a line a kill cut short is left out, any other
+        line that is not an update's record is a DataError naming file:line."""
+        if not self.log_path.exists():
+            return []
+        logged = []
+        for number, line in enumerate(self.log_path.read_text().splitlines(), start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the line a kill cut short
+                continue
+            if not isinstance(record, dict) or not {"task_index", "step"} <= set(record):
+                raise DataError(f"{self.log_path}:{number}: expected an update's record (an object with "
+                                f"task_index and step), got {line[:60]!r}")
+            logged.append((line, record))
+        return logged
 
     def write_landscape(self, stem: str, coords: list[tuple[float, ...]], losses: list[float]) -> Path:
         """landscape/<stem>_<d>d.csv: columns alpha,loss (1-D) or alpha,beta,loss (2-D), one row per grid point."""

@@ -7,7 +7,6 @@ config.yaml is read once per start (`RunDir.read_document`), by rank 0; every ra
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,7 +100,7 @@ def completed_rows(run_dir: RunDir, config: RunConfig, resume: bool, allow_chang
         problems = adapter_problems([d for _, d in run_dir.adapter_dirs(config, names[done - 1])], config.lora.r)
         if problems:
             raise DataError(f"--resume: {problems[0]}")
-    logged_updates(run_dir)  # the log it truncates, checked before anything is written too
+    run_dir.logged_updates()  # the log it truncates, checked before anything is written too
     kept = [(ZERO_SHOT, zero_shot)] + [(names[i], rows[i]) for i in range(done)]
     probe_rows = run_dir.restored_probe_rows([p.name for p in config.probes], [after for after, _ in kept])
     return Restart(kept, changes, meta_of(document), probe_rows)
@@ -122,30 +121,12 @@ def restart(run_dir: RunDir, config: RunConfig, resume: bool, allow_changes: boo
     return outcome
 
 
-def logged_updates(run_dir: RunDir) -> list[tuple[str, dict[str, Any]]]:
-    """(line, record) of every update train_log.jsonl holds; a line a kill cut short is left out, any other
-    line that is not an update's record is a DataError naming file:line."""
-    if not run_dir.log_path.exists():
-        return []
-    logged = []
-    for number, line in enumerate(run_dir.log_path.read_text().splitlines(), start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # the line a kill cut short
-            continue
-        if not isinstance(record, dict) or not {"task_index", "step"} <= set(record):
-            raise DataError(f"{run_dir.log_path}:{number}: expected an update's record (an object with "
-                            f"task_index and step), got {line[:60]!r}")
-        logged.append((line, record))
-    return logged
-
-
 def truncate_log(run_dir: RunDir, done: int, updates: int = 0) -> list[dict[str, Any]]:
     """Keep the log lines of the first `done` tasks and of the next task's first `updates` updates (those
     its checkpoint holds), so the log reads as one uninterrupted run. Returns the records kept."""
     if not run_dir.log_path.exists():
         return []
-    kept = [(line, record) for line, record in logged_updates(run_dir)
+    kept = [(line, record) for line, record in run_dir.logged_updates()
             if record["task_index"] < done or (record["task_index"] == done and record["step"] <= updates)]
     atomic_write_text(run_dir.log_path, "".join(line + "\n" for line, _ in kept))
     return [record for _, record in kept]

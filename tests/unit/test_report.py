@@ -181,7 +181,10 @@ def test_files_written_and_their_columns(results, tmp_path):
                                  *(f"{m}_{part}" for m in ("sharpness_avg", "sharpness_worst", "lambda_max", "trace")
                                    for part in ("mean", "std", "ci_low", "ci_high")), "source",
                                  "final_drift",
-                                 *(f"final_drift_{part}" for part in ("mean", "std", "ci_low", "ci_high"))]
+                                 *(f"final_drift_{part}" for part in ("mean", "std", "ci_low", "ci_high")),
+                                 "seconds_per_update",
+                                 *(f"{m}_{part}" for m in ("seconds_per_update", "time_ratio")
+                                   for part in ("mean", "std", "ci_low", "ci_high"))]
     assert [r["kind"] for r in rows].count("run") == 6
     assert [(r["kind"], r["group"]) for r in rows if r["kind"] != "run"] == \
         [("group", NONE_LABEL), ("group", SAM_LABEL), ("paired", SAM_LABEL)]
