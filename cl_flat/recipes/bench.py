@@ -230,7 +230,7 @@ def markdown_table(result: dict[str, Any]) -> str:
                      f"{'—' if floor is None else f'{floor:.3f}'} | {'—' if ops is None else ops} | "
                      f"{'—' if syncs is None else syncs} | "
                      f"{m['peak_memory_bytes'] / 2**20:.0f} | {m['memory_ratio']:.3f} | {m['compared_with']} | "
-                     f"{_round_range(m.get('time_ratio_rounds', []))} |")
+                     f"{'—' if label == m['compared_with'] else _round_range(m.get('time_ratio_rounds', []))} |")
     lines += _evaluation_table(result.get("evaluation", {}))
     failures = failed_variants(result)
     if failures:

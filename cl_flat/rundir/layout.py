@@ -213,7 +213,7 @@ class RunDir:
             raise ConfigError(str(self.path), [problem], kind="reference run")
         return saved["tasks"], saved["scores"]
 
-    # ------------------------------------------------------------ landscapes and sharpness
+    # ------------------------------------------------------------ the training log
 
     def logged_updates(self) -> list[tuple[str, dict[str, Any]]]:
         """(line, record) of every update train_log.jsonl holds; a line a kill cut short is left out, any other
@@ -231,6 +231,8 @@ class RunDir:
                                 f"task_index and step), got {line[:60]!r}")
             logged.append((line, record))
         return logged
+
+    # ------------------------------------------------------------ landscapes and sharpness
 
     def write_landscape(self, stem: str, coords: list[tuple[float, ...]], losses: list[float]) -> Path:
         """landscape/<stem>_<d>d.csv: columns alpha,loss (1-D) or alpha,beta,loss (2-D), one row per grid point."""

@@ -44,6 +44,9 @@ def test_rounds_pair_ratios_within_a_round(tmp_path: Path, monkeypatch):
     assert sam["time_ratio_rounds"] == pytest.approx([2.1, 2.0, 1.9])
     assert "| sam | 2.100 | 2.000 | 2.500 |" in bench.markdown_table(result)
     assert bench.markdown_table(result).splitlines()[-1].endswith("| 1.900–2.100 |")  # sam's rounds, lowest–highest
+    assert "| none | 1.000 | 1.000 |" in bench.markdown_table(result)
+    assert next(line for line in bench.markdown_table(result).splitlines() if line.startswith("| none |")).endswith(
+        "| none | — |")  # its own baseline: no range
 
 
 def _bench_of(tmp_path: Path, monkeypatch, outcome: dict[str, list[tuple[float, float | None]]]) -> dict:
