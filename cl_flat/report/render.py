@@ -130,6 +130,23 @@ def _groups_table(report: Report, measures: tuple[str, ...]) -> list[str]:
                   rows)
 
 
+def _paired_section(report: Report, baseline: Group, measures: tuple[str, ...]) -> list[str]:
+    """report.md's paired differences vs the baseline (the cost as a ratio) and what their intervals say."""
+    pairing = {"seed,order": "the same run.seed and task order", "order": "the same task order",
+               "seed": "the same run.seed"}[report.pair_by]
+    lines = ["", f"## Paired difference vs baseline `{_one_line(baseline.label)}`", "",
+             f"Mean over pairs (runs with {pairing}) of (group − baseline), ± the 95% CI half-width of those "
+             "differences.", ""]
+    differences = _differences(measures)
+    cost = ["time × baseline"] if COST_MEASURE in measures else []
+    lines += _table(["group", "pairs", "seeds", *(f"Δ{m}" for m in differences), *cost],
+                    [[c.group.label, str(len(c.seeds)), " ".join(map(str, sorted(set(c.seeds)))) or "—",
+                      *(_cell(c.metrics[m], m) for m in differences),
+                      *(_cell(c.metrics[TIME_RATIO]) for _ in cost)] for c in report.paired])
+    return lines + ["", "What the intervals say (a 95% CI that contains 0: the data do not tell the group from the "
+                    "baseline; more seeds narrow it):", "", *(_paired_words(c, measures) for c in report.paired)]
+
+
 def render_markdown(report: Report, figures_written: list[Path] | None = None,
                     study: FlatnessForgetting | None = None) -> str:
     """report.md: groups (mean ± 95% CI half-width), paired differences vs the baseline and what their
@@ -170,19 +187,7 @@ def render_markdown(report: Report, figures_written: list[Path] | None = None,
                   "AA as the source reports it, on its own setup.", ""]
         lines += _table(["published", "AA", "source"], [[p.method, f"{p.aa:.1f}", p.source] for p in rows])
     if report.baseline is not None:
-        pairing = {"seed,order": "the same run.seed and task order", "order": "the same task order",
-                   "seed": "the same run.seed"}[report.pair_by]
-        lines += ["", f"## Paired difference vs baseline `{_one_line(report.baseline.label)}`", "",
-                  f"Mean over pairs (runs with {pairing}) of (group − baseline), ± the 95% CI half-width of those "
-                  "differences.", ""]
-        differences = _differences(measures)
-        cost = ["time × baseline"] if COST_MEASURE in measures else []
-        lines += _table(["group", "pairs", "seeds", *(f"Δ{m}" for m in differences), *cost],
-                        [[c.group.label, str(len(c.seeds)), " ".join(map(str, sorted(set(c.seeds)))) or "—",
-                          *(_cell(c.metrics[m], m) for m in differences),
-                          *(_cell(c.metrics[TIME_RATIO]) for _ in cost)] for c in report.paired])
-        lines += ["", "What the intervals say (a 95% CI that contains 0: the data do not tell the group from the "
-                  "baseline; more seeds narrow it):", "", *(_paired_words(c, measures) for c in report.paired)]
+        lines += _paired_section(report, report.baseline, measures)
     if study is not None:
         lines += ["", "## Flatness vs forgetting", "", describe(study)
                   + (f" {study.missing} (run, task) pairs lack the measure and are left out." if study.missing else "")]
