@@ -178,7 +178,8 @@ def _summarize(label: str, raw: dict[str, list[dict[str, Any]]]) -> dict[str, An
     floor_ratios = [ratio * _none_over_floor(b, f) for ratio, (_, b, f) in zip(ratios, rounds) if "error" not in f]
     row = {"seconds_per_update": statistics.median(r["seconds_per_update"] for r in runs),
            "time_ratio": statistics.median(ratios),
-           "time_ratio_rounds": ratios,  # one per round compared: their spread is the machine's, not the code's
+           # one per round compared (none for the baseline itself): their spread is the machine's, not the code's
+           **({"time_ratio_rounds": ratios} if label != base_label else {}),
            "time_ratio_paired_in_process": "paired_time_ratio" in runs[0],
            "time_ratio_floor": statistics.median(floor_ratios) if floor_ratios else None,
            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs),
@@ -209,8 +210,8 @@ def markdown_table(result: dict[str, Any]) -> str:
              f"median of {result['updates']} updates after {result['warmup']} warm-up, "
              f"{result.get('rounds', 1)} round(s), each variant in a fresh process; time ratios of methods and of the "
              f"floor paired with `none` in the same process (quartets none, method, method, none), others "
-             f"within a round; × floor: the "
-             f"ratio to the hand-written torch + peft loop of the same round (× none times none/floor); device ops and "
+             f"within a round; × floor: the ratio to the hand-written torch + peft loop of the same round (× none "
+             f"times none/floor); device ops and "
              f"host syncs of one update, counted the same on any device (aten ops that launch a GPU kernel; "
              f"transformers' mask check is one sync per forward): on a CPU, the launch and sync overhead to "
              f"expect on a GPU; time × none by round: the lowest and highest round's ratio (a difference inside that "
@@ -230,7 +231,7 @@ def markdown_table(result: dict[str, Any]) -> str:
                      f"{'—' if floor is None else f'{floor:.3f}'} | {'—' if ops is None else ops} | "
                      f"{'—' if syncs is None else syncs} | "
                      f"{m['peak_memory_bytes'] / 2**20:.0f} | {m['memory_ratio']:.3f} | {m['compared_with']} | "
-                     f"{'—' if label == m['compared_with'] else _round_range(m.get('time_ratio_rounds', []))} |")
+                     f"{_round_range(m.get('time_ratio_rounds', []))} |")
     lines += _evaluation_table(result.get("evaluation", {}))
     failures = failed_variants(result)
     if failures:
