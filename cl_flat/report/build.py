@@ -61,6 +61,7 @@ from cl_flat.report.runs import (
     is_reference,
     load_reference,
     load_run,
+    paired_differences,
     sequence_label,
     with_reference_measures,
 )
@@ -284,7 +285,7 @@ def compare_paired(group: Group, baseline: Group, pair_by: str = "seed,order") -
     metrics = group.runs[0].metrics
     pairs = {m: [(mine[k].metrics[m], theirs[k].metrics[m]) for k in keys] for m in metrics}
     summaries = {m: summarize_defined([None if a is None or b is None else a - b for a, b in pairs[m]])
-                 for m in metrics if m != COST_MEASURE}
+                 for m in paired_differences(metrics)}
     summaries[TIME_RATIO] = summarize_defined([None if a is None or not b else a / b
                                                for a, b in pairs.get(COST_MEASURE, [])])
     return PairedComparison(group, sorted(mine[k].seed for k in keys), summaries,

@@ -36,7 +36,7 @@ from cl_flat.report.build import (
     sequence_label,
 )
 from cl_flat.report.flatness import FlatnessForgetting, describe, flatness_forgetting
-from cl_flat.report.runs import COST_MEASURE, DRIFT_MEASURE, FLATNESS_MEASURES, TIME_RATIO
+from cl_flat.report.runs import COST_MEASURE, DRIFT_MEASURE, FLATNESS_MEASURES, TIME_RATIO, paired_differences
 from cl_flat.rundir import RunDir
 from cl_flat.stats import Summary
 
@@ -101,11 +101,6 @@ def interval_words(name: str, summary: Summary | None, form: str = ".2f") -> str
     return f"{head}: {side} 0 at n = {summary.n} (95% CI [{summary.ci_low:+{form}}, {summary.ci_high:+{form}}])"
 
 
-def _differences(measures: tuple[str, ...]) -> tuple[str, ...]:
-    """The measures a paired comparison takes as differences: all but the cost (a ratio, TIME_RATIO)."""
-    return tuple(m for m in measures if m != COST_MEASURE)
-
-
 def _paired_words(comparison: PairedComparison, measures: tuple[str, ...]) -> str:
     words = [w for m in measures if (w := interval_words(f"Δ{m}", comparison.metrics.get(m),
                                                          ".3g" if m in FLATNESS_KEYS else ".2f"))]
@@ -137,7 +132,7 @@ def _paired_section(report: Report, baseline: Group, measures: tuple[str, ...]) 
     lines = ["", f"## Paired difference vs baseline `{_one_line(baseline.label)}`", "",
              f"Mean over pairs (runs with {pairing}) of (group − baseline), ± the 95% CI half-width of those "
              "differences.", ""]
-    differences = _differences(measures)
+    differences = paired_differences(measures)
     cost = ["time × baseline"] if COST_MEASURE in measures else []
     lines += _table(["group", "pairs", "seeds", *(f"Δ{m}" for m in differences), *cost],
                     [[c.group.label, str(len(c.seeds)), " ".join(map(str, sorted(set(c.seeds)))) or "—",
@@ -266,7 +261,7 @@ def write_report(report: Report, out: str | os.PathLike[str], flatness_measure: 
     figures.plot_metric_bars(report.groups, bars, written[1])
     if report.baseline is not None and any(c.seeds for c in report.paired):
         written.append(out / "paired_differences.png")
-        figures.plot_paired_forest(report.paired, _differences(report.measures), _one_line(report.baseline.label),
+        figures.plot_paired_forest(report.paired, paired_differences(report.measures), _one_line(report.baseline.label),
                                    written[-1])
     if study is not None and study.points:
         written.append(out / "flatness_forgetting.png")

@@ -45,6 +45,12 @@ DRIFT_MEASURE = "final_drift"
 # baseline as a ratio (TIME_RATIO), not a difference
 COST_MEASURE = "seconds_per_update"
 TIME_RATIO = "time_ratio"
+
+
+def paired_differences(measures: Sequence[str]) -> tuple[str, ...]:
+    """The measures a paired comparison takes as differences: all but the cost (a ratio, TIME_RATIO)."""
+    return tuple(m for m in measures if m != COST_MEASURE)
+
 RUN_IDENTITY_KEYS = frozenset({"run.seed", "run.name", "run.output_dir"})
 finite_number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 PATH_OR_LOGGING_KEY = re.compile(r"logging\..*|(tasks|probes)\.\d+\.(train|test|data_files)(\..*)?")
