@@ -7,6 +7,12 @@ For values x_1..x_n (one per run, or one paired difference per seed):
 The Student-t quantile is computed here (no scipy): the t CDF is written with the regularised
 incomplete beta function I_x(a, b) and inverted by bisection. Undefined values are NaN, never 0.
 
+Tests of "mean 0" over a family of differences (report.md tests every paired difference of every group):
+    p            = 2·(1 − F_{n−1}(|x̄|·√n / s)), the two-sided one-sample t test (p < 0.05 ⟺ the 95% CI
+                   excludes 0)
+    Holm p̃_(k)   = min(1, max_{j≤k} (m − j + 1)·p_(j)) for the sorted p_(1) ≤ … ≤ p_(m) of the family: p̃ < α
+                   keeps the chance of any false "differs" in the family at most α (Holm 1979, Scand. J. Stat.)
+
 Rank correlation of pairs (x_k, y_k) and its interval when the pairs come in dependent clusters (runs of one
 seed share its data sample and initialisation): `spearman` and `cluster_bootstrap_ci`.
 """
@@ -19,6 +25,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 __all__ = ["Summary", "mean", "sample_std", "t_quantile", "t_cdf", "ci_half_width", "summarize", "summarize_defined",
+           "t_test_p", "holm",
            "average_ranks", "spearman", "BootstrapInterval", "cluster_bootstrap_ci"]
 
 CONFIDENCE = 0.95
@@ -132,6 +139,28 @@ def summarize_defined(values: Sequence[float | None]) -> Summary | None:
     if not values or any(v is None for v in values):
         return None
     return summarize([float(v) for v in values])
+
+
+def t_test_p(summary: Summary) -> float:
+    """Two-sided p of the one-sample t test of mean 0 (module docstring); NaN for n < 2; with s = 0, 0 for a
+    non-zero mean and 1 for a zero one."""
+    if summary.n < 2 or math.isnan(summary.std):
+        return math.nan
+    if summary.std == 0:
+        return 1.0 if summary.mean == 0 else 0.0
+    return 2.0 * (1.0 - t_cdf(abs(summary.mean) * math.sqrt(summary.n) / summary.std, summary.n - 1))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p of each value, in the given order (module docstring); a NaN is not part of
+    the family and stays NaN."""
+    family = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(family):
+        running = max(running, min(1.0, (len(family) - rank) * p))
+        adjusted[i] = running
+    return adjusted
 
 
 def average_ranks(values: Sequence[float]) -> list[float]:

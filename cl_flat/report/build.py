@@ -29,6 +29,10 @@ reference when none has the seed): FWT_alone against per_task, gap_joint against
 
 Cost: a run's seconds per update (train_log.jsonl, cl_flat.report.runs) is summarised per group like a
 metric, but paired as a ratio, group run over baseline run (TIME_RATIO: "time × baseline").
+
+Multiplicity: every paired difference with n ≥ 2 of every group is one test of "mean 0" (the two-sided t test
+its interval inverts); their p values are Holm-adjusted over that whole family (`tested`, cl_flat.stats), so
+that one interval in dozens excluding 0 by chance is not read as an effect.
 """
 
 from __future__ import annotations
@@ -36,9 +40,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +71,7 @@ from cl_flat.report.runs import (
     with_reference_measures,
 )
 from cl_flat.rundir import RunDir
-from cl_flat.stats import Summary, summarize, summarize_defined
+from cl_flat.stats import Summary, holm, summarize, summarize_defined, t_test_p
 
 DEFAULT_BASELINE = "flatness.method=none"
 UNSET = "(unset)"
@@ -112,6 +117,8 @@ class PairedComparison:
     seeds: list[int]                    # the seeds of the group's paired runs, sorted
     metrics: dict[str, Summary | None]  # summary of M(group) − M(baseline) over pairs; None: no pair or undefined
     unpaired: list[RunResult] = field(default_factory=list)  # the group's runs without a pair
+    p: dict[str, float] = field(default_factory=dict)       # t test of mean 0 of each difference with n ≥ 2
+    p_holm: dict[str, float] = field(default_factory=dict)  # p Holm-adjusted over the report's family (tested)
 
 
 @dataclass
@@ -292,6 +299,18 @@ def compare_paired(group: Group, baseline: Group, pair_by: str = "seed,order") -
                             [run for run in group.runs if key_of(run) not in keys])
 
 
+def tested(paired: list[PairedComparison]) -> list[PairedComparison]:
+    """The comparisons with p and p_holm filled: one test per difference with n ≥ 2 (the cost ratio is not a
+    difference and is not tested), Holm-adjusted over all of them together (module docstring)."""
+    family = [(i, m, t_test_p(s)) for i, c in enumerate(paired) for m, s in c.metrics.items()
+              if m != TIME_RATIO and s is not None and s.n > 1]
+    p, adjusted = [{} for _ in paired], [{} for _ in paired]
+    for (i, m, raw), q in zip(family, holm([raw for *_, raw in family])):
+        if not math.isnan(raw):
+            p[i][m], adjusted[i][m] = raw, q
+    return [replace(c, p=p[i], p_holm=adjusted[i]) for i, c in enumerate(paired)]
+
+
 def _unpaired_note(comparison: PairedComparison, pair_by: str, one_order: bool) -> str:
     runs = comparison.unpaired
     if pair_by == "seed" or (pair_by == "seed,order" and one_order):
@@ -353,7 +372,8 @@ def build_report(inputs: Sequence[str], group_by: str | None = None, baseline: S
     notes = baseline_notes + notes + [f"skipped {folder}: {problem}" for folder, problem in unreadable]
     if chosen is not None:
         groups = [chosen, *(group for group in groups if group is not chosen)]
-    paired = [compare_paired(group, chosen, pair_by) for group in groups if chosen is not None and group is not chosen]
+    paired = tested([compare_paired(group, chosen, pair_by)
+                     for group in groups if chosen is not None and group is not chosen])
     one_order = len({run.tasks for run in runs}) == 1
     notes += [_unpaired_note(comparison, pair_by, one_order) for comparison in paired if comparison.unpaired]
     notes += [f"{group.label}: its runs have task sequences of different lengths; OP_t is averaged over the first "

@@ -7,7 +7,8 @@ tasks ("a > b", several orders joined by "; "), n (1, runs, or pairs), M for M i
 REFERENCE_KEYS, then FLATNESS_KEYS (run rows), M_mean, M_std, M_ci_low, M_ci_high (group, paired and
 reference rows; a reference's or a published row's value is in AA), source (published rows), then
 final_drift and its summary parts (probes), then seconds_per_update and its summary parts (group and run
-rows) and time_ratio's (paired rows: the group's seconds per update over the baseline's, per pair);
+rows) and time_ratio's (paired rows: the group's seconds per update over the baseline's, per pair), then
+M_p and M_p_holm (paired rows: the t test of each difference and its Holm-adjusted p, TESTED);
 docs/results.md explains each. An empty cell is undefined, never 0. No cell holds a newline; report.md
 escapes "|" in its cells.
 """
@@ -38,18 +39,21 @@ from cl_flat.report.build import (
 from cl_flat.report.flatness import FlatnessForgetting, describe, flatness_forgetting
 from cl_flat.report.runs import COST_MEASURE, DRIFT_MEASURE, FLATNESS_MEASURES, TIME_RATIO, paired_differences
 from cl_flat.rundir import RunDir
-from cl_flat.stats import Summary
+from cl_flat.stats import CONFIDENCE, Summary
 
 REFERENCE_KEYS = tuple(key for key, _ in REFERENCE_MEASURES.values())
 FLATNESS_KEYS = tuple(FLATNESS_MEASURES)
+ALPHA = 1.0 - CONFIDENCE  # the intervals' 95% as a test's level
 SUMMARY_PARTS = ("mean", "std", "ci_low", "ci_high")
+TESTED = (*METRICS, *REFERENCE_KEYS, *FLATNESS_KEYS, DRIFT_MEASURE)  # the paired differences with a p
 # later additions come last, so that the columns of earlier versions keep their places
 CSV_COLUMNS = ["kind", "group", "baseline", "run", "path", "seed", "method", "tasks", "n", *METRICS,
                *(f"{m}_{part}" for m in METRICS for part in SUMMARY_PARTS),
                *REFERENCE_KEYS, *(f"{m}_{part}" for m in REFERENCE_KEYS for part in SUMMARY_PARTS),
                *FLATNESS_KEYS, *(f"{m}_{part}" for m in FLATNESS_KEYS for part in SUMMARY_PARTS), "source",
                DRIFT_MEASURE, *(f"{DRIFT_MEASURE}_{part}" for part in SUMMARY_PARTS),
-               COST_MEASURE, *(f"{m}_{part}" for m in (COST_MEASURE, TIME_RATIO) for part in SUMMARY_PARTS)]
+               COST_MEASURE, *(f"{m}_{part}" for m in (COST_MEASURE, TIME_RATIO) for part in SUMMARY_PARTS),
+               *(f"{m}_{part}" for m in TESTED for part in ("p", "p_holm"))]
 FIGURE_CAPTIONS = {
     "op_curves.png": "OP_t per group (mean over runs, 95% CI band)",
     "metrics_bars.png": "each metric in its own panel: group means, 95% CI error bars",
@@ -87,9 +91,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             + ["| " + " | ".join(map(_md, row)) + " |" for row in rows])
 
 
-def interval_words(name: str, summary: Summary | None, form: str = ".2f") -> str | None:
+def interval_words(name: str, summary: Summary | None, form: str = ".2f", p_holm: float | None = None,
+                   family: int = 0) -> str | None:
     """What a paired difference's interval says, e.g. "ΔBWT +3.30 ± 9.90: not distinguishable from 0 at
-    n = 3" (the 95% CI contains 0) or "ΔAA +5.33 ± 2.87: above 0 at n = 3 (95% CI [+2.46, +8.20])"."""
+    n = 3" (the 95% CI contains 0) or "ΔAA +5.33 ± 2.87: above 0 at n = 3 (95% CI [+2.46, +8.20])"; with its
+    Holm-adjusted p over a family of `family` tests, whether the exclusion holds for the family."""
     if summary is None:
         return None
     if summary.n == 1 or math.isnan(summary.half_width):
@@ -98,15 +104,31 @@ def interval_words(name: str, summary: Summary | None, form: str = ".2f") -> str
     if summary.ci_low <= 0 <= summary.ci_high:
         return f"{head}: not distinguishable from 0 at n = {summary.n}"
     side = "above" if summary.ci_low > 0 else "below"
-    return f"{head}: {side} 0 at n = {summary.n} (95% CI [{summary.ci_low:+{form}}, {summary.ci_high:+{form}}])"
+    holm = "" if p_holm is None else (
+        f"; Holm p {p_holm:.2g} over {family} tests: " + ("holds for the family" if p_holm < ALPHA
+                                                        else "could be one of the family's chance exclusions"))
+    return (f"{head}: {side} 0 at n = {summary.n} (95% CI [{summary.ci_low:+{form}}, "
+            f"{summary.ci_high:+{form}}]{holm})")
 
 
-def _paired_words(comparison: PairedComparison, measures: tuple[str, ...]) -> str:
+def _paired_words(comparison: PairedComparison, measures: tuple[str, ...], family: int) -> str:
     words = [w for m in measures if (w := interval_words(f"Δ{m}", comparison.metrics.get(m),
-                                                         ".3g" if m in FLATNESS_KEYS else ".2f"))]
+                                                         ".3g" if m in FLATNESS_KEYS else ".2f",
+                                                         comparison.p_holm.get(m), family))]
     if (cost := comparison.metrics.get(TIME_RATIO)) is not None:
         words.append(f"time × baseline {_cell(cost)}")
     return f"- {_one_line(comparison.group.label)}: " + ("; ".join(words) if words else "no pair") + "."
+
+
+def _family_words(paired: list[PairedComparison]) -> str:
+    """One sentence on the family of paired tests: how many exclusions chance alone gives, and which
+    differences hold after Holm's adjustment."""
+    family = sum(len(c.p_holm) for c in paired)
+    held = [f"Δ{m} of {_one_line(c.group.label)} (Holm p {q:.2g})"
+            for c in paired for m, q in c.p_holm.items() if q < ALPHA]
+    return (f"{family} paired differences are tested here (one per group and measure; the two-sided t test whose "
+            f"95% CI is shown): with nothing different, about {family * ALPHA:.2g} of them would exclude 0 by "
+            "chance alone. Holm's adjustment over all of them keeps " + ("; ".join(held) or "none") + ".")
 
 
 def _groups_table(report: Report, measures: tuple[str, ...]) -> list[str]:
@@ -138,8 +160,10 @@ def _paired_section(report: Report, baseline: Group, measures: tuple[str, ...]) 
                     [[c.group.label, str(len(c.seeds)), " ".join(map(str, sorted(set(c.seeds)))) or "—",
                       *(_cell(c.metrics[m], m) for m in differences),
                       *(_cell(c.metrics[TIME_RATIO]) for _ in cost)] for c in report.paired])
-    return lines + ["", "What the intervals say (a 95% CI that contains 0: the data do not tell the group from the "
-                    "baseline; more seeds narrow it):", "", *(_paired_words(c, measures) for c in report.paired)]
+    family = sum(len(c.p_holm) for c in report.paired)
+    lines += ["", "What the intervals say (a 95% CI that contains 0: the data do not tell the group from the "
+              "baseline; more seeds narrow it):", "", *(_paired_words(c, measures, family) for c in report.paired)]
+    return lines + (["", _family_words(report.paired)] if family else [])
 
 
 def render_markdown(report: Report, figures_written: list[Path] | None = None,
@@ -226,6 +250,7 @@ def render_csv(report: Report) -> str:
                   "method": _methods([run]), "tasks": sequence_label(run.tasks), "n": 1,
                   **{m: _number(v) for m, v in run.metrics.items()}} for run in group.runs]
     rows += [summary_row("paired", c.group, c.seeds, c.metrics) | {"baseline": report.baseline.label}
+             | {f"{m}_p": _number(p) for m, p in c.p.items()} | {f"{m}_p_holm": _number(q) for m, q in c.p_holm.items()}
              for c in report.paired]
     for ref in report.references:
         rows.append(summary_row("reference", ref, ref.seeds, {"AA": ref.mean}))

@@ -61,6 +61,26 @@ def test_summary_by_hand_and_n1_is_undefined_not_zero():
     assert stats.summarize_defined([1.0, None]) is None and stats.summarize_defined([]) is None
 
 
+def test_t_test_p_by_closed_forms_and_at_the_interval_edge():
+    # ν = 1: F(t) = ½ + atan(t)/π; [0, 2]: mean 1, s √2, t = 1 -> p = 2(1 − ¾) = ½
+    assert stats.t_test_p(stats.summarize([0, 2])) == pytest.approx(0.5, rel=1e-9)
+    # ν = 2: p = 1 − t/√(2 + t²); [1, 2, 3]: t = 2/(1/√3) = 2√3 -> p = 1 − √(12/14)
+    assert stats.t_test_p(stats.summarize([1, 2, 3])) == pytest.approx(1 - math.sqrt(6 / 7), rel=1e-9)
+    # a mean on its interval's edge (mean = h = t_{0.975,2}·s/√3 with s = √3) has p = 0.05 exactly
+    assert stats.t_test_p(stats.Summary(3, T975_2, math.sqrt(3), T975_2)) == pytest.approx(0.05, abs=1e-6)
+    assert math.isnan(stats.t_test_p(stats.summarize([4])))
+    assert (stats.t_test_p(stats.summarize([2, 2])), stats.t_test_p(stats.summarize([0, 0]))) == (0.0, 1.0)
+
+
+def test_holm_step_down_by_hand():
+    # sorted 0.01, 0.03, 0.04 -> 3·0.01, max(0.03, 2·0.03), max(0.06, 1·0.04)
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert stats.holm([0.04, 0.001, 0.9]) == pytest.approx([0.08, 0.003, 0.9])
+    assert stats.holm([0.6, 0.7]) == [1.0, 1.0]  # capped at 1, never decreasing along the sorted order
+    adjusted = stats.holm([0.02, math.nan, 0.5])  # NaN is not part of the family: m = 2
+    assert adjusted[0] == pytest.approx(0.04) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.5)
+
+
 # ---------------------------------------------------------------- grouping, baseline, paired differences
 
 
@@ -101,6 +121,30 @@ def test_paired_difference_against_the_default_baseline(results):
     assert paired.metrics["F"].mean == pytest.approx(-26 / 3)
     # ΔFWT: [−1, 0, 3]: mean 2/3, s² = (78/9)/2 = 13/3
     assert paired.metrics["FWT"].std == pytest.approx(math.sqrt(13 / 3))
+
+
+def test_every_paired_difference_is_tested_and_holm_adjusted_over_the_family(results, tmp_path):
+    # ν = 2: p = 1 − t/√(2 + t²). ΔAA [6, 6, 4]: t = (16/3)/(2/3) = 8; ΔBWT [10, 10, 6] and ΔF: (26/3)/(4/3) = 6.5;
+    # ΔFWT [−1, 0, 3]: t² = (4/9)/(13/9) = 4/13; ΔAIA [3.5, 3.5, 2.5]: mean 19/6, s² = 1/3, t = (19/6)/(1/3) = 9.5
+    def p2(t):
+        return 1 - t / math.sqrt(2 + t * t)
+    raw = {"AA": p2(8), "BWT": p2(6.5), "FWT": p2(math.sqrt(4 / 13)), "F": p2(6.5), "AIA": p2(9.5)}
+    # Holm over these 5: sorted AIA 0.0109, AA 0.0153, BWT = F 0.0229, FWT 0.635 -> 5p, 4p, 3p, max(3p, 2p), p
+    holm = {"AA": 4 * raw["AA"], "BWT": 3 * raw["BWT"], "FWT": raw["FWT"], "F": 3 * raw["F"], "AIA": 5 * raw["AIA"]}
+    (paired,) = build_report([str(results)]).paired
+    assert paired.p == pytest.approx(raw, rel=1e-9) and paired.p_holm == pytest.approx(holm, rel=1e-9)
+    # four intervals exclude 0 alone (p < 0.05); none holds for the family (every Holm p > 0.05)
+    assert [m for m, p in raw.items() if p < 0.05] == ["AA", "BWT", "F", "AIA"]
+    markdown = render_markdown(build_report([str(results)]))
+    assert (f"ΔAA +5.33 ± 2.87: above 0 at n = 3 (95% CI [+2.46, +8.20]; Holm p {holm['AA']:.2g} over 5 tests: "
+            "could be one of the family's chance exclusions)") in markdown
+    assert ("5 paired differences are tested here (one per group and measure; the two-sided t test whose 95% CI "
+            "is shown): with nothing different, about 0.25 of them would exclude 0 by chance alone. Holm's "
+            "adjustment over all of them keeps none.") in markdown
+    write_report(build_report([str(results)]), tmp_path / "out")
+    row = next(r for r in csv.DictReader((tmp_path / "out" / "report.csv").open()) if r["kind"] == "paired")
+    assert (float(row["AA_p"]), float(row["AA_p_holm"])) == (pytest.approx(raw["AA"]), pytest.approx(holm["AA"]))
+    assert row["lambda_max_p"] == row["final_drift_p_holm"] == ""  # not measured: no test
 
 
 def test_explicit_baseline_and_errors_naming_the_key(results):
@@ -184,7 +228,10 @@ def test_files_written_and_their_columns(results, tmp_path):
                                  *(f"final_drift_{part}" for part in ("mean", "std", "ci_low", "ci_high")),
                                  "seconds_per_update",
                                  *(f"{m}_{part}" for m in ("seconds_per_update", "time_ratio")
-                                   for part in ("mean", "std", "ci_low", "ci_high"))]
+                                   for part in ("mean", "std", "ci_low", "ci_high")),
+                                 *(f"{m}_{part}" for m in ("AA", "BWT", "FWT", "F", "AIA", "FWT_alone", "gap_joint",
+                                                           "sharpness_avg", "sharpness_worst", "lambda_max", "trace",
+                                                           "final_drift") for part in ("p", "p_holm"))]
     assert [r["kind"] for r in rows].count("run") == 6
     assert [(r["kind"], r["group"]) for r in rows if r["kind"] != "run"] == \
         [("group", NONE_LABEL), ("group", SAM_LABEL), ("paired", SAM_LABEL)]

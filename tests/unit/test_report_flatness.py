@@ -87,6 +87,12 @@ def test_interval_words():
     assert interval_words("ΔF", stats.Summary(1, -2.0, math.nan, math.nan)).endswith("one pair, no interval, "
                                                                                      "no conclusion")
     assert interval_words("ΔF", None) is None
+    # with its Holm-adjusted p over the family: whether the exclusion holds for the family
+    assert interval_words("ΔAA", stats.Summary(3, 5.33, 1.0, 2.87), p_holm=0.012, family=4) == \
+        "ΔAA +5.33 ± 2.87: above 0 at n = 3 (95% CI [+2.46, +8.20]; Holm p 0.012 over 4 tests: holds for the family)"
+    assert interval_words("ΔAA", stats.Summary(3, -5.33, 1.0, 2.87), p_holm=0.3, family=40).endswith(
+        "below 0 at n = 3 (95% CI [-8.20, -2.46]; Holm p 0.3 over 40 tests: could be one of the family's chance "
+        "exclusions)")
 
 
 # ---------------------------------------------------------------- flatness columns and flatness vs forgetting
