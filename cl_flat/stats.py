@@ -12,6 +12,9 @@ Tests of "mean 0" over a family of differences (report.md tests every paired dif
                    excludes 0)
     Holm p̃_(k)   = min(1, max_{j≤k} (m − j + 1)·p_(j)) for the sorted p_(1) ≤ … ≤ p_(m) of the family: p̃ < α
                    keeps the chance of any false "differs" in the family at most α (Holm 1979, Scand. J. Stat.)
+    detectable   δ_80 = (t_{0.975, n−1} + t_{0.80, n−1}) · s / √n, the mean difference that test would find
+                   with about 80% power given the spread s seen (the usual t approximation of the
+                   noncentral-t power; e.g. Cohen 1988, ch. 2): what a null result could have excluded
 
 Rank correlation of pairs (x_k, y_k) and its interval when the pairs come in dependent clusters (runs of one
 seed share its data sample and initialisation): `spearman` and `cluster_bootstrap_ci`.
@@ -25,7 +28,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 __all__ = ["Summary", "mean", "sample_std", "t_quantile", "t_cdf", "ci_half_width", "summarize", "summarize_defined",
-           "t_test_p", "holm",
+           "t_test_p", "holm", "detectable_difference",
            "average_ranks", "spearman", "BootstrapInterval", "cluster_bootstrap_ci"]
 
 CONFIDENCE = 0.95
@@ -161,6 +164,14 @@ def holm(p_values: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (len(family) - rank) * p))
         adjusted[i] = running
     return adjusted
+
+
+def detectable_difference(summary: Summary, power: float = 0.8) -> float:
+    """δ = (t_{0.975, n−1} + t_{power, n−1})·s/√n (module docstring); NaN for n < 2."""
+    if summary.n < 2 or math.isnan(summary.std):
+        return math.nan
+    dof = summary.n - 1
+    return (t_quantile((1.0 + CONFIDENCE) / 2.0, dof) + t_quantile(power, dof)) * summary.std / math.sqrt(summary.n)
 
 
 def average_ranks(values: Sequence[float]) -> list[float]:

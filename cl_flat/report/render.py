@@ -39,7 +39,7 @@ from cl_flat.report.build import (
 from cl_flat.report.flatness import FlatnessForgetting, describe, flatness_forgetting
 from cl_flat.report.runs import COST_MEASURE, DRIFT_MEASURE, FLATNESS_MEASURES, TIME_RATIO, paired_differences
 from cl_flat.rundir import RunDir
-from cl_flat.stats import CONFIDENCE, Summary
+from cl_flat.stats import CONFIDENCE, Summary, detectable_difference
 
 REFERENCE_KEYS = tuple(key for key, _ in REFERENCE_MEASURES.values())
 FLATNESS_KEYS = tuple(FLATNESS_MEASURES)
@@ -94,7 +94,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def interval_words(name: str, summary: Summary | None, form: str = ".2f", p_holm: float | None = None,
                    family: int = 0) -> str | None:
     """What a paired difference's interval says, e.g. "ΔBWT +3.30 ± 9.90: not distinguishable from 0 at
-    n = 3" (the 95% CI contains 0) or "ΔAA +5.33 ± 2.87: above 0 at n = 3 (95% CI [+2.46, +8.20])"; with its
+    n = 3 (80% power only for |Δ| ≥ 12.34)" (the 95% CI contains 0; the difference it could have found,
+    cl_flat.stats.detectable_difference) or "ΔAA +5.33 ± 2.87: above 0 at n = 3 (95% CI [+2.46, +8.20])"; with its
     Holm-adjusted p over a family of `family` tests, whether the exclusion holds for the family."""
     if summary is None:
         return None
@@ -102,7 +103,8 @@ def interval_words(name: str, summary: Summary | None, form: str = ".2f", p_holm
         return f"{name} {summary.mean:+{form}}: one pair, no interval, no conclusion"
     head = f"{name} {summary.mean:+{form}} ± {summary.half_width:{form}}"
     if summary.ci_low <= 0 <= summary.ci_high:
-        return f"{head}: not distinguishable from 0 at n = {summary.n}"
+        return (f"{head}: not distinguishable from 0 at n = {summary.n} (80% power only for |Δ| ≥ "
+                f"{detectable_difference(summary):{form}})")
     side = "above" if summary.ci_low > 0 else "below"
     holm = "" if p_holm is None else (
         f"; Holm p {p_holm:.2g} over {family} tests: " + ("holds for the family" if p_holm < ALPHA

@@ -72,6 +72,16 @@ def test_t_test_p_by_closed_forms_and_at_the_interval_edge():
     assert (stats.t_test_p(stats.summarize([2, 2])), stats.t_test_p(stats.summarize([0, 0]))) == (0.0, 1.0)
 
 
+def test_detectable_difference_by_closed_forms():
+    # ν = 2: t_p = q·√(2/(1 − q²)), q = 2p − 1: t_{0.8,2} = 0.6·√(2/0.64); s = √3, n = 3 -> δ = t_{0.975,2} + t_{0.8,2}
+    assert stats.detectable_difference(stats.Summary(3, 0.0, math.sqrt(3), T975_2)) == \
+        pytest.approx(T975_2 + 0.6 * math.sqrt(2 / 0.64), abs=1e-6)
+    # ν = 1: t_p = tan(π(p − ½)); s = √2, n = 2 -> δ = t_{0.975,1} + tan(0.3π)
+    assert stats.detectable_difference(stats.summarize([0, 2])) == pytest.approx(T975_1 + math.tan(0.3 * math.pi),
+                                                                                abs=1e-6)
+    assert math.isnan(stats.detectable_difference(stats.summarize([1])))
+
+
 def test_holm_step_down_by_hand():
     # sorted 0.01, 0.03, 0.04 -> 3·0.01, max(0.03, 2·0.03), max(0.06, 1·0.04)
     assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])

@@ -81,7 +81,8 @@ def test_cluster_bootstrap_resamples_whole_clusters():
 
 def test_interval_words():
     assert interval_words("ΔBWT", stats.Summary(3, 3.3, 4.0, 9.9)) == \
-        "ΔBWT +3.30 ± 9.90: not distinguishable from 0 at n = 3"
+        "ΔBWT +3.30 ± 9.90: not distinguishable from 0 at n = 3 (80% power only for |Δ| ≥ 12.39)"
+    # (t_{0.975,2} + t_{0.8,2})·s/√3 with t_{0.8,2} = 0.6·√(2/0.64) = 1.06066: 5.363313 · 4/√3 = 12.386
     assert interval_words("ΔAA", stats.Summary(3, 5.33, 1.0, 2.87)) == \
         "ΔAA +5.33 ± 2.87: above 0 at n = 3 (95% CI [+2.46, +8.20])"
     assert interval_words("ΔF", stats.Summary(1, -2.0, math.nan, math.nan)).endswith("one pair, no interval, "
