@@ -117,8 +117,9 @@ class PairedComparison:
     seeds: list[int]                    # the seeds of the group's paired runs, sorted
     metrics: dict[str, Summary | None]  # summary of M(group) − M(baseline) over pairs; None: no pair or undefined
     unpaired: list[RunResult] = field(default_factory=list)  # the group's runs without a pair
-    p: dict[str, float] = field(default_factory=dict)       # t test of mean 0 of each difference with n ≥ 2
-    p_holm: dict[str, float] = field(default_factory=dict)  # p Holm-adjusted over the report's family (tested)
+    # the t test of mean 0 of each difference with n ≥ 2 (stats.t_test_p of its summary), Holm-adjusted over
+    # the report's family (tested)
+    p_holm: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -300,15 +301,15 @@ def compare_paired(group: Group, baseline: Group, pair_by: str = "seed,order") -
 
 
 def tested(paired: list[PairedComparison]) -> list[PairedComparison]:
-    """The comparisons with p and p_holm filled: one test per difference with n ≥ 2 (the cost ratio is not a
+    """The comparisons with p_holm filled: one test per difference with n ≥ 2 (the cost ratio is not a
     difference and is not tested), Holm-adjusted over all of them together (module docstring)."""
     family = [(i, m, t_test_p(s)) for i, c in enumerate(paired) for m, s in c.metrics.items()
-              if m != TIME_RATIO and s is not None and s.n > 1]
-    p, adjusted = [{} for _ in paired], [{} for _ in paired]
+              if m != TIME_RATIO and s is not None]
+    adjusted: list[dict[str, float]] = [{} for _ in paired]
     for (i, m, raw), q in zip(family, holm([raw for *_, raw in family])):
-        if not math.isnan(raw):
-            p[i][m], adjusted[i][m] = raw, q
-    return [replace(c, p=p[i], p_holm=adjusted[i]) for i, c in enumerate(paired)]
+        if not math.isnan(raw):  # n = 1: no test, not part of the family
+            adjusted[i][m] = q
+    return [replace(c, p_holm=adjusted[i]) for i, c in enumerate(paired)]
 
 
 def _unpaired_note(comparison: PairedComparison, pair_by: str, one_order: bool) -> str:

@@ -39,7 +39,7 @@ from cl_flat.report.build import (
 from cl_flat.report.flatness import FlatnessForgetting, describe, flatness_forgetting
 from cl_flat.report.runs import COST_MEASURE, DRIFT_MEASURE, FLATNESS_MEASURES, TIME_RATIO, paired_differences
 from cl_flat.rundir import RunDir
-from cl_flat.stats import CONFIDENCE, Summary, detectable_difference
+from cl_flat.stats import CONFIDENCE, Summary, detectable_difference, t_test_p
 
 REFERENCE_KEYS = tuple(key for key, _ in REFERENCE_MEASURES.values())
 FLATNESS_KEYS = tuple(FLATNESS_MEASURES)
@@ -122,10 +122,9 @@ def _paired_words(comparison: PairedComparison, measures: tuple[str, ...], famil
     return f"- {_one_line(comparison.group.label)}: " + ("; ".join(words) if words else "no pair") + "."
 
 
-def _family_words(paired: list[PairedComparison]) -> str:
-    """One sentence on the family of paired tests: how many exclusions chance alone gives, and which
+def _family_words(paired: list[PairedComparison], family: int) -> str:
+    """One sentence on the family of `family` paired tests: how many exclusions chance alone gives, and which
     differences hold after Holm's adjustment."""
-    family = sum(len(c.p_holm) for c in paired)
     held = [f"Δ{m} of {_one_line(c.group.label)} (Holm p {q:.2g})"
             for c in paired for m, q in c.p_holm.items() if q < ALPHA]
     return (f"{family} paired differences are tested here (one per group and measure; the two-sided t test whose "
@@ -165,7 +164,7 @@ def _paired_section(report: Report, baseline: Group, measures: tuple[str, ...]) 
     family = sum(len(c.p_holm) for c in report.paired)
     lines += ["", "What the intervals say (a 95% CI that contains 0: the data do not tell the group from the "
               "baseline; more seeds narrow it):", "", *(_paired_words(c, measures, family) for c in report.paired)]
-    return lines + (["", _family_words(report.paired)] if family else [])
+    return lines + (["", _family_words(report.paired, family)] if family else [])
 
 
 def render_markdown(report: Report, figures_written: list[Path] | None = None,
@@ -252,7 +251,8 @@ def render_csv(report: Report) -> str:
                   "method": _methods([run]), "tasks": sequence_label(run.tasks), "n": 1,
                   **{m: _number(v) for m, v in run.metrics.items()}} for run in group.runs]
     rows += [summary_row("paired", c.group, c.seeds, c.metrics) | {"baseline": report.baseline.label}
-             | {f"{m}_p": _number(p) for m, p in c.p.items()} | {f"{m}_p_holm": _number(q) for m, q in c.p_holm.items()}
+             | {f"{m}_p": _number(t_test_p(c.metrics[m])) for m in c.p_holm}
+             | {f"{m}_p_holm": _number(q) for m, q in c.p_holm.items()}
              for c in report.paired]
     for ref in report.references:
         rows.append(summary_row("reference", ref, ref.seeds, {"AA": ref.mean}))
