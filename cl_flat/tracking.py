@@ -268,9 +268,12 @@ class RankLog:
     """Copies everything this process writes to stdout and stderr (file descriptors 1 and 2: print, Python
     warnings, logging, DeepSpeed, C++ libraries, child processes) into a log file, while it still reaches the
     console as before. Output before `attach` is held in memory (at most HELD_BYTES) and written first; if the
-    run never gets its folder (it was refused) nothing is written. Lasts until the process exits (`close`)."""
+    run never gets its folder (it was refused) nothing is written. The log gets whole lines of each stream (a
+    print's pieces and a message on the other stream never interleave mid-line; a line longer than LINE_BYTES is
+    cut). Lasts until the process exits (`close`)."""
 
     HELD_BYTES = 1 << 20
+    LINE_BYTES = 1 << 16
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -334,6 +337,7 @@ class RankLog:
         duplicate of fd 2 for the life of the process: EOF would never come)."""
         waiting = select.poll()
         waiting.register(read, select.POLLIN)
+        partial = bytearray()  # the stream's line not yet ended
         while True:
             if not waiting.poll(100):
                 if self._closing.is_set():
@@ -348,12 +352,21 @@ class RankLog:
                     view = view[os.write(console, view):]
             except OSError:  # the console went away: keep the log
                 pass
-            with self._lock:
-                if self._file is not None:
-                    self._write_log(chunk)
-                elif len(self._held) < self.HELD_BYTES:
-                    self._held += chunk
+            partial += chunk
+            cut = partial.rfind(b"\n") + 1 if len(partial) <= self.LINE_BYTES else len(partial)
+            if cut:
+                self._log(bytes(partial[:cut]))
+                del partial[:cut]
+        if partial:
+            self._log(bytes(partial))
         os.close(read)
+
+    def _log(self, lines: bytes) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._write_log(lines)
+            elif len(self._held) < self.HELD_BYTES:
+                self._held += lines
 
     def _write_log(self, chunk: bytes) -> None:
         """Into the log file; if it cannot be written (a full disk) the log stops there, while the console still

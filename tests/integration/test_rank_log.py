@@ -108,3 +108,31 @@ def test_the_last_message_reaches_the_console_and_the_log(tmp_path, mode):
         assert log.read_text().splitlines()[1:] == ["working", "error: the one message"]
     else:
         assert not log.exists()  # a refused run writes nothing
+
+
+SPLIT_LINE_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+from cl_flat.tracking import RankLog
+
+log = RankLog().start()
+log.attach(Path(sys.argv[1]), 0, 1)
+os.write(1, b"a line begun ")
+time.sleep(0.5)  # the copier has read the half line before the other stream writes
+os.write(2, b"a whole line on stderr\\n")
+time.sleep(0.5)
+os.write(1, b"and ended\\n")
+os.write(1, b"an unended last line")
+"""
+
+
+def test_the_log_keeps_each_streams_lines_whole(tmp_path):
+    """A line of one stream is written in pieces while the other writes: the log has both lines whole (the
+    stdout line after the stderr one, where it ended), and an unended last line is not lost."""
+    log = tmp_path / "logs" / "rank0.log"
+    proc = subprocess.run([sys.executable, "-c", SPLIT_LINE_SCRIPT, str(log)], capture_output=True, text=True,
+                          env=quiet_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert log.read_text().splitlines()[1:] == ["a whole line on stderr", "a line begun and ended",
+                                                "an unended last line"]
+    assert proc.stdout == "a line begun and ended\nan unended last line"
