@@ -318,6 +318,10 @@ def report(
                                                   "else worst), worst, avg, lambda_max, trace")] = "auto",
     published: Annotated[Optional[str], typer.Option("--published", help="add O-LoRA's published T5-large AA "
                                                      "as marked reference rows: standard or long")] = None,
+    primary: Annotated[Optional[str], typer.Option("--primary", help="comma-separated measures named before "
+                                                   "looking (e.g. BWT or BWT,lambda_max): only their paired "
+                                                   "differences form the Holm-adjusted family, the others are "
+                                                   "descriptive (default: every measure)")] = None,
 ) -> None:
     """Compare finished runs: per group (seeds, task orders) n, mean ± 95% t-interval of AA, BWT, FWT, F, AIA
     and the flatness measures saved, paired differences against a baseline, flatness vs forgetting;
@@ -326,7 +330,7 @@ def report(
     from cl_flat.report.flatness import choose_measure
 
     result = build_report(runs, group_by=group_by, baseline=baseline or [], allow_mixed=allow_mixed,
-                          pair_by=pair_by, published=published)
+                          pair_by=pair_by, published=published, primary=primary)
     choose_measure(result.runs, flatness_measure)  # a bad --flatness-measure stops before anything is written
     written = write_report(result, out, flatness_measure)
     typer.echo((out / "report.md").read_text(encoding="utf-8"), nl=False)

@@ -32,7 +32,9 @@ metric, but paired as a ratio, group run over baseline run (TIME_RATIO: "time ×
 
 Multiplicity: every paired difference with n ≥ 2 of every group is one test of "mean 0" (the two-sided t test
 its interval inverts); their p values are Holm-adjusted over that whole family (`tested`, cl_flat.stats), so
-that one interval in dozens excluding 0 by chance is not read as an effect.
+that one interval in dozens excluding 0 by chance is not read as an effect. A study that names its primary
+measures before it looks (`primary`, e.g. BWT) makes the family those measures' differences only; the others
+are then descriptive, their p unadjusted.
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ class Report:
     measures: tuple[str, ...] = METRICS  # METRICS, the reference, flatness and drift measures the inputs allow
     pair_by: str = "seed,order"
     published: tuple[str, tuple[PublishedResult, ...]] | None = None  # (--published key, its rows)
+    primary: tuple[str, ...] | None = None  # the measures of the tested family; None: every measure
 
     @property
     def runs(self) -> list[RunResult]:
@@ -300,11 +303,12 @@ def compare_paired(group: Group, baseline: Group, pair_by: str = "seed,order") -
                             [run for run in group.runs if key_of(run) not in keys])
 
 
-def tested(paired: list[PairedComparison]) -> list[PairedComparison]:
+def tested(paired: list[PairedComparison], primary: Sequence[str] | None = None) -> list[PairedComparison]:
     """The comparisons with p_holm filled: one test per difference with n ≥ 2 (the cost ratio is not a
-    difference and is not tested), Holm-adjusted over all of them together (module docstring)."""
+    difference and is not tested) of every measure, or of the `primary` measures only, Holm-adjusted over all
+    of them together (module docstring)."""
     family = [(i, m, t_test_p(s)) for i, c in enumerate(paired) for m, s in c.metrics.items()
-              if m != TIME_RATIO and s is not None]
+              if m != TIME_RATIO and s is not None and (primary is None or m in primary)]
     adjusted: list[dict[str, float]] = [{} for _ in paired]
     for (i, m, raw), q in zip(family, holm([raw for *_, raw in family])):
         if not math.isnan(raw):  # n = 1: no test, not part of the family
@@ -337,8 +341,10 @@ def _readable(folders: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
 
 
 def build_report(inputs: Sequence[str], group_by: str | None = None, baseline: Sequence[str] = (),
-                 allow_mixed: bool = False, pair_by: str = "seed,order", published: str | None = None) -> Report:
-    """Read and compare the runs named by `inputs`; raises ReportInputError before anything is written."""
+                 allow_mixed: bool = False, pair_by: str = "seed,order", published: str | None = None,
+                 primary: str | None = None) -> Report:
+    """Read and compare the runs named by `inputs`; raises ReportInputError before anything is written.
+    `primary`: comma-separated measures whose paired differences alone form the tested family."""
     keys = None if group_by is None else [key.strip() for key in group_by.split(",")]
     if keys is not None and not all(keys):
         raise ReportInputError(f"--group-by {group_by}: expected comma-separated dotted keys, "
@@ -373,8 +379,13 @@ def build_report(inputs: Sequence[str], group_by: str | None = None, baseline: S
     notes = baseline_notes + notes + [f"skipped {folder}: {problem}" for folder, problem in unreadable]
     if chosen is not None:
         groups = [chosen, *(group for group in groups if group is not chosen)]
+    measures = (*METRICS, *(key for kind, (key, _) in REFERENCE_MEASURES.items()
+                            if any(ref.kind == kind for ref in references)),
+                *(key for key in (*FLATNESS_MEASURES, DRIFT_MEASURE, COST_MEASURE)
+                  if any(run.metrics[key] is not None for run in runs)))
+    family = None if primary is None else _primary_measures(primary, paired_differences(measures))
     paired = tested([compare_paired(group, chosen, pair_by)
-                     for group in groups if chosen is not None and group is not chosen])
+                     for group in groups if chosen is not None and group is not chosen], family)
     one_order = len({run.tasks for run in runs}) == 1
     notes += [_unpaired_note(comparison, pair_by, one_order) for comparison in paired if comparison.unpaired]
     notes += [f"{group.label}: its runs have task sequences of different lengths; OP_t is averaged over the first "
@@ -382,10 +393,17 @@ def build_report(inputs: Sequence[str], group_by: str | None = None, baseline: S
     if len({frozenset(group.orders) for group in groups}) > 1:
         notes.append("the groups cover different task orders (see the orders column): their means average "
                      "different orders; the paired differences compare like with like")
-    measures = (*METRICS, *(key for kind, (key, _) in REFERENCE_MEASURES.items()
-                            if any(ref.kind == kind for ref in references)),
-                *(key for key in (*FLATNESS_MEASURES, DRIFT_MEASURE, COST_MEASURE)
-                  if any(run.metrics[key] is not None for run in runs)))
     return Report(groups, chosen, paired, skipped, notes, f"by {', '.join(keys)}" if keys else Report.grouping,
                   group_references(references), measures, pair_by,
-                  None if published is None else (published, PUBLISHED[published]))
+                  None if published is None else (published, PUBLISHED[published]), family)
+
+
+def _primary_measures(primary: str, available: Sequence[str]) -> tuple[str, ...]:
+    """--primary's measures, each one with a paired difference in this report."""
+    names = tuple(name.strip() for name in primary.split(","))
+    wrong = [name for name in names if name not in available]
+    if not all(names) or wrong:
+        raise ReportInputError(f"--primary {primary}: expected comma-separated measures of this report's paired "
+                               f"differences, e.g. BWT,lambda_max; they are {', '.join(available)}"
+                               + (f" ({', '.join(wrong)} is not one)" if wrong else ""))
+    return names

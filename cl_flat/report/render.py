@@ -8,7 +8,8 @@ REFERENCE_KEYS, then FLATNESS_KEYS (run rows), M_mean, M_std, M_ci_low, M_ci_hig
 reference rows; a reference's or a published row's value is in AA), source (published rows), then
 final_drift and its summary parts (probes), then seconds_per_update and its summary parts (group and run
 rows) and time_ratio's (paired rows: the group's seconds per update over the baseline's, per pair), then
-M_p and M_p_holm (paired rows: the t test of each difference and its Holm-adjusted p, TESTED);
+M_p and M_p_holm (paired rows: the t test of each difference and its Holm-adjusted p, TESTED; M_p_holm empty
+for a measure outside --primary);
 docs/results.md explains each. An empty cell is undefined, never 0. No cell holds a newline; report.md
 escapes "|" in its cells.
 """
@@ -92,11 +93,12 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def interval_words(name: str, summary: Summary | None, form: str = ".2f", p_holm: float | None = None,
-                   family: int = 0) -> str | None:
+                   family: int = 0, descriptive: bool = False) -> str | None:
     """What a paired difference's interval says, e.g. "ΔBWT +3.30 ± 9.90: not distinguishable from 0 at
     n = 3 (80% power only for |Δ| ≥ 12.34)" (the 95% CI contains 0; the difference it could have found,
     cl_flat.stats.detectable_difference) or "ΔAA +5.33 ± 2.87: above 0 at n = 3 (95% CI [+2.46, +8.20])"; with its
-    Holm-adjusted p over a family of `family` tests, whether the exclusion holds for the family."""
+    Holm-adjusted p over a family of `family` tests, whether the exclusion holds for the family; `descriptive`:
+    a difference outside the family of primary measures, its p not adjusted."""
     if summary is None:
         return None
     if summary.n == 1 or math.isnan(summary.half_width):
@@ -109,27 +111,34 @@ def interval_words(name: str, summary: Summary | None, form: str = ".2f", p_holm
     holm = "" if p_holm is None else (
         f"; Holm p {p_holm:.2g} over {family} tests: " + ("holds for the family" if p_holm < ALPHA
                                                         else "could be one of the family's chance exclusions"))
+    if descriptive:
+        holm = f"; not a primary measure: p {t_test_p(summary):.2g}, not adjusted"
     return (f"{head}: {side} 0 at n = {summary.n} (95% CI [{summary.ci_low:+{form}}, "
             f"{summary.ci_high:+{form}}]{holm})")
 
 
-def _paired_words(comparison: PairedComparison, measures: tuple[str, ...], family: int) -> str:
+def _paired_words(comparison: PairedComparison, measures: tuple[str, ...], family: int,
+                  primary: tuple[str, ...] | None) -> str:
     words = [w for m in measures if (w := interval_words(f"Δ{m}", comparison.metrics.get(m),
                                                          ".3g" if m in FLATNESS_KEYS else ".2f",
-                                                         comparison.p_holm.get(m), family))]
+                                                         comparison.p_holm.get(m), family,
+                                                         primary is not None and m not in primary))]
     if (cost := comparison.metrics.get(TIME_RATIO)) is not None:
         words.append(f"time × baseline {_cell(cost)}")
     return f"- {_one_line(comparison.group.label)}: " + ("; ".join(words) if words else "no pair") + "."
 
 
-def _family_words(paired: list[PairedComparison], family: int) -> str:
-    """One sentence on the family of `family` paired tests: how many exclusions chance alone gives, and which
-    differences hold after Holm's adjustment."""
+def _family_words(paired: list[PairedComparison], family: int, primary: tuple[str, ...] | None) -> str:
+    """One sentence on the family of `family` paired tests (of every measure, or of the primary ones): how
+    many exclusions chance alone gives, and which differences hold after Holm's adjustment."""
     held = [f"Δ{m} of {_one_line(c.group.label)} (Holm p {q:.2g})"
             for c in paired for m, q in c.p_holm.items() if q < ALPHA]
-    return (f"{family} paired differences are tested here (one per group and measure; the two-sided t test whose "
+    which = ("one per group and measure" if primary is None
+             else "one per group and primary measure: " + ", ".join(f"Δ{m}" for m in primary))
+    return (f"{family} paired differences are tested here ({which}; the two-sided t test whose "
             f"95% CI is shown): with nothing different, about {family * ALPHA:.2g} of them would exclude 0 by "
-            "chance alone. Holm's adjustment over all of them keeps " + ("; ".join(held) or "none") + ".")
+            "chance alone. Holm's adjustment over all of them keeps " + ("; ".join(held) or "none") + "."
+            + ("" if primary is None else " The other differences are descriptive: their p is not adjusted."))
 
 
 def _groups_table(report: Report, measures: tuple[str, ...]) -> list[str]:
@@ -163,8 +172,9 @@ def _paired_section(report: Report, baseline: Group, measures: tuple[str, ...]) 
                       *(_cell(c.metrics[TIME_RATIO]) for _ in cost)] for c in report.paired])
     family = sum(len(c.p_holm) for c in report.paired)
     lines += ["", "What the intervals say (a 95% CI that contains 0: the data do not tell the group from the "
-              "baseline; more seeds narrow it):", "", *(_paired_words(c, measures, family) for c in report.paired)]
-    return lines + (["", _family_words(report.paired, family)] if family else [])
+              "baseline; more seeds narrow it):", "",
+              *(_paired_words(c, measures, family, report.primary) for c in report.paired)]
+    return lines + (["", _family_words(report.paired, family, report.primary)] if family else [])
 
 
 def render_markdown(report: Report, figures_written: list[Path] | None = None,
@@ -251,7 +261,7 @@ def render_csv(report: Report) -> str:
                   "method": _methods([run]), "tasks": sequence_label(run.tasks), "n": 1,
                   **{m: _number(v) for m, v in run.metrics.items()}} for run in group.runs]
     rows += [summary_row("paired", c.group, c.seeds, c.metrics) | {"baseline": report.baseline.label}
-             | {f"{m}_p": _number(t_test_p(c.metrics[m])) for m in c.p_holm}
+             | {f"{m}_p": _number(t_test_p(s)) for m, s in c.metrics.items() if m in TESTED and s is not None}
              | {f"{m}_p_holm": _number(q) for m, q in c.p_holm.items()}
              for c in report.paired]
     for ref in report.references:

@@ -158,6 +158,32 @@ def test_every_paired_difference_is_tested_and_holm_adjusted_over_the_family(res
     assert row["lambda_max_p"] == row["final_drift_p_holm"] == ""  # not measured: no test
 
 
+def test_primary_measures_alone_form_the_family_and_the_others_are_descriptive(results, tmp_path):
+    # ΔBWT and ΔF: t = 6.5 at ν = 2 each, p = 1 − 6.5/√44.25 = 0.02287; Holm over these 2 equal p: 2p = 0.0457,
+    # which holds (< 0.05) where over the 5 measures it did not (3p); ΔAA (t = 8, p 0.0153) is descriptive
+    p = 1 - 6.5 / math.sqrt(44.25)
+    report = build_report([str(results)], primary="BWT, F")
+    assert report.primary == ("BWT", "F")
+    assert report.paired[0].p_holm == pytest.approx({"BWT": 2 * p, "F": 2 * p}, rel=1e-9)
+    markdown = render_markdown(report)
+    # ΔBWT [10, 10, 6]: mean 26/3, s/√3 = 4/3, h = 4.303·4/3 = 5.74
+    assert ("ΔBWT +8.67 ± 5.74: above 0 at n = 3 (95% CI [+2.93, +14.40]; Holm p 0.046 over 2 tests: holds for the "
+            "family)") in markdown
+    assert "ΔAA +5.33 ± 2.87: above 0 at n = 3 (95% CI [+2.46, +8.20]; not a primary measure: p 0.015, not adjusted)" \
+        in markdown
+    assert ("2 paired differences are tested here (one per group and primary measure: ΔBWT, ΔF; the two-sided t "
+            "test whose 95% CI is shown)") in markdown
+    assert f"keeps ΔBWT of {SAM_LABEL} (Holm p 0.046); ΔF of {SAM_LABEL} (Holm p 0.046)." in markdown
+    assert "The other differences are descriptive: their p is not adjusted." in markdown
+    write_report(report, tmp_path / "out")
+    row = next(r for r in csv.DictReader((tmp_path / "out" / "report.csv").open()) if r["kind"] == "paired")
+    assert float(row["AA_p"]) == pytest.approx(1 - 8 / math.sqrt(66)) and row["AA_p_holm"] == ""
+    assert float(row["BWT_p_holm"]) == pytest.approx(2 * p)
+    for wrong, named in (("BWT,lambda", "lambda is not one"), ("BWT,", "expected comma-separated measures")):
+        with pytest.raises(UserError, match=rf"--primary {wrong}: .*{named}"):
+            build_report([str(results)], primary=wrong)
+
+
 def test_explicit_baseline_and_errors_naming_the_key(results):
     report = build_report([str(results)], baseline=["flatness.method=sam"])
     assert report.baseline.label == SAM_LABEL
