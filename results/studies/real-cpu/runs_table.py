@@ -1,4 +1,4 @@
-"""Prints the README's per-run table from runs/ (python3 runs_table.py, from this folder): AA, BWT, F, FWT
+"""Prints the README's two tables (python3 runs_table.py, from this folder). Per run, from runs/: AA, BWT, F, FWT
 from metrics.json; forgetting R[i,i] − R[T,i] from acc_matrix.csv; λ_max and worst-case sharpness of each
 task's minimum right after training it (metrics.json `sharpness`), for the tasks before the last."""
 
@@ -30,11 +30,40 @@ def row(run: Path) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def cell(row: dict, measure: str, form: str = ".2f", paired: bool = False) -> str:
+    """mean ± half-width of report.csv's summary columns; bold where a paired interval excludes 0."""
+    if not row.get(f"{measure}_mean"):
+        return "—"
+    low, high = float(row[f"{measure}_ci_low"] or "nan"), float(row[f"{measure}_ci_high"] or "nan")
+    mean, half = float(row[f"{measure}_mean"]), (high - low) / 2
+    text = f"{mean:+{form}}" if paired else f"{mean:{form}}"
+    text = (text if half != half else f"{text} ± {half:{form}}").replace("-", "−")
+    return f"**{text}**" if paired and (low > 0 or high < 0) else text
+
+
+def groups_table() -> list[str]:
+    with open("report.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    paired = {row["method"]: row for row in rows if row["kind"] == "paired"}
+    lines = []
+    for row in sorted((r for r in rows if r["kind"] == "group"), key=lambda r: ORDER.index(r["method"])):
+        other = paired.get(row["method"])
+        cells = [row["method"], row["n"], cell(row, "AA"), cell(row, "BWT"), cell(row, "FWT_alone"),
+                 cell(row, "gap_joint"), cell(row, "lambda_max", ".3g"),
+                 *(("—",) * 4 if other is None else (cell(other, "AA", paired=True), cell(other, "BWT", paired=True),
+                                                     cell(other, "lambda_max", ".3g", paired=True),
+                                                     cell(other, "time_ratio")))]
+        lines.append("| " + " | ".join(cells) + " |")
+    for row in sorted((r for r in rows if r["kind"] == "reference"), key=lambda r: "joint" in r["group"]):
+        lines.append(f"| {row['group']} | {row['n']} | {cell(row, 'AA')} (mean of "
+                     f"{'P_i' if 'per_task' in row['group'] else 'J_i'}) |" + " — |" * 8)
+    return lines
+
+
 def key(run: Path) -> tuple[int, int]:
     method, seed = re.fullmatch(r"real-cpu-(.+)-s(\d+)", run.name).groups()
     return ORDER.index(method) if method in ORDER else len(ORDER), int(seed)
 
 
 runs = [run for run in Path("runs").iterdir() if re.fullmatch(r"real-cpu-.+-s\d+", run.name)]
-for run in sorted(runs, key=key):
-    print(row(run))
+print("\n".join([*(row(run) for run in sorted(runs, key=key)), "", *groups_table()]))
