@@ -1,9 +1,13 @@
 """Prints the README's two tables (python3 runs_table.py, from this folder). Per run, from runs/: AA, BWT, F, FWT
 from metrics.json; forgetting R[i,i] − R[T,i] from acc_matrix.csv; λ_max and worst-case sharpness of each
-task's minimum right after training it (metrics.json `sharpness`), for the tasks before the last."""
+task's minimum right after training it, for the tasks before the last (landscape/sharpness.json, as the
+report reads them: where a later measurement replaced an early one, e.g. none seed 1's sst2 λ_max). Per
+group, from report.csv: mean ± 95% half-width of AA, BWT, FWT_alone, gap_joint, λ_max, the paired ΔAA, ΔBWT,
+Δλ_max (bold: the interval excludes 0 alone) and time × none."""
 
 import csv
 import json
+import math
 import re
 from pathlib import Path
 
@@ -30,14 +34,15 @@ def row(run: Path) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def cell(row: dict, measure: str, form: str = ".2f", paired: bool = False) -> str:
-    """mean ± half-width of report.csv's summary columns; bold where a paired interval excludes 0."""
-    if not row.get(f"{measure}_mean"):
+def cell(line: dict, measure: str, form: str = ".2f", paired: bool = False) -> str:
+    """mean ± half-width of a report.csv row's summary columns (n = 1: the mean); bold where a paired interval
+    excludes 0."""
+    if not line.get(f"{measure}_mean"):
         return "—"
-    low, high = float(row[f"{measure}_ci_low"] or "nan"), float(row[f"{measure}_ci_high"] or "nan")
-    mean, half = float(row[f"{measure}_mean"]), (high - low) / 2
+    low, high = float(line[f"{measure}_ci_low"] or "nan"), float(line[f"{measure}_ci_high"] or "nan")
+    mean, half = float(line[f"{measure}_mean"]), (high - low) / 2
     text = f"{mean:+{form}}" if paired else f"{mean:{form}}"
-    text = (text if half != half else f"{text} ± {half:{form}}").replace("-", "−")
+    text = (text if math.isnan(half) else f"{text} ± {half:{form}}").replace("-", "−")
     return f"**{text}**" if paired and (low > 0 or high < 0) else text
 
 
