@@ -71,7 +71,7 @@ def run_to_exit(command: Callable[[], None]) -> None:
 
 def _last_words(text: str) -> None:
     """The message a failing command ends with, on a console that is surely back (`RankLog.last_words`)."""
-    from cl_flat.tracking import RankLog
+    from cl_flat.rank_log import RankLog
 
     RankLog.last_words(text)
 

@@ -34,11 +34,12 @@ from cl_flat.family import family_of, lora_targets
 from cl_flat.flatness import FlatnessMethod, build_method
 from cl_flat.models import check_chat_templates, check_target_modules, load_run_model, run_precision
 from cl_flat.progress import announce, training_bars
+from cl_flat.rank_log import RankLog
 from cl_flat.rundir import RunDir
 from cl_flat.rundir.lock import held
 from cl_flat.seeding import deterministic_kernels
 from cl_flat.strategies import LossTerms, build_strategies
-from cl_flat.tracking import RankLog, Tracker
+from cl_flat.tracking import Tracker
 from cl_flat.train import train_task
 
 

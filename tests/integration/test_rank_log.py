@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 RANK_LOG_SCRIPT = """
 import logging, os, subprocess, sys, warnings
 from pathlib import Path
-from cl_flat.tracking import RankLog
+from cl_flat.rank_log import RankLog
 
 log = RankLog().start()
 print("before attach")
@@ -62,7 +62,7 @@ def test_rank_log_copies_all_console_output_and_the_console_keeps_it(tmp_path, a
 def test_rank_log_keeps_a_terminal_a_terminal(tmp_path):
     """rich draws live progress bars only on a terminal: under RankLog, stdout still says it is one."""
     script = tmp_path / "script.py"
-    script.write_text("import sys\nfrom cl_flat.tracking import RankLog\nRankLog().start()\n"
+    script.write_text("import sys\nfrom cl_flat.rank_log import RankLog\nRankLog().start()\n"
                       "print('terminal?', sys.stdout.isatty())\n")
     leader, follower = pty.openpty()
     proc = subprocess.Popen([sys.executable, str(script)], stdout=follower, stderr=subprocess.DEVNULL,
@@ -85,7 +85,7 @@ def test_rank_log_keeps_a_terminal_a_terminal(tmp_path):
 LAST_WORDS_SCRIPT = """
 import sys
 from pathlib import Path
-from cl_flat.tracking import RankLog
+from cl_flat.rank_log import RankLog
 
 log = RankLog().start()
 print("working", file=sys.stderr, flush=True)
@@ -113,7 +113,7 @@ def test_the_last_message_reaches_the_console_and_the_log(tmp_path, mode):
 SPLIT_LINE_SCRIPT = """
 import os, sys, time
 from pathlib import Path
-from cl_flat.tracking import RankLog
+from cl_flat.rank_log import RankLog
 
 log = RankLog().start()
 log.attach(Path(sys.argv[1]), 0, 1)

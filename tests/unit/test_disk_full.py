@@ -81,7 +81,7 @@ def test_train_log_on_a_full_disk_is_disk_full_naming_it(tmp_path, tiny_config, 
 
 
 def test_the_rank_log_stops_at_a_full_disk_while_the_console_goes_on():
-    from cl_flat.tracking import RankLog
+    from cl_flat.rank_log import RankLog
 
     log = RankLog()
     log._file = FailingFile()

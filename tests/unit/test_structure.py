@@ -10,7 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "cl_flat"
 
 # bottom to top: a module may import only from its own level or below (same level: no cycle)
 LEVELS = [
-    {"errors", "files", "seeding", "overrides", "host_memory", "registry", "schedules", "progress", "stopping"},
+    {"errors", "files", "seeding", "overrides", "host_memory", "registry", "schedules", "progress", "stopping",
+     "rank_log"},
     {"config"},
     {"family"},
     {"dist", "lora_layers", "loss", "metrics", "matrix_csv", "data", "stats", "opcount", "precision"},
