@@ -18,8 +18,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from cl_flat import plots  # selects matplotlib's headless Agg backend before any figure exists
-from cl_flat.report.build import Group, PairedComparison, RunResult
+from cl_flat.report.build import PairedComparison
 from cl_flat.report.flatness import FlatnessForgetting
+from cl_flat.report.groups import Group
+from cl_flat.report.runs import RunResult
 from cl_flat.rundir import RunDir
 
 BAR_METRICS = ("AA", "BWT", "F")

@@ -17,7 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from cl_flat.report.build import Report, ReportInputError, RunResult
+from cl_flat.report.build import Report
+from cl_flat.report.runs import ReportInputError, RunResult
 from cl_flat.stats import BootstrapInterval, cluster_bootstrap_ci
 
 # --flatness-measure: a field of the sharpness.json entries; auto = lambda_max where any run has it, else worst

@@ -27,18 +27,20 @@ from cl_flat import plots
 from cl_flat.files import atomic_write_text
 from cl_flat.metrics import METRICS, REFERENCE_MEASURES
 from cl_flat.report import figures
-from cl_flat.report.build import (
-    Group,
-    PairedComparison,
-    ReferenceGroup,
+from cl_flat.report.build import PairedComparison, Report
+from cl_flat.report.flatness import FlatnessForgetting, describe, flatness_forgetting
+from cl_flat.report.groups import Group, ReferenceGroup
+from cl_flat.report.runs import (
+    COST_MEASURE,
+    DRIFT_MEASURE,
+    FLATNESS_MEASURES,
+    TIME_RATIO,
     ReferenceRun,
-    Report,
     ReportInputError,
     RunResult,
+    paired_differences,
     sequence_label,
 )
-from cl_flat.report.flatness import FlatnessForgetting, describe, flatness_forgetting
-from cl_flat.report.runs import COST_MEASURE, DRIFT_MEASURE, FLATNESS_MEASURES, TIME_RATIO, paired_differences
 from cl_flat.rundir import RunDir
 from cl_flat.stats import CONFIDENCE, Summary, detectable_difference, t_test_p
 

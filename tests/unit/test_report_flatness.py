@@ -20,8 +20,8 @@ from cl_flat.config import config_to_dict, load_config
 from cl_flat.errors import UserError
 from cl_flat.overrides import dotted_keys
 from cl_flat.report import build_report, render_csv, render_markdown, write_report
-from cl_flat.report.build import order_free
 from cl_flat.report.flatness import describe, flatness_forgetting
+from cl_flat.report.groups import order_free
 from cl_flat.report.published import PUBLISHED
 from cl_flat.report.render import interval_words
 from cl_flat.rundir import RunDir
